@@ -1,0 +1,459 @@
+"""Distillation losses as pure functions of tensors.
+
+Every soft-target loss is computed the same way: both teacher and student are reduced to
+log-probabilities over one small categorical per position, and one generic function evaluates
+the chosen divergence on it.  With cached top-k targets that categorical is the k listed ids
+plus one "rest" bucket holding everything else (``tail="rest-bucket"``), so the divergence is
+taken between two proper distributions and the teacher's tail mass is never thrown away.
+
+What is exact
+-------------
+* Student side: always exact.  Its log-probabilities at the listed ids and its mass outside
+  them come from the full logits (the rest bucket is ``logsumexp`` over the unlisted logits minus
+  the full ``logsumexp``, not ``1 - sum(q)``, which cancels catastrophically).
+* Teacher side at T = 1 (the dump temperature): exact up to the cache's storage precision; the
+  k+1 entries are renormalised to sum to one, a no-op for exact data.
+* The divergence on the (k+1)-categorical is computed exactly, value and gradient.  It is the
+  full-vocabulary divergence of the *grouped* distributions: for all divergences here except
+  ``akl`` (which are f-divergences) it is a lower bound of the full-vocabulary divergence, equal
+  when k = V or when the student's distribution inside the tail is proportional to the
+  teacher's.  For forward KL, the gradient for an unlisted token j is ``q_j (1 - p_rest/q_rest)``:
+  the teacher's tail mass is spread over the unlisted tokens in proportion to the student's own
+  probabilities, the only choice that needs no knowledge of the teacher inside the tail.
+* Temperature T != 1: student exact (``logits / T`` over the full vocabulary).  The listed
+  teacher entries are re-tempered exactly up to normalisation (``logprob / T``).  The tail at T
+  is *not* known from top-k; it is approximated by assuming the tail mass r is spread evenly
+  over the ``V - m`` unlisted tokens (m = listed ids at that position)::
+
+      tail_T = (V - m) * (r / (V - m)) ** (1 / T)        (before normalising with the head)
+
+  This is exact at T = 1 and whenever the teacher's unlisted probabilities are all equal.  For
+  T > 1, ``x ** (1/T)`` is concave, so by Jensen the approximation is an upper bound of the true
+  tempered tail (and, after normalising, the listed probabilities are lower bounds); for T < 1
+  it is a lower bound.
+* ``k = V`` (every id listed, tail -inf): the sparse loss equals :func:`dense_kd_loss` exactly,
+  value and gradient, at every temperature.
+
+Sampled targets (``tail_logprob=None``) hold ``log(count / draws)`` from draws at T = 1; they
+sum to one, so the rest bucket is empty.  Forward KL on them,
+``sum_i p̂_i (log p̂_i - log q_i)``, has an unbiased gradient for the full-vocabulary forward KL
+(the ``log q`` term is linear in p̂; the entropy term has no gradient).  Every other divergence
+is non-linear in p̂ (or needs p where the sample is empty, like reverse KL), and a temperature
+!= 1 would need draws from the tempered teacher, so those combinations raise ``ValueError``.
+``hard`` is allowed and uses the most-drawn id.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "DIVERGENCES",
+    "TAIL_MODES",
+    "SparseTargets",
+    "dense_kd_loss",
+    "hidden_loss",
+    "kd_loss",
+    "next_token_ce",
+]
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv", "akl", "hard")
+TAIL_MODES = ("rest-bucket", "renormalize", "ignore")
+# Divergences whose sampled-target estimate has an unbiased gradient (see module docstring).
+_SAMPLED_DIVERGENCES = ("forward_kl", "hard")
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """Teacher targets for N positions, each a list of up to k token ids."""
+
+    ids: torch.Tensor  # int64 [N, k] token ids (padded slots: any valid id, e.g. 0)
+    # float [N, k] teacher log-prob at temperature 1, normalised over the FULL vocabulary;
+    # -inf marks an absent/padded slot. For top-k caches sorted descending.
+    logprobs: torch.Tensor
+    # float [N]: log of the teacher mass OUTSIDE the listed ids at T=1 (exact, computed at dump
+    # time; -inf when the ids cover everything). None means the ids are SAMPLED targets:
+    # logprobs = log(count/num_draws), an unbiased estimate of the teacher distribution, no tail.
+    tail_logprob: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------- public losses
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    targets: SparseTargets,
+    *,
+    divergence: str = "forward_kl",
+    tail: str = "rest-bucket",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    akl_mu: float = 0.5,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """KD loss of ``student_logits`` [N, V] against cached sparse teacher targets.
+
+    Returns a scalar: the mean over the N positions of the divergence at ``temperature``,
+    multiplied by ``temperature**2`` (Hinton et al. 2015: keeps gradient magnitudes comparable
+    across temperatures).  V must be the real vocabulary (slice padded vocab columns off first):
+    it defines the rest bucket and the number of unlisted tokens.
+
+    Divergences, with p the teacher and q the student (both at T):
+
+    * ``forward_kl`` KL(p‖q); ``reverse_kl`` KL(q‖p);
+    * ``jsd``: β·KL(p‖m) + (1-β)·KL(q‖m), m = βp + (1-β)q (TRL GKD convention).  JSD_β itself
+      tends to 0 at both ends; as in TRL, β = 0 and β = 1 are defined as the exact forward and
+      reverse KL (the limits of JSD_β/β and JSD_β/(1-β));
+    * ``skew_forward_kl`` KL(p ‖ λp + (1-λ)q), ``skew_reverse_kl`` KL(q ‖ λq + (1-λ)p)
+      (DistiLLM; λ = ``skew``);
+    * ``tv``: ½ Σ|p - q|;
+    * ``akl``: adaptive KL (Wu et al. 2024): head = smallest set of the teacher's most probable
+      categories with mass ≥ ``akl_mu``; loss = g_head/(g_head+g_tail)·FKL +
+      g_tail/(g_head+g_tail)·RKL with g = Σ|p - q| over head/tail and the weights detached;
+    * ``hard``: cross-entropy of the student against the teacher's most probable listed id
+      (explicit distillation with a one-hot target).  Temperature and T² are not applied: a
+      one-hot target is unchanged by tempering, and T² only compensates the 1/T² gradient
+      shrinkage of softened targets.  ``tail`` is irrelevant to it.
+
+    Tail modes (how the teacher mass outside the listed ids is handled):
+
+    * ``rest-bucket`` (default): divergence on the (k+1)-categorical [listed ids, rest]; see
+      "What is exact" in the module docstring.
+    * ``renormalize``: teacher and student both renormalised over the listed ids.  Blind to how
+      much mass the student keeps outside them, so it biases the student towards an over-confident
+      head; kept to compare with peers that do this.
+    * ``ignore``: the teacher's listed probabilities as they are (summing to less than one)
+      against the student's full-vocabulary log-probs at those ids; each divergence is evaluated
+      term by term over the listed ids only, i.e. the rest-bucket loss minus the bucket's term.
+      For forward KL this is the cross-entropy against a truncated target: the teacher's tail mass
+      is simply dropped, so each position is weighted by its listed mass.
+
+    Memory: the student side runs in chunks of ``chunk_size`` positions, forward and backward,
+    with one float32 [chunk, V] working tensor (plus ``logsumexp`` temporaries); nothing [N, V]
+    other than the gradient itself is allocated, and no dense teacher tensor is ever built.
+    Computation is in float32 (float64 if the logits are float64).  N = 0 returns a zero that
+    is still connected to ``student_logits``.  Second derivatives are not supported.
+    """
+    _check_options(divergence, temperature, beta, skew, akl_mu)
+    if tail not in TAIL_MODES:
+        raise ValueError(f"unknown tail mode {tail!r}; expected one of {TAIL_MODES}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_targets(student_logits, targets)
+    if targets.tail_logprob is None:
+        _check_sampled(divergence, tail, temperature)
+    if divergence == "hard":
+        temperature = 1.0
+    dtype = _compute_dtype(student_logits)
+    listed = targets.logprobs > _NEG_INF
+    student = _StudentCategorical.apply(student_logits, targets.ids.long(), listed, temperature, chunk_size)
+    if divergence == "hard":
+        per_position = _hard(student[:, :-1], targets.logprobs)
+    else:
+        teacher = _teacher_categorical(targets, listed, student_logits.shape[-1], temperature, dtype)
+        teacher, student = _apply_tail_mode(teacher, student, tail)
+        per_position = _divergence(teacher, student, divergence, beta=beta, skew=skew, akl_mu=akl_mu)
+    return _mean(per_position) * temperature**2
+
+
+def dense_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    akl_mu: float = 0.5,
+) -> torch.Tensor:
+    """Full-vocabulary KD loss (reference for :func:`kd_loss`, and online-KD baselines).
+
+    Same divergences, same temperature handling and T² scaling as :func:`kd_loss`; both inputs
+    are [N, V] logits.  Not chunked: it materialises [N, V] probabilities for both sides.
+    """
+    _check_options(divergence, temperature, beta, skew, akl_mu)
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"student and teacher logits must both be [N, V], got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
+    dtype = _compute_dtype(student_logits)
+    if divergence == "hard":
+        per_position = _hard(torch.log_softmax(student_logits.to(dtype), -1), teacher_logits)
+        return _mean(per_position)
+    student = torch.log_softmax(student_logits.to(dtype) / temperature, -1)
+    teacher = torch.log_softmax(teacher_logits.to(dtype) / temperature, -1)
+    per_position = _divergence(teacher, student, divergence, beta=beta, skew=skew, akl_mu=akl_mu)
+    return _mean(per_position) * temperature**2
+
+
+def next_token_ce(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Plain cross-entropy, mean over the positions whose label is not ``ignore_index``.
+
+    ``student_logits`` [N, V] and ``labels`` [N] are already aligned (labels[t] is the target of
+    logits[t]; shift before calling).  If every label is ignored the result is a zero still
+    connected to the logits (``F.cross_entropy`` would return NaN).
+    """
+    if student_logits.dim() != 2 or labels.shape != student_logits.shape[:1]:
+        raise ValueError(f"expected logits [N, V] and labels [N], got {tuple(student_logits.shape)}, {tuple(labels.shape)}")
+    logits = student_logits.to(_compute_dtype(student_logits))
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    count = (labels != ignore_index).sum().clamp(min=1)
+    return total / count
+
+
+def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Feature-matching loss between hidden states [N, d] already projected to the same width.
+
+    ``mse``: mean squared error over all N·d elements.  ``cosine``: 1 - cos(student, teacher)
+    per position, mean over positions.  The teacher side gets no gradient.
+    """
+    if student_hidden.shape != teacher_hidden.shape or student_hidden.dim() != 2:
+        raise ValueError(
+            f"hidden states must both be [N, d], got {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
+    dtype = _compute_dtype(student_hidden)
+    student, teacher = student_hidden.to(dtype), teacher_hidden.detach().to(dtype)
+    if kind == "mse":
+        return _mean((student - teacher).square().flatten())
+    if kind == "cosine":
+        return _mean(1.0 - F.cosine_similarity(student, teacher, dim=-1))
+    raise ValueError(f"unknown hidden loss kind {kind!r}; expected 'mse' or 'cosine'")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_options(divergence: str, temperature: float, beta: float, skew: float, akl_mu: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must be in [0, 1) (skew = 1 makes the loss identically 0), got {skew}")
+    if not 0.0 < akl_mu <= 1.0:
+        raise ValueError(f"akl_mu must be in (0, 1], got {akl_mu}")
+
+
+def _check_targets(student_logits: torch.Tensor, targets: SparseTargets) -> None:
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got shape {tuple(student_logits.shape)}")
+    n = student_logits.shape[0]
+    if targets.ids.dim() != 2 or targets.ids.shape[0] != n or targets.logprobs.shape != targets.ids.shape:
+        raise ValueError(
+            f"targets.ids and targets.logprobs must both be [N={n}, k], got "
+            f"{tuple(targets.ids.shape)} and {tuple(targets.logprobs.shape)}"
+        )
+    if targets.tail_logprob is not None and targets.tail_logprob.shape != (n,):
+        raise ValueError(f"targets.tail_logprob must be [N={n}], got {tuple(targets.tail_logprob.shape)}")
+
+
+def _check_sampled(divergence: str, tail: str, temperature: float) -> None:
+    """Refuse sampled-target combinations that have no unbiased meaning (module docstring)."""
+    if divergence not in _SAMPLED_DIVERGENCES:
+        raise ValueError(
+            f"divergence {divergence!r} cannot be estimated from sampled targets (tail_logprob=None): "
+            f"it is non-linear in the teacher probabilities or needs them where nothing was drawn; "
+            f"use one of {_SAMPLED_DIVERGENCES} or a top-k cache"
+        )
+    if tail == "renormalize":
+        raise ValueError(
+            "tail='renormalize' with sampled targets biases the gradient (the student would be "
+            "renormalised over the randomly drawn ids); use 'rest-bucket' or 'ignore', which coincide here"
+        )
+    if temperature != 1.0 and divergence != "hard":
+        raise ValueError(
+            f"sampled targets are draws from the teacher at T=1 and cannot be re-tempered without bias; "
+            f"got temperature={temperature}"
+        )
+
+
+# --------------------------------------------------------------------------- (k+1)-categoricals
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs, float64 kept as is."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _mean(per_position: torch.Tensor) -> torch.Tensor:
+    """Mean that is 0 (still in the graph) for an empty input instead of NaN."""
+    return per_position.sum() / max(per_position.numel(), 1)
+
+
+def _listed_index(ids: torch.Tensor, listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) indices of the listed slots, for ``index_put_`` into a [rows, V] tensor.
+
+    Padded slots are excluded: their id is arbitrary and may coincide with a real token.
+    """
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+    return rows[listed], ids[listed]
+
+
+def _scaled_copy(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh ``logits / T`` in the compute dtype: the one [chunk, V] working tensor."""
+    return logits.to(dtype, copy=True).div_(temperature)
+
+
+class _StudentCategorical(torch.autograd.Function):
+    """Student log-probs on the (k+1)-categorical [listed ids..., rest], chunked over positions.
+
+    Forward and backward each process ``chunk_size`` rows at a time and hold one [chunk, V]
+    working tensor; backward re-reads the logits instead of saving softmax outputs, so no
+    [N, V] activation is kept between the passes.  Padded slots get -inf.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, listed, temperature, chunk_size):
+        n, k = ids.shape
+        out = torch.empty((n, k + 1), dtype=_compute_dtype(logits), device=logits.device)
+        for rows in _chunks(n, chunk_size):
+            x = _scaled_copy(logits[rows], temperature, out.dtype)
+            lse = torch.logsumexp(x, -1, keepdim=True)
+            out[rows, :k] = (x.gather(-1, ids[rows]) - lse).masked_fill_(~listed[rows], _NEG_INF)
+            x[_listed_index(ids[rows], listed[rows])] = _NEG_INF
+            out[rows, k] = torch.logsumexp(x, -1) - lse.squeeze(-1)
+        ctx.save_for_backward(logits, ids, listed, out)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        # With s = Σ of all incoming gradients, q = softmax(x), q_rest = exp(out[:, k]):
+        #   listed j:   dL/dx_j = Σ_{slots of j} g_slot - s·q_j
+        #   unlisted j: dL/dx_j = u_j·(g_rest - s·q_rest), u_j = q_j / q_rest ≤ 1 (no overflow).
+        logits, ids, listed, out = ctx.saved_tensors
+        k = ids.shape[1]
+        grad = torch.empty_like(logits)
+        for rows in _chunks(ids.shape[0], ctx.chunk_size):
+            g_listed = grad_out[rows, :k].masked_fill(~listed[rows], 0.0)
+            g_rest, log_q_rest = grad_out[rows, k], out[rows, k]
+            s = g_listed.sum(-1) + g_rest
+            # No unlisted token (q_rest = 0): every column is overwritten below, any shift works.
+            shift = torch.where(log_q_rest > _NEG_INF, log_q_rest, 0.0)
+            x = _scaled_copy(logits[rows], ctx.temperature, out.dtype)
+            x.sub_((torch.logsumexp(x, -1) + shift)[:, None]).exp_()
+            x.mul_((g_rest - s * log_q_rest.exp())[:, None])
+            index = _listed_index(ids[rows], listed[rows])
+            q_listed = out[rows, :k].exp()
+            x.index_put_(index, (-s[:, None] * q_listed)[listed[rows]])
+            x.index_put_(index, g_listed[listed[rows]], accumulate=True)
+            grad[rows] = x.div_(ctx.temperature)
+        return grad, None, None, None, None
+
+
+def _chunks(n: int, chunk_size: int):
+    return (slice(start, start + chunk_size) for start in range(0, n, chunk_size))
+
+
+def _teacher_categorical(
+    targets: SparseTargets, listed: torch.Tensor, vocab: int, temperature: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Teacher log-probs on the (k+1)-categorical at ``temperature``, normalised to sum to one.
+
+    Sampled targets have no tail (their bucket is -inf).  A tail is forced to -inf where all V
+    tokens are listed, so storage rounding cannot put mass into an empty bucket.
+    """
+    logprobs = targets.logprobs.to(dtype)
+    if targets.tail_logprob is None:
+        tail = torch.full(logprobs.shape[:1], _NEG_INF, dtype=dtype, device=logprobs.device)
+    else:
+        tail = targets.tail_logprob.to(dtype)
+    unlisted = vocab - listed.sum(-1)
+    tail = tail.masked_fill(unlisted == 0, _NEG_INF)
+    if temperature != 1.0:
+        logprobs = logprobs / temperature
+        tail = _tempered_tail(tail, unlisted, temperature)
+    joint = torch.cat([logprobs, tail[:, None]], -1)
+    return joint - torch.logsumexp(joint, -1, keepdim=True)
+
+
+def _tempered_tail(tail: torch.Tensor, unlisted: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log of (V-m)·(r/(V-m))^(1/T): the tail re-tempered as if spread evenly (module docstring)."""
+    log_count = unlisted.to(tail.dtype).clamp(min=1).log()
+    return torch.where(tail > _NEG_INF, log_count + (tail - log_count) / temperature, tail)
+
+
+def _apply_tail_mode(teacher: torch.Tensor, student: torch.Tensor, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn the two (k+1)-categoricals into the pair the divergence is taken on."""
+    if tail == "rest-bucket":
+        return teacher, student
+    teacher, student = teacher[:, :-1], student[:, :-1]
+    if tail == "renormalize":
+        return torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
+    return teacher, student  # "ignore"
+
+
+# --------------------------------------------------------------------------- divergences
+
+
+def _divergence(lp: torch.Tensor, lq: torch.Tensor, name: str, *, beta: float, skew: float, akl_mu: float) -> torch.Tensor:
+    """Per-row divergence between teacher log-probs ``lp`` and student log-probs ``lq`` [n, K].
+
+    The single generic path for sparse and dense losses.  Every term is a termwise sum, so it
+    is also meaningful on sub-probability vectors (``tail="ignore"``).
+    """
+    if name == "forward_kl" or (name == "jsd" and beta == 0.0):
+        return _kl(lp, lq)
+    if name == "reverse_kl" or (name == "jsd" and beta == 1.0):
+        return _kl(lq, lp)
+    if name == "jsd":
+        mixture = _log_mix(lp, lq, beta)
+        return beta * _kl(lp, mixture) + (1.0 - beta) * _kl(lq, mixture)
+    if name == "skew_forward_kl":
+        return _kl(lp, _log_mix(lp, lq, skew))
+    if name == "skew_reverse_kl":
+        return _kl(lq, _log_mix(lq, lp, skew))
+    if name == "tv":
+        return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    if name == "akl":
+        return _akl(lp, lq, akl_mu)
+    raise AssertionError(f"unhandled divergence {name!r}")  # _check_options guards the names
+
+
+def _kl(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """Row-wise Σ a·(log a - log b), with 0·log 0 = 0 and finite gradients where a = 0.
+
+    Both inputs are masked *before* the arithmetic: masking only the result would still send
+    0·NaN = NaN gradients back through the -inf - -inf terms.
+    """
+    absent = la == _NEG_INF
+    la, lb = la.masked_fill(absent, 0.0), lb.masked_fill(absent, 0.0)
+    return (la.exp() * (la - lb)).masked_fill(absent, 0.0).sum(-1)
+
+
+def _log_mix(la: torch.Tensor, lb: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(w·a + (1-w)·b) from log a, log b; -inf (with finite gradients) where both vanish."""
+    a = la + math.log(weight) if weight > 0.0 else torch.full_like(la, _NEG_INF)
+    b = lb + math.log1p(-weight) if weight < 1.0 else torch.full_like(lb, _NEG_INF)
+    both_zero = (a == _NEG_INF) & (b == _NEG_INF)
+    mixed = torch.logaddexp(a.masked_fill(both_zero, 0.0), b.masked_fill(both_zero, 0.0))
+    return mixed.masked_fill(both_zero, _NEG_INF)
+
+
+def _akl(lp: torch.Tensor, lq: torch.Tensor, mu: float) -> torch.Tensor:
+    """Adaptive KL: FKL and RKL mixed by the detached head/tail share of Σ|p - q|."""
+    with torch.no_grad():
+        p_sorted, order = lp.exp().sort(dim=-1, descending=True, stable=True)
+        gap = (p_sorted - lq.exp().gather(-1, order)).abs()
+        in_head = p_sorted.cumsum(-1) - p_sorted < mu  # smallest prefix with mass >= mu
+        gap_head = (gap * in_head).sum(-1)
+        gap_total = gap.sum(-1)
+        # p = q gives 0/0; both KLs are 0 there, any weight will do.
+        w_head = torch.where(gap_total > 0, gap_head / gap_total.clamp(min=torch.finfo(gap.dtype).tiny), 0.5)
+    return w_head * _kl(lp, lq) + (1.0 - w_head) * _kl(lq, lp)
+
+
+def _hard(student_logprobs: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
+    """-log q at the teacher's argmax (over the listed ids for sparse targets)."""
+    return -student_logprobs.gather(-1, teacher_scores.argmax(-1, keepdim=True)).squeeze(-1)
