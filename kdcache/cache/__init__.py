@@ -1,0 +1,1 @@
+"""The cache on disk: format and manifest, shard writing, streaming reading."""

@@ -1,0 +1,211 @@
+"""The cache contract: directory layout, Arrow schema, manifest and fingerprints.
+
+Everything another team relies on when it receives a cache lives here, so the contract can be
+read in one file (the README restates it for humans). A cache is complete exactly when
+`kdcache.json` exists: the dump writes it last, atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import KDCacheError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "kdcache.json"
+TOKENIZER_DIR = "tokenizer"
+DATA_DIR = "data"
+SHARD_SUFFIX = ".arrow"
+PARTIAL_SUFFIX = ".partial"
+
+
+def token_id_type(vocab_size: int) -> pa.DataType:
+    """The narrowest unsigned type holding every id: uint16 halves the id bytes of most vocabularies."""
+    return pa.uint16() if vocab_size <= 2**16 else pa.uint32()
+
+
+def hidden_column(layer: int) -> str:
+    """Column name of hidden layer `layer` (non-negative, Hugging Face `hidden_states` index)."""
+    return f"hidden_{layer}"
+
+
+def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_sizes: dict[int, int],
+                 dump_fingerprint: str) -> pa.Schema:
+    """The Arrow schema of every shard of one cache.
+
+    The dump fingerprint is also stored in each shard's schema metadata, so a shard that strays
+    into another cache directory can be recognised (Megatron's logits saver does the same).
+    """
+    logprob_type = {"float16": pa.float16(), "float32": pa.float32()}[logprob_dtype]
+    fields = [
+        pa.field("sample_id", pa.int64(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk_ids", pa.list_(pa.list_(token_id_type(vocab_size), top_k)), nullable=False),
+        pa.field("topk_logprobs", pa.list_(pa.list_(logprob_type, top_k)), nullable=False),
+        pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False),
+    ]
+    fields += [pa.field(hidden_column(layer), pa.list_(pa.list_(pa.float16(), size)), nullable=False)
+               for layer, size in sorted(hidden_sizes.items())]
+    metadata = {"kdcache.format_version": str(FORMAT_VERSION), "kdcache.dump_fingerprint": dump_fingerprint}
+    return pa.schema(fields, metadata=metadata)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """A stable hash of JSON-able data (sorted keys), for fingerprints."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """Vocabulary size plus a hash of the vocabulary and special tokens.
+
+    Two tokenizers with the same fingerprint map text to the same ids, which is what a student
+    needs to learn from the cached targets; the tokenizer class name is informative only.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())}
+    return {
+        "vocab_size": len(tokenizer),
+        "hash": sha256_json({"vocab": vocab, "special_tokens": special}),
+        "class": type(tokenizer).__name__,
+    }
+
+
+def teacher_fingerprint(model, name_or_path: str) -> dict[str, Any]:
+    """Identify the teacher's architecture and weights without hashing every byte.
+
+    The weights hash covers each tensor's name, shape, dtype and a strided sample of up to
+    4096 of its values: enough to tell checkpoints apart, cheap for a 70B model.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].float().cpu().numpy()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(sample.tobytes())
+    config = model.config
+    return {
+        "name_or_path": name_or_path,
+        "model_type": config.model_type,
+        "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_hidden_layers": config.num_hidden_layers,
+        "config_sha256": sha256_bytes(config.to_json_string(use_diff=False).encode()),
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+@dataclasses.dataclass
+class ShardInfo:
+    file: str  # relative to the cache directory, e.g. "data/shard-00000-00000.arrow"
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass
+class Manifest:
+    """The content of `kdcache.json`: what the cache holds and how it was made."""
+
+    task: str
+    teacher: dict[str, Any]
+    tokenizer: dict[str, Any]
+    dataset: dict[str, Any]
+    settings: dict[str, Any]
+    columns: dict[str, Any]
+    dump_fingerprint: str
+    shards: list[ShardInfo] = dataclasses.field(default_factory=list)
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    kdcache_version: str = ""
+    created_at: str = ""
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer["vocab_size"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.settings["top_k"])
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        return [int(layer) for layer in self.columns.get("hidden_sizes", {})]
+
+    @property
+    def hidden_sizes(self) -> dict[int, int]:
+        return {int(layer): int(size) for layer, size in self.columns.get("hidden_sizes", {}).items()}
+
+    @property
+    def total_rows(self) -> int:
+        return sum(shard.rows for shard in self.shards)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(shard.tokens for shard in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(shard.bytes for shard in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        known = {field.name for field in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["shards"] = [ShardInfo(**shard) for shard in data.get("shards", [])]
+        return cls(**values)
+
+    def save(self, cache_dir: Path) -> None:
+        """Write the manifest atomically: readers see the old file or the new one, never half."""
+        write_json_atomic(Path(cache_dir) / MANIFEST_NAME, self.to_dict())
+
+    @classmethod
+    def load(cls, cache_dir: Path) -> Manifest:
+        path = Path(cache_dir) / MANIFEST_NAME
+        if not Path(cache_dir).is_dir():
+            raise KDCacheError(f"cache directory not found: {cache_dir}")
+        if not path.is_file():
+            raise KDCacheError(f"not a kdcache cache (no {MANIFEST_NAME}): {cache_dir}")
+        try:
+            data = json.loads(path.read_text())
+            manifest = cls.from_dict(data)
+        except (ValueError, TypeError) as error:
+            raise KDCacheError(f"unreadable manifest {path}: {error}") from None
+        if manifest.format_version > FORMAT_VERSION:
+            raise KDCacheError(f"cache format version {manifest.format_version} is newer than this "
+                               f"kdcache supports ({FORMAT_VERSION}); upgrade kdcache")
+        return manifest
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary sibling, fsync it, then rename it over `path`."""
+    temporary = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(temporary, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,142 @@
+"""Reading a cache: integrity checks and a memory-mapped stream of sequences.
+
+Shards are opened with `pyarrow.memory_map`, so reading a row touches only that row's pages and
+the resident memory does not grow with the cache. Integrity is checked against the manifest
+before a cache is trusted: a shared cache may have been copied, truncated or edited.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from ..errors import KDCacheError
+from .format import Manifest, ShardInfo, sha256_file, shard_schema
+from .writer import CachedSequence
+
+
+def expected_schema(manifest: Manifest) -> pa.Schema:
+    settings = manifest.settings
+    return shard_schema(top_k=manifest.top_k, vocab_size=manifest.vocab_size,
+                        logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
+                        dump_fingerprint=manifest.dump_fingerprint)
+
+
+def _open_shard(path: Path) -> pa.RecordBatchFileReader:
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    except (OSError, pa.ArrowInvalid) as error:
+        raise KDCacheError(f"cannot read shard {path}: {error}") from None
+
+
+def check_shard_files(cache_dir: Path, manifest: Manifest) -> None:
+    """The cheap check: every shard the manifest lists exists with the recorded size."""
+    if not manifest.shards:
+        raise KDCacheError(f"cache {cache_dir} has no shards")
+    for shard in manifest.shards:
+        path = Path(cache_dir) / shard.file
+        if not path.is_file():
+            raise KDCacheError(f"shard {shard.file} is missing from cache {cache_dir}")
+        if path.stat().st_size != shard.bytes:
+            raise KDCacheError(f"shard {shard.file} has {path.stat().st_size} bytes, "
+                               f"the manifest says {shard.bytes}: the shard was modified or truncated")
+
+
+def _verify_shard(cache_dir: Path, shard: ShardInfo, schema: pa.Schema) -> None:
+    path = Path(cache_dir) / shard.file
+    if sha256_file(path) != shard.sha256:
+        raise KDCacheError(f"shard {shard.file} fails its sha256 check: the file was modified or corrupted")
+    reader = _open_shard(path)
+    if not reader.schema.equals(schema, check_metadata=True):
+        raise KDCacheError(f"shard {shard.file} has schema {reader.schema.names} that does not match the manifest")
+    rows = tokens = 0
+    for index in range(reader.num_record_batches):
+        batch = reader.get_batch(index)
+        rows += batch.num_rows
+        tokens += len(batch.column("input_ids").flatten())
+    if (rows, tokens) != (shard.rows, shard.tokens):
+        raise KDCacheError(f"shard {shard.file} holds {rows} rows / {tokens} tokens, "
+                           f"the manifest says {shard.rows} / {shard.tokens}")
+
+
+def verify_cache(cache_dir: Path, manifest: Manifest, *, progress: bool = True) -> None:
+    """Re-hash every shard and check its schema and counts; raise naming the first bad shard."""
+    check_shard_files(cache_dir, manifest)
+    schema = expected_schema(manifest)
+    for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
+        _verify_shard(cache_dir, shard, schema)
+
+
+def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterator[CachedSequence]:
+    """Decode a record batch into per-row numpy views (no copies of the value buffers)."""
+    def per_token(name: str) -> tuple[np.ndarray, np.ndarray]:
+        column = batch.column(name)
+        offsets = column.offsets.to_numpy()
+        values = column.flatten()
+        if pa.types.is_fixed_size_list(values.type):
+            width = values.type.list_size
+            values = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        else:
+            values = values.to_numpy(zero_copy_only=False)
+        return offsets - offsets[0], values
+
+    offsets, input_ids = per_token("input_ids")
+    topk_ids = per_token("topk_ids")[1]
+    topk_logprobs = per_token("topk_logprobs")[1]
+    tail = per_token("tail_logprob")[1]
+    hidden = {layer: per_token(f"hidden_{layer}")[1] for layer in hidden_layers}
+    sample_ids = batch.column("sample_id").to_numpy()
+    for row, sample_id in enumerate(sample_ids):
+        span = slice(offsets[row], offsets[row + 1])
+        yield CachedSequence(sample_id=int(sample_id), input_ids=input_ids[span], topk_ids=topk_ids[span],
+                             topk_logprobs=topk_logprobs[span], tail_logprob=tail[span],
+                             hidden={layer: values[span] for layer, values in hidden.items()})
+
+
+def iter_sequences(cache_dir: Path, manifest: Manifest, *, hidden_layers: list[int] | None = None,
+                   shuffle: bool = False, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1024,
+                   process_index: int = 0, num_processes: int = 1) -> Iterator[CachedSequence]:
+    """Stream the cache's sequences, optionally shuffled (shard order + bounded buffer).
+
+    With several processes each takes every `num_processes`-th row of the (shuffled) shard
+    order and all take the same number, so no process waits at a step the others never reach.
+    `hidden_layers` limits which hidden columns are decoded (default: none).
+    """
+    shards = list(manifest.shards)
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if shuffle:
+        rng.shuffle(shards)
+    per_process = manifest.total_rows // num_processes
+    layers = hidden_layers or []
+
+    def owned_rows() -> Iterator[CachedSequence]:
+        global_index = taken = 0
+        for shard in shards:
+            reader = _open_shard(Path(cache_dir) / shard.file)
+            for batch_index in range(reader.num_record_batches):
+                for sequence in _batch_sequences(reader.get_batch(batch_index), layers):
+                    if global_index % num_processes == process_index:
+                        if taken == per_process:
+                            return
+                        taken += 1
+                        yield sequence
+                    global_index += 1
+
+    if not shuffle:
+        yield from owned_rows()
+        return
+    buffer: list[CachedSequence] = []
+    for sequence in owned_rows():
+        if len(buffer) < shuffle_buffer:
+            buffer.append(sequence)
+            continue
+        slot = rng.randrange(len(buffer))
+        buffer[slot], sequence = sequence, buffer[slot]
+        yield sequence
+    rng.shuffle(buffer)
+    yield from buffer

@@ -1,0 +1,138 @@
+"""Writing shards: rows in, complete Arrow IPC files out, never a half-written file in sight.
+
+A shard is written under `<name>.arrow.partial`, flushed to disk, then renamed; only then is it
+hashed and reported, so a crash leaves at most a `.partial` file that no reader treats as data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import KDCacheError
+from .format import DATA_DIR, PARTIAL_SUFFIX, SHARD_SUFFIX, ShardInfo, sha256_file
+
+
+@dataclasses.dataclass
+class CachedSequence:
+    """The teacher's targets for one tokenized sequence of length L (one shard row)."""
+
+    sample_id: int
+    input_ids: np.ndarray        # int32 [L]
+    topk_ids: np.ndarray         # uint16/uint32 [L, k]
+    topk_logprobs: np.ndarray    # float16/float32 [L, k]
+    tail_logprob: np.ndarray     # float32 [L]
+    hidden: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # layer -> float16 [L, d]
+
+    def column(self, name: str) -> np.ndarray:
+        if name.startswith("hidden_"):
+            return self.hidden[int(name.removeprefix("hidden_"))]
+        return getattr(self, name)
+
+
+def _ragged(values: list[np.ndarray], offsets: pa.Array, list_type: pa.ListType) -> pa.Array:
+    """A list<...> column from per-row arrays that share their first (token) dimension."""
+    flat = np.concatenate(values)
+    item_type = list_type.value_type
+    if flat.ndim == 1:
+        return pa.ListArray.from_arrays(offsets, pa.array(flat, type=item_type))
+    inner = pa.array(flat.reshape(-1), type=item_type.value_type)
+    return pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(inner, flat.shape[1]))
+
+
+def to_record_batch(rows: list[CachedSequence], schema: pa.Schema) -> pa.RecordBatch:
+    """Pack rows into one record batch of `schema` without per-value Python work."""
+    lengths = np.array([len(row.input_ids) for row in rows], dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    columns = [pa.array([row.sample_id for row in rows], type=pa.int64())]
+    columns += [_ragged([row.column(field.name) for row in rows], offsets, field.type)
+                for field in list(schema)[1:]]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+class ShardWriter:
+    """Appends record batches to `data/<prefix>-NNNNN.arrow`, starting a new shard every `shard_rows`.
+
+    Lifecycle: `write()` any number of times, then `close()` (returns every finished shard) or
+    `abort()` (removes the shard in progress). Usable as a context manager that aborts on error.
+    """
+
+    def __init__(self, cache_dir: Path, schema: pa.Schema, *, shard_rows: int, prefix: str = "shard-00000"):
+        self.cache_dir = Path(cache_dir)
+        self.schema = schema
+        self.shard_rows = shard_rows
+        self.prefix = prefix
+        self.finished: list[ShardInfo] = []
+        self._sink = None
+        self._writer = None
+        self._rows = 0
+        self._tokens = 0
+        (self.cache_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
+
+    def _relative_name(self) -> str:
+        return f"{DATA_DIR}/{self.prefix}-{len(self.finished):05d}{SHARD_SUFFIX}"
+
+    def _partial_path(self) -> Path:
+        return self.cache_dir / (self._relative_name() + PARTIAL_SUFFIX)
+
+    def write(self, rows: list[CachedSequence]) -> None:
+        if not rows:
+            return
+        batch = to_record_batch(rows, self.schema)
+        try:
+            if self._writer is None:
+                self._sink = open(self._partial_path(), "wb")
+                self._writer = pa.ipc.new_file(self._sink, self.schema)
+            self._writer.write_batch(batch)
+        except OSError as error:
+            self.abort()
+            raise KDCacheError(f"cannot write shard {self._partial_path()}: {error.strerror or error}") from None
+        self._rows += len(rows)
+        self._tokens += sum(len(row.input_ids) for row in rows)
+        if self._rows >= self.shard_rows:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        partial = self._partial_path()
+        final = self.cache_dir / self._relative_name()
+        try:
+            self._writer.close()
+            self._sink.flush()
+            os.fsync(self._sink.fileno())
+            self._sink.close()
+            os.replace(partial, final)
+        except OSError as error:
+            self.abort()
+            raise KDCacheError(f"cannot finish shard {final}: {error.strerror or error}") from None
+        self.finished.append(ShardInfo(file=self._relative_name(), rows=self._rows, tokens=self._tokens,
+                                       bytes=final.stat().st_size, sha256=sha256_file(final)))
+        self._writer = self._sink = None
+        self._rows = self._tokens = 0
+
+    def close(self) -> list[ShardInfo]:
+        if self._writer is not None:
+            self._finish_shard()
+        return self.finished
+
+    def abort(self) -> None:
+        """Drop the shard in progress; finished shards stay (they are complete and hashed)."""
+        partial = self._partial_path()
+        for closable in (self._writer, self._sink):
+            try:
+                if closable is not None:
+                    closable.close()
+            except (OSError, pa.ArrowException):
+                pass
+        self._writer = self._sink = None
+        partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

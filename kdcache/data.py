@@ -1,0 +1,67 @@
+"""Loading the text a teacher is dumped on: anything Hugging Face `datasets` can load.
+
+Local files are routed to the matching packaged builder by extension, a directory written by
+`save_to_disk` goes through `load_from_disk`, and anything else is treated as a hub dataset id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+from .errors import KDCacheError
+
+_BUILDER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+                      ".txt": "text", ".arrow": "arrow"}
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix in _BUILDER_BY_SUFFIX
+
+
+def load_rows(source: str, split: str = "train") -> datasets.Dataset:
+    """Load one split of `source` as a `datasets.Dataset`, with a one-line error on failure."""
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise KDCacheError(f"split '{split}' not in {source} (has {', '.join(loaded)})")
+                loaded = loaded[split]
+            return loaded
+        if path.is_file():
+            builder = _BUILDER_BY_SUFFIX.get(path.suffix)
+            if builder is None:
+                raise KDCacheError(f"unsupported data file type '{path.suffix}' for {source} "
+                                   f"(use one of {', '.join(sorted(_BUILDER_BY_SUFFIX))})")
+            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+        if path.is_dir():
+            return datasets.load_dataset(str(path), split=split)
+        if _looks_like_path(source):
+            raise KDCacheError(f"data path not found: {source}")
+        return datasets.load_dataset(source, split=split)
+    except KDCacheError:
+        raise
+    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise KDCacheError(f"cannot load data {source} (split '{split}'): {first_line}") from None
+
+
+def describe(rows: datasets.Dataset, source: str, split: str, text_column: str) -> dict:
+    """What the manifest records about the data: enough to find it again and notice a change."""
+    return {"source": source, "split": split, "text_column": text_column, "num_rows": len(rows),
+            "fingerprint": getattr(rows, "_fingerprint", None)}
+
+
+def check_columns(rows: datasets.Dataset, text_column: str, source: str) -> str:
+    """Return the column to read ('input_ids' when pre-tokenized, else `text_column`)."""
+    if len(rows) == 0:
+        raise KDCacheError(f"dataset {source} is empty")
+    if "input_ids" in rows.column_names:
+        return "input_ids"
+    if text_column not in rows.column_names:
+        raise KDCacheError(f"text column '{text_column}' not in dataset {source} "
+                           f"(columns: {', '.join(rows.column_names)}); pass --text-column")
+    return text_column

@@ -1,0 +1,10 @@
+"""The one exception type for mistakes a user can fix.
+
+The CLI turns a `KDCacheError` into a one-line message and a non-zero exit; anything else is a
+bug and keeps its traceback. Library code raises it for bad paths, bad settings, incompatible
+models and damaged caches, with a message that names the cause.
+"""
+
+
+class KDCacheError(Exception):
+    """A user-facing error: the message alone must tell the user what to fix."""

@@ -1,0 +1,70 @@
+"""Loading tokenizers and models through transformers, with errors a user can act on.
+
+transformers raises long multi-line OSErrors for a wrong path or id; these helpers turn them into
+one line naming what could not be loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .errors import KDCacheError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_exists(name_or_path: str, what: str) -> None:
+    """A local-looking path that does not exist is a typo, not a hub id to try online."""
+    if not Path(name_or_path).expanduser().exists() and name_or_path.startswith((".", "/", "~")):
+        raise KDCacheError(f"{what} path not found: {name_or_path}")
+
+
+def load_tokenizer(name_or_path: str, what: str = "tokenizer"):
+    _check_exists(name_or_path, what)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as error:
+        raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
+
+
+def load_causal_lm(name_or_path: str, what: str, dtype: str = "auto") -> PreTrainedModel:
+    _check_exists(name_or_path, what)
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
+
+
+def causal_lm_from_config(config_file: str, vocab_size: int) -> PreTrainedModel:
+    """A freshly initialised model from a config JSON; its vocabulary defaults to the cache's."""
+    path = Path(config_file).expanduser()
+    if not path.is_file():
+        raise KDCacheError(f"student config not found: {config_file}")
+    try:
+        values = json.loads(path.read_text())
+        model_type = values.pop("model_type")
+    except ValueError as error:
+        raise KDCacheError(f"student config {config_file} is not valid JSON: {error}") from None
+    except KeyError:
+        raise KDCacheError(f"student config {config_file} has no 'model_type'") from None
+    values.setdefault("vocab_size", vocab_size)
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+        return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as error:
+        raise KDCacheError(f"cannot build a causal LM from {config_file}: {_first_line(error)}") from None
+
+
+def output_vocab_size(model: PreTrainedModel) -> int:
+    """Rows of the output embedding: the logits' last dimension, padding included."""
+    return model.get_output_embeddings().weight.shape[0]

@@ -1,0 +1,233 @@
+"""`dump-teacher`: run a causal-LM teacher once over a dataset and write its targets to a cache.
+
+Reads top to bottom: validate settings, load tokenizer, data and model, claim the output
+directory, then loop (tokenize a batch → forward under `inference_mode` → top-k and tail on the
+device → write rows) and commit the manifest last. Device placement and precision come from
+Accelerate, so the same code runs on a laptop CPU and on GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from . import __version__
+from .cache.format import (DATA_DIR, MANIFEST_NAME, TOKENIZER_DIR, Manifest, hidden_column, sha256_json,
+                           shard_schema, teacher_fingerprint, token_id_type, tokenizer_fingerprint,
+                           write_json_atomic)
+from .cache.writer import CachedSequence, ShardWriter
+from .data import check_columns, describe, load_rows
+from .errors import KDCacheError
+from .models import load_causal_lm, load_tokenizer, output_vocab_size
+from .stats import StreamingSummary
+from .targets import topk_targets
+
+IN_PROGRESS_NAME = "kdcache.dump.json"
+
+
+@dataclasses.dataclass
+class DumpSettings:
+    """Every setting of a dump; all but batch_size and shard_rows change the cache's content."""
+
+    top_k: int = 64
+    max_length: int = 1024
+    batch_size: int = 8
+    hidden_layers: tuple[int, ...] = ()
+    limit: int | None = None
+    dtype: str = "auto"
+    logprob_dtype: str = "float16"
+    shard_rows: int = 10_000
+    split: str = "train"
+    text_column: str = "text"
+
+    def content_settings(self) -> dict[str, Any]:
+        settings = dataclasses.asdict(self)
+        del settings["batch_size"], settings["shard_rows"]
+        return settings
+
+
+def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
+    """Map HF `hidden_states` indices (negatives allowed) to 0..num_layers; reject the rest."""
+    count = num_layers + 1
+    resolved = []
+    for layer in layers:
+        if not -count <= layer < count:
+            raise KDCacheError(f"hidden layer {layer} out of range: the teacher has hidden_states "
+                               f"0..{num_layers} (or -{count}..-1)")
+        resolved.append(layer % count)
+    return sorted(set(resolved))
+
+
+def _claim_output(out: Path, fingerprint: str) -> None:
+    """Make `out` ours for this dump, refusing to touch a directory holding anything else.
+
+    A directory with a finished cache of the same fingerprint is an error too (nothing to do,
+    and overwriting a cache someone may be reading is never silent). An interrupted dump with
+    the same fingerprint is restarted; one with a different fingerprint is refused.
+    """
+    if (out / MANIFEST_NAME).exists():
+        existing = Manifest.load(out)
+        if existing.dump_fingerprint == fingerprint:
+            raise KDCacheError(f"{out} already holds this cache (same teacher, data and settings); nothing to do")
+        raise KDCacheError(f"{out} already holds a different cache; choose another --out or delete it")
+    marker = out / IN_PROGRESS_NAME
+    if marker.exists():
+        if json.loads(marker.read_text()).get("dump_fingerprint") != fingerprint:
+            raise KDCacheError(f"{out} holds an interrupted dump with different settings; "
+                               f"choose another --out or delete it")
+        shutil.rmtree(out / DATA_DIR, ignore_errors=True)
+    elif out.exists() and any(out.iterdir()):
+        raise KDCacheError(f"output directory {out} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {"dump_fingerprint": fingerprint})
+
+
+def _batches(rows, column: str, tokenizer, settings: DumpSettings):
+    """Yield (sample_ids, token id lists) per batch; tokenization happens here, lazily."""
+    for start in range(0, len(rows), settings.batch_size):
+        chunk = rows[start:start + settings.batch_size][column]
+        if column == "input_ids":
+            token_lists = [list(ids)[:settings.max_length] for ids in chunk]
+        else:
+            if any(not isinstance(text, str) for text in chunk):
+                raise KDCacheError(f"column '{column}' must hold strings; row {start} onwards has "
+                                   f"{type(next(t for t in chunk if not isinstance(t, str))).__name__}")
+            token_lists = tokenizer(chunk, truncation=True, max_length=settings.max_length)["input_ids"]
+        kept = [(start + offset, ids) for offset, ids in enumerate(token_lists) if len(ids) > 0]
+        if kept:
+            yield [sample_id for sample_id, _ in kept], [ids for _, ids in kept]
+
+
+def _pad(token_lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(ids) for ids in token_lists)
+    input_ids = torch.zeros(len(token_lists), length, dtype=torch.long)
+    mask = torch.zeros(len(token_lists), length, dtype=torch.long)
+    for row, ids in enumerate(token_lists):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, :len(ids)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSettings,
+                 progress: bool = True) -> Manifest:
+    """Dump `teacher`'s targets on `data` into the cache directory `out`; return its manifest."""
+    out = Path(out)
+    for name in ("top_k", "batch_size", "max_length", "shard_rows"):
+        if getattr(settings, name) <= 0:
+            raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
+    if settings.limit is not None and settings.limit <= 0:
+        raise KDCacheError(f"--limit must be positive, got {settings.limit}")
+
+    tokenizer = load_tokenizer(teacher, "teacher tokenizer")
+    rows = load_rows(data, settings.split)
+    column = check_columns(rows, settings.text_column, data)
+    dataset_info = describe(rows, data, settings.split, settings.text_column)
+    if settings.limit is not None:
+        rows = rows.select(range(min(settings.limit, len(rows))))
+
+    vocab_size = len(tokenizer)
+    if not 0 < settings.top_k <= vocab_size:
+        raise KDCacheError(f"--top-k {settings.top_k} is larger than the vocabulary ({vocab_size} tokens)")
+    model = load_causal_lm(teacher, "teacher", settings.dtype)
+    if output_vocab_size(model) < vocab_size:
+        raise KDCacheError(f"teacher outputs {output_vocab_size(model)} logits but its tokenizer has "
+                           f"{vocab_size} tokens: tokenizer and model do not belong together")
+    layers = _normalise_layers(settings.hidden_layers, model.config.num_hidden_layers)
+    hidden_sizes = {layer: model.config.hidden_size for layer in layers}
+
+    teacher_info = teacher_fingerprint(model, teacher)
+    tokenizer_info = tokenizer_fingerprint(tokenizer)
+    fingerprint = sha256_json({"teacher": teacher_info, "tokenizer": tokenizer_info, "dataset": dataset_info,
+                               "settings": settings.content_settings()})
+    _claim_output(out, fingerprint)
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
+
+    schema = shard_schema(top_k=settings.top_k, vocab_size=vocab_size, logprob_dtype=settings.logprob_dtype,
+                          hidden_sizes=hidden_sizes, dump_fingerprint=fingerprint)
+    id_dtype = np.uint16 if token_id_type(vocab_size).bit_width == 16 else np.uint32
+    logprob_dtype = np.float16 if settings.logprob_dtype == "float16" else np.float32
+
+    accelerator = Accelerator()
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    model.eval()
+
+    captured = StreamingSummary()
+    nll_sum, nll_count, nonfinite = 0.0, 0, 0
+    content_hash = hashlib.sha256()
+    started = time.perf_counter()
+    bar = tqdm(total=len(rows), desc="dump-teacher", unit="seq", disable=not progress)
+    with ShardWriter(out, schema, shard_rows=settings.shard_rows, prefix="shard-00000") as writer:
+        for sample_ids, token_lists in _batches(rows, column, tokenizer, settings):
+            input_ids, mask = _pad(token_lists, accelerator.device)
+            with torch.inference_mode():
+                output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers))
+            valid = mask.bool()
+            next_ids = torch.full_like(input_ids, -1)
+            next_ids[:, :-1] = torch.where(valid[:, 1:], input_ids[:, 1:], -1)
+            targets = topk_targets(output.logits[valid], next_ids[valid], vocab_size=vocab_size,
+                                   top_k=settings.top_k)
+            hidden = {layer: output.hidden_states[layer][valid].to(torch.float16).cpu().numpy() for layer in layers}
+
+            tail = targets.tail_logprob.cpu().numpy()
+            finite = np.isfinite(targets.logprobs.cpu().numpy()).all(axis=1)
+            nonfinite += int((~finite).sum())
+            captured.add(-np.expm1(tail))
+            next_logprob = targets.next_logprob.cpu().numpy()
+            has_next = ~np.isnan(next_logprob)
+            nll_sum -= float(next_logprob[has_next].sum())
+            nll_count += int(has_next.sum())
+
+            ids = targets.ids.cpu().numpy().astype(id_dtype)
+            logprobs = targets.logprobs.cpu().numpy().astype(logprob_dtype)
+            sequences, offset = [], 0
+            for sample_id, tokens in zip(sample_ids, token_lists):
+                span = slice(offset, offset + len(tokens))
+                offset += len(tokens)
+                token_array = np.asarray(tokens, dtype=np.int32)
+                content_hash.update(np.int64(sample_id).tobytes() + token_array.tobytes())
+                sequences.append(CachedSequence(sample_id=sample_id, input_ids=token_array, topk_ids=ids[span],
+                                                topk_logprobs=logprobs[span], tail_logprob=tail[span],
+                                                hidden={layer: values[span] for layer, values in hidden.items()}))
+            writer.write(sequences)
+            bar.update(sample_ids[-1] + 1 - bar.n)
+            bar.set_postfix(tok_s=f"{captured.count / (time.perf_counter() - started):.0f}")
+        shards = writer.close()
+    bar.close()
+    if not shards:
+        raise KDCacheError(f"dataset {data} produced no tokens (every row is empty)")
+    if nonfinite:
+        raise KDCacheError(f"teacher produced NaN/inf logits at {nonfinite} positions; "
+                           f"try --dtype float32 (no cache was committed)")
+
+    elapsed = time.perf_counter() - started
+    manifest = Manifest(
+        task="causal-lm",
+        teacher=teacher_info,
+        tokenizer={**tokenizer_info, "model_vocab_size": output_vocab_size(accelerator.unwrap_model(model))},
+        dataset={**dataset_info, "rows_dumped": sum(shard.rows for shard in shards)},
+        settings=dataclasses.asdict(settings) | {"hidden_layers": layers},
+        columns={"topk_ids": str(token_id_type(vocab_size)), "topk_logprobs": settings.logprob_dtype,
+                 "hidden_sizes": {str(layer): size for layer, size in hidden_sizes.items()},
+                 "hidden_columns": [hidden_column(layer) for layer in layers]},
+        dump_fingerprint=fingerprint,
+        shards=shards,
+        stats={"tokens": captured.count, "captured_mass": captured.summary(),
+               "teacher_nll": round(nll_sum / max(nll_count, 1), 6), "content_sha256": content_hash.hexdigest(),
+               "seconds": round(elapsed, 3), "tokens_per_second": round(captured.count / elapsed, 1)},
+        kdcache_version=__version__,
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    manifest.save(out)
+    (out / IN_PROGRESS_NAME).unlink(missing_ok=True)
+    return manifest
