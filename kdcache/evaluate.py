@@ -1,0 +1,56 @@
+"""Scoring a student against a cache: how close to the teacher, and how good on the text.
+
+The teacher's own next-token NLL comes from the cache's manifest (computed at dump time from the
+full distribution), so student and teacher are compared on the same positions.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .batching import collate
+from .cache.format import Manifest
+from .cache.reader import iter_sequences
+from .losses import kd_loss
+
+
+@torch.inference_mode()
+def evaluate_student(model, cache: Path | str, *, batch_size: int = 16, device: torch.device | str | None = None) -> dict:
+    """Mean KL(teacher ‖ student) (top-k + rest bucket, T=1), top-1 agreement, NLL and perplexity."""
+    manifest = Manifest.load(cache)
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    kl_sum = agree = nll_sum = positions = labelled = 0.0
+    pending = []
+
+    def score(sequences) -> None:
+        nonlocal kl_sum, agree, nll_sum, positions, labelled
+        batch = collate(sequences).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = logits[batch.valid][:, :manifest.vocab_size].float()
+        targets = batch.sparse_targets()
+        count = logits.shape[0]
+        kl_sum += float(kd_loss(logits, targets, divergence="forward_kl", tail="rest-bucket")) * count
+        agree += float((logits.argmax(-1) == targets.ids[:, 0]).sum())
+        labels = batch.next_token_labels()
+        nll_sum += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
+        labelled += float((labels != -100).sum())
+        positions += count
+
+    for sequence in iter_sequences(cache, manifest):
+        pending.append(sequence)
+        if len(pending) == batch_size:
+            score(pending)
+            pending = []
+    if pending:
+        score(pending)
+    model.train(was_training)
+    nll = nll_sum / max(labelled, 1)
+    return {"kl_to_teacher": kl_sum / positions, "top1_agreement": agree / positions, "nll": nll,
+            "perplexity": math.exp(nll), "teacher_nll": manifest.stats.get("teacher_nll"),
+            "positions": int(positions)}

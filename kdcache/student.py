@@ -1,0 +1,297 @@
+"""`train-student`: train a student from a cache; the teacher is never loaded.
+
+One loop, readable top to bottom (torchtune-style): check the cache and the student, build the
+optimizer and schedule, then for each batch compute
+`ce_weight·CE + kd_weight·T²·KD + hidden_weight·MSE(proj(student_h), teacher_h)` and step.
+Accelerate owns device placement, mixed precision and gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .batching import Batch, collate
+from .cache.format import TOKENIZER_DIR, Manifest, tokenizer_fingerprint
+from .cache.reader import check_shard_files, iter_sequences, verify_cache
+from .errors import KDCacheError
+from .losses import hidden_loss, kd_loss, next_token_ce
+from .models import causal_lm_from_config, load_causal_lm, load_tokenizer, output_vocab_size
+
+MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+PROJECTIONS_FILE = "kdcache_projections.pt"
+TRAINING_RECORD = "kdcache_training.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    kd_weight: float = 1.0
+    hidden_weight: float = 0.0
+    layer_map: str | None = None
+    loss: str = "forward_kl"
+    tail: str = "rest-bucket"
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: int | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    shuffle_buffer: int = 1024
+    log_every: int = 10
+    verify: bool = True
+
+
+def parse_layer_map(spec: str | None, manifest: Manifest, student_layers: int) -> dict[int, int]:
+    """`"i:j,..."` → {student hidden_states index: cached teacher layer}; negatives allowed on both sides.
+
+    Without a map, the student's last hidden state is matched to the last cached teacher layer.
+    """
+    cached = manifest.hidden_layers
+    if not cached:
+        raise KDCacheError("--hidden-weight > 0 but the cache holds no hidden states (dump with --hidden-layers)")
+    if not spec:
+        return {student_layers: max(cached)}
+    teacher_count = int(manifest.teacher["num_hidden_layers"]) + 1
+    mapping = {}
+    for pair in spec.split(","):
+        try:
+            student_index, teacher_index = (int(part) for part in pair.split(":"))
+        except ValueError:
+            raise KDCacheError(f"--layer-map entry '{pair}' is not 'student:teacher' (e.g. '2:6,4:12')") from None
+        if not -(student_layers + 1) <= student_index <= student_layers:
+            raise KDCacheError(f"--layer-map student layer {student_index} out of range 0..{student_layers}")
+        if teacher_index % teacher_count not in cached or not -teacher_count <= teacher_index < teacher_count:
+            raise KDCacheError(f"--layer-map teacher layer {teacher_index} is not cached "
+                               f"(cached layers: {', '.join(map(str, cached))})")
+        mapping[student_index % (student_layers + 1)] = teacher_index % teacher_count
+    return mapping
+
+
+def check_student_matches_cache(model, student_tokenizer, manifest: Manifest) -> None:
+    """Refuse a student whose ids mean something else than the cache's ids."""
+    vocab = manifest.vocab_size
+    if output_vocab_size(model) < vocab:
+        raise KDCacheError(f"student vocabulary ({output_vocab_size(model)}) is smaller than the cache's "
+                           f"tokenizer ({vocab} tokens): the student cannot represent the teacher's targets")
+    if student_tokenizer is not None:
+        fingerprint = tokenizer_fingerprint(student_tokenizer)
+        if fingerprint["hash"] != manifest.tokenizer["hash"]:
+            raise KDCacheError(f"student tokenizer ({fingerprint['vocab_size']} tokens) differs from the cache's "
+                               f"tokenizer ({vocab} tokens): ids would not line up with the cached targets")
+
+
+def load_student(student: str | None, student_config: str | None, manifest: Manifest, cache: Path):
+    if (student is None) == (student_config is None):
+        raise KDCacheError("give exactly one of --student (pretrained) or --student-config (fresh model)")
+    if student_config is not None:
+        model = causal_lm_from_config(student_config, manifest.vocab_size)
+        check_student_matches_cache(model, None, manifest)
+        return model
+    model = load_causal_lm(student, "student", "float32")
+    has_tokenizer = any((Path(student) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    check_student_matches_cache(model, load_tokenizer(student, "student tokenizer") if has_tokenizer else None, manifest)
+    return model
+
+
+def _prepare_output(out: Path) -> Path:
+    """Refuse to overwrite; build in `<out>.partial` so a crash never leaves a half-saved model."""
+    if out.exists() and any(out.iterdir()):
+        raise KDCacheError(f"output directory {out} exists and is not empty")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+class FeatureProjections(nn.Module):
+    """One learned linear map per matched layer pair when widths differ (FitNets); identity otherwise."""
+
+    def __init__(self, layer_map: dict[int, int], student_width: int, teacher_sizes: dict[int, int]):
+        super().__init__()
+        self.layer_map = layer_map
+        self.maps = nn.ModuleDict({
+            str(student_layer): (nn.Identity() if teacher_sizes[teacher_layer] == student_width
+                                 else nn.Linear(student_width, teacher_sizes[teacher_layer]))
+            for student_layer, teacher_layer in layer_map.items()})
+
+    def loss(self, student_hidden: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
+        valid = batch.valid
+        terms = [hidden_loss(self.maps[str(s)](student_hidden[s][valid].float()), batch.hidden[t][valid])
+                 for s, t in self.layer_map.items()]
+        return torch.stack(terms).mean()
+
+
+class MetricsLog:
+    """Averages each loss term over the micro-batches since the last flush; writes JSONL lines."""
+
+    def __init__(self, path: Path | None, num_processes: int):
+        self.file = open(path, "w") if path else None
+        self.num_processes = num_processes
+        self.started = time.perf_counter()
+        self.tokens = 0
+        self.sums: dict[str, float] = {}
+        self.micro = 0
+        self.last: dict = {}
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], tokens: int) -> None:
+        self.tokens += tokens
+        self.micro += 1
+        for name, value in {"loss": loss, **terms}.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def flush(self, step: int, epoch: int, lr: float) -> dict[str, str]:
+        """Write one record if anything was added since the last; return a progress-bar postfix."""
+        if self.micro:
+            self.last = {"step": step, "epoch": epoch, "lr": lr,
+                         **{name: total / self.micro for name, total in self.sums.items()}, "tokens": self.tokens,
+                         "tokens_per_second": self.tokens * self.num_processes / self.elapsed()}
+            if self.file:
+                self.file.write(json.dumps(self.last) + "\n")
+                self.file.flush()
+            self.sums, self.micro = {}, 0
+        return {"loss": f"{self.last.get('loss', float('nan')):.4f}",
+                "tok_s": f"{self.last.get('tokens_per_second', 0):.0f}"}
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _batches(cache: Path, manifest: Manifest, settings: TrainSettings, accelerator: Accelerator,
+             hidden_layers: list[int]) -> Iterator[tuple[int, Batch]]:
+    """Yield (epoch, batch) forever or for `settings.epochs` epochs."""
+    epoch = 0
+    while settings.epochs is None or epoch < settings.epochs:
+        pending = []
+        for sequence in iter_sequences(cache, manifest, hidden_layers=hidden_layers, shuffle=True,
+                                       seed=settings.seed, epoch=epoch, shuffle_buffer=settings.shuffle_buffer,
+                                       process_index=accelerator.process_index,
+                                       num_processes=accelerator.num_processes):
+            pending.append(sequence)
+            if len(pending) == settings.batch_size:
+                yield epoch, collate(pending)
+                pending = []
+        if pending:
+            yield epoch, collate(pending)
+        epoch += 1
+
+
+def _total_steps(manifest: Manifest, settings: TrainSettings, num_processes: int) -> int:
+    rows = manifest.total_rows // num_processes
+    per_epoch = math.ceil(math.ceil(rows / settings.batch_size) / settings.grad_accum)
+    by_epochs = per_epoch * (settings.epochs or 1)
+    return min(settings.max_steps, by_epochs) if settings.epochs and settings.max_steps else (settings.max_steps or by_epochs)
+
+
+def train_student(cache: Path | str, out: Path | str, *, student: str | None = None,
+                  student_config: str | None = None, settings: TrainSettings = TrainSettings(),
+                  progress: bool = True) -> dict:
+    """Train a student on the cache at `cache`, save it to `out`; return the final metrics."""
+    cache, out = Path(cache), Path(out)
+    manifest = Manifest.load(cache)
+    for name in ("batch_size", "grad_accum", "temperature"):
+        if getattr(settings, name) <= 0:
+            raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
+    if settings.max_steps is not None and settings.max_steps <= 0:
+        raise KDCacheError(f"--max-steps must be positive, got {settings.max_steps}")
+    if settings.verify:
+        verify_cache(cache, manifest, progress=progress)
+    else:
+        check_shard_files(cache, manifest)
+
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[settings.dtype],
+                              gradient_accumulation_steps=settings.grad_accum)
+    set_seed(settings.seed)
+    model = load_student(student, student_config, manifest, cache)
+    model.config.use_cache = False
+    layer_map = (parse_layer_map(settings.layer_map, manifest, model.config.num_hidden_layers)
+                 if settings.hidden_weight > 0 else {})
+    projections = FeatureProjections(layer_map, model.config.hidden_size, manifest.hidden_sizes)
+    staging = _prepare_output(out) if accelerator.is_main_process else None
+
+    total_steps = _total_steps(manifest, settings, accelerator.num_processes)
+    parameters = list(model.parameters()) + list(projections.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    model, projections, optimizer, scheduler = accelerator.prepare(model, projections, optimizer, scheduler)
+    model.train()
+
+    vocab = manifest.vocab_size
+    metrics = MetricsLog(staging / METRICS_FILE if staging else None, accelerator.num_processes)
+    bar = tqdm(total=total_steps, desc="train-student", unit="step", disable=not (progress and accelerator.is_main_process))
+    step = epoch = 0
+    for epoch, batch in _batches(cache, manifest, settings, accelerator, sorted(set(layer_map.values()))):
+        batch = batch.to(accelerator.device)
+        with accelerator.accumulate(model, projections):
+            output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           output_hidden_states=bool(layer_map))
+            logits = output.logits[batch.valid][:, :vocab]
+            terms = {}
+            if settings.ce_weight:
+                terms["ce"] = next_token_ce(logits, batch.next_token_labels())
+            if settings.kd_weight:
+                terms["kd"] = kd_loss(logits, batch.sparse_targets(), divergence=settings.loss, tail=settings.tail,
+                                      temperature=settings.temperature)
+            if layer_map:
+                terms["hidden"] = projections.loss(output.hidden_states, batch)
+            weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight}
+            loss = sum(weights[name] * value for name, value in terms.items())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and settings.max_grad_norm:
+                accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        metrics.add(loss, terms, batch.num_tokens)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        bar.update(1)
+        if step % settings.log_every == 0 or step == total_steps:
+            bar.set_postfix(metrics.flush(step, epoch, scheduler.get_last_lr()[0]))
+        if step >= total_steps:
+            break
+    bar.close()
+    if step == 0:
+        raise KDCacheError("no optimizer step was taken: the cache has fewer rows than processes")
+    metrics.flush(step, epoch, scheduler.get_last_lr()[0])
+
+    accelerator.wait_for_everyone()
+    summary = {"steps": step, "epochs_started": epoch + 1, "tokens": metrics.tokens,
+               "seconds": round(metrics.elapsed(), 3), "final": metrics.last}
+    if accelerator.is_main_process:
+        metrics.close()
+        accelerator.unwrap_model(model).save_pretrained(staging)
+        load_tokenizer(str(cache / TOKENIZER_DIR), "cache tokenizer").save_pretrained(staging)
+        if layer_map:
+            torch.save(accelerator.unwrap_model(projections).state_dict(), staging / PROJECTIONS_FILE)
+        record = {"cache": str(cache), "dump_fingerprint": manifest.dump_fingerprint,
+                  "student": student or student_config, "settings": dataclasses.asdict(settings),
+                  "layer_map": {str(s): t for s, t in layer_map.items()}, "summary": summary}
+        (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    return summary
