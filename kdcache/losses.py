@@ -14,10 +14,9 @@ What is exact
 * Teacher side at T = 1 (the dump temperature): exact up to the cache's storage precision; the
   k+1 entries are renormalised to sum to one, a no-op for exact data.
 * The divergence on the (k+1)-categorical is computed exactly, value and gradient.  It is the
-  full-vocabulary divergence of the *grouped* distributions: for all divergences here except
-  ``akl`` (which are f-divergences) it is a lower bound of the full-vocabulary divergence, equal
-  when k = V or when the student's distribution inside the tail is proportional to the
-  teacher's.  For forward KL, the gradient for an unlisted token j is ``q_j (1 - p_rest/q_rest)``:
+  full-vocabulary divergence of the *grouped* distributions.  For the f-divergences (all but
+  ``akl`` and ``hard``) it is a lower bound of the full-vocabulary divergence, equal when k = V
+  or when the student's distribution inside the tail is proportional to the teacher's.  For forward KL, the gradient for an unlisted token j is ``q_j (1 - p_rest/q_rest)``:
   the teacher's tail mass is spread over the unlisted tokens in proportion to the student's own
   probabilities, the only choice that needs no knowledge of the teacher inside the tail.
 * Temperature T != 1: student exact (``logits / T`` over the full vocabulary).  The listed
