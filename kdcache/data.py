@@ -32,6 +32,8 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
                 loaded = loaded[split]
             return loaded
         if path.is_file():
+            if path.stat().st_size == 0:
+                raise KDCacheError(f"dataset {source} is empty")
             builder = _BUILDER_BY_SUFFIX.get(path.suffix)
             if builder is None:
                 raise KDCacheError(f"unsupported data file type '{path.suffix}' for {source} "
@@ -44,7 +46,7 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
         return datasets.load_dataset(source, split=split)
     except KDCacheError:
         raise
-    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+    except Exception as error:  # noqa: BLE001 - any failure of `datasets` on the user's data is a data problem
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise KDCacheError(f"cannot load data {source} (split '{split}'): {first_line}") from None
 

@@ -106,6 +106,11 @@ def load_student(student: str | None, student_config: str | None, manifest: Mani
         model = causal_lm_from_config(student_config, manifest.vocab_size)
         check_student_matches_cache(model, None, manifest)
         return model
+    return load_pretrained_student(student, manifest)
+
+
+def load_pretrained_student(student: str, manifest: Manifest):
+    """Load a pretrained student and check it (and its tokenizer, when it ships one) against the cache."""
     model = load_causal_lm(student, "student", "float32")
     has_tokenizer = any((Path(student) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     check_student_matches_cache(model, load_tokenizer(student, "student tokenizer") if has_tokenizer else None, manifest)
@@ -156,7 +161,7 @@ class MetricsLog:
         self.tokens += tokens
         self.micro += 1
         for name, value in {"loss": loss, **terms}.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().item()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -1,0 +1,168 @@
+"""Command-line interface: parse flags, call the library, turn user errors into one-line messages.
+
+No logic lives here beyond formatting; every command has a library function behind it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .cache.format import Manifest
+from .errors import KDCacheError
+from .losses import DIVERGENCES, TAIL_MODES
+
+
+class _Group(click.Group):
+    """Reports a `KDCacheError` as `Error: <message>` with exit code 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KDCacheError as error:
+            raise click.ClickException(str(error)) from None
+
+
+def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like '0,-1', got '{value}'") from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="kdcache")
+def main():
+    """kdcache: dump a teacher's soft targets once, train students from the cache."""
+
+
+@main.command("dump-teacher")
+@click.option("--teacher", required=True, help="Causal-LM teacher: local directory or hub id.")
+@click.option("--data", required=True, help="Anything `datasets` loads: jsonl/json/csv/parquet/txt, save_to_disk dir, hub id.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to create.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--text-column", default="text", show_default=True, help="Ignored when the data has an input_ids column.")
+@click.option("--max-length", default=1024, show_default=True, help="Truncate sequences to this many tokens.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--top-k", default=64, show_default=True, help="Teacher log-probs kept per position.")
+@click.option("--hidden-layers", default="", callback=_int_list, help="Hidden states to cache, HF indexing (0 = embeddings, -1 = last), e.g. '-1' or '4,8'.")
+@click.option("--limit", type=int, default=None, help="Dump only the first N rows.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--shard-rows", default=10_000, show_default=True, help="Sequences per shard file.")
+def dump_teacher_command(teacher, data, out, split, text_column, max_length, batch_size, top_k, hidden_layers,
+                         limit, dtype, logprob_dtype, shard_rows):
+    """Run TEACHER once over DATA and write its top-k targets to a cache."""
+    from .teacher import DumpSettings, dump_teacher
+    settings = DumpSettings(top_k=top_k, max_length=max_length, batch_size=batch_size, hidden_layers=hidden_layers,
+                            limit=limit, dtype=dtype, logprob_dtype=logprob_dtype, shard_rows=shard_rows,
+                            split=split, text_column=text_column)
+    manifest = dump_teacher(teacher, data, out, settings)
+    click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
+               f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token, "
+               f"mean top-{manifest.top_k} mass {manifest.stats['captured_mass']['mean']:.4f}")
+
+
+@main.command("info")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info_command(cache, as_json):
+    """Summarise the cache at CACHE."""
+    manifest = Manifest.load(cache)
+    if as_json:
+        click.echo(json.dumps(manifest.to_dict(), indent=2))
+        return
+    mass = manifest.stats.get("captured_mass", {})
+    lines = [
+        f"cache        {cache}  (format {manifest.format_version}, kdcache {manifest.kdcache_version}, {manifest.created_at})",
+        f"task         {manifest.task}",
+        f"teacher      {manifest.teacher['name_or_path']}  ({manifest.teacher['model_type']}, "
+        f"{manifest.teacher['num_parameters']:,} parameters)",
+        f"tokenizer    {manifest.tokenizer['class']}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
+        f"data         {manifest.dataset['source']} [{manifest.dataset['split']}], "
+        f"{manifest.dataset['rows_dumped']} of {manifest.dataset['num_rows']} rows",
+        f"targets      top-{manifest.top_k} {manifest.settings['logprob_dtype']} log-probs + exact tail; "
+        f"hidden layers: {', '.join(map(str, manifest.hidden_layers)) or 'none'}",
+        f"size         {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
+        f"{manifest.total_bytes:,} bytes ({manifest.total_bytes / max(manifest.total_tokens, 1):.1f} bytes/token)",
+        f"top-k mass   mean {mass.get('mean')}, p5 {mass.get('p5')}, p50 {mass.get('p50')}, p95 {mass.get('p95')}",
+        f"teacher NLL  {manifest.stats.get('teacher_nll')} nats/token",
+    ]
+    click.echo("\n".join(lines))
+
+
+@main.command("verify")
+@click.argument("cache", type=click.Path(path_type=Path))
+def verify_command(cache):
+    """Re-hash every shard of CACHE and check schema and counts against the manifest."""
+    from .cache.reader import verify_cache
+    manifest = Manifest.load(cache)
+    verify_cache(cache, manifest)
+    click.echo(f"ok: {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens")
+
+
+@main.command("train-student")
+@click.option("--cache", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--student", default=None, help="Pretrained student (directory or hub id).")
+@click.option("--student-config", default=None, help="transformers config JSON (with model_type) for a fresh student.")
+@click.option("--loss", type=click.Choice(DIVERGENCES), default="forward_kl", show_default=True)
+@click.option("--tail", type=click.Choice(TAIL_MODES), default="rest-bucket", show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--ce-weight", default=0.0, show_default=True, help="Weight of next-token cross-entropy on the text.")
+@click.option("--kd-weight", default=1.0, show_default=True, help="Weight of T²·KD(teacher ‖ student).")
+@click.option("--hidden-weight", default=0.0, show_default=True, help="Weight of hidden-state MSE.")
+@click.option("--layer-map", default=None, help="student:teacher hidden layer pairs, e.g. '2:6,4:12'.")
+@click.option("--lr", default=5e-4, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--grad-accum", default=1, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (default: one epoch).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Mixed precision through Accelerate.")
+@click.option("--log-every", default=10, show_default=True)
+@click.option("--no-verify", is_flag=True, help="Check shard sizes only instead of re-hashing the cache.")
+def train_student_command(cache, out, student, student_config, loss, tail, temperature, ce_weight, kd_weight,
+                          hidden_weight, layer_map, lr, batch_size, grad_accum, max_steps, epochs, seed, dtype,
+                          log_every, no_verify):
+    """Train a student from a cache; the teacher is not needed."""
+    from .student import TrainSettings, train_student
+    settings = TrainSettings(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
+                             hidden_weight=hidden_weight, layer_map=layer_map, loss=loss, tail=tail, lr=lr,
+                             batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
+                             seed=seed, dtype=dtype, log_every=log_every, verify=not no_verify)
+    summary = train_student(cache, out, student=student, student_config=student_config, settings=settings)
+    click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
+               f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
+
+
+@main.command("eval")
+@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache holding the evaluation targets.")
+@click.option("--student", required=True, help="Student directory or hub id.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(cache, student, batch_size, as_json):
+    """Score STUDENT against the teacher targets in CACHE."""
+    from .evaluate import evaluate_student
+    from .student import load_pretrained_student
+    model = load_pretrained_student(student, Manifest.load(cache))
+    result = evaluate_student(model, cache, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for name, value in result.items():
+        click.echo(f"{name:16s} {value:.4f}" if isinstance(value, float) else f"{name:16s} {value}")
+
+
+@main.command("demo")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Keep the teacher, caches and students here (default: a temporary directory).")
+def demo_command(workdir):
+    """Run the whole pipeline on a generated language and show what KD buys (CPU, a few minutes)."""
+    from .demo import run_demo
+    click.echo(run_demo(workdir))
