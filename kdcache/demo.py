@@ -61,7 +61,7 @@ def _row(name: str, scores: dict) -> str:
             f"{scores['top1_agreement']:>10.1%}")
 
 
-def run_demo(workdir: Path | None = None, *, teacher_steps: int = 500, student_steps: int = 300,
+def run_demo(workdir: Path | None = None, *, teacher_steps: int = 400, student_steps: int = 300,
              transfer_sentences: int = 600) -> str:
     """Run the pipeline in `workdir` (a temporary directory if None); return the report table."""
     with tempfile.TemporaryDirectory(prefix="kdcache-demo-") as temporary:
