@@ -54,17 +54,40 @@ def main():
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--shard-rows", default=10_000, show_default=True, help="Sequences per shard file.")
+@click.option("--targets", type=click.Choice(["topk", "sampled", "both"]), default="topk", show_default=True,
+              help="Top-k log-probs + exact tail, ids sampled from the teacher with counts, or both.")
+@click.option("--samples", default=50, show_default=True, help="Draws per position for sampled targets (T=1).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the draws (combined with each sample id).")
 def dump_teacher_command(teacher, data, out, split, text_column, max_length, batch_size, top_k, hidden_layers,
-                         limit, dtype, logprob_dtype, shard_rows):
-    """Run TEACHER once over DATA and write its top-k targets to a cache."""
+                         limit, dtype, logprob_dtype, shard_rows, targets, samples, seed):
+    """Run TEACHER once over DATA and write its top-k and/or sampled targets to a cache."""
     from .teacher import DumpSettings, dump_teacher
     settings = DumpSettings(top_k=top_k, max_length=max_length, batch_size=batch_size, hidden_layers=hidden_layers,
                             limit=limit, dtype=dtype, logprob_dtype=logprob_dtype, shard_rows=shard_rows,
-                            split=split, text_column=text_column)
+                            split=split, text_column=text_column, targets=targets, samples=samples, seed=seed)
     manifest = dump_teacher(teacher, data, out, settings)
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
-               f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token, "
-               f"mean top-{manifest.top_k} mass {manifest.stats['captured_mass']['mean']:.4f}")
+               f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token")
+    click.echo("\n".join(_fidelity_lines(manifest)))
+
+
+def _fidelity_lines(manifest: Manifest) -> list[str]:
+    """The fidelity card (see kdcache/fidelity.py), one line per stored target type."""
+    card = manifest.stats.get("fidelity")
+    if card is None:
+        return ["fidelity     not recorded (cache dumped before fidelity cards)"]
+    lines = []
+    if "topk" in card:
+        topk = card["topk"]
+        lines.append(f"fidelity     top-{topk['top_k']} + tail: captured mass {topk['captured_mass']:.4f}, "
+                     f"KL(teacher ‖ rest-bucket reconstruction) {topk['kl_rest_bucket']:.4f} nats, "
+                     f"TV {topk['tv_rest_bucket']:.4f}")
+    if "sampled" in card:
+        sampled = card["sampled"]
+        lines.append(f"fidelity     sampled ({sampled['draws']} draws, {sampled['distinct_ids']:.1f} distinct ids): "
+                     f"captured mass {sampled['captured_mass']:.4f}, KL on support {sampled['kl_on_support']:.4f} "
+                     f"nats, TV {sampled['tv']:.4f}")
+    return [line + f"  ({card['positions']} positions)" for line in lines]
 
 
 @main.command("info")
@@ -85,14 +108,23 @@ def info_command(cache, as_json):
         f"tokenizer    {manifest.tokenizer['class']}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
         f"data         {manifest.dataset['source']} [{manifest.dataset['split']}], "
         f"{manifest.dataset['rows_dumped']} of {manifest.dataset['num_rows']} rows",
-        f"targets      top-{manifest.top_k} {manifest.settings['logprob_dtype']} log-probs + exact tail; "
+        f"targets      {_describe_targets(manifest)}; "
         f"hidden layers: {', '.join(map(str, manifest.hidden_layers)) or 'none'}",
         f"size         {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
         f"{manifest.total_bytes:,} bytes ({manifest.total_bytes / max(manifest.total_tokens, 1):.1f} bytes/token)",
-        f"top-k mass   mean {mass.get('mean')}, p5 {mass.get('p5')}, p50 {mass.get('p50')}, p95 {mass.get('p95')}",
+        *([f"top-k mass   mean {mass.get('mean')}, p5 {mass.get('p5')}, p50 {mass.get('p50')}, p95 {mass.get('p95')}"]
+          if mass else []),
         f"teacher NLL  {manifest.stats.get('teacher_nll')} nats/token",
+        *_fidelity_lines(manifest),
     ]
     click.echo("\n".join(lines))
+
+
+def _describe_targets(manifest: Manifest) -> str:
+    kinds = {"topk": f"top-{manifest.top_k} {manifest.settings['logprob_dtype']} log-probs + exact tail",
+             "sampled": f"ids sampled with counts ({manifest.settings.get('samples')} draws/position at T=1, "
+                        f"seed {manifest.settings.get('seed')})"}
+    return " and ".join(kinds[kind] for kind in manifest.target_types)
 
 
 @main.command("verify")
