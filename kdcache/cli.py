@@ -159,31 +159,50 @@ def verify_command(cache):
               help="Mixed precision through Accelerate.")
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--no-verify", is_flag=True, help="Check shard sizes only instead of re-hashing the cache.")
+@click.option("--targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True,
+              help="Which cached target type feeds the KD loss.")
+@click.option("--val-fraction", default=0.0, show_default=True,
+              help="Hold out this fraction of the cache (by sample id) for validation; never trained on.")
+@click.option("--eval-every", type=int, default=None, help="Score the held-out split every N steps (and at the end).")
+@click.option("--early-stopping", type=int, default=None,
+              help="Stop after this many evaluations without a lower held-out KL; the best state is saved.")
 def train_student_command(cache, out, student, student_config, loss, tail, temperature, ce_weight, kd_weight,
                           hidden_weight, layer_map, lr, batch_size, grad_accum, max_steps, epochs, seed, dtype,
-                          log_every, no_verify):
+                          log_every, no_verify, targets, val_fraction, eval_every, early_stopping):
     """Train a student from a cache; the teacher is not needed."""
     from .student import TrainSettings, train_student
     settings = TrainSettings(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
                              hidden_weight=hidden_weight, layer_map=layer_map, loss=loss, tail=tail, lr=lr,
                              batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
-                             seed=seed, dtype=dtype, log_every=log_every, verify=not no_verify)
+                             seed=seed, dtype=dtype, log_every=log_every, verify=not no_verify, targets=targets,
+                             val_fraction=val_fraction, eval_every=eval_every, early_stopping=early_stopping)
     summary = train_student(cache, out, student=student, student_config=student_config, settings=settings)
     click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
                f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
+    if "validation" in summary:
+        validation = summary["validation"]
+        click.echo(f"kept the state of step {validation['best_step']} (held-out KL "
+                   f"{validation['best_val_kl_to_teacher']:.4f})"
+                   + ("; stopped early" if validation["stopped_early"] else ""))
 
 
 @main.command("eval")
 @click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache holding the evaluation targets.")
 @click.option("--student", required=True, help="Student directory or hub id.")
 @click.option("--batch-size", default=16, show_default=True)
+@click.option("--split-fraction", type=float, default=None,
+              help="Score only the held-out fraction of CACHE (the rows train-student --val-fraction holds out).")
 @click.option("--json", "as_json", is_flag=True)
-def eval_command(cache, student, batch_size, as_json):
+def eval_command(cache, student, batch_size, split_fraction, as_json):
     """Score STUDENT against the teacher targets in CACHE."""
     from .evaluate import evaluate_student
+    from .split import split_cache
     from .student import load_pretrained_student
-    model = load_pretrained_student(student, Manifest.load(cache))
-    result = evaluate_student(model, cache, batch_size=batch_size)
+    manifest = Manifest.load(cache)
+    heldout = None if split_fraction is None else split_cache(cache, manifest, split_fraction,
+                                                              flag="--split-fraction").heldout
+    model = load_pretrained_student(student, manifest)
+    result = evaluate_student(model, cache, batch_size=batch_size, sample_ids=heldout)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
