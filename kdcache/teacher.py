@@ -27,9 +27,9 @@ from .cache.format import (DATA_DIR, MANIFEST_NAME, MAX_SAMPLES, TARGET_TYPES, T
                            hidden_column, sha256_json, shard_schema, teacher_fingerprint, token_id_type,
                            tokenizer_fingerprint, write_json_atomic)
 from .cache.writer import CachedSequence, Ragged, ShardWriter
-from .fidelity import FidelityCard
 from .data import check_columns, describe, load_rows
 from .errors import KDCacheError
+from .fidelity import FidelityCard
 from .models import load_causal_lm, load_tokenizer, output_vocab_size
 from .stats import StreamingSummary
 from .targets import sampled_targets, sampling_uniforms, topk_targets
