@@ -165,3 +165,16 @@ def test_fidelity_of_a_full_vocabulary_topk_is_perfect(tmp_path, teacher_dir, co
     assert card["kl_rest_bucket"] == 0 and card["tv_rest_bucket"] == 0
     assert card["captured_mass"] == pytest.approx(1.0, abs=1e-6)
     assert not math.isnan(card["kl_rest_bucket"])
+
+
+@pytest.mark.parametrize("flags, fragment", [(["--samples", 70000], "--samples must be between 1 and 65535"),
+                                             (["--samples", 0], "--samples must be between 1 and 65535")])
+def test_bad_sampling_flags_are_one_line_errors(tmp_path, teacher_dir, corpus, flags, fragment):
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+    result = CliRunner().invoke(main, [str(arg) for arg in ["dump-teacher", "--teacher", teacher_dir, "--data", corpus,
+                                                            "--out", tmp_path / "c", "--targets", "sampled", *flags]])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("Error:")] == [f"Error: {fragment}, got {flags[1]}"]
+    assert not (tmp_path / "c").exists()
