@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -56,6 +57,9 @@ def test_sampled_columns_follow_the_contract(both_cache):
     table = pa.ipc.open_file(str(both_cache / manifest.shards[0].file)).read_all()
     assert table.schema.field("sampled_ids").type == pa.list_(pa.list_(pa.uint16()))
     assert table.schema.field("sampled_counts").type == pa.list_(pa.list_(pa.uint16()))
+    rows = datasets.load_dataset("arrow", data_files=[str(both_cache / shard.file) for shard in manifest.shards],
+                                 split="train")
+    assert len(rows) == 12 and len(rows[0]["sampled_ids"]) == len(rows[0]["input_ids"])
     for sequence in iter_sequences(both_cache, manifest):
         assert len(sequence.sampled_ids) == len(sequence.input_ids)
         per_position = np.add.reduceat(sequence.sampled_counts.values.astype(np.int64), sequence.sampled_ids.offsets[:-1])
