@@ -286,6 +286,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     metrics = MetricsLog(staging / METRICS_FILE if staging else None, accelerator.num_processes)
     bar = tqdm(total=total_steps, desc="train-student", unit="step", disable=not (progress and accelerator.is_main_process))
     step = epoch = 0
+    # What validation scores, snapshots when best and restores before saving.
     trained = {"model": accelerator.unwrap_model(model), "projections": accelerator.unwrap_model(projections)}
     for epoch, batch in _batches(cache, manifest, settings, accelerator, sorted(set(layer_map.values())), train_ids):
         batch = batch.to(accelerator.device)
@@ -317,7 +318,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
         if step % settings.log_every == 0 or step == total_steps:
             bar.set_postfix(metrics.flush(step, epoch, scheduler.get_last_lr()[0]))
         if validation and validation.due(step, total_steps):
-            metrics.write(validation.run(trained["model"], trained, step))
+            metrics.write(validation.run(trained, step))
             if validation.should_stop:
                 break
         if step >= total_steps:
@@ -328,7 +329,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     metrics.flush(step, epoch, scheduler.get_last_lr()[0])
     if validation:
         if step != validation.last.get("step"):  # the data ran out before total_steps
-            metrics.write(validation.run(trained["model"], trained, step))
+            metrics.write(validation.run(trained, step))
         validation.restore_best(trained)
 
     accelerator.wait_for_everyone()

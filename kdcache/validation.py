@@ -41,9 +41,9 @@ class Validation:
         """Every `every` optimizer steps, and always at the last step so the final state competes."""
         return step == total_steps or (self.every is not None and step % self.every == 0)
 
-    def run(self, model: nn.Module, modules: dict[str, nn.Module], step: int) -> dict:
-        """Score `model` on the held-out split; snapshot `modules` (CPU copies) if it is the best yet."""
-        scores = evaluate_student(model, self.cache, batch_size=self.batch_size, sample_ids=self.heldout)
+    def run(self, modules: dict[str, nn.Module], step: int) -> dict:
+        """Score `modules["model"]` on the held-out split; snapshot `modules` (CPU copies) if best yet."""
+        scores = evaluate_student(modules["model"], self.cache, batch_size=self.batch_size, sample_ids=self.heldout)
         if scores["kl_to_teacher"] < self.best_kl:
             self.best_kl, self.best_step = scores["kl_to_teacher"], step
             self.best_state = {name: {key: value.detach().to("cpu", copy=True)
