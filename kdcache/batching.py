@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .cache.writer import CachedSequence
+from .cache.writer import CachedSequence, Ragged
 from .losses import SparseTargets
 
 
@@ -19,10 +19,12 @@ from .losses import SparseTargets
 class Batch:
     input_ids: torch.Tensor       # int64 [B, L], 0-padded
     attention_mask: torch.Tensor  # int64 [B, L]
-    topk_ids: torch.Tensor        # int64 [B, L, k]
-    topk_logprobs: torch.Tensor   # float32 [B, L, k]
-    tail_logprob: torch.Tensor    # float32 [B, L]
+    topk_ids: torch.Tensor | None        # int64 [B, L, k] (None: the cache holds no top-k targets)
+    topk_logprobs: torch.Tensor | None   # float32 [B, L, k]
+    tail_logprob: torch.Tensor | None    # float32 [B, L]
     hidden: dict[int, torch.Tensor]  # teacher layer -> float32 [B, L, d]
+    sampled_ids: torch.Tensor | None = None       # int64 [B, L, S], S = most distinct ids at any position
+    sampled_logprobs: torch.Tensor | None = None  # float32 [B, L, S]: log(count / draws), -inf in padded slots
 
     def to(self, device) -> Batch:
         moved = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -39,8 +41,11 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def sparse_targets(self) -> SparseTargets:
+    def sparse_targets(self, kind: str = "topk") -> SparseTargets:
+        """The loss's view of one target type: top-k with its exact tail, or sampled (no tail)."""
         valid = self.valid
+        if kind == "sampled":
+            return SparseTargets(ids=self.sampled_ids[valid], logprobs=self.sampled_logprobs[valid], tail_logprob=None)
         return SparseTargets(ids=self.topk_ids[valid], logprobs=self.topk_logprobs[valid],
                              tail_logprob=self.tail_logprob[valid])
 
@@ -60,16 +65,46 @@ def _stack_padded(arrays: list[np.ndarray], length: int, dtype: torch.dtype, fil
     return out
 
 
+def _stack_ragged(ids: list[Ragged], counts: list[Ragged], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled targets as [B, L, S] ids and log(count / draws), padded slots at id 0 with log-prob -inf."""
+    width = max(int(row.lengths().max(initial=0)) for row in ids)
+    out_ids = torch.zeros(len(ids), length, width, dtype=torch.long)
+    out_logprobs = torch.full((len(ids), length, width), float("-inf"))
+    for row, (row_ids, row_counts) in enumerate(zip(ids, counts)):
+        lengths = row_ids.lengths()
+        position = np.repeat(np.arange(len(lengths)), lengths)
+        slot = np.arange(len(row_ids.values)) - np.repeat(row_ids.offsets[:-1], lengths)
+        count = row_counts.values.astype(np.float64)
+        draws = np.add.reduceat(count, row_counts.offsets[:-1]) if len(count) else count
+        out_ids[row, position, slot] = torch.from_numpy(row_ids.values.astype(np.int64))
+        out_logprobs[row, position, slot] = torch.from_numpy(np.log(count / draws[position]).astype(np.float32))
+    return out_ids, out_logprobs
+
+
 def collate(sequences: list[CachedSequence]) -> Batch:
+    """Pad a list of sequences into one Batch; target types the cache lacks stay None."""
     length = max(len(sequence.input_ids) for sequence in sequences)
     lengths = torch.tensor([len(sequence.input_ids) for sequence in sequences])
     mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    first = sequences[0]
+
+    def stacked(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        if getattr(first, name) is None:
+            return None
+        return _stack_padded([getattr(s, name) for s in sequences], length, dtype)
+
+    sampled_ids = sampled_logprobs = None
+    if first.sampled_ids is not None:
+        sampled_ids, sampled_logprobs = _stack_ragged([s.sampled_ids for s in sequences],
+                                                      [s.sampled_counts for s in sequences], length)
     return Batch(
         input_ids=_stack_padded([s.input_ids for s in sequences], length, torch.long),
         attention_mask=mask,
-        topk_ids=_stack_padded([s.topk_ids for s in sequences], length, torch.long),
-        topk_logprobs=_stack_padded([s.topk_logprobs for s in sequences], length, torch.float32),
-        tail_logprob=_stack_padded([s.tail_logprob for s in sequences], length, torch.float32),
+        topk_ids=stacked("topk_ids", torch.long),
+        topk_logprobs=stacked("topk_logprobs", torch.float32),
+        tail_logprob=stacked("tail_logprob", torch.float32),
         hidden={layer: _stack_padded([s.hidden[layer] for s in sequences], length, torch.float32)
-                for layer in sequences[0].hidden},
+                for layer in first.hidden},
+        sampled_ids=sampled_ids,
+        sampled_logprobs=sampled_logprobs,
     )

@@ -54,17 +54,40 @@ def main():
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--shard-rows", default=10_000, show_default=True, help="Sequences per shard file.")
+@click.option("--targets", type=click.Choice(["topk", "sampled", "both"]), default="topk", show_default=True,
+              help="Top-k log-probs + exact tail, ids sampled from the teacher with counts, or both.")
+@click.option("--samples", default=50, show_default=True, help="Draws per position for sampled targets (T=1).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the draws (combined with each sample id).")
 def dump_teacher_command(teacher, data, out, split, text_column, max_length, batch_size, top_k, hidden_layers,
-                         limit, dtype, logprob_dtype, shard_rows):
-    """Run TEACHER once over DATA and write its top-k targets to a cache."""
+                         limit, dtype, logprob_dtype, shard_rows, targets, samples, seed):
+    """Run TEACHER once over DATA and write its top-k and/or sampled targets to a cache."""
     from .teacher import DumpSettings, dump_teacher
     settings = DumpSettings(top_k=top_k, max_length=max_length, batch_size=batch_size, hidden_layers=hidden_layers,
                             limit=limit, dtype=dtype, logprob_dtype=logprob_dtype, shard_rows=shard_rows,
-                            split=split, text_column=text_column)
+                            split=split, text_column=text_column, targets=targets, samples=samples, seed=seed)
     manifest = dump_teacher(teacher, data, out, settings)
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
-               f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token, "
-               f"mean top-{manifest.top_k} mass {manifest.stats['captured_mass']['mean']:.4f}")
+               f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token")
+    click.echo("\n".join(_fidelity_lines(manifest)))
+
+
+def _fidelity_lines(manifest: Manifest) -> list[str]:
+    """The fidelity card (see kdcache/fidelity.py), one line per stored target type."""
+    card = manifest.stats.get("fidelity")
+    if card is None:
+        return ["fidelity     not recorded (cache dumped before fidelity cards)"]
+    lines = []
+    if "topk" in card:
+        topk = card["topk"]
+        lines.append(f"fidelity     top-{topk['top_k']} + tail: captured mass {topk['captured_mass']:.4f}, "
+                     f"KL(teacher ‖ rest-bucket reconstruction) {topk['kl_rest_bucket']:.4f} nats, "
+                     f"TV {topk['tv_rest_bucket']:.4f}")
+    if "sampled" in card:
+        sampled = card["sampled"]
+        lines.append(f"fidelity     sampled ({sampled['draws']} draws, {sampled['distinct_ids']:.1f} distinct ids): "
+                     f"captured mass {sampled['captured_mass']:.4f}, KL on support {sampled['kl_on_support']:.4f} "
+                     f"nats, TV {sampled['tv']:.4f}")
+    return [line + f"  ({card['positions']} positions)" for line in lines]
 
 
 @main.command("info")
@@ -85,14 +108,23 @@ def info_command(cache, as_json):
         f"tokenizer    {manifest.tokenizer['class']}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
         f"data         {manifest.dataset['source']} [{manifest.dataset['split']}], "
         f"{manifest.dataset['rows_dumped']} of {manifest.dataset['num_rows']} rows",
-        f"targets      top-{manifest.top_k} {manifest.settings['logprob_dtype']} log-probs + exact tail; "
+        f"targets      {_describe_targets(manifest)}; "
         f"hidden layers: {', '.join(map(str, manifest.hidden_layers)) or 'none'}",
         f"size         {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
         f"{manifest.total_bytes:,} bytes ({manifest.total_bytes / max(manifest.total_tokens, 1):.1f} bytes/token)",
-        f"top-k mass   mean {mass.get('mean')}, p5 {mass.get('p5')}, p50 {mass.get('p50')}, p95 {mass.get('p95')}",
+        *([f"top-k mass   mean {mass.get('mean')}, p5 {mass.get('p5')}, p50 {mass.get('p50')}, p95 {mass.get('p95')}"]
+          if mass else []),
         f"teacher NLL  {manifest.stats.get('teacher_nll')} nats/token",
+        *_fidelity_lines(manifest),
     ]
     click.echo("\n".join(lines))
+
+
+def _describe_targets(manifest: Manifest) -> str:
+    kinds = {"topk": f"top-{manifest.top_k} {manifest.settings['logprob_dtype']} log-probs + exact tail",
+             "sampled": f"ids sampled with counts ({manifest.settings.get('samples')} draws/position at T=1, "
+                        f"seed {manifest.settings.get('seed')})"}
+    return " and ".join(kinds[kind] for kind in manifest.target_types)
 
 
 @main.command("verify")
@@ -127,31 +159,50 @@ def verify_command(cache):
               help="Mixed precision through Accelerate.")
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--no-verify", is_flag=True, help="Check shard sizes only instead of re-hashing the cache.")
+@click.option("--targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True,
+              help="Which cached target type feeds the KD loss.")
+@click.option("--val-fraction", default=0.0, show_default=True,
+              help="Hold out this fraction of the cache (by sample id) for validation; never trained on.")
+@click.option("--eval-every", type=int, default=None, help="Score the held-out split every N steps (and at the end).")
+@click.option("--early-stopping", type=int, default=None,
+              help="Stop after this many evaluations without a lower held-out KL; the best state is saved.")
 def train_student_command(cache, out, student, student_config, loss, tail, temperature, ce_weight, kd_weight,
                           hidden_weight, layer_map, lr, batch_size, grad_accum, max_steps, epochs, seed, dtype,
-                          log_every, no_verify):
+                          log_every, no_verify, targets, val_fraction, eval_every, early_stopping):
     """Train a student from a cache; the teacher is not needed."""
     from .student import TrainSettings, train_student
     settings = TrainSettings(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
                              hidden_weight=hidden_weight, layer_map=layer_map, loss=loss, tail=tail, lr=lr,
                              batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
-                             seed=seed, dtype=dtype, log_every=log_every, verify=not no_verify)
+                             seed=seed, dtype=dtype, log_every=log_every, verify=not no_verify, targets=targets,
+                             val_fraction=val_fraction, eval_every=eval_every, early_stopping=early_stopping)
     summary = train_student(cache, out, student=student, student_config=student_config, settings=settings)
     click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
                f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
+    if "validation" in summary:
+        validation = summary["validation"]
+        click.echo(f"kept the state of step {validation['best_step']} (held-out KL "
+                   f"{validation['best_val_kl_to_teacher']:.4f})"
+                   + ("; stopped early" if validation["stopped_early"] else ""))
 
 
 @main.command("eval")
 @click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache holding the evaluation targets.")
 @click.option("--student", required=True, help="Student directory or hub id.")
 @click.option("--batch-size", default=16, show_default=True)
+@click.option("--split-fraction", type=float, default=None,
+              help="Score only the held-out fraction of CACHE (the rows train-student --val-fraction holds out).")
 @click.option("--json", "as_json", is_flag=True)
-def eval_command(cache, student, batch_size, as_json):
+def eval_command(cache, student, batch_size, split_fraction, as_json):
     """Score STUDENT against the teacher targets in CACHE."""
     from .evaluate import evaluate_student
+    from .split import split_cache
     from .student import load_pretrained_student
-    model = load_pretrained_student(student, Manifest.load(cache))
-    result = evaluate_student(model, cache, batch_size=batch_size)
+    manifest = Manifest.load(cache)
+    heldout = None if split_fraction is None else split_cache(cache, manifest, split_fraction,
+                                                              flag="--split-fraction").heldout
+    model = load_pretrained_student(student, manifest)
+    result = evaluate_student(model, cache, batch_size=batch_size, sample_ids=heldout)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -1,7 +1,10 @@
 """Scoring a student against a cache: how close to the teacher, and how good on the text.
 
 The teacher's own next-token NLL comes from the cache's manifest (computed at dump time from the
-full distribution), so student and teacher are compared on the same positions.
+full distribution over the whole cache), so it matches the student's positions exactly when the
+whole cache is scored. KL to the teacher is the top-k + rest-bucket estimate when the cache holds
+top-k targets; on a sampled-only cache it is Σ p̂ log(p̂ / q) over the drawn ids, whose
+cross-entropy part is unbiased but whose plug-in entropy makes it read high.
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ from .losses import kd_loss
 
 
 @torch.inference_mode()
-def evaluate_student(model, cache: Path | str, *, batch_size: int = 16, device: torch.device | str | None = None) -> dict:
-    """Mean KL(teacher ‖ student) (top-k + rest bucket, T=1), top-1 agreement, NLL and perplexity."""
+def evaluate_student(model, cache: Path | str, *, batch_size: int = 16, device: torch.device | str | None = None,
+                     sample_ids: frozenset[int] | None = None) -> dict:
+    """Mean KL(teacher ‖ student) (T=1), top-1 agreement, NLL and perplexity.
+
+    `sample_ids` limits scoring to those sequences (a held-out split, see kdcache/split.py).
+    """
     manifest = Manifest.load(cache)
+    kind = "topk" if "topk" in manifest.target_types else "sampled"
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -33,16 +41,17 @@ def evaluate_student(model, cache: Path | str, *, batch_size: int = 16, device: 
         batch = collate(sequences).to(device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logits = logits[batch.valid][:, :manifest.vocab_size].float()
-        targets = batch.sparse_targets()
+        targets = batch.sparse_targets(kind)
         count = logits.shape[0]
         kl_sum += float(kd_loss(logits, targets, divergence="forward_kl", tail="rest-bucket")) * count
-        agree += float((logits.argmax(-1) == targets.ids[:, 0]).sum())
+        teacher_top1 = targets.ids.gather(1, targets.logprobs.argmax(-1, keepdim=True)).squeeze(1)
+        agree += float((logits.argmax(-1) == teacher_top1).sum())
         labels = batch.next_token_labels()
         nll_sum += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
         labelled += float((labels != -100).sum())
         positions += count
 
-    for sequence in iter_sequences(cache, manifest):
+    for sequence in iter_sequences(cache, manifest, sample_ids=sample_ids):
         pending.append(sequence)
         if len(pending) == batch_size:
             score(pending)
@@ -53,4 +62,4 @@ def evaluate_student(model, cache: Path | str, *, batch_size: int = 16, device: 
     nll = nll_sum / max(labelled, 1)
     return {"kl_to_teacher": kl_sum / positions, "top1_agreement": agree / positions, "nll": nll,
             "perplexity": math.exp(nll), "teacher_nll": manifest.stats.get("teacher_nll"),
-            "positions": int(positions)}
+            "positions": int(positions), "targets": kind}

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .batching import Batch, collate
-from .cache.format import TOKENIZER_DIR, Manifest, tokenizer_fingerprint
+from .cache.format import TARGET_TYPES, TOKENIZER_DIR, Manifest, tokenizer_fingerprint
 from .cache.reader import check_shard_files, iter_sequences, verify_cache
 from .errors import KDCacheError
-from .losses import hidden_loss, kd_loss, next_token_ce
+from .losses import SparseTargets, hidden_loss, kd_loss, next_token_ce
 from .models import causal_lm_from_config, load_causal_lm, load_tokenizer, output_vocab_size
+from .validation import check_validation_flags, setup_validation
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 PROJECTIONS_FILE = "kdcache_projections.pt"
@@ -58,6 +59,10 @@ class TrainSettings:
     shuffle_buffer: int = 1024
     log_every: int = 10
     verify: bool = True
+    targets: str = "topk"             # which cached target type feeds the KD loss: "topk" or "sampled"
+    val_fraction: float = 0.0         # held-out share of the cache (by sample id), never trained on
+    eval_every: int | None = None     # score the held-out split every N steps (and at the end)
+    early_stopping: int | None = None  # stop after this many evaluations without a better val KL
 
 
 def parse_layer_map(spec: str | None, manifest: Manifest, student_layers: int) -> dict[int, int]:
@@ -115,6 +120,28 @@ def load_pretrained_student(student: str, manifest: Manifest):
     has_tokenizer = any((Path(student) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     check_student_matches_cache(model, load_tokenizer(student, "student tokenizer") if has_tokenizer else None, manifest)
     return model
+
+
+def check_targets(settings: TrainSettings, manifest: Manifest, cache: Path) -> None:
+    """Refuse, before any training, a target type the cache lacks or a loss it cannot estimate.
+
+    The loss rules live in `kd_loss`; it is asked on zero positions, so they are stated once.
+    """
+    if settings.targets not in TARGET_TYPES:
+        raise KDCacheError(f"--targets must be one of {', '.join(TARGET_TYPES)}, got {settings.targets!r}")
+    if settings.targets not in manifest.target_types:
+        raise KDCacheError(f"--targets {settings.targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
+                           f"targets (dump with --targets {settings.targets} or both)")
+    if not settings.kd_weight:
+        return
+    sampled = settings.targets == "sampled"
+    probe = SparseTargets(ids=torch.zeros(0, 1, dtype=torch.long), logprobs=torch.zeros(0, 1),
+                          tail_logprob=None if sampled else torch.zeros(0))
+    try:
+        kd_loss(torch.zeros(0, manifest.vocab_size), probe, divergence=settings.loss, tail=settings.tail,
+                temperature=settings.temperature)
+    except ValueError as error:
+        raise KDCacheError(f"--targets {settings.targets}: {error}") from None
 
 
 def _prepare_output(out: Path) -> Path:
@@ -179,21 +206,27 @@ class MetricsLog:
         return {"loss": f"{self.last.get('loss', float('nan')):.4f}",
                 "tok_s": f"{self.last.get('tokens_per_second', 0):.0f}"}
 
+    def write(self, record: dict) -> None:
+        """Write a record of another kind (e.g. a validation score) as its own JSONL line."""
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
     def close(self) -> None:
         if self.file:
             self.file.close()
 
 
 def _batches(cache: Path, manifest: Manifest, settings: TrainSettings, accelerator: Accelerator,
-             hidden_layers: list[int]) -> Iterator[tuple[int, Batch]]:
-    """Yield (epoch, batch) forever or for `settings.epochs` epochs."""
+             hidden_layers: list[int], sample_ids: frozenset[int] | None) -> Iterator[tuple[int, Batch]]:
+    """Yield (epoch, batch) forever or for `settings.epochs` epochs; only `sample_ids` if given."""
     epoch = 0
     while settings.epochs is None or epoch < settings.epochs:
         pending = []
         for sequence in iter_sequences(cache, manifest, hidden_layers=hidden_layers, shuffle=True,
                                        seed=settings.seed, epoch=epoch, shuffle_buffer=settings.shuffle_buffer,
                                        process_index=accelerator.process_index,
-                                       num_processes=accelerator.num_processes):
+                                       num_processes=accelerator.num_processes, sample_ids=sample_ids):
             pending.append(sequence)
             if len(pending) == settings.batch_size:
                 yield epoch, collate(pending)
@@ -203,8 +236,8 @@ def _batches(cache: Path, manifest: Manifest, settings: TrainSettings, accelerat
         epoch += 1
 
 
-def _total_steps(manifest: Manifest, settings: TrainSettings, num_processes: int) -> int:
-    rows = manifest.total_rows // num_processes
+def _total_steps(training_rows: int, settings: TrainSettings, num_processes: int) -> int:
+    rows = training_rows // num_processes
     per_epoch = math.ceil(math.ceil(rows / settings.batch_size) / settings.grad_accum)
     by_epochs = per_epoch * (settings.epochs or 1)
     return min(settings.max_steps, by_epochs) if settings.epochs and settings.max_steps else (settings.max_steps or by_epochs)
@@ -221,10 +254,15 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
             raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
     if settings.max_steps is not None and settings.max_steps <= 0:
         raise KDCacheError(f"--max-steps must be positive, got {settings.max_steps}")
+    check_targets(settings, manifest, cache)
+    check_validation_flags(fraction=settings.val_fraction, every=settings.eval_every, patience=settings.early_stopping)
     if settings.verify:
         verify_cache(cache, manifest, progress=progress)
     else:
         check_shard_files(cache, manifest)
+    train_ids, validation = setup_validation(cache, manifest, fraction=settings.val_fraction,
+                                             every=settings.eval_every, patience=settings.early_stopping,
+                                             batch_size=settings.batch_size)
 
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[settings.dtype],
                               gradient_accumulation_steps=settings.grad_accum)
@@ -236,7 +274,8 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     projections = FeatureProjections(layer_map, model.config.hidden_size, manifest.hidden_sizes)
     staging = _prepare_output(out) if accelerator.is_main_process else None
 
-    total_steps = _total_steps(manifest, settings, accelerator.num_processes)
+    training_rows = manifest.total_rows if train_ids is None else len(train_ids)
+    total_steps = _total_steps(training_rows, settings, accelerator.num_processes)
     parameters = list(model.parameters()) + list(projections.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
@@ -247,7 +286,9 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     metrics = MetricsLog(staging / METRICS_FILE if staging else None, accelerator.num_processes)
     bar = tqdm(total=total_steps, desc="train-student", unit="step", disable=not (progress and accelerator.is_main_process))
     step = epoch = 0
-    for epoch, batch in _batches(cache, manifest, settings, accelerator, sorted(set(layer_map.values()))):
+    # What validation scores, snapshots when best and restores before saving.
+    trained = {"model": accelerator.unwrap_model(model), "projections": accelerator.unwrap_model(projections)}
+    for epoch, batch in _batches(cache, manifest, settings, accelerator, sorted(set(layer_map.values())), train_ids):
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model, projections):
             output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -257,8 +298,8 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
             if settings.ce_weight:
                 terms["ce"] = next_token_ce(logits, batch.next_token_labels())
             if settings.kd_weight:
-                terms["kd"] = kd_loss(logits, batch.sparse_targets(), divergence=settings.loss, tail=settings.tail,
-                                      temperature=settings.temperature)
+                terms["kd"] = kd_loss(logits, batch.sparse_targets(settings.targets), divergence=settings.loss,
+                                      tail=settings.tail, temperature=settings.temperature)
             if layer_map:
                 terms["hidden"] = projections.loss(output.hidden_states, batch)
             weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight}
@@ -276,16 +317,25 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
         bar.update(1)
         if step % settings.log_every == 0 or step == total_steps:
             bar.set_postfix(metrics.flush(step, epoch, scheduler.get_last_lr()[0]))
+        if validation and validation.due(step, total_steps):
+            metrics.write(validation.run(trained, step))
+            if validation.should_stop:
+                break
         if step >= total_steps:
             break
     bar.close()
     if step == 0:
         raise KDCacheError("no optimizer step was taken: the cache has fewer rows than processes")
     metrics.flush(step, epoch, scheduler.get_last_lr()[0])
+    if validation:
+        if step != validation.last.get("step"):  # the data ran out before total_steps
+            metrics.write(validation.run(trained, step))
+        validation.restore_best(trained)
 
     accelerator.wait_for_everyone()
     summary = {"steps": step, "epochs_started": epoch + 1, "tokens": metrics.tokens,
-               "seconds": round(metrics.elapsed(), 3), "final": metrics.last}
+               "seconds": round(metrics.elapsed(), 3), "final": metrics.last,
+               **({"validation": validation.summary()} if validation else {})}
     if accelerator.is_main_process:
         metrics.close()
         accelerator.unwrap_model(model).save_pretrained(staging)

@@ -1,4 +1,5 @@
-"""Turning teacher logits into cached targets: top-k log-probabilities plus the exact tail.
+"""Turning teacher logits into cached targets: top-k log-probabilities plus the exact tail, and
+sampled targets (ids drawn from the teacher, with counts).
 
 Works on [N, V] logits of valid positions only (padding already dropped), a chunk of positions at
 a time, so at most one float32 [chunk × V] tensor exists however large the batch or vocabulary.
@@ -41,3 +42,56 @@ def topk_targets(logits: torch.Tensor, next_ids: torch.Tensor, *, vocab_size: in
         parts.append((ids, values - log_normaliser.unsqueeze(1), tail, next_logprob))
     ids, logprobs, tail, next_logprob = (torch.cat(column) for column in zip(*parts))
     return TopKTargets(ids=ids, logprobs=logprobs, tail_logprob=tail, next_logprob=next_logprob)
+
+
+@dataclasses.dataclass
+class SampledTargets:
+    """Per position, the distinct ids drawn with replacement from the teacher, and their counts.
+
+    Ragged over N positions: position t holds `ids[offsets[t]:offsets[t + 1]]` (ascending) with
+    `counts` summing to the number of draws; count / draws is an unbiased estimate of p.
+    """
+
+    ids: torch.Tensor      # int64 [U]
+    counts: torch.Tensor   # int64 [U]
+    offsets: torch.Tensor  # int64 [N + 1], offsets[0] = 0
+
+
+def sampling_uniforms(sample_ids: list[int], lengths: list[int], num_samples: int, seed: int) -> torch.Tensor:
+    """Uniform(0, 1) numbers [Σ lengths, num_samples] that drive the draws, one generator per sequence.
+
+    Each sequence's generator is seeded from (seed, sample_id) alone, so a sequence gets the same
+    draws whatever the batch size, shard layout or process count. They are made on the CPU, whose
+    generator is the same on every machine, and moved to the logits' device by the caller.
+    """
+    parts = []
+    for sample_id, length in zip(sample_ids, lengths):
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + sample_id) % 2**63)
+        parts.append(torch.rand(length, num_samples, generator=generator, dtype=torch.float64))
+    return torch.cat(parts)
+
+
+def sampled_targets(logits: torch.Tensor, uniforms: torch.Tensor, *, vocab_size: int,
+                    chunk_size: int = 512) -> SampledTargets:
+    """Draw `uniforms.shape[1]` ids per row of `logits` from softmax(logits[:, :vocab_size]) at T=1.
+
+    Inverse-CDF sampling: the draw for u is the first id whose cumulative probability exceeds
+    u · total, so ids of zero probability are never drawn. The cumulative sum is float64, so its
+    rounding (~1e-16 per step) does not bias the draws even over 10^5 ids; hence the smaller
+    default chunk (one float64 [512 × V] tensor at a time).
+    """
+    ids, counts, unique_per_row = [], [], []
+    for start in range(0, logits.shape[0], chunk_size):
+        cdf = torch.softmax(logits[start:start + chunk_size, :vocab_size], dim=-1, dtype=torch.float64).cumsum_(dim=-1)
+        u = uniforms[start:start + chunk_size].to(cdf.device) * cdf[:, -1:]
+        draws = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab_size - 1).sort(dim=-1).values
+        first = torch.ones_like(draws, dtype=torch.bool)
+        first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+        starts = first.reshape(-1).nonzero().squeeze(1)
+        ends = torch.cat([starts[1:], starts.new_tensor([draws.numel()])])
+        ids.append(draws.reshape(-1)[starts])
+        counts.append(ends - starts)
+        unique_per_row.append(first.sum(dim=-1))
+    unique = torch.cat(unique_per_row)
+    offsets = torch.cat([unique.new_zeros(1), unique.cumsum(0)])
+    return SampledTargets(ids=torch.cat(ids), counts=torch.cat(counts), offsets=offsets)

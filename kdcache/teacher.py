@@ -23,15 +23,16 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import __version__
-from .cache.format import (DATA_DIR, MANIFEST_NAME, TOKENIZER_DIR, Manifest, hidden_column, sha256_json,
-                           shard_schema, teacher_fingerprint, token_id_type, tokenizer_fingerprint,
-                           write_json_atomic)
-from .cache.writer import CachedSequence, ShardWriter
+from .cache.format import (DATA_DIR, MANIFEST_NAME, MAX_SAMPLES, TARGET_TYPES, TOKENIZER_DIR, Manifest,
+                           hidden_column, sha256_json, shard_schema, teacher_fingerprint, token_id_type,
+                           tokenizer_fingerprint, write_json_atomic)
+from .cache.writer import CachedSequence, Ragged, ShardWriter
 from .data import check_columns, describe, load_rows
 from .errors import KDCacheError
+from .fidelity import FidelityCard
 from .models import load_causal_lm, load_tokenizer, output_vocab_size
 from .stats import StreamingSummary
-from .targets import topk_targets
+from .targets import sampled_targets, sampling_uniforms, topk_targets
 
 IN_PROGRESS_NAME = "kdcache.dump.json"
 
@@ -50,10 +51,21 @@ class DumpSettings:
     shard_rows: int = 10_000
     split: str = "train"
     text_column: str = "text"
+    targets: str = "topk"   # "topk", "sampled" or "both"
+    samples: int = 50       # draws per position for sampled targets
+    seed: int = 0           # seeds the draws (with each sample id)
+
+    @property
+    def target_types(self) -> tuple[str, ...]:
+        return TARGET_TYPES if self.targets == "both" else (self.targets,)
 
     def content_settings(self) -> dict[str, Any]:
+        """Settings that change the cache's bytes; the sampling ones only when something is sampled,
+        so a top-k dump keeps the fingerprint it had before sampled targets existed."""
         settings = dataclasses.asdict(self)
         del settings["batch_size"], settings["shard_rows"]
+        if "sampled" not in self.target_types:
+            del settings["targets"], settings["samples"], settings["seed"]
         return settings
 
 
@@ -128,6 +140,10 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
             raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
     if settings.limit is not None and settings.limit <= 0:
         raise KDCacheError(f"--limit must be positive, got {settings.limit}")
+    if settings.targets not in (*TARGET_TYPES, "both"):
+        raise KDCacheError(f"--targets must be topk, sampled or both, got {settings.targets!r}")
+    if not 0 < settings.samples <= MAX_SAMPLES:
+        raise KDCacheError(f"--samples must be between 1 and {MAX_SAMPLES}, got {settings.samples}")
 
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")
     rows = load_rows(data, settings.split)
@@ -154,7 +170,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
 
     schema = shard_schema(top_k=settings.top_k, vocab_size=vocab_size, logprob_dtype=settings.logprob_dtype,
-                          hidden_sizes=hidden_sizes, dump_fingerprint=fingerprint)
+                          hidden_sizes=hidden_sizes, dump_fingerprint=fingerprint,
+                          target_types=settings.target_types)
     id_dtype = np.uint16 if token_id_type(vocab_size).bit_width == 16 else np.uint32
     logprob_dtype = np.float16 if settings.logprob_dtype == "float16" else np.float32
 
@@ -163,6 +180,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     model.eval()
 
     captured = StreamingSummary()
+    fidelity = FidelityCard(vocab_size, settings.target_types, top_k=settings.top_k,
+                            draws=settings.samples if "sampled" in settings.target_types else None)
     nll_sum, nll_count, nonfinite = 0.0, 0, 0
     content_hash = hashlib.sha256()
     started = time.perf_counter()
@@ -177,6 +196,12 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
             next_ids[:, :-1] = torch.where(valid[:, 1:], input_ids[:, 1:], -1)
             targets = topk_targets(output.logits[valid], next_ids[valid], vocab_size=vocab_size,
                                    top_k=settings.top_k)
+            sampled = None
+            if "sampled" in settings.target_types:
+                uniforms = sampling_uniforms(sample_ids, [len(ids) for ids in token_lists], settings.samples,
+                                             settings.seed)
+                sampled = sampled_targets(output.logits[valid], uniforms, vocab_size=vocab_size)
+            fidelity.add(output.logits[valid], targets, sampled)
             hidden = {layer: output.hidden_states[layer][valid].to(torch.float16).cpu().numpy() for layer in layers}
 
             tail = targets.tail_logprob.cpu().numpy()
@@ -190,15 +215,25 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
 
             ids = targets.ids.cpu().numpy().astype(id_dtype)
             logprobs = targets.logprobs.cpu().numpy().astype(logprob_dtype)
+            if sampled is not None:
+                offsets = sampled.offsets.cpu().numpy()
+                drawn_ids = Ragged(sampled.ids.cpu().numpy().astype(id_dtype), offsets)
+                drawn_counts = Ragged(sampled.counts.cpu().numpy().astype(np.uint16), offsets)
+            topk_columns = "topk" in settings.target_types
             sequences, offset = [], 0
             for sample_id, tokens in zip(sample_ids, token_lists):
                 span = slice(offset, offset + len(tokens))
                 offset += len(tokens)
                 token_array = np.asarray(tokens, dtype=np.int32)
                 content_hash.update(np.int64(sample_id).tobytes() + token_array.tobytes())
-                sequences.append(CachedSequence(sample_id=sample_id, input_ids=token_array, topk_ids=ids[span],
-                                                topk_logprobs=logprobs[span], tail_logprob=tail[span],
-                                                hidden={layer: values[span] for layer, values in hidden.items()}))
+                sequences.append(CachedSequence(
+                    sample_id=sample_id, input_ids=token_array,
+                    topk_ids=ids[span] if topk_columns else None,
+                    topk_logprobs=logprobs[span] if topk_columns else None,
+                    tail_logprob=tail[span] if topk_columns else None,
+                    hidden={layer: values[span] for layer, values in hidden.items()},
+                    sampled_ids=drawn_ids.positions(span) if sampled is not None else None,
+                    sampled_counts=drawn_counts.positions(span) if sampled is not None else None))
             writer.write(sequences)
             bar.update(sample_ids[-1] + 1 - bar.n)
             bar.set_postfix(tok_s=f"{captured.count / (time.perf_counter() - started):.0f}")
@@ -217,12 +252,14 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
         tokenizer={**tokenizer_info, "model_vocab_size": output_vocab_size(accelerator.unwrap_model(model))},
         dataset={**dataset_info, "rows_dumped": sum(shard.rows for shard in shards)},
         settings=dataclasses.asdict(settings) | {"hidden_layers": layers},
-        columns={"topk_ids": str(token_id_type(vocab_size)), "topk_logprobs": settings.logprob_dtype,
+        columns={"targets": list(settings.target_types),
+                 "topk_ids": str(token_id_type(vocab_size)), "topk_logprobs": settings.logprob_dtype,
                  "hidden_sizes": {str(layer): size for layer, size in hidden_sizes.items()},
                  "hidden_columns": [hidden_column(layer) for layer in layers]},
         dump_fingerprint=fingerprint,
         shards=shards,
-        stats={"tokens": captured.count, "captured_mass": captured.summary(),
+        stats={"tokens": captured.count, "fidelity": fidelity.summary(),
+               **({"captured_mass": captured.summary()} if "topk" in settings.target_types else {}),
                "teacher_nll": round(nll_sum / max(nll_count, 1), 6), "content_sha256": content_hash.hexdigest(),
                "seconds": round(elapsed, 3), "tokens_per_second": round(captured.count / elapsed, 1)},
         kdcache_version=__version__,

@@ -19,6 +19,8 @@ import pyarrow as pa
 from ..errors import KDCacheError
 
 FORMAT_VERSION = 1
+TARGET_TYPES = ("topk", "sampled")
+MAX_SAMPLES = 2**16 - 1  # sampled counts are uint16
 MANIFEST_NAME = "kdcache.json"
 TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
@@ -37,20 +39,30 @@ def hidden_column(layer: int) -> str:
 
 
 def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_sizes: dict[int, int],
-                 dump_fingerprint: str) -> pa.Schema:
+                 dump_fingerprint: str, target_types: tuple[str, ...] = ("topk",)) -> pa.Schema:
     """The Arrow schema of every shard of one cache.
 
     The dump fingerprint is also stored in each shard's schema metadata, so a shard that strays
     into another cache directory can be recognised (Megatron's logits saver does the same).
+    Sampled targets have a variable number of distinct ids per position, hence list<list<...>>.
     """
     logprob_type = {"float16": pa.float16(), "float32": pa.float32()}[logprob_dtype]
+    id_type = token_id_type(vocab_size)
     fields = [
         pa.field("sample_id", pa.int64(), nullable=False),
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_ids", pa.list_(pa.list_(token_id_type(vocab_size), top_k)), nullable=False),
-        pa.field("topk_logprobs", pa.list_(pa.list_(logprob_type, top_k)), nullable=False),
-        pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False),
     ]
+    if "topk" in target_types:
+        fields += [
+            pa.field("topk_ids", pa.list_(pa.list_(id_type, top_k)), nullable=False),
+            pa.field("topk_logprobs", pa.list_(pa.list_(logprob_type, top_k)), nullable=False),
+            pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False),
+        ]
+    if "sampled" in target_types:
+        fields += [
+            pa.field("sampled_ids", pa.list_(pa.list_(id_type)), nullable=False),
+            pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False),
+        ]
     fields += [pa.field(hidden_column(layer), pa.list_(pa.list_(pa.float16(), size)), nullable=False)
                for layer, size in sorted(hidden_sizes.items())]
     metadata = {"kdcache.format_version": str(FORMAT_VERSION), "kdcache.dump_fingerprint": dump_fingerprint}
@@ -147,6 +159,11 @@ class Manifest:
     @property
     def top_k(self) -> int:
         return int(self.settings["top_k"])
+
+    @property
+    def target_types(self) -> tuple[str, ...]:
+        """Which target columns the shards hold; caches from before sampled targets hold top-k only."""
+        return tuple(self.columns.get("targets", ["topk"]))
 
     @property
     def hidden_layers(self) -> list[int]:

@@ -17,14 +17,14 @@ from tqdm.auto import tqdm
 
 from ..errors import KDCacheError
 from .format import Manifest, ShardInfo, sha256_file, shard_schema
-from .writer import CachedSequence
+from .writer import CachedSequence, Ragged
 
 
 def expected_schema(manifest: Manifest) -> pa.Schema:
     settings = manifest.settings
     return shard_schema(top_k=manifest.top_k, vocab_size=manifest.vocab_size,
                         logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
-                        dump_fingerprint=manifest.dump_fingerprint)
+                        dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types)
 
 
 def _open_shard(path: Path) -> pa.RecordBatchFileReader:
@@ -85,33 +85,49 @@ def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterato
             values = values.to_numpy(zero_copy_only=False)
         return offsets - offsets[0], values
 
+    def per_position(name: str) -> Ragged:
+        """A list<list<...>> column as one Ragged over every position of the batch."""
+        positions = batch.column(name).flatten()
+        offsets = positions.offsets.to_numpy()
+        return Ragged(values=positions.flatten().to_numpy(zero_copy_only=False), offsets=offsets - offsets[0])
+
+    names = set(batch.schema.names)
     offsets, input_ids = per_token("input_ids")
-    topk_ids = per_token("topk_ids")[1]
-    topk_logprobs = per_token("topk_logprobs")[1]
-    tail = per_token("tail_logprob")[1]
+    columns = {name: per_token(name)[1] for name in ("topk_ids", "topk_logprobs", "tail_logprob") if name in names}
+    ragged = {name: per_position(name) for name in ("sampled_ids", "sampled_counts") if name in names}
     hidden = {layer: per_token(f"hidden_{layer}")[1] for layer in hidden_layers}
     sample_ids = batch.column("sample_id").to_numpy()
     for row, sample_id in enumerate(sample_ids):
         span = slice(offsets[row], offsets[row + 1])
-        yield CachedSequence(sample_id=int(sample_id), input_ids=input_ids[span], topk_ids=topk_ids[span],
-                             topk_logprobs=topk_logprobs[span], tail_logprob=tail[span],
+        yield CachedSequence(sample_id=int(sample_id), input_ids=input_ids[span],
+                             **{name: values[span] for name, values in columns.items()},
+                             **{name: values.positions(span) for name, values in ragged.items()},
                              hidden={layer: values[span] for layer, values in hidden.items()})
+
+
+def read_sample_ids(cache_dir: Path, manifest: Manifest) -> np.ndarray:
+    """Every sample id in the cache, in shard order; reads only the `sample_id` column."""
+    ids = [_open_shard(Path(cache_dir) / shard.file).read_all().column("sample_id").to_numpy()
+           for shard in manifest.shards]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
 def iter_sequences(cache_dir: Path, manifest: Manifest, *, hidden_layers: list[int] | None = None,
                    shuffle: bool = False, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1024,
-                   process_index: int = 0, num_processes: int = 1) -> Iterator[CachedSequence]:
+                   process_index: int = 0, num_processes: int = 1,
+                   sample_ids: frozenset[int] | None = None) -> Iterator[CachedSequence]:
     """Stream the cache's sequences, optionally shuffled (shard order + bounded buffer).
 
     With several processes each takes every `num_processes`-th row of the (shuffled) shard
     order and all take the same number, so no process waits at a step the others never reach.
-    `hidden_layers` limits which hidden columns are decoded (default: none).
+    `hidden_layers` limits which hidden columns are decoded (default: none). `sample_ids`, if
+    given, keeps only those rows (a train/validation split), before rows are dealt to processes.
     """
     shards = list(manifest.shards)
     rng = random.Random(seed * 1_000_003 + epoch)
     if shuffle:
         rng.shuffle(shards)
-    per_process = manifest.total_rows // num_processes
+    per_process = (manifest.total_rows if sample_ids is None else len(sample_ids)) // num_processes
     layers = hidden_layers or []
 
     def owned_rows() -> Iterator[CachedSequence]:
@@ -120,6 +136,8 @@ def iter_sequences(cache_dir: Path, manifest: Manifest, *, hidden_layers: list[i
             reader = _open_shard(Path(cache_dir) / shard.file)
             for batch_index in range(reader.num_record_batches):
                 for sequence in _batch_sequences(reader.get_batch(batch_index), layers):
+                    if sample_ids is not None and sequence.sample_id not in sample_ids:
+                        continue
                     if global_index % num_processes == process_index:
                         if taken == per_process:
                             return

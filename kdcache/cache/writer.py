@@ -18,15 +18,39 @@ from .format import DATA_DIR, PARTIAL_SUFFIX, SHARD_SUFFIX, ShardInfo, sha256_fi
 
 
 @dataclasses.dataclass
+class Ragged:
+    """A variable-length list per token position: position t holds `values[offsets[t]:offsets[t + 1]]`."""
+
+    values: np.ndarray
+    offsets: np.ndarray  # int [L + 1], offsets[0] = 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def positions(self, span: slice) -> Ragged:
+        """The lists of positions `span` (step 1), re-based to start at offset 0."""
+        offsets = self.offsets[span.start:span.stop + 1]
+        return Ragged(values=self.values[offsets[0]:offsets[-1]], offsets=offsets - offsets[0])
+
+
+@dataclasses.dataclass
 class CachedSequence:
-    """The teacher's targets for one tokenized sequence of length L (one shard row)."""
+    """The teacher's targets for one tokenized sequence of length L (one shard row).
+
+    Target columns the cache does not hold (see `Manifest.target_types`) are None.
+    """
 
     sample_id: int
-    input_ids: np.ndarray        # int32 [L]
-    topk_ids: np.ndarray         # uint16/uint32 [L, k]
-    topk_logprobs: np.ndarray    # float16/float32 [L, k]
-    tail_logprob: np.ndarray     # float32 [L]
+    input_ids: np.ndarray                  # int32 [L]
+    topk_ids: np.ndarray | None = None     # uint16/uint32 [L, k]
+    topk_logprobs: np.ndarray | None = None  # float16/float32 [L, k]
+    tail_logprob: np.ndarray | None = None   # float32 [L]
     hidden: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # layer -> float16 [L, d]
+    sampled_ids: Ragged | None = None      # uint16/uint32, distinct drawn ids per position, ascending
+    sampled_counts: Ragged | None = None   # uint16, how often each was drawn (same offsets)
 
     def column(self, name: str) -> np.ndarray:
         if name.startswith("hidden_"):
@@ -34,10 +58,15 @@ class CachedSequence:
         return getattr(self, name)
 
 
-def _ragged(values: list[np.ndarray], offsets: pa.Array, list_type: pa.ListType) -> pa.Array:
+def _ragged(values: list[np.ndarray | Ragged], offsets: pa.Array, list_type: pa.ListType) -> pa.Array:
     """A list<...> column from per-row arrays that share their first (token) dimension."""
-    flat = np.concatenate(values)
     item_type = list_type.value_type
+    if isinstance(values[0], Ragged):
+        lengths = np.concatenate([row.lengths() for row in values])
+        inner_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        inner = pa.array(np.concatenate([row.values for row in values]), type=item_type.value_type)
+        return pa.ListArray.from_arrays(offsets, pa.ListArray.from_arrays(inner_offsets, inner))
+    flat = np.concatenate(values)
     if flat.ndim == 1:
         return pa.ListArray.from_arrays(offsets, pa.array(flat, type=item_type))
     inner = pa.array(flat.reshape(-1), type=item_type.value_type)

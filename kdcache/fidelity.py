@@ -1,0 +1,94 @@
+"""The fidelity card: how much of the teacher each cached target type keeps, measured at dump time.
+
+Only the dump sees the teacher's full distribution p, so it is the one place to measure what the
+cache loses. The card is computed on every position of the dump (no sampling) and stored in the
+manifest under `stats.fidelity`; all figures are means over positions, in nats where they are KL.
+
+Top-k (+ exact tail r): the *rest-bucket reconstruction* is what a receiver can rebuild from the
+cache: the k listed probabilities exactly, and r spread evenly over the V - k other ids.
+  captured_mass   Σ_topk p
+  kl_rest_bucket  KL(p ‖ reconstruction) = Σ_{j∉topk} p_j log(p_j (V - k) / r)   (0 when k = V)
+  tv_rest_bucket  ½ Σ_j |p_j - reconstruction_j|
+
+Sampled (N draws, counts c): the cache holds p̂ = c / N on the drawn ids and nothing else, so
+KL(p ‖ p̂) is infinite whenever p has mass outside the draws (always, for a softmax). The card
+reports instead:
+  captured_mass   Σ_drawn p: the teacher mass on the ids the cache lists
+  kl_on_support   KL(p restricted to the drawn ids and renormalised ‖ p̂): the counting noise
+  tv              ½ Σ_j |p_j - p̂_j| (p̂ = 0 off the draws), comparable with tv_rest_bucket
+  distinct_ids    mean number of distinct ids stored per position
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .targets import SampledTargets, TopKTargets
+
+
+class FidelityCard:
+    """Accumulates the per-position figures over a dump; `summary()` gives the manifest entry."""
+
+    def __init__(self, vocab_size: int, target_types: tuple[str, ...], *, top_k: int, draws: int | None):
+        self.vocab_size = vocab_size
+        self.target_types = target_types
+        self.top_k = top_k
+        self.draws = draws
+        self.positions = 0
+        self.sums: dict[str, dict[str, float]] = {kind: {} for kind in target_types}
+
+    def _add(self, kind: str, name: str, values: torch.Tensor) -> None:
+        self.sums[kind][name] = self.sums[kind].get(name, 0.0) + float(values.double().sum())
+
+    def add(self, logits: torch.Tensor, topk: TopKTargets, sampled: SampledTargets | None,
+            chunk_size: int = 1024) -> None:
+        """Score the targets of the [N, V+] `logits` rows (valid positions only), a chunk at a time.
+
+        Works on the logits' device with a few [chunk × V] temporaries, hence the smaller chunk.
+        """
+        for start in range(0, logits.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logp = torch.log_softmax(logits[rows, :self.vocab_size].float(), dim=-1)
+            if "topk" in self.target_types:
+                self._add_topk(logp, topk.ids[rows], topk.tail_logprob[rows])
+            if "sampled" in self.target_types:
+                self._add_sampled(logp, sampled, rows)
+        self.positions += logits.shape[0]
+
+    def _add_topk(self, logp: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor) -> None:
+        p = logp.exp()
+        listed = torch.zeros_like(p, dtype=torch.bool).scatter_(1, ids, True)
+        unlisted = self.vocab_size - ids.shape[1]
+        spread = tail.exp() / max(unlisted, 1)  # the reconstruction of each unlisted id
+        log_spread = (tail - math.log(max(unlisted, 1))).unsqueeze(1)
+        kl_terms = torch.where(listed | (p == 0), 0.0, p * (logp - log_spread))
+        tv_terms = torch.where(listed, 0.0, (p - spread.unsqueeze(1)).abs())
+        self._add("topk", "captured_mass", -torch.expm1(tail))
+        self._add("topk", "kl_rest_bucket", kl_terms.sum(dim=1).clamp(min=0))
+        self._add("topk", "tv_rest_bucket", 0.5 * tv_terms.sum(dim=1))
+
+    def _add_sampled(self, logp: torch.Tensor, sampled: SampledTargets, rows: slice) -> None:
+        offsets = sampled.offsets[rows.start:rows.start + logp.shape[0] + 1].to(logp.device)
+        lengths = offsets.diff()
+        span = slice(int(offsets[0]), int(offsets[-1]))
+        row = torch.repeat_interleave(torch.arange(logp.shape[0], device=logp.device), lengths)
+        counts = sampled.counts[span].to(logp.device).double()
+        estimate = counts / self.draws
+        teacher_logp = logp[row, sampled.ids[span].to(logp.device)].double()
+        mass = torch.zeros(logp.shape[0], dtype=torch.float64, device=logp.device).index_add_(0, row, teacher_logp.exp())
+        renormalised = teacher_logp - mass.log()[row]
+        kl = renormalised.exp() * (renormalised - estimate.log())
+        deviation = (teacher_logp.exp() - estimate).abs()
+        self._add("sampled", "captured_mass", mass)
+        self._add("sampled", "kl_on_support", torch.zeros_like(mass).index_add_(0, row, kl).clamp(min=0))
+        self._add("sampled", "tv", 0.5 * (torch.zeros_like(mass).index_add_(0, row, deviation) + 1 - mass))
+        self._add("sampled", "distinct_ids", lengths)
+
+    def summary(self) -> dict:
+        card = {"positions": self.positions}
+        for kind, sums in self.sums.items():
+            means = {name: round(total / max(self.positions, 1), 6) for name, total in sums.items()}
+            card[kind] = {"top_k": self.top_k} | means if kind == "topk" else {"draws": self.draws} | means
+        return card

@@ -1,0 +1,97 @@
+"""Validation during `train-student`: score a held-out split, keep the best state, stop early.
+
+The held-out sequences come from `split_cache` (deterministic by sample id), so training never
+sees them and `kdcache eval --split-fraction` scores the same rows afterwards. "Best" means the
+lowest held-out KL to the teacher: the quantity distillation optimises, not the training loss
+(whose CE/hidden weights vary between runs). Every process scores the whole held-out split with
+its own unwrapped model copy: redundant, but it needs no collective and every process reaches
+the same stop decision.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from torch import nn
+
+from .cache.format import Manifest
+from .errors import KDCacheError
+from .evaluate import evaluate_student
+from .split import split_cache
+
+
+class Validation:
+    """When to score (`due`), what the best state was (`restore_best`), when to stop (`should_stop`)."""
+
+    def __init__(self, cache: Path, heldout: frozenset[int], *, every: int | None, patience: int | None,
+                 batch_size: int):
+        self.cache = cache
+        self.heldout = heldout
+        self.every = every
+        self.patience = patience
+        self.batch_size = batch_size
+        self.best_kl = math.inf
+        self.best_step = 0
+        self.evaluations_without_improvement = 0
+        self.best_state: dict[str, dict] = {}
+        self.last: dict = {}
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Every `every` optimizer steps, and always at the last step so the final state competes."""
+        return step == total_steps or (self.every is not None and step % self.every == 0)
+
+    def run(self, modules: dict[str, nn.Module], step: int) -> dict:
+        """Score `modules["model"]` on the held-out split; snapshot `modules` (CPU copies) if best yet."""
+        scores = evaluate_student(modules["model"], self.cache, batch_size=self.batch_size, sample_ids=self.heldout)
+        if scores["kl_to_teacher"] < self.best_kl:
+            self.best_kl, self.best_step = scores["kl_to_teacher"], step
+            self.best_state = {name: {key: value.detach().to("cpu", copy=True)
+                                      for key, value in module.state_dict().items()}
+                               for name, module in modules.items()}
+            self.evaluations_without_improvement = 0
+        else:
+            self.evaluations_without_improvement += 1
+        self.last = {"step": step, **{f"val_{name}": scores[name] for name in
+                                      ("kl_to_teacher", "top1_agreement", "nll", "perplexity")},
+                     "best_step": self.best_step}
+        return self.last
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.evaluations_without_improvement >= self.patience
+
+    def restore_best(self, modules: dict[str, nn.Module]) -> None:
+        """Load the best snapshot; keep the current state if no score was ever finite (diverged run)."""
+        for name, module in modules.items() if self.best_state else ():
+            module.load_state_dict(self.best_state[name])
+
+    def summary(self) -> dict:
+        return {"heldout_sequences": len(self.heldout), "best_step": self.best_step,
+                "best_val_kl_to_teacher": self.best_kl, "last": self.last,
+                "stopped_early": self.should_stop}
+
+
+def setup_validation(cache: Path, manifest: Manifest, *, fraction: float, every: int | None,
+                     patience: int | None, batch_size: int) -> tuple[frozenset[int] | None, Validation | None]:
+    """(training sample ids, Validation) for `--val-fraction`; (None, None) when it is 0."""
+    check_validation_flags(fraction=fraction, every=every, patience=patience)
+    if not fraction:
+        return None, None
+    split = split_cache(cache, manifest, fraction, flag="--val-fraction")
+    return split.train, Validation(cache, split.heldout, every=every, patience=patience, batch_size=batch_size)
+
+
+def check_validation_flags(*, fraction: float, every: int | None, patience: int | None) -> None:
+    """One-line errors for flag combinations that cannot work, before any data is read."""
+    if not 0 <= fraction < 1:
+        raise KDCacheError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if every is not None and every <= 0:
+        raise KDCacheError(f"--eval-every must be positive, got {every}")
+    if patience is not None and patience <= 0:
+        raise KDCacheError(f"--early-stopping must be positive, got {patience}")
+    if not fraction:
+        if every is not None or patience is not None:
+            raise KDCacheError("--eval-every and --early-stopping need a validation split: add --val-fraction")
+    elif patience is not None and every is None:
+        raise KDCacheError("--early-stopping needs --eval-every (how often to score the held-out split)")
