@@ -23,6 +23,7 @@ class Batch:
     topk_logprobs: torch.Tensor   # float32 [B, L, k]
     tail_logprob: torch.Tensor    # float32 [B, L]
     hidden: dict[int, torch.Tensor]  # teacher layer -> float32 [B, L, d]
+    sample_ids: list[int] = dataclasses.field(default_factory=list)  # the cache rows, in batch order
 
     def to(self, device) -> Batch:
         moved = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -72,4 +73,5 @@ def collate(sequences: list[CachedSequence]) -> Batch:
         tail_logprob=_stack_padded([s.tail_logprob for s in sequences], length, torch.float32),
         hidden={layer: _stack_padded([s.hidden[layer] for s in sequences], length, torch.float32)
                 for layer in sequences[0].hidden},
+        sample_ids=[sequence.sample_id for sequence in sequences],
     )

@@ -1,7 +1,8 @@
-"""Reading a cache: integrity checks and a memory-mapped stream of sequences.
+"""Reading a cache: integrity checks and a lazy, distributed, resumable stream of sequences.
 
-Shards are opened with `pyarrow.memory_map`, so reading a row touches only that row's pages and
-the resident memory does not grow with the cache. Integrity is checked against the manifest
+Shards are opened through a `CacheStore` (memory-mapped when local, ranged reads when remote),
+one at a time, and only the record batches a process needs are decoded, so the resident memory
+does not grow with the cache. Integrity is checked against the manifest
 before a cache is trusted: a shared cache may have been copied, truncated or edited.
 """
 
@@ -16,7 +17,9 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ..errors import KDCacheError
-from .format import Manifest, ShardInfo, sha256_file, shard_schema
+from .format import Manifest, ShardInfo, shard_schema
+from .sharding import BufferedShuffle, RowSpan, process_spans
+from .store import CacheStore, as_store
 from .writer import CachedSequence
 
 
@@ -27,31 +30,24 @@ def expected_schema(manifest: Manifest) -> pa.Schema:
                         dump_fingerprint=manifest.dump_fingerprint)
 
 
-def _open_shard(path: Path) -> pa.RecordBatchFileReader:
-    try:
-        return pa.ipc.open_file(pa.memory_map(str(path), "r"))
-    except (OSError, pa.ArrowInvalid) as error:
-        raise KDCacheError(f"cannot read shard {path}: {error}") from None
-
-
-def check_shard_files(cache_dir: Path, manifest: Manifest) -> None:
+def check_shard_files(cache: CacheStore | str | Path, manifest: Manifest) -> None:
     """The cheap check: every shard the manifest lists exists with the recorded size."""
+    store = as_store(cache)
     if not manifest.shards:
-        raise KDCacheError(f"cache {cache_dir} has no shards")
+        raise KDCacheError(f"cache {store} has no shards")
     for shard in manifest.shards:
-        path = Path(cache_dir) / shard.file
-        if not path.is_file():
-            raise KDCacheError(f"shard {shard.file} is missing from cache {cache_dir}")
-        if path.stat().st_size != shard.bytes:
-            raise KDCacheError(f"shard {shard.file} has {path.stat().st_size} bytes, "
+        size = store.size(shard.file)
+        if size is None:
+            raise KDCacheError(f"shard {shard.file} is missing from cache {store}")
+        if size != shard.bytes:
+            raise KDCacheError(f"shard {shard.file} has {size} bytes, "
                                f"the manifest says {shard.bytes}: the shard was modified or truncated")
 
 
-def _verify_shard(cache_dir: Path, shard: ShardInfo, schema: pa.Schema) -> None:
-    path = Path(cache_dir) / shard.file
-    if sha256_file(path) != shard.sha256:
+def _verify_shard(store: CacheStore, shard: ShardInfo, schema: pa.Schema) -> None:
+    if store.sha256(shard.file) != shard.sha256:
         raise KDCacheError(f"shard {shard.file} fails its sha256 check: the file was modified or corrupted")
-    reader = _open_shard(path)
+    reader = store.open_shard(shard.file)
     if not reader.schema.equals(schema, check_metadata=True):
         raise KDCacheError(f"shard {shard.file} has schema {reader.schema.names} that does not match the manifest")
     rows = tokens = 0
@@ -64,17 +60,32 @@ def _verify_shard(cache_dir: Path, shard: ShardInfo, schema: pa.Schema) -> None:
                            f"the manifest says {shard.rows} / {shard.tokens}")
 
 
-def verify_cache(cache_dir: Path, manifest: Manifest, *, progress: bool = True) -> None:
+def verify_cache(cache: CacheStore | str | Path, manifest: Manifest, *, progress: bool = True) -> None:
     """Re-hash every shard and check its schema and counts; raise naming the first bad shard."""
-    check_shard_files(cache_dir, manifest)
+    store = as_store(cache)
+    check_shard_files(store, manifest)
     schema = expected_schema(manifest)
     for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
-        _verify_shard(cache_dir, shard, schema)
+        _verify_shard(store, shard, schema)
 
 
-def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterator[CachedSequence]:
-    """Decode a record batch into per-row numpy views (no copies of the value buffers)."""
-    def per_token(name: str) -> tuple[np.ndarray, np.ndarray]:
+class _DecodedBatch:
+    """One record batch as numpy views of its value buffers; rows are copied out one at a time.
+
+    Copying a row (not viewing it) lets the shard's memory map be released as soon as the reader
+    moves on, so resident memory is bounded by the shuffle buffer, not by the cache.
+    """
+
+    def __init__(self, batch: pa.RecordBatch, hidden_layers: list[int]):
+        self.offsets, self.input_ids = self._per_token(batch, "input_ids")
+        self.topk_ids = self._per_token(batch, "topk_ids")[1]
+        self.topk_logprobs = self._per_token(batch, "topk_logprobs")[1]
+        self.tail = self._per_token(batch, "tail_logprob")[1]
+        self.hidden = {layer: self._per_token(batch, f"hidden_{layer}")[1] for layer in hidden_layers}
+        self.sample_ids = batch.column("sample_id").to_numpy()
+
+    @staticmethod
+    def _per_token(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
         column = batch.column(name)
         offsets = column.offsets.to_numpy()
         values = column.flatten()
@@ -85,58 +96,65 @@ def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterato
             values = values.to_numpy(zero_copy_only=False)
         return offsets - offsets[0], values
 
-    offsets, input_ids = per_token("input_ids")
-    topk_ids = per_token("topk_ids")[1]
-    topk_logprobs = per_token("topk_logprobs")[1]
-    tail = per_token("tail_logprob")[1]
-    hidden = {layer: per_token(f"hidden_{layer}")[1] for layer in hidden_layers}
-    sample_ids = batch.column("sample_id").to_numpy()
-    for row, sample_id in enumerate(sample_ids):
-        span = slice(offsets[row], offsets[row + 1])
-        yield CachedSequence(sample_id=int(sample_id), input_ids=input_ids[span], topk_ids=topk_ids[span],
-                             topk_logprobs=topk_logprobs[span], tail_logprob=tail[span],
-                             hidden={layer: values[span] for layer, values in hidden.items()})
+    def row(self, index: int) -> CachedSequence:
+        span = slice(self.offsets[index], self.offsets[index + 1])
+        return CachedSequence(sample_id=int(self.sample_ids[index]), input_ids=self.input_ids[span].copy(),
+                              topk_ids=self.topk_ids[span].copy(), topk_logprobs=self.topk_logprobs[span].copy(),
+                              tail_logprob=self.tail[span].copy(),
+                              hidden={layer: values[span].copy() for layer, values in self.hidden.items()})
 
 
-def iter_sequences(cache_dir: Path, manifest: Manifest, *, hidden_layers: list[int] | None = None,
-                   shuffle: bool = False, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1024,
-                   process_index: int = 0, num_processes: int = 1) -> Iterator[CachedSequence]:
-    """Stream the cache's sequences, optionally shuffled (shard order + bounded buffer).
+def _read_spans(store: CacheStore, manifest: Manifest, spans: list[RowSpan], hidden_layers: list[int],
+                wanted) -> Iterator[tuple[int, CachedSequence | None]]:
+    """Yield (position, row) along the spans; rows `wanted(position)` rejects are not decoded (None).
 
-    With several processes each takes every `num_processes`-th row of the (shuffled) shard
-    order and all take the same number, so no process waits at a step the others never reach.
-    `hidden_layers` limits which hidden columns are decoded (default: none).
+    Record batches outside a span are never decoded; a shard is opened only while it is read.
     """
-    shards = list(manifest.shards)
-    rng = random.Random(seed * 1_000_003 + epoch)
-    if shuffle:
-        rng.shuffle(shards)
-    per_process = manifest.total_rows // num_processes
-    layers = hidden_layers or []
+    position = 0
+    for span in spans:
+        reader = store.open_shard(manifest.shards[span.shard].file)
+        first_row = 0
+        for batch_index in range(reader.num_record_batches):
+            if first_row >= span.stop:
+                break
+            batch = reader.get_batch(batch_index)
+            low, high = max(span.start, first_row), min(span.stop, first_row + batch.num_rows)
+            if low < high:
+                needed = [wanted(position + row - low) for row in range(low, high)]
+                decoded = _DecodedBatch(batch, hidden_layers) if any(needed) else None
+                for offset, row in enumerate(range(low, high)):
+                    yield position, decoded.row(row - first_row) if needed[offset] else None
+                    position += 1
+            first_row += batch.num_rows
+        del reader
 
-    def owned_rows() -> Iterator[CachedSequence]:
-        global_index = taken = 0
-        for shard in shards:
-            reader = _open_shard(Path(cache_dir) / shard.file)
-            for batch_index in range(reader.num_record_batches):
-                for sequence in _batch_sequences(reader.get_batch(batch_index), layers):
-                    if global_index % num_processes == process_index:
-                        if taken == per_process:
-                            return
-                        taken += 1
-                        yield sequence
-                    global_index += 1
 
-    if not shuffle:
-        yield from owned_rows()
-        return
-    buffer: list[CachedSequence] = []
-    for sequence in owned_rows():
-        if len(buffer) < shuffle_buffer:
-            buffer.append(sequence)
-            continue
-        slot = rng.randrange(len(buffer))
-        buffer[slot], sequence = sequence, buffer[slot]
-        yield sequence
-    rng.shuffle(buffer)
-    yield from buffer
+def iter_sequences(cache: CacheStore | str | Path, manifest: Manifest, *, hidden_layers: list[int] | None = None,
+                   shuffle: bool = False, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1024,
+                   process_index: int = 0, num_processes: int = 1, start: int = 0) -> Iterator[CachedSequence]:
+    """Stream this process's sequences of one epoch, optionally shuffled, from the `start`-th on.
+
+    The process's share is `process_spans` (disjoint, equal-sized shares); the order is the seeded
+    shard order then a bounded shuffle buffer, so it depends only on the seed, the epoch and the
+    number of processes. Resuming at `start` replays the shuffle on positions and decodes only the
+    rows still to come. `hidden_layers` limits which hidden columns are decoded (default: none).
+    """
+    store = as_store(cache)
+    spans = process_spans([shard.rows for shard in manifest.shards], process_index=process_index,
+                          num_processes=num_processes, shuffle=shuffle, seed=seed, epoch=epoch)
+    count = sum(span.stop - span.start for span in spans)
+    order = BufferedShuffle(count, shuffle_buffer if shuffle else 1,
+                            random.Random(f"{seed}-{epoch}-{process_index}-{num_processes}"))
+    positions = iter(order)
+    for _ in zip(range(start), positions):
+        pass
+    still_buffered, first_unread = set(order.buffer), order.next_input
+    rows = _read_spans(store, manifest, spans, hidden_layers or [],
+                       lambda position: position >= first_unread or position in still_buffered)
+    pending: dict[int, CachedSequence] = {}
+    for position in positions:
+        while position not in pending:
+            read_position, sequence = next(rows)
+            if sequence is not None:
+                pending[read_position] = sequence
+        yield pending.pop(position)

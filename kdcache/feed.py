@@ -1,0 +1,55 @@
+"""Batches for one process and one epoch, read and collated ahead of the training step.
+
+Reading and collating run in one DataLoader worker process (when `prefetch` > 0) so they overlap
+the student's forward and backward passes. The order of batches does not depend on the worker:
+it is fixed by `iter_sequences` (seed, epoch, world size), which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .batching import Batch, collate
+from .cache.format import Manifest
+from .cache.reader import iter_sequences
+from .cache.store import CacheStore
+
+
+class EpochBatches(IterableDataset):
+    """This process's batches of epoch `epoch`, from batch number `start_batch` (0-based) on."""
+
+    def __init__(self, store: CacheStore, manifest: Manifest, *, epoch: int, start_batch: int, batch_size: int,
+                 seed: int, shuffle_buffer: int, process_index: int, num_processes: int, hidden_layers: list[int]):
+        self.store, self.manifest = store, manifest
+        self.epoch, self.start_batch, self.batch_size = epoch, start_batch, batch_size
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.process_index, self.num_processes = process_index, num_processes
+        self.hidden_layers = hidden_layers
+
+    def __iter__(self) -> Iterator[Batch]:
+        pending = []
+        for sequence in iter_sequences(self.store, self.manifest, hidden_layers=self.hidden_layers, shuffle=True,
+                                       seed=self.seed, epoch=self.epoch, shuffle_buffer=self.shuffle_buffer,
+                                       process_index=self.process_index, num_processes=self.num_processes,
+                                       start=self.start_batch * self.batch_size):
+            pending.append(sequence)
+            if len(pending) == self.batch_size:
+                yield collate(pending)
+                pending = []
+        if pending:
+            yield collate(pending)
+
+
+def prefetched(batches: EpochBatches, prefetch: int) -> Iterable[Batch]:
+    """`batches` itself when `prefetch` is 0, else a one-worker DataLoader keeping `prefetch` batches ready.
+
+    The loader gets its own generator: a DataLoader otherwise draws its worker seed from the global
+    torch RNG, which would shift the training RNG stream between a resumed and an uninterrupted run.
+    """
+    if prefetch <= 0:
+        return batches
+    return DataLoader(batches, batch_size=None, num_workers=1, prefetch_factor=prefetch,
+                      generator=torch.Generator().manual_seed(0))
