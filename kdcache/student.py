@@ -288,7 +288,9 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     parameters = list(model.parameters()) + list(projections.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
-    model, projections, optimizer, scheduler = accelerator.prepare(model, projections, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if layer_map and any(True for _ in projections.parameters()):  # DDP refuses a module with no parameters
+        projections = accelerator.prepare(projections)
     model.train()
 
     vocab = manifest.vocab_size
