@@ -14,7 +14,7 @@ import math
 import shutil
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from .cache.store import CacheStore
 from .checkpoint import (CHECKPOINTS_DIR, TrainingProgress, latest_checkpoint, list_checkpoints,
                          resolve_checkpoint, save_checkpoint)
 from .errors import KDCacheError
-from .feed import EpochBatches, prefetched
+from .feed import CacheBatches, prefetched
 from .losses import hidden_loss, kd_loss, next_token_ce
 from .models import causal_lm_from_config, load_causal_lm, load_tokenizer, output_vocab_size
 
@@ -227,18 +227,14 @@ class MetricsLog:
 
 
 def _batches(store: CacheStore, manifest: Manifest, settings: TrainSettings, accelerator: Accelerator,
-             hidden_layers: list[int], start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, Batch]]:
-    """Yield (epoch, batches of the epoch consumed so far, batch) forever or for `settings.epochs` epochs,
+             hidden_layers: list[int], start_epoch: int = 0, start_batch: int = 0) -> Iterable[tuple[int, int, Batch]]:
+    """(epoch, batches of the epoch consumed so far, batch) forever or for `settings.epochs` epochs,
     starting after `start_batch` batches of `start_epoch` (a resumed run)."""
-    epoch, skip = start_epoch, start_batch
-    while settings.epochs is None or epoch < settings.epochs:
-        batches = EpochBatches(store, manifest, epoch=epoch, start_batch=skip, batch_size=settings.batch_size,
-                               seed=settings.seed, shuffle_buffer=settings.shuffle_buffer,
-                               process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                               hidden_layers=hidden_layers)
-        for consumed, batch in enumerate(prefetched(batches, settings.prefetch), start=skip + 1):
-            yield epoch, consumed, batch
-        epoch, skip = epoch + 1, 0
+    batches = CacheBatches(store, manifest, batch_size=settings.batch_size, seed=settings.seed,
+                           shuffle_buffer=settings.shuffle_buffer, process_index=accelerator.process_index,
+                           num_processes=accelerator.num_processes, hidden_layers=hidden_layers,
+                           start_epoch=start_epoch, start_batch=start_batch, epochs=settings.epochs)
+    return prefetched(batches, settings.prefetch)
 
 
 def _total_steps(manifest: Manifest, settings: TrainSettings, num_processes: int) -> int:

@@ -26,16 +26,21 @@ def assert_same_weights(first, second):
             assert torch.equal(a[name], b[name]), name
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(cache_dir, student_config, tmp_path_factory):
+    whole = tmp_path_factory.mktemp("uninterrupted") / "whole"
+    train_student(cache_dir, whole, student_config=str(student_config), progress=False,
+                  settings=TrainSettings(**SETTINGS))
+    return whole
+
+
 class Killed(Exception):
     """Stands in for SIGKILL: raised right after a checkpoint, it skips every cleanup the run would do."""
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_matches_uninterrupted(cache_dir, student_config, tmp_path, monkeypatch):
-    whole = tmp_path / "whole"
-    train_student(cache_dir, whole, student_config=str(student_config), progress=False,
-                  settings=TrainSettings(**SETTINGS))
-
+def test_killed_and_resumed_run_matches_uninterrupted(cache_dir, student_config, tmp_path, monkeypatch, uninterrupted):
+    whole = uninterrupted
     save = kdcache.student.save_checkpoint
 
     def save_then_die(accelerator, root, step, keep, metrics_file):
@@ -67,10 +72,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(cache_dir, student_config,
 
 
 @pytest.mark.slow
-def test_resume_from_a_checkpoint_into_a_new_output(cache_dir, student_config, tmp_path):
-    whole = tmp_path / "whole"
-    train_student(cache_dir, whole, student_config=str(student_config), progress=False,
-                  settings=TrainSettings(**SETTINGS))
+def test_resume_from_a_checkpoint_into_a_new_output(cache_dir, student_config, tmp_path, uninterrupted):
+    whole = uninterrupted
     branch = tmp_path / "branch"
     train_student(cache_dir, branch, student_config=str(student_config), progress=False,
                   resume_from=whole / "checkpoints" / "step-00000004", settings=TrainSettings(**SETTINGS))
