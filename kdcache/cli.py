@@ -128,7 +128,7 @@ def verify_command(cache):
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--no-verify", is_flag=True, help="Check shard sizes only instead of re-hashing the cache.")
 @click.option("--read-through", default=None, type=click.Path(), help="For a remote cache: download each shard once to this directory and memory-map it.")
-@click.option("--prefetch", default=4, show_default=True, help="Batches a background worker reads ahead (0: read in the training process).")
+@click.option("--prefetch", type=int, default=None, help="Batches a background worker reads ahead; 0: read in the training process (default: 4 on an accelerator, 0 on CPU).")
 @click.option("--save-every", type=int, default=None, help="Write a checkpoint to OUT.partial/checkpoints every N steps.")
 @click.option("--keep-checkpoints", default=2, show_default=True, help="How many of the latest checkpoints to keep.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.partial/checkpoints (start fresh if none).")

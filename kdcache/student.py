@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,7 +68,7 @@ class TrainSettings:
     verify: bool = True
     save_every: int | None = None
     keep_checkpoints: int = 2
-    prefetch: int = 4
+    prefetch: int | None = None  # batches a loader worker reads ahead; None: 4 on an accelerator, 0 on CPU
     read_through: str | None = None
 
 
@@ -234,7 +234,15 @@ def _batches(store: CacheStore, manifest: Manifest, settings: TrainSettings, acc
                            shuffle_buffer=settings.shuffle_buffer, process_index=accelerator.process_index,
                            num_processes=accelerator.num_processes, hidden_layers=hidden_layers,
                            start_epoch=start_epoch, start_batch=start_batch, epochs=settings.epochs)
-    return prefetched(batches, settings.prefetch)
+    return prefetched(batches, _prefetch(settings, accelerator))
+
+
+def _prefetch(settings: TrainSettings, accelerator: Accelerator) -> int:
+    """On CPU the student's compute already uses every core: a reader process would compete with it
+    (and make OpenMP threads spin), while reading in-process costs ~1% of a step (tools/bench_train.py)."""
+    if settings.prefetch is not None:
+        return settings.prefetch
+    return 0 if accelerator.device.type == "cpu" else 4
 
 
 def _total_steps(manifest: Manifest, settings: TrainSettings, num_processes: int) -> int:

@@ -13,7 +13,7 @@ from kdcache.errors import KDCacheError
 from kdcache.student import TrainSettings, train_student
 
 SETTINGS = dict(max_steps=7, batch_size=4, grad_accum=2, ce_weight=0.5, hidden_weight=1.0, log_every=3, seed=3,
-                shuffle_buffer=8, save_every=2, keep_checkpoints=2)
+                shuffle_buffer=8, save_every=2, keep_checkpoints=2, prefetch=2)
 
 
 def assert_same_weights(first, second):
@@ -76,7 +76,7 @@ def test_resume_from_a_checkpoint_into_a_new_output(cache_dir, student_config, t
     whole = uninterrupted
     branch = tmp_path / "branch"
     train_student(cache_dir, branch, student_config=str(student_config), progress=False,
-                  resume_from=whole / "checkpoints" / "step-00000004", settings=TrainSettings(**SETTINGS))
+                  resume_from=whole / "checkpoints" / "step-00000006", settings=TrainSettings(**SETTINGS))  # an epoch end
     assert_same_weights(whole, branch)
 
 

@@ -8,10 +8,12 @@ Same student, same sequences, same batch size, in one run, tokens/s of
 then b/a, b/c (b/d); the reader alone (positions/s) against the rate (b) consumes; and the peak RSS of
 a process streaming one epoch of a 1x and of a 10x cache (the 10x cache repeats the 1x shards).
 
-The machine may be shared, so (a), (b), (c) are measured in interleaved rounds and the median of each
-is reported; the first steps of every measurement are warm-up and not counted.
+The machine may be shared with other work, so (a), (b), (c) are measured in interleaved rounds and
+the median of each is reported, twice: by wall clock, and per CPU-second of this process (robust to
+other load; (b) then runs with --prefetch 0 so that reading is counted too, and the bench swaps
+train-student's clock for `time.process_time`). The first steps of every measurement are warm-up.
 
-    python tools/bench_train.py [--workdir DIR] [--rows 1536] [--steps 60] [--rounds 3]
+    python tools/bench_train.py [--workdir DIR] [--rows 512] [--steps 24] [--rounds 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -39,13 +42,14 @@ from kdcache.cache.format import Manifest, ShardInfo  # noqa: E402
 from kdcache.cache.store import CacheStore  # noqa: E402
 from kdcache.feed import CacheBatches  # noqa: E402
 from kdcache.losses import dense_kd_loss, next_token_ce  # noqa: E402
+import kdcache.student  # noqa: E402
 from kdcache.student import TrainSettings, train_student  # noqa: E402
 from kdcache.synthetic import SyntheticLanguage, build_word_tokenizer  # noqa: E402
 from kdcache.teacher import DumpSettings, dump_teacher  # noqa: E402
 
-STUDENT = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4}
-TEACHER = {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4}
-WARMUP_STEPS = 10
+STUDENT = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4}
+TEACHER = {"hidden_size": 384, "intermediate_size": 1152, "num_hidden_layers": 6, "num_attention_heads": 6}
+WARMUP_STEPS = 5
 BATCH_SIZE = 16
 LR = 1e-3
 
@@ -61,7 +65,7 @@ def parameters(model) -> int:
 
 def build(workdir: Path, rows: int) -> tuple[Path, Path, Path]:
     """A random teacher (~3x the student), a synthetic corpus, its top-64 cache, and the student config."""
-    language = SyntheticLanguage(num_words=2000, num_topics=2, seed=0)
+    language = SyntheticLanguage(num_words=5000, num_topics=1, seed=0)
     tokenizer = build_word_tokenizer(language.words)
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(llama(len(tokenizer), TEACHER))
@@ -87,16 +91,19 @@ def batches_for(cache: Path, steps: int) -> list:
     return [batch for _, _, batch in itertools.islice(cache_batches(cache, None), steps)]
 
 
-def timed_loop(batches: list, step) -> float:
-    """tokens/s of `step(batch)` over the batches after the warm-up ones."""
-    tokens = elapsed = 0.0
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed_loop(batches: list, step) -> dict[str, float]:
+    """tokens/s of `step(batch)` over the batches after the warm-up ones, by each clock."""
+    tokens, elapsed = 0.0, dict.fromkeys(CLOCKS, 0.0)
     for index, batch in enumerate(batches):
-        started = time.perf_counter()
+        started = {name: clock() for name, clock in CLOCKS.items()}
         step(batch)
         if index >= WARMUP_STEPS:
-            elapsed += time.perf_counter() - started
+            elapsed = {name: elapsed[name] + clock() - started[name] for name, clock in CLOCKS.items()}
             tokens += batch.num_tokens
-    return tokens / elapsed
+    return {name: tokens / seconds for name, seconds in elapsed.items()}
 
 
 def student_trainer(config: Path, loss_of):
@@ -114,12 +121,12 @@ def student_trainer(config: Path, loss_of):
     return student, step
 
 
-def plain_ce(config: Path, batches: list) -> float:
+def plain_ce(config: Path, batches: list) -> dict[str, float]:
     _, step = student_trainer(config, lambda logits, batch: next_token_ce(logits, batch.next_token_labels()))
     return timed_loop(batches, step)
 
 
-def online_kd(config: Path, teacher_dir: Path, batches: list) -> float:
+def online_kd(config: Path, teacher_dir: Path, batches: list) -> dict[str, float]:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
 
     def loss_of(logits, batch):
@@ -130,11 +137,20 @@ def online_kd(config: Path, teacher_dir: Path, batches: list) -> float:
     return timed_loop(batches, step)
 
 
-def from_cache(config: Path, cache: Path, workdir: Path, steps: int, prefetch: int) -> float:
+def from_cache(config: Path, cache: Path, workdir: Path, steps: int, clock: str) -> float:
+    """tokens/s of train_student, from its own metrics after the warm-up steps.
+
+    By CPU time, train_student's clock is swapped for `time.process_time` and reading runs in the
+    training process (--prefetch 0), so every CPU-second it spends is counted.
+    """
     out = Path(tempfile.mkdtemp(dir=workdir)) / "student"
-    train_student(cache, out, student_config=str(config), progress=False,
-                  settings=TrainSettings(max_steps=steps, batch_size=BATCH_SIZE, lr=LR, log_every=WARMUP_STEPS,
-                                         verify=False, prefetch=prefetch))
+    kdcache.student.time = SimpleNamespace(perf_counter=CLOCKS[clock])
+    try:
+        train_student(cache, out, student_config=str(config), progress=False,
+                      settings=TrainSettings(max_steps=steps, batch_size=BATCH_SIZE, lr=LR, log_every=WARMUP_STEPS,
+                                             verify=False, prefetch=4 if clock == "wall" else 0))
+    finally:
+        kdcache.student.time = time
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0], records[-1]  # cumulative counters; the first record closes the warm-up
     seconds = lambda record: record["tokens"] / record["tokens_per_second"]
@@ -192,13 +208,16 @@ def trl_available() -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--rows", type=int, default=1536, help="sequences in the 1x cache")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per measurement")
+    parser.add_argument("--rows", type=int, default=512, help="sequences in the 1x cache")
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch compute threads; more threads than free cores make OpenMP spin, which "
+                             "inflates CPU time, so the default suits a shared machine")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
 
     teacher_dir, cache, config = build(workdir, args.rows)
     manifest = Manifest.load(cache)
@@ -210,26 +229,34 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
 
     batches = batches_for(cache, args.steps)
-    rates: dict[str, list[float]] = {"a": [], "b": [], "b0": [], "c": []}
+    rates = {clock: {"a": [], "b": [], "c": []} for clock in CLOCKS}
     for round_index in range(args.rounds):
-        rates["a"].append(plain_ce(config, batches))
-        rates["b"].append(from_cache(config, cache, workdir, args.steps, prefetch=4))
-        rates["b0"].append(from_cache(config, cache, workdir, args.steps, prefetch=0))
-        rates["c"].append(online_kd(config, teacher_dir, batches))
-        print(f"round {round_index + 1}: " + ", ".join(f"{name} {values[-1]:.0f} tok/s" for name, values in rates.items()),
-              flush=True)
-    median = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"(a) plain CE student          {median['a']:9.0f} tokens/s")
-    print(f"(b) train-student, cache + KD {median['b']:9.0f} tokens/s   (prefetch worker; {median['b0']:.0f} without)")
-    print(f"(c) online KD, teacher in loop {median['c']:8.0f} tokens/s")
+        for clock, rate in plain_ce(config, batches).items():
+            rates[clock]["a"].append(rate)
+        for clock in CLOCKS:
+            rates[clock]["b"].append(from_cache(config, cache, workdir, args.steps, clock))
+        for clock, rate in online_kd(config, teacher_dir, batches).items():
+            rates[clock]["c"].append(rate)
+        print(f"round {round_index + 1}: " + "; ".join(
+            f"{clock}: " + ", ".join(f"{name} {values[-1]:.0f}" for name, values in by_name.items())
+            for clock, by_name in rates.items()) + " tokens/s", flush=True)
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'tokens/s':34s} {'wall clock':>12s} {'per CPU-second':>15s}")
+    median = {clock: {name: statistics.median(values) for name, values in by_name.items()}
+              for clock, by_name in rates.items()}
+    for name, label in [("a", "(a) plain CE student"), ("b", "(b) train-student, cache + KD"),
+                        ("c", "(c) online KD, teacher in the loop")]:
+        print(f"{label:34s} {median['wall'][name]:12.0f} {median['cpu'][name]:15.0f}")
     if trl_available():
         print("(d) TRL GKDTrainer: trl is importable but this benchmark does not drive it yet")
     else:
         print("(d) TRL GKDTrainer lmbda=0: skipped, `trl` is not installed")
-    print(f"b/a = {median['b'] / median['a']:.3f}   b/c = {median['b'] / median['c']:.2f}")
+    for clock in CLOCKS:
+        print(f"{clock:5s}: b/a = {median[clock]['b'] / median[clock]['a']:.3f}   "
+              f"b/c = {median[clock]['b'] / median[clock]['c']:.2f}")
 
     reader = statistics.median(reader_alone(cache) for _ in range(3))
-    print(f"reader alone {reader:.0f} positions/s = {reader / median['b']:.1f}x what (b) consumes")
+    print(f"reader alone {reader:.0f} positions/s = {reader / median['wall']['b']:.1f}x what (b) consumes")
     big = repeated_cache(cache, workdir / "cache-10x", 10)
     small_rss, big_rss = peak_rss_mib(cache), peak_rss_mib(big)
     print(f"peak RSS streaming one epoch: 1x {small_rss:.0f} MiB, 10x {big_rss:.0f} MiB "
