@@ -59,6 +59,20 @@ def test_reading_from_a_position_continues_the_same_order(cache_dir, start):
     assert all((a.topk_logprobs == b.topk_logprobs).all() for a, b in zip(tail, full[start:]))
 
 
+def test_only_rows_still_to_come_are_decoded(cache_dir, monkeypatch):
+    from kdcache.cache import reader
+    decoded_rows = []
+    decode = reader._DecodedBatch
+    monkeypatch.setattr(reader, "_DecodedBatch", lambda batch, layers: decoded_rows.append(batch.num_rows)
+                        or decode(batch, layers))
+    manifest = Manifest.load(cache_dir)
+    assert len(list(iter_sequences(cache_dir, manifest))) == 48 and sum(decoded_rows) == 48
+    decoded_rows.clear()
+    tail = list(iter_sequences(cache_dir, manifest, start=44))
+    assert [s.sample_id for s in tail] == [44, 45, 46, 47] and sum(decoded_rows) <= 8, "one record batch, not the cache"
+    assert all(s.hidden == {} for s in tail), "hidden states are decoded only when asked for"
+
+
 class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
     """`python -m http.server` plus single `Range: bytes=a-b` requests, like any object store or CDN."""
 
