@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -158,12 +157,12 @@ def from_cache(config: Path, cache: Path, workdir: Path, steps: int, clock: str)
     return (last["tokens"] - first["tokens"]) / (seconds(last) - seconds(first))
 
 
-def reader_alone(cache: Path) -> float:
-    """Positions/s of reading + collating one epoch the way training does (no worker, no model)."""
-    started, positions = time.perf_counter(), 0
+def reader_alone(cache: Path) -> dict[str, float]:
+    """Positions/s of reading + collating one epoch the way training does (no worker, no model), by each clock."""
+    started, positions = {name: clock() for name, clock in CLOCKS.items()}, 0
     for _, _, batch in cache_batches(cache, epochs=1):
         positions += batch.num_tokens
-    return positions / (time.perf_counter() - started)
+    return {name: positions / (clock() - started[name]) for name, clock in CLOCKS.items()}
 
 
 def repeated_cache(cache: Path, out: Path, times: int) -> Path:
@@ -251,12 +250,14 @@ def main() -> None:
         print("(d) TRL GKDTrainer: trl is importable but this benchmark does not drive it yet")
     else:
         print("(d) TRL GKDTrainer lmbda=0: skipped, `trl` is not installed")
-    for clock in CLOCKS:
-        print(f"{clock:5s}: b/a = {median[clock]['b'] / median[clock]['a']:.3f}   "
-              f"b/c = {median[clock]['b'] / median[clock]['c']:.2f}")
+    for clock in CLOCKS:  # ratios within a round (same conditions), then the median over rounds
+        ratio = lambda x, y: statistics.median(p / q for p, q in zip(rates[clock][x], rates[clock][y]))
+        print(f"{clock:5s}: b/a = {ratio('b', 'a'):.3f}   b/c = {ratio('b', 'c'):.2f}   (median of per-round ratios)")
 
-    reader = statistics.median(reader_alone(cache) for _ in range(3))
-    print(f"reader alone {reader:.0f} positions/s = {reader / median['wall']['b']:.1f}x what (b) consumes")
+    reader = [reader_alone(cache) for _ in range(3)]
+    for clock in CLOCKS:
+        rate = statistics.median(r[clock] for r in reader)
+        print(f"reader alone, {clock:4s}: {rate:.0f} positions/s = {rate / median[clock]['b']:.0f}x what (b) consumes")
     big = repeated_cache(cache, workdir / "cache-10x", 10)
     small_rss, big_rss = peak_rss_mib(cache), peak_rss_mib(big)
     print(f"peak RSS streaming one epoch: 1x {small_rss:.0f} MiB, 10x {big_rss:.0f} MiB "
