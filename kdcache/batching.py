@@ -25,6 +25,7 @@ class Batch:
     hidden: dict[int, torch.Tensor]  # teacher layer -> float32 [B, L, d]
     sampled_ids: torch.Tensor | None = None       # int64 [B, L, S], S = most distinct ids at any position
     sampled_logprobs: torch.Tensor | None = None  # float32 [B, L, S]: log(count / draws), -inf in padded slots
+    sample_ids: list[int] = dataclasses.field(default_factory=list)  # the cache rows, in batch order
 
     def to(self, device) -> Batch:
         moved = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -107,4 +108,5 @@ def collate(sequences: list[CachedSequence]) -> Batch:
                 for layer in first.hidden},
         sampled_ids=sampled_ids,
         sampled_logprobs=sampled_logprobs,
+        sample_ids=[sequence.sample_id for sequence in sequences],
     )

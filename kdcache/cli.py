@@ -138,7 +138,7 @@ def verify_command(cache):
 
 
 @main.command("train-student")
-@click.option("--cache", required=True, type=click.Path(path_type=Path))
+@click.option("--cache", required=True, help="Cache directory or fsspec URL (s3://, gs://, hf://, http(s)://).")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--student", default=None, help="Pretrained student (directory or hub id).")
 @click.option("--student-config", default=None, help="transformers config JSON (with model_type) for a fresh student.")
@@ -166,17 +166,27 @@ def verify_command(cache):
 @click.option("--eval-every", type=int, default=None, help="Score the held-out split every N steps (and at the end).")
 @click.option("--early-stopping", type=int, default=None,
               help="Stop after this many evaluations without a lower held-out KL; the best state is saved.")
+@click.option("--read-through", default=None, type=click.Path(), help="For a remote cache: download each shard once to this directory and memory-map it.")
+@click.option("--prefetch", type=int, default=None, help="Batches a background worker reads ahead; 0: read in the training process (default: 4 on an accelerator, 0 on CPU).")
+@click.option("--save-every", type=int, default=None, help="Write a checkpoint to OUT.partial/checkpoints every N steps.")
+@click.option("--keep-checkpoints", default=2, show_default=True, help="How many of the latest checkpoints to keep.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.partial/checkpoints (start fresh if none).")
+@click.option("--resume-from", type=click.Path(path_type=Path), default=None, help="Continue from this checkpoint directory.")
 def train_student_command(cache, out, student, student_config, loss, tail, temperature, ce_weight, kd_weight,
                           hidden_weight, layer_map, lr, batch_size, grad_accum, max_steps, epochs, seed, dtype,
-                          log_every, no_verify, targets, val_fraction, eval_every, early_stopping):
+                          log_every, no_verify, targets, val_fraction, eval_every, early_stopping, read_through,
+                          prefetch, save_every, keep_checkpoints, resume, resume_from):
     """Train a student from a cache; the teacher is not needed."""
     from .student import TrainSettings, train_student
     settings = TrainSettings(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
                              hidden_weight=hidden_weight, layer_map=layer_map, loss=loss, tail=tail, lr=lr,
                              batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
                              seed=seed, dtype=dtype, log_every=log_every, verify=not no_verify, targets=targets,
-                             val_fraction=val_fraction, eval_every=eval_every, early_stopping=early_stopping)
-    summary = train_student(cache, out, student=student, student_config=student_config, settings=settings)
+                             val_fraction=val_fraction, eval_every=eval_every, early_stopping=early_stopping,
+                             read_through=read_through, prefetch=prefetch, save_every=save_every,
+                             keep_checkpoints=keep_checkpoints)
+    summary = train_student(cache, out, student=student, student_config=student_config, settings=settings,
+                            resume=resume, resume_from=resume_from)
     click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
                f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
     if "validation" in summary:

@@ -16,19 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from .batching import collate
-from .cache.format import Manifest
-from .cache.reader import iter_sequences
+from .cache.reader import iter_sequences, select_rows
+from .cache.store import CacheStore, as_store
 from .losses import kd_loss
 
 
 @torch.inference_mode()
-def evaluate_student(model, cache: Path | str, *, batch_size: int = 16, device: torch.device | str | None = None,
+def evaluate_student(model, cache: CacheStore | Path | str, *, batch_size: int = 16, device: torch.device | str | None = None,
                      sample_ids: frozenset[int] | None = None) -> dict:
     """Mean KL(teacher ‖ student) (T=1), top-1 agreement, NLL and perplexity.
 
     `sample_ids` limits scoring to those sequences (a held-out split, see kdcache/split.py).
     """
-    manifest = Manifest.load(cache)
+    store = as_store(cache)
+    manifest = store.load_manifest()
     kind = "topk" if "topk" in manifest.target_types else "sampled"
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -51,7 +52,8 @@ def evaluate_student(model, cache: Path | str, *, batch_size: int = 16, device: 
         labelled += float((labels != -100).sum())
         positions += count
 
-    for sequence in iter_sequences(cache, manifest, sample_ids=sample_ids):
+    kept_rows = None if sample_ids is None else select_rows(store, manifest, sample_ids)
+    for sequence in iter_sequences(store, manifest, kept_rows=kept_rows):
         pending.append(sequence)
         if len(pending) == batch_size:
             score(pending)

@@ -17,6 +17,7 @@ import numpy as np
 
 from .cache.format import Manifest
 from .cache.reader import read_sample_ids
+from .cache.store import CacheStore
 from .errors import KDCacheError
 
 
@@ -36,11 +37,11 @@ def _mix(ids: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def split_cache(cache_dir: Path | str, manifest: Manifest, fraction: float, *, flag: str = "--val-fraction") -> CacheSplit:
+def split_cache(cache: CacheStore | Path | str, manifest: Manifest, fraction: float, *, flag: str = "--val-fraction") -> CacheSplit:
     """Hold out `fraction` of the cache's sequences (at least one, never all)."""
     if not 0 < fraction < 1:
         raise KDCacheError(f"{flag} must be between 0 and 1 (exclusive), got {fraction}")
-    ids = read_sample_ids(Path(cache_dir), manifest)
+    ids = read_sample_ids(cache, manifest)
     heldout_count = math.ceil(fraction * len(ids))
     if heldout_count >= len(ids):
         raise KDCacheError(f"{flag} {fraction} would hold out all {len(ids)} sequences of the cache")

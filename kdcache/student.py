@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -23,10 +25,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .batching import Batch, collate
-from .cache.format import TARGET_TYPES, TOKENIZER_DIR, Manifest, tokenizer_fingerprint
-from .cache.reader import check_shard_files, iter_sequences, verify_cache
+from .batching import Batch
+from .cache.format import TARGET_TYPES, Manifest, tokenizer_fingerprint
+from .cache.reader import check_shard_files, select_rows, verify_cache
+from .cache.store import CacheStore
+from .checkpoint import (CHECKPOINTS_DIR, TrainingProgress, latest_checkpoint, list_checkpoints,
+                         resolve_checkpoint, save_checkpoint)
 from .errors import KDCacheError
+from .feed import CacheBatches, prefetched
 from .losses import SparseTargets, hidden_loss, kd_loss, next_token_ce
 from .models import causal_lm_from_config, load_causal_lm, load_tokenizer, output_vocab_size
 from .validation import check_validation_flags, setup_validation
@@ -35,6 +41,9 @@ MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 PROJECTIONS_FILE = "kdcache_projections.pt"
 TRAINING_RECORD = "kdcache_training.json"
 METRICS_FILE = "metrics.jsonl"
+SAMPLE_LOG_ENV = "KDCACHE_SAMPLE_LOG"  # debug: each process appends "epoch sample_id" lines to <value>.rank<N>
+# Settings that do not change what is computed: they may differ between a run and its resumption.
+OPERATIONAL_SETTINGS = ("log_every", "verify", "save_every", "keep_checkpoints", "prefetch", "read_through")
 
 
 @dataclasses.dataclass
@@ -63,6 +72,10 @@ class TrainSettings:
     val_fraction: float = 0.0         # held-out share of the cache (by sample id), never trained on
     eval_every: int | None = None     # score the held-out split every N steps (and at the end)
     early_stopping: int | None = None  # stop after this many evaluations without a better val KL
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    prefetch: int | None = None  # batches a loader worker reads ahead; None: 4 on an accelerator, 0 on CPU
+    read_through: str | None = None
 
 
 def parse_layer_map(spec: str | None, manifest: Manifest, student_layers: int) -> dict[int, int]:
@@ -122,7 +135,7 @@ def load_pretrained_student(student: str, manifest: Manifest):
     return model
 
 
-def check_targets(settings: TrainSettings, manifest: Manifest, cache: Path) -> None:
+def check_targets(settings: TrainSettings, manifest: Manifest, cache: CacheStore) -> None:
     """Refuse, before any training, a target type the cache lacks or a loss it cannot estimate.
 
     The loss rules live in `kd_loss`; it is asked on zero positions, so they are stated once.
@@ -144,14 +157,35 @@ def check_targets(settings: TrainSettings, manifest: Manifest, cache: Path) -> N
         raise KDCacheError(f"--targets {settings.targets}: {error}") from None
 
 
-def _prepare_output(out: Path) -> Path:
-    """Refuse to overwrite; build in `<out>.partial` so a crash never leaves a half-saved model."""
+def _staging_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _prepare_output(out: Path, resuming: bool) -> Path:
+    """Refuse to overwrite; build in `<out>.partial` so a crash never leaves a half-saved model.
+
+    The staging directory also holds the run's checkpoints: it is kept when resuming and never
+    silently wiped while it holds checkpoints.
+    """
     if out.exists() and any(out.iterdir()):
         raise KDCacheError(f"output directory {out} exists and is not empty")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = _staging_dir(out)
+    if not resuming:
+        if list_checkpoints(staging / CHECKPOINTS_DIR):
+            raise KDCacheError(f"{staging} holds checkpoints of an interrupted run: pass --resume to continue it "
+                               f"or delete it to start over")
+        shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True, exist_ok=True)
     return staging
+
+
+def _checkpoint_to_resume(out: Path, resume: bool, resume_from: str | Path | None) -> Path | None:
+    """`--resume-from CKPT`, else with `--resume` the latest checkpoint in `<out>.partial` (None: start fresh)."""
+    if resume_from is not None:
+        return resolve_checkpoint(Path(resume_from))
+    if resume and out.exists() and any(out.iterdir()):
+        raise KDCacheError(f"nothing to resume: {out} holds a finished run")
+    return latest_checkpoint(_staging_dir(out) / CHECKPOINTS_DIR) if resume else None
 
 
 class FeatureProjections(nn.Module):
@@ -176,7 +210,7 @@ class MetricsLog:
     """Averages each loss term over the micro-batches since the last flush; writes JSONL lines."""
 
     def __init__(self, path: Path | None, num_processes: int):
-        self.file = open(path, "w") if path else None
+        self.file = open(path, "a") if path else None  # a fresh file, or a resumed run's (see load_state_dict)
         self.num_processes = num_processes
         self.started = time.perf_counter()
         self.tokens = 0
@@ -212,28 +246,39 @@ class MetricsLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens, "elapsed": self.elapsed(), "sums": dict(self.sums), "micro": self.micro,
+                "last": dict(self.last)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue counting from a checkpoint (its metrics.jsonl is restored by the caller)."""
+        self.tokens, self.sums, self.micro, self.last = state["tokens"], dict(state["sums"]), state["micro"], state["last"]
+        self.started = time.perf_counter() - state["elapsed"]
+
     def close(self) -> None:
         if self.file:
             self.file.close()
 
 
-def _batches(cache: Path, manifest: Manifest, settings: TrainSettings, accelerator: Accelerator,
-             hidden_layers: list[int], sample_ids: frozenset[int] | None) -> Iterator[tuple[int, Batch]]:
-    """Yield (epoch, batch) forever or for `settings.epochs` epochs; only `sample_ids` if given."""
-    epoch = 0
-    while settings.epochs is None or epoch < settings.epochs:
-        pending = []
-        for sequence in iter_sequences(cache, manifest, hidden_layers=hidden_layers, shuffle=True,
-                                       seed=settings.seed, epoch=epoch, shuffle_buffer=settings.shuffle_buffer,
-                                       process_index=accelerator.process_index,
-                                       num_processes=accelerator.num_processes, sample_ids=sample_ids):
-            pending.append(sequence)
-            if len(pending) == settings.batch_size:
-                yield epoch, collate(pending)
-                pending = []
-        if pending:
-            yield epoch, collate(pending)
-        epoch += 1
+def _batches(store: CacheStore, manifest: Manifest, settings: TrainSettings, accelerator: Accelerator,
+             hidden_layers: list[int], kept_rows: list[np.ndarray] | None, start_epoch: int = 0,
+             start_batch: int = 0) -> Iterable[tuple[int, int, Batch]]:
+    """(epoch, batches of the epoch consumed so far, batch) forever or for `settings.epochs` epochs,
+    starting after `start_batch` batches of `start_epoch` (a resumed run); only `kept_rows` if given."""
+    batches = CacheBatches(store, manifest, batch_size=settings.batch_size, seed=settings.seed,
+                           shuffle_buffer=settings.shuffle_buffer, process_index=accelerator.process_index,
+                           num_processes=accelerator.num_processes, hidden_layers=hidden_layers,
+                           kept_rows=kept_rows, start_epoch=start_epoch, start_batch=start_batch,
+                           epochs=settings.epochs)
+    return prefetched(batches, _prefetch(settings, accelerator))
+
+
+def _prefetch(settings: TrainSettings, accelerator: Accelerator) -> int:
+    """On CPU the student's compute already uses every core: a reader process would compete with it
+    (and make OpenMP threads spin), while reading in-process costs ~1% of a step (tools/bench_train.py)."""
+    if settings.prefetch is not None:
+        return settings.prefetch
+    return 0 if accelerator.device.type == "cpu" else 4
 
 
 def _total_steps(training_rows: int, settings: TrainSettings, num_processes: int) -> int:
@@ -245,50 +290,75 @@ def _total_steps(training_rows: int, settings: TrainSettings, num_processes: int
 
 def train_student(cache: Path | str, out: Path | str, *, student: str | None = None,
                   student_config: str | None = None, settings: TrainSettings = TrainSettings(),
-                  progress: bool = True) -> dict:
-    """Train a student on the cache at `cache`, save it to `out`; return the final metrics."""
-    cache, out = Path(cache), Path(out)
-    manifest = Manifest.load(cache)
-    for name in ("batch_size", "grad_accum", "temperature"):
+                  progress: bool = True, resume: bool = False, resume_from: Path | str | None = None) -> dict:
+    """Train a student on the cache at `cache` (a directory or an fsspec URL), save it to `out`; return the
+    final metrics. With `resume`, continue from the latest checkpoint in `<out>.partial/checkpoints` if
+    there is one; `resume_from` names a checkpoint directory explicitly."""
+    store, out = CacheStore(cache, settings.read_through), Path(out)
+    manifest = store.load_manifest()
+    for name in ("batch_size", "grad_accum", "temperature", "keep_checkpoints"):
         if getattr(settings, name) <= 0:
             raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
-    if settings.max_steps is not None and settings.max_steps <= 0:
-        raise KDCacheError(f"--max-steps must be positive, got {settings.max_steps}")
-    check_targets(settings, manifest, cache)
+    for name in ("max_steps", "save_every"):
+        if getattr(settings, name) is not None and getattr(settings, name) <= 0:
+            raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
+    checkpoint = _checkpoint_to_resume(out, resume, resume_from)
+    check_targets(settings, manifest, store)
     check_validation_flags(fraction=settings.val_fraction, every=settings.eval_every, patience=settings.early_stopping)
     if settings.verify:
-        verify_cache(cache, manifest, progress=progress)
+        verify_cache(store, manifest, progress=progress)
     else:
-        check_shard_files(cache, manifest)
-    train_ids, validation = setup_validation(cache, manifest, fraction=settings.val_fraction,
+        check_shard_files(store, manifest)
+    tokenizer = load_tokenizer(str(store.tokenizer_dir()), "cache tokenizer")
+    train_ids, validation = setup_validation(store, manifest, fraction=settings.val_fraction,
                                              every=settings.eval_every, patience=settings.early_stopping,
                                              batch_size=settings.batch_size)
+    kept_rows = None if train_ids is None else select_rows(store, manifest, train_ids)
 
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[settings.dtype],
                               gradient_accumulation_steps=settings.grad_accum)
     set_seed(settings.seed)
-    model = load_student(student, student_config, manifest, cache)
+    model = load_student(student, student_config, manifest, store)
     model.config.use_cache = False
     layer_map = (parse_layer_map(settings.layer_map, manifest, model.config.num_hidden_layers)
                  if settings.hidden_weight > 0 else {})
     projections = FeatureProjections(layer_map, model.config.hidden_size, manifest.hidden_sizes)
-    staging = _prepare_output(out) if accelerator.is_main_process else None
+    staging = _staging_dir(out)
+    if accelerator.is_main_process:
+        _prepare_output(out, resuming=checkpoint is not None)
+        if checkpoint is not None and (checkpoint / METRICS_FILE).is_file():
+            shutil.copyfile(checkpoint / METRICS_FILE, staging / METRICS_FILE)
+    accelerator.wait_for_everyone()
 
     training_rows = manifest.total_rows if train_ids is None else len(train_ids)
     total_steps = _total_steps(training_rows, settings, accelerator.num_processes)
     parameters = list(model.parameters()) + list(projections.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
-    model, projections, optimizer, scheduler = accelerator.prepare(model, projections, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if layer_map and any(True for _ in projections.parameters()):  # DDP refuses a module with no parameters
+        projections = accelerator.prepare(projections)
     model.train()
 
     vocab = manifest.vocab_size
-    metrics = MetricsLog(staging / METRICS_FILE if staging else None, accelerator.num_processes)
-    bar = tqdm(total=total_steps, desc="train-student", unit="step", disable=not (progress and accelerator.is_main_process))
-    step = epoch = 0
+    metrics = MetricsLog(staging / METRICS_FILE if accelerator.is_main_process else None, accelerator.num_processes)
+    state = TrainingProgress(_run_identity(manifest, settings, accelerator.num_processes))
+    accelerator.register_for_checkpointing(state)
+    if validation:  # its best score, patience counter and best-state snapshot are part of each checkpoint
+        accelerator.register_for_checkpointing(validation)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        metrics.load_state_dict(state.metrics)
+    sample_log = _open_sample_log(accelerator.process_index)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    step, epoch = state.step, state.epoch
     # What validation scores, snapshots when best and restores before saving.
     trained = {"model": accelerator.unwrap_model(model), "projections": accelerator.unwrap_model(projections)}
-    for epoch, batch in _batches(cache, manifest, settings, accelerator, sorted(set(layer_map.values())), train_ids):
+    for epoch, consumed, batch in _batches(store, manifest, settings, accelerator, sorted(set(layer_map.values())),
+                                           kept_rows, start_epoch=state.epoch, start_batch=state.batches_in_epoch):
+        if sample_log:
+            sample_log.write("".join(f"{epoch} {sample_id}\n" for sample_id in batch.sample_ids))
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model, projections):
             output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -323,7 +393,13 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
                 break
         if step >= total_steps:
             break
+        if settings.save_every and step % settings.save_every == 0:
+            state.step, state.epoch, state.batches_in_epoch, state.metrics = step, epoch, consumed, metrics.state_dict()
+            save_checkpoint(accelerator, staging / CHECKPOINTS_DIR, step, settings.keep_checkpoints,
+                            staging / METRICS_FILE)
     bar.close()
+    if sample_log:
+        sample_log.close()
     if step == 0:
         raise KDCacheError("no optimizer step was taken: the cache has fewer rows than processes")
     metrics.flush(step, epoch, scheduler.get_last_lr()[0])
@@ -339,10 +415,10 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     if accelerator.is_main_process:
         metrics.close()
         accelerator.unwrap_model(model).save_pretrained(staging)
-        load_tokenizer(str(cache / TOKENIZER_DIR), "cache tokenizer").save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         if layer_map:
             torch.save(accelerator.unwrap_model(projections).state_dict(), staging / PROJECTIONS_FILE)
-        record = {"cache": str(cache), "dump_fingerprint": manifest.dump_fingerprint,
+        record = {"cache": str(store), "dump_fingerprint": manifest.dump_fingerprint,
                   "student": student or student_config, "settings": dataclasses.asdict(settings),
                   "layer_map": {str(s): t for s, t in layer_map.items()}, "summary": summary}
         (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -350,3 +426,15 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
             out.rmdir()
         staging.rename(out)
     return summary
+
+
+def _run_identity(manifest: Manifest, settings: TrainSettings, num_processes: int) -> dict:
+    """What a resumed run must share with the checkpoint to reproduce the uninterrupted run."""
+    trajectory = {name: value for name, value in dataclasses.asdict(settings).items() if name not in OPERATIONAL_SETTINGS}
+    return {"dump_fingerprint": manifest.dump_fingerprint, "num_processes": num_processes, **trajectory}
+
+
+def _open_sample_log(process_index: int):
+    """With $KDCACHE_SAMPLE_LOG set, a file recording which sample ids this process trained on, per epoch."""
+    prefix = os.environ.get(SAMPLE_LOG_ENV)
+    return open(f"{prefix}.rank{process_index}", "a") if prefix else None

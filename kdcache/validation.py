@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from .cache.format import Manifest
+from .cache.store import CacheStore
 from .errors import KDCacheError
 from .evaluate import evaluate_student
 from .split import split_cache
@@ -24,7 +25,7 @@ from .split import split_cache
 class Validation:
     """When to score (`due`), what the best state was (`restore_best`), when to stop (`should_stop`)."""
 
-    def __init__(self, cache: Path, heldout: frozenset[int], *, every: int | None, patience: int | None,
+    def __init__(self, cache: CacheStore | Path, heldout: frozenset[int], *, every: int | None, patience: int | None,
                  batch_size: int):
         self.cache = cache
         self.heldout = heldout
@@ -66,13 +67,25 @@ class Validation:
         for name, module in modules.items() if self.best_state else ():
             module.load_state_dict(self.best_state[name])
 
+    def state_dict(self) -> dict:
+        """What an exactly resumed run needs (saved in each checkpoint): the best score and its step, the
+        patience counter, the last record and the best-state snapshot (CPU tensors, one model's size)."""
+        return {"best_kl": self.best_kl, "best_step": self.best_step,
+                "evaluations_without_improvement": self.evaluations_without_improvement,
+                "best_state": self.best_state, "last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_kl, self.best_step = state["best_kl"], state["best_step"]
+        self.evaluations_without_improvement = state["evaluations_without_improvement"]
+        self.best_state, self.last = state["best_state"], state["last"]
+
     def summary(self) -> dict:
         return {"heldout_sequences": len(self.heldout), "best_step": self.best_step,
                 "best_val_kl_to_teacher": self.best_kl, "last": self.last,
                 "stopped_early": self.should_stop}
 
 
-def setup_validation(cache: Path, manifest: Manifest, *, fraction: float, every: int | None,
+def setup_validation(cache: CacheStore | Path, manifest: Manifest, *, fraction: float, every: int | None,
                      patience: int | None, batch_size: int) -> tuple[frozenset[int] | None, Validation | None]:
     """(training sample ids, Validation) for `--val-fraction`; (None, None) when it is 0."""
     check_validation_flags(fraction=fraction, every=every, patience=patience)

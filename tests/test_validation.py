@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
+import kdcache.feed
 import kdcache.student
 import kdcache.validation
 from kdcache.cache.format import Manifest
@@ -42,14 +43,14 @@ def test_split_refuses_fractions_that_leave_a_side_empty(cache_dir, fraction):
 
 def test_training_never_sees_the_heldout_split(cache_dir, student_config, tmp_path, monkeypatch):
     seen = set()
-    original = kdcache.student.iter_sequences
+    original = kdcache.feed.iter_sequences
 
     def recording(*args, **kwargs):
         for sequence in original(*args, **kwargs):
             seen.add(sequence.sample_id)
             yield sequence
 
-    monkeypatch.setattr(kdcache.student, "iter_sequences", recording)
+    monkeypatch.setattr(kdcache.feed, "iter_sequences", recording)
     summary = train_student(cache_dir, tmp_path / "out", student_config=str(student_config), progress=False,
                             settings=TrainSettings(max_steps=12, batch_size=4, val_fraction=0.25, eval_every=4))
     heldout = split_cache(cache_dir, Manifest.load(cache_dir), 0.25).heldout

@@ -206,11 +206,15 @@ class Manifest:
             raise KDCacheError(f"cache directory not found: {cache_dir}")
         if not path.is_file():
             raise KDCacheError(f"not a kdcache cache (no {MANIFEST_NAME}): {cache_dir}")
+        return cls.from_json(path.read_text(), str(path))
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> Manifest:
+        """Parse manifest text read from `source` (a path or URL, named in errors) and check its version."""
         try:
-            data = json.loads(path.read_text())
-            manifest = cls.from_dict(data)
+            manifest = cls.from_dict(json.loads(text))
         except (ValueError, TypeError) as error:
-            raise KDCacheError(f"unreadable manifest {path}: {error}") from None
+            raise KDCacheError(f"unreadable manifest {source}: {error}") from None
         if manifest.format_version > FORMAT_VERSION:
             raise KDCacheError(f"cache format version {manifest.format_version} is newer than this "
                                f"kdcache supports ({FORMAT_VERSION}); upgrade kdcache")

@@ -1,7 +1,8 @@
-"""Reading a cache: integrity checks and a memory-mapped stream of sequences.
+"""Reading a cache: integrity checks and a lazy, distributed, resumable stream of sequences.
 
-Shards are opened with `pyarrow.memory_map`, so reading a row touches only that row's pages and
-the resident memory does not grow with the cache. Integrity is checked against the manifest
+Shards are opened through a `CacheStore` (memory-mapped when local, ranged reads when remote),
+one at a time, and only the record batches a process needs are decoded, so the resident memory
+does not grow with the cache. Integrity is checked against the manifest
 before a cache is trusted: a shared cache may have been copied, truncated or edited.
 """
 
@@ -16,7 +17,9 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ..errors import KDCacheError
-from .format import Manifest, ShardInfo, sha256_file, shard_schema
+from .format import Manifest, ShardInfo, shard_schema
+from .sharding import BufferedShuffle, RowSpan, process_spans
+from .store import CacheStore, as_store
 from .writer import CachedSequence, Ragged
 
 
@@ -27,31 +30,24 @@ def expected_schema(manifest: Manifest) -> pa.Schema:
                         dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types)
 
 
-def _open_shard(path: Path) -> pa.RecordBatchFileReader:
-    try:
-        return pa.ipc.open_file(pa.memory_map(str(path), "r"))
-    except (OSError, pa.ArrowInvalid) as error:
-        raise KDCacheError(f"cannot read shard {path}: {error}") from None
-
-
-def check_shard_files(cache_dir: Path, manifest: Manifest) -> None:
+def check_shard_files(cache: CacheStore | str | Path, manifest: Manifest) -> None:
     """The cheap check: every shard the manifest lists exists with the recorded size."""
+    store = as_store(cache)
     if not manifest.shards:
-        raise KDCacheError(f"cache {cache_dir} has no shards")
+        raise KDCacheError(f"cache {store} has no shards")
     for shard in manifest.shards:
-        path = Path(cache_dir) / shard.file
-        if not path.is_file():
-            raise KDCacheError(f"shard {shard.file} is missing from cache {cache_dir}")
-        if path.stat().st_size != shard.bytes:
-            raise KDCacheError(f"shard {shard.file} has {path.stat().st_size} bytes, "
+        size = store.size(shard.file)
+        if size is None:
+            raise KDCacheError(f"shard {shard.file} is missing from cache {store}")
+        if size != shard.bytes:
+            raise KDCacheError(f"shard {shard.file} has {size} bytes, "
                                f"the manifest says {shard.bytes}: the shard was modified or truncated")
 
 
-def _verify_shard(cache_dir: Path, shard: ShardInfo, schema: pa.Schema) -> None:
-    path = Path(cache_dir) / shard.file
-    if sha256_file(path) != shard.sha256:
+def _verify_shard(store: CacheStore, shard: ShardInfo, schema: pa.Schema) -> None:
+    if store.sha256(shard.file) != shard.sha256:
         raise KDCacheError(f"shard {shard.file} fails its sha256 check: the file was modified or corrupted")
-    reader = _open_shard(path)
+    reader = store.open_shard(shard.file)
     if not reader.schema.equals(schema, check_metadata=True):
         raise KDCacheError(f"shard {shard.file} has schema {reader.schema.names} that does not match the manifest")
     rows = tokens = 0
@@ -64,17 +60,43 @@ def _verify_shard(cache_dir: Path, shard: ShardInfo, schema: pa.Schema) -> None:
                            f"the manifest says {shard.rows} / {shard.tokens}")
 
 
-def verify_cache(cache_dir: Path, manifest: Manifest, *, progress: bool = True) -> None:
+def verify_cache(cache: CacheStore | str | Path, manifest: Manifest, *, progress: bool = True) -> None:
     """Re-hash every shard and check its schema and counts; raise naming the first bad shard."""
-    check_shard_files(cache_dir, manifest)
+    store = as_store(cache)
+    check_shard_files(store, manifest)
     schema = expected_schema(manifest)
     for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
-        _verify_shard(cache_dir, shard, schema)
+        _verify_shard(store, shard, schema)
 
 
-def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterator[CachedSequence]:
-    """Decode a record batch into per-row numpy views (no copies of the value buffers)."""
-    def per_token(name: str) -> tuple[np.ndarray, np.ndarray]:
+class _DecodedBatch:
+    """One record batch as numpy views of its value buffers; rows are copied out one at a time.
+
+    Copying a row (not viewing it) lets the shard's memory map be released as soon as the reader
+    moves on, so resident memory is bounded by the shuffle buffer, not by the cache. Target
+    columns the cache does not hold (see `Manifest.target_types`) stay None in the rows.
+    """
+
+    TOKEN_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")
+    RAGGED_COLUMNS = ("sampled_ids", "sampled_counts")
+
+    def __init__(self, batch: pa.RecordBatch, hidden_layers: list[int]):
+        names = set(batch.schema.names)
+        self.offsets, self.input_ids = self._per_token(batch, "input_ids")
+        self.columns = {name: self._per_token(batch, name)[1] for name in self.TOKEN_COLUMNS if name in names}
+        self.ragged = {name: self._per_position(batch, name) for name in self.RAGGED_COLUMNS if name in names}
+        self.hidden = {layer: self._per_token(batch, f"hidden_{layer}")[1] for layer in hidden_layers}
+        self.sample_ids = batch.column("sample_id").to_numpy()
+
+    @staticmethod
+    def _per_position(batch: pa.RecordBatch, name: str) -> Ragged:
+        """A list<list<...>> column as one Ragged over every position of the batch."""
+        positions = batch.column(name).flatten()
+        offsets = positions.offsets.to_numpy()
+        return Ragged(values=positions.flatten().to_numpy(zero_copy_only=False), offsets=offsets - offsets[0])
+
+    @staticmethod
+    def _per_token(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
         column = batch.column(name)
         offsets = column.offsets.to_numpy()
         values = column.flatten()
@@ -85,76 +107,103 @@ def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterato
             values = values.to_numpy(zero_copy_only=False)
         return offsets - offsets[0], values
 
-    def per_position(name: str) -> Ragged:
-        """A list<list<...>> column as one Ragged over every position of the batch."""
-        positions = batch.column(name).flatten()
-        offsets = positions.offsets.to_numpy()
-        return Ragged(values=positions.flatten().to_numpy(zero_copy_only=False), offsets=offsets - offsets[0])
-
-    names = set(batch.schema.names)
-    offsets, input_ids = per_token("input_ids")
-    columns = {name: per_token(name)[1] for name in ("topk_ids", "topk_logprobs", "tail_logprob") if name in names}
-    ragged = {name: per_position(name) for name in ("sampled_ids", "sampled_counts") if name in names}
-    hidden = {layer: per_token(f"hidden_{layer}")[1] for layer in hidden_layers}
-    sample_ids = batch.column("sample_id").to_numpy()
-    for row, sample_id in enumerate(sample_ids):
-        span = slice(offsets[row], offsets[row + 1])
-        yield CachedSequence(sample_id=int(sample_id), input_ids=input_ids[span],
-                             **{name: values[span] for name, values in columns.items()},
-                             **{name: values.positions(span) for name, values in ragged.items()},
-                             hidden={layer: values[span] for layer, values in hidden.items()})
+    def row(self, index: int) -> CachedSequence:
+        span = slice(self.offsets[index], self.offsets[index + 1])
+        ragged = {name: values.positions(span) for name, values in self.ragged.items()}
+        return CachedSequence(sample_id=int(self.sample_ids[index]), input_ids=self.input_ids[span].copy(),
+                              **{name: values[span].copy() for name, values in self.columns.items()},
+                              **{name: Ragged(values=lists.values.copy(), offsets=lists.offsets)
+                                 for name, lists in ragged.items()},
+                              hidden={layer: values[span].copy() for layer, values in self.hidden.items()})
 
 
-def read_sample_ids(cache_dir: Path, manifest: Manifest) -> np.ndarray:
-    """Every sample id in the cache, in shard order; reads only the `sample_id` column."""
-    ids = [_open_shard(Path(cache_dir) / shard.file).read_all().column("sample_id").to_numpy()
-           for shard in manifest.shards]
+def shard_sample_ids(cache: CacheStore | str | Path, manifest: Manifest) -> list[np.ndarray]:
+    """Each shard's sample ids in row order; loads only the `sample_id` column (schema field 0)."""
+    store = as_store(cache)
+    ids = []
+    for shard in manifest.shards:
+        reader = store.open_shard(shard.file, fields=[0])
+        batches = [reader.get_batch(index).column("sample_id").to_numpy() for index in range(reader.num_record_batches)]
+        ids.append(np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64))
+    return ids
+
+
+def read_sample_ids(cache: CacheStore | str | Path, manifest: Manifest) -> np.ndarray:
+    """Every sample id in the cache, in shard order."""
+    ids = shard_sample_ids(cache, manifest)
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
-def iter_sequences(cache_dir: Path, manifest: Manifest, *, hidden_layers: list[int] | None = None,
-                   shuffle: bool = False, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1024,
-                   process_index: int = 0, num_processes: int = 1,
-                   sample_ids: frozenset[int] | None = None) -> Iterator[CachedSequence]:
-    """Stream the cache's sequences, optionally shuffled (shard order + bounded buffer).
+def select_rows(cache: CacheStore | str | Path, manifest: Manifest, sample_ids: frozenset[int]) -> list[np.ndarray]:
+    """Per shard, the ascending row numbers whose sample id is in `sample_ids` (a train/validation
+    split): the `kept_rows` of `iter_sequences`. Computed once per run, not once per epoch."""
+    wanted = np.fromiter(sample_ids, dtype=np.int64, count=len(sample_ids))
+    return [np.flatnonzero(np.isin(ids, wanted)) for ids in shard_sample_ids(cache, manifest)]
 
-    With several processes each takes every `num_processes`-th row of the (shuffled) shard
-    order and all take the same number, so no process waits at a step the others never reach.
-    `hidden_layers` limits which hidden columns are decoded (default: none). `sample_ids`, if
-    given, keeps only those rows (a train/validation split), before rows are dealt to processes.
+
+def _read_spans(store: CacheStore, manifest: Manifest, spans: list[RowSpan], kept_rows: list[np.ndarray],
+                hidden_layers: list[int], wanted) -> Iterator[tuple[int, CachedSequence | None]]:
+    """Yield (position, row) along the spans; rows `wanted(position)` rejects are not decoded (None).
+
+    A span counts kept rows: span `start:stop` of shard s is rows `kept_rows[s][start:stop]`.
+    Record batches holding none of those rows are never decoded; a shard is opened only while it is read.
     """
-    shards = list(manifest.shards)
-    rng = random.Random(seed * 1_000_003 + epoch)
-    if shuffle:
-        rng.shuffle(shards)
-    per_process = (manifest.total_rows if sample_ids is None else len(sample_ids)) // num_processes
-    layers = hidden_layers or []
+    position = 0
+    for span in spans:
+        rows = kept_rows[span.shard][span.start:span.stop]  # ascending, never empty
+        reader = store.open_shard(manifest.shards[span.shard].file)
+        first_row = 0
+        for batch_index in range(reader.num_record_batches):
+            if first_row > rows[-1]:
+                break
+            batch = reader.get_batch(batch_index)
+            end_row = first_row + batch.num_rows
+            inside = rows[np.searchsorted(rows, first_row):np.searchsorted(rows, end_row)]
+            needed = [wanted(position + offset) for offset in range(len(inside))]
+            decoded = _DecodedBatch(batch, hidden_layers) if any(needed) else None
+            for row, need in zip(inside.tolist(), needed):
+                yield position, decoded.row(row - first_row) if need else None
+                position += 1
+            first_row = end_row
+        del reader
 
-    def owned_rows() -> Iterator[CachedSequence]:
-        global_index = taken = 0
-        for shard in shards:
-            reader = _open_shard(Path(cache_dir) / shard.file)
-            for batch_index in range(reader.num_record_batches):
-                for sequence in _batch_sequences(reader.get_batch(batch_index), layers):
-                    if sample_ids is not None and sequence.sample_id not in sample_ids:
-                        continue
-                    if global_index % num_processes == process_index:
-                        if taken == per_process:
-                            return
-                        taken += 1
-                        yield sequence
-                    global_index += 1
 
-    if not shuffle:
-        yield from owned_rows()
-        return
-    buffer: list[CachedSequence] = []
-    for sequence in owned_rows():
-        if len(buffer) < shuffle_buffer:
-            buffer.append(sequence)
-            continue
-        slot = rng.randrange(len(buffer))
-        buffer[slot], sequence = sequence, buffer[slot]
-        yield sequence
-    rng.shuffle(buffer)
-    yield from buffer
+def iter_sequences(cache: CacheStore | str | Path, manifest: Manifest, *, hidden_layers: list[int] | None = None,
+                   shuffle: bool = False, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1024,
+                   process_index: int = 0, num_processes: int = 1, start: int = 0,
+                   kept_rows: list[np.ndarray] | None = None) -> Iterator[CachedSequence]:
+    """Stream this process's sequences of one epoch, optionally shuffled, from the `start`-th on.
+
+    The process's share is `process_spans` (disjoint, equal-sized shares); the order is the seeded
+    shard order then a bounded shuffle buffer, so it depends only on the seed, the epoch and the
+    number of processes. Resuming at `start` replays the shuffle on positions and decodes only the
+    rows still to come. `hidden_layers` limits which hidden columns are decoded (default: none).
+
+    `kept_rows` (from `select_rows`; default: every row) restricts the stream to a subset of
+    each shard, e.g. the training side of a train/validation split. Sharding and shuffling work on
+    kept rows only: each shard counts as `len(kept_rows[s])` rows, so `process_spans` deals out
+    kept rows (equal shares, hence equal step counts) and positions, and so resume offsets, count
+    kept rows; the span is mapped back to shard row numbers only when reading. Without a subset
+    `kept_rows` is every row, so there is one code path.
+    """
+    store = as_store(cache)
+    if kept_rows is None:
+        kept_rows = [np.arange(shard.rows) for shard in manifest.shards]
+    spans = process_spans([len(rows) for rows in kept_rows], process_index=process_index,
+                          num_processes=num_processes, shuffle=shuffle, seed=seed, epoch=epoch)
+    count = sum(span.stop - span.start for span in spans)
+    order = BufferedShuffle(count, shuffle_buffer if shuffle else 1,
+                            random.Random(f"{seed}-{epoch}-{process_index}-{num_processes}"))
+    positions = iter(order)
+    for _ in zip(range(start), positions):
+        pass
+    still_buffered, first_unread = set(order.buffer), order.next_input
+    rows = _read_spans(store, manifest, spans, kept_rows, hidden_layers or [],
+                       lambda position: position >= first_unread or position in still_buffered)
+    pending: dict[int, CachedSequence] = {}
+    for position in positions:
+        while position not in pending:
+            read_position, sequence = next(rows)
+            if sequence is not None:
+                pending[read_position] = sequence
+        yield pending.pop(position)

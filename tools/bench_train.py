@@ -1,0 +1,268 @@
+"""Benchmark: does training from the cache cost what the student alone costs?
+
+Same student, same sequences, same batch size, in one run, tokens/s of
+  (a) the student with plain next-token CE on the cached text (the ceiling: the student alone),
+  (b) `train_student` from the cache with KD (reader, prefetch worker, collation, sparse loss, Accelerate),
+  (c) online KD: the teacher (about 3x the student) runs in the loop, full-vocabulary logits, dense_kd_loss,
+  (d) TRL's GKDTrainer with lmbda=0, only when `trl` is importable,
+then b/a, b/c (b/d); the reader alone (positions/s) against the rate (b) consumes; and the peak RSS of
+a process streaming one epoch of a 1x and of a 10x cache (the 10x cache repeats the 1x shards).
+
+The machine may be shared with other work, so (a), (b), (c) are measured in interleaved rounds and
+the median of each is reported, twice: by wall clock, and per CPU-second of this process (robust to
+other load; (b) then runs with --prefetch 0 so that reading is counted too, and the bench swaps
+train-student's clock for `time.process_time`). The first steps of every measurement are warm-up.
+
+    python tools/bench_train.py [--workdir DIR] [--rows 512] [--steps 24] [--rounds 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kdcache.cache.format import Manifest, ShardInfo  # noqa: E402
+from kdcache.cache.store import CacheStore  # noqa: E402
+from kdcache.feed import CacheBatches  # noqa: E402
+from kdcache.losses import dense_kd_loss, next_token_ce  # noqa: E402
+import kdcache.student  # noqa: E402
+from kdcache.student import TrainSettings, train_student  # noqa: E402
+from kdcache.synthetic import SyntheticLanguage, build_word_tokenizer  # noqa: E402
+from kdcache.teacher import DumpSettings, dump_teacher  # noqa: E402
+
+STUDENT = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4}
+TEACHER = {"hidden_size": 384, "intermediate_size": 1152, "num_hidden_layers": 6, "num_attention_heads": 6}
+WARMUP_STEPS = 5
+BATCH_SIZE = 16
+LR = 1e-3
+
+
+def llama(vocab_size: int, shape: dict) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, num_key_value_heads=shape["num_attention_heads"],
+                       max_position_embeddings=128, tie_word_embeddings=True, **shape)
+
+
+def parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(workdir: Path, rows: int) -> tuple[Path, Path, Path]:
+    """A random teacher (~3x the student), a synthetic corpus, its top-64 cache, and the student config."""
+    language = SyntheticLanguage(num_words=5000, num_topics=1, seed=0)
+    tokenizer = build_word_tokenizer(language.words)
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(llama(len(tokenizer), TEACHER))
+    teacher.save_pretrained(workdir / "teacher")
+    tokenizer.save_pretrained(workdir / "teacher")
+    corpus = workdir / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in language.sentences(rows, seed=1)))
+    dump_teacher(str(workdir / "teacher"), str(corpus), workdir / "cache",
+                 DumpSettings(top_k=64, batch_size=32, shard_rows=256), progress=False)
+    config = workdir / "student.json"
+    config.write_text(llama(len(tokenizer), STUDENT).to_json_string())
+    return workdir / "teacher", workdir / "cache", config
+
+
+def cache_batches(cache: Path, epochs: int | None) -> CacheBatches:
+    """The batches train_student reads (same seed, batch size, shuffle buffer), in order."""
+    return CacheBatches(CacheStore(cache), Manifest.load(cache), batch_size=BATCH_SIZE, seed=0, shuffle_buffer=1024,
+                        process_index=0, num_processes=1, hidden_layers=[], epochs=epochs)
+
+
+def batches_for(cache: Path, steps: int) -> list:
+    """The batches every in-loop variant trains on, held in memory so (a) and (c) pay no reading."""
+    return [batch for _, _, batch in itertools.islice(cache_batches(cache, None), steps)]
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed_loop(batches: list, step) -> dict[str, float]:
+    """tokens/s of `step(batch)` over the batches after the warm-up ones, by each clock."""
+    tokens, elapsed = 0.0, dict.fromkeys(CLOCKS, 0.0)
+    for index, batch in enumerate(batches):
+        started = {name: clock() for name, clock in CLOCKS.items()}
+        step(batch)
+        if index >= WARMUP_STEPS:
+            elapsed = {name: elapsed[name] + clock() - started[name] for name, clock in CLOCKS.items()}
+            tokens += batch.num_tokens
+    return {name: tokens / seconds for name, seconds in elapsed.items()}
+
+
+def student_trainer(config: Path, loss_of):
+    """A fresh student and one AdamW step per batch on `loss_of(student_logits, batch)`."""
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(llama(json.loads(config.read_text())["vocab_size"], STUDENT))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.01)
+
+    def step(batch):
+        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.valid]
+        loss_of(logits, batch).backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    return student, step
+
+
+def plain_ce(config: Path, batches: list) -> dict[str, float]:
+    _, step = student_trainer(config, lambda logits, batch: next_token_ce(logits, batch.next_token_labels()))
+    return timed_loop(batches, step)
+
+
+def online_kd(config: Path, teacher_dir: Path, batches: list) -> dict[str, float]:
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+
+    def loss_of(logits, batch):
+        with torch.inference_mode():
+            teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return dense_kd_loss(logits, teacher_logits[batch.valid].clone())
+    _, step = student_trainer(config, loss_of)
+    return timed_loop(batches, step)
+
+
+def from_cache(config: Path, cache: Path, workdir: Path, steps: int, clock: str) -> float:
+    """tokens/s of train_student, from its own metrics after the warm-up steps.
+
+    By CPU time, train_student's clock is swapped for `time.process_time` and reading runs in the
+    training process (--prefetch 0), so every CPU-second it spends is counted.
+    """
+    out = Path(tempfile.mkdtemp(dir=workdir)) / "student"
+    kdcache.student.time = SimpleNamespace(perf_counter=CLOCKS[clock])
+    try:
+        train_student(cache, out, student_config=str(config), progress=False,
+                      settings=TrainSettings(max_steps=steps, batch_size=BATCH_SIZE, lr=LR, log_every=WARMUP_STEPS,
+                                             verify=False, prefetch=4 if clock == "wall" else 0))
+    finally:
+        kdcache.student.time = time
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]  # cumulative counters; the first record closes the warm-up
+    seconds = lambda record: record["tokens"] / record["tokens_per_second"]
+    shutil.rmtree(out.parent)
+    return (last["tokens"] - first["tokens"]) / (seconds(last) - seconds(first))
+
+
+def reader_alone(cache: Path) -> dict[str, float]:
+    """Positions/s of reading + collating one epoch the way training does (no worker, no model), by each clock."""
+    started, positions = {name: clock() for name, clock in CLOCKS.items()}, 0
+    for _, _, batch in cache_batches(cache, epochs=1):
+        positions += batch.num_tokens
+    return {name: positions / (clock() - started[name]) for name, clock in CLOCKS.items()}
+
+
+def repeated_cache(cache: Path, out: Path, times: int) -> Path:
+    """A cache `times` as large: the same shards listed `times` over (hard links; the reader only reads)."""
+    manifest = Manifest.load(cache)
+    shutil.copytree(cache, out, ignore=shutil.ignore_patterns("data"))
+    (out / "data").mkdir()
+    shards = []
+    for copy in range(times):
+        for shard in manifest.shards:
+            name = f"data/copy{copy:02d}-{Path(shard.file).name}"
+            os.link(cache / shard.file, out / name)
+            shards.append(ShardInfo(**{**shard.__dict__, "file": name}))
+    manifest.shards = shards
+    manifest.save(out)
+    return out
+
+
+def peak_rss_mib(cache: Path) -> float:
+    """Peak RSS of a fresh process that streams one whole epoch of `cache` into batches.
+
+    Read from VmHWM: `getrusage().ru_maxrss` survives fork+exec on Linux, so a child would report
+    this (larger) benchmark process's peak instead of its own.
+    """
+    code = ("import re, sys; sys.path.insert(0, sys.argv[2]); sys.path.insert(0, sys.argv[3]);"
+            "from bench_train import cache_batches; from pathlib import Path;"
+            "n = sum(b.num_tokens for _, _, b in cache_batches(Path(sys.argv[1]), epochs=1));"
+            "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)")
+    result = subprocess.run([sys.executable, "-c", code, str(cache), str(REPO), str(REPO / "tools")],
+                            capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def trl_available() -> bool:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--rows", type=int, default=512, help="sequences in the 1x cache")
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch compute threads; more threads than free cores make OpenMP spin, which "
+                             "inflates CPU time, so the default suits a shared machine")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+
+    teacher_dir, cache, config = build(workdir, args.rows)
+    manifest = Manifest.load(cache)
+    teacher_params = parameters(AutoModelForCausalLM.from_pretrained(teacher_dir))
+    student_params = parameters(AutoModelForCausalLM.from_config(llama(manifest.vocab_size, STUDENT)))
+    print(f"cache: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, top-{manifest.top_k}, "
+          f"vocab {manifest.vocab_size}; student {student_params / 1e6:.2f}M, teacher {teacher_params / 1e6:.2f}M "
+          f"({teacher_params / student_params:.1f}x); batch {BATCH_SIZE}, {args.steps} steps x {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads")
+
+    batches = batches_for(cache, args.steps)
+    rates = {clock: {"a": [], "b": [], "c": []} for clock in CLOCKS}
+    for round_index in range(args.rounds):
+        for clock, rate in plain_ce(config, batches).items():
+            rates[clock]["a"].append(rate)
+        for clock in CLOCKS:
+            rates[clock]["b"].append(from_cache(config, cache, workdir, args.steps, clock))
+        for clock, rate in online_kd(config, teacher_dir, batches).items():
+            rates[clock]["c"].append(rate)
+        print(f"round {round_index + 1}: " + "; ".join(
+            f"{clock}: " + ", ".join(f"{name} {values[-1]:.0f}" for name, values in by_name.items())
+            for clock, by_name in rates.items()) + " tokens/s", flush=True)
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'tokens/s':34s} {'wall clock':>12s} {'per CPU-second':>15s}")
+    median = {clock: {name: statistics.median(values) for name, values in by_name.items()}
+              for clock, by_name in rates.items()}
+    for name, label in [("a", "(a) plain CE student"), ("b", "(b) train-student, cache + KD"),
+                        ("c", "(c) online KD, teacher in the loop")]:
+        print(f"{label:34s} {median['wall'][name]:12.0f} {median['cpu'][name]:15.0f}")
+    if trl_available():
+        print("(d) TRL GKDTrainer: trl is importable but this benchmark does not drive it yet")
+    else:
+        print("(d) TRL GKDTrainer lmbda=0: skipped, `trl` is not installed")
+    for clock in CLOCKS:  # ratios within a round (same conditions), then the median over rounds
+        ratio = lambda x, y: statistics.median(p / q for p, q in zip(rates[clock][x], rates[clock][y]))
+        print(f"{clock:5s}: b/a = {ratio('b', 'a'):.3f}   b/c = {ratio('b', 'c'):.2f}   (median of per-round ratios)")
+
+    reader = [reader_alone(cache) for _ in range(3)]
+    for clock in CLOCKS:
+        rate = statistics.median(r[clock] for r in reader)
+        print(f"reader alone, {clock:4s}: {rate:.0f} positions/s = {rate / median[clock]['b']:.0f}x what (b) consumes")
+    big = repeated_cache(cache, workdir / "cache-10x", 10)
+    small_rss, big_rss = peak_rss_mib(cache), peak_rss_mib(big)
+    print(f"peak RSS streaming one epoch: 1x {small_rss:.0f} MiB, 10x {big_rss:.0f} MiB "
+          f"({(big_rss / small_rss - 1) * 100:+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
