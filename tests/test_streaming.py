@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -129,27 +130,47 @@ def test_missing_remote_cache_is_a_one_line_error(served_cache, student_config, 
         train_student(served_cache + "/nowhere", tmp_path / "out", student_config=str(student_config), progress=False)
 
 
-@pytest.mark.slow
-def test_two_processes_see_every_example_exactly_once_per_epoch(cache_dir, student_config, tmp_path):
-    log = tmp_path / "samples"
+def train_in_two_processes(cache_dir, student_config, out: Path, log: Path, *flags) -> dict[int, list[tuple[int, int]]]:
+    """Run train-student in two gloo processes; return each rank's logged (epoch, sample id) pairs."""
     # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (multi-CPU goes
     # through mpirun); the torchrun launcher plus ACCELERATE_USE_CPU gives two gloo processes.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "kdcache", "train-student", "--cache", str(cache_dir), "--student-config", str(student_config),
-               "--out", str(tmp_path / "student"), "--epochs", "2", "--batch-size", "5", "--no-verify"]
+               "--out", str(out), "--epochs", "2", "--batch-size", "5", "--no-verify", *map(str, flags)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "KDCACHE_SAMPLE_LOG": str(log), "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    seen = {rank: [tuple(map(int, line.split())) for line in Path(f"{log}.rank{rank}").read_text().splitlines()]
+    assert (out / "config.json").is_file()
+    return {rank: [tuple(map(int, line.split())) for line in Path(f"{log}.rank{rank}").read_text().splitlines()]
             for rank in (0, 1)}
+
+
+@pytest.mark.slow
+def test_two_processes_see_every_example_exactly_once_per_epoch(cache_dir, student_config, tmp_path):
+    seen = train_in_two_processes(cache_dir, student_config, tmp_path / "student", tmp_path / "samples")
     assert len(seen[0]) == len(seen[1]) == 2 * 24, "both processes take the same number of examples"
     for epoch in (0, 1):
         ids = Counter(sample for rank in (0, 1) for e, sample in seen[rank] if e == epoch)
         assert sorted(ids) == list(range(48)) and set(ids.values()) == {1}
-    assert (tmp_path / "student" / "config.json").is_file()
 
+
+@pytest.mark.slow
+def test_two_processes_with_a_validation_split_never_train_on_heldout_rows(cache_dir, student_config, tmp_path):
+    """36 training rows: 18 per process per epoch, each exactly once; validation and checkpoints under DDP."""
+    from kdcache.split import split_cache
+    out = tmp_path / "student"
+    seen = train_in_two_processes(cache_dir, student_config, out, tmp_path / "samples", "--val-fraction", 0.25,
+                                  "--eval-every", 3, "--save-every", 3)
+    train = split_cache(cache_dir, Manifest.load(cache_dir), 0.25).train
+    assert len(seen[0]) == len(seen[1]) == 2 * 18
+    for epoch in (0, 1):
+        ids = Counter(sample for rank in (0, 1) for e, sample in seen[rank] if e == epoch)
+        assert set(ids) == train and set(ids.values()) == {1}
+    record = json.loads((out / "kdcache_training.json").read_text())
+    assert record["summary"]["steps"] == 8 and record["summary"]["validation"]["heldout_sequences"] == 12
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
 
 def test_kept_rows_are_dealt_in_equal_shares_and_resume_exactly(cache_dir):
     """A training split: processes share exactly the kept rows, equally, and positions count kept rows."""
