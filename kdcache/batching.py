@@ -23,6 +23,9 @@ class Batch:
     topk_logprobs: torch.Tensor   # float32 [B, L, k]
     tail_logprob: torch.Tensor    # float32 [B, L]
     hidden: dict[int, torch.Tensor]  # teacher layer -> float32 [B, L, d]
+    target_mask: torch.Tensor | None = None     # bool [B, L]: positions holding a target (None: all valid)
+    labels: torch.Tensor | None = None          # int64 [B, L]: gold class at target positions, else -100
+    token_type_ids: torch.Tensor | None = None  # int64 [B, L], text pairs only
 
     def to(self, device) -> Batch:
         moved = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -39,8 +42,19 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def targets_at(self) -> torch.Tensor:
+        """Where the targets are: every valid position unless the cache says otherwise."""
+        return self.valid if self.target_mask is None else self.target_mask
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            inputs["token_type_ids"] = self.token_type_ids
+        return inputs
+
     def sparse_targets(self) -> SparseTargets:
-        valid = self.valid
+        valid = self.targets_at
         return SparseTargets(ids=self.topk_ids[valid], logprobs=self.topk_logprobs[valid],
                              tail_logprob=self.tail_logprob[valid])
 
@@ -60,16 +74,35 @@ def _stack_padded(arrays: list[np.ndarray], length: int, dtype: torch.dtype, fil
     return out
 
 
+def _scatter(arrays: list[np.ndarray], where: torch.Tensor, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
+    """Per-row target arrays placed at the True entries of `where` [B, L] (row-major, as stored)."""
+    flat = torch.from_numpy(np.concatenate(arrays).astype(np.float32 if dtype.is_floating_point else np.int64))
+    out = torch.full((*where.shape, *flat.shape[1:]), fill, dtype=dtype)
+    out[where] = flat
+    return out
+
+
 def collate(sequences: list[CachedSequence]) -> Batch:
     length = max(len(sequence.input_ids) for sequence in sequences)
     lengths = torch.tensor([len(sequence.input_ids) for sequence in sequences])
     mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    first = sequences[0]
+    target_mask = None
+    if first.target_positions is not None:
+        target_mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+        for row, sequence in enumerate(sequences):
+            target_mask[row, torch.from_numpy(sequence.target_positions.astype(np.int64))] = True
+    where = mask.bool() if target_mask is None else target_mask
     return Batch(
         input_ids=_stack_padded([s.input_ids for s in sequences], length, torch.long),
         attention_mask=mask,
-        topk_ids=_stack_padded([s.topk_ids for s in sequences], length, torch.long),
-        topk_logprobs=_stack_padded([s.topk_logprobs for s in sequences], length, torch.float32),
-        tail_logprob=_stack_padded([s.tail_logprob for s in sequences], length, torch.float32),
+        topk_ids=_scatter([s.topk_ids for s in sequences], where, torch.long),
+        topk_logprobs=_scatter([s.topk_logprobs for s in sequences], where, torch.float32),
+        tail_logprob=_scatter([s.tail_logprob for s in sequences], where, torch.float32),
         hidden={layer: _stack_padded([s.hidden[layer] for s in sequences], length, torch.float32)
-                for layer in sequences[0].hidden},
+                for layer in first.hidden},
+        target_mask=target_mask,
+        labels=None if first.labels is None else _scatter([s.labels for s in sequences], where, torch.long, -100),
+        token_type_ids=(None if first.token_type_ids is None
+                        else _stack_padded([s.token_type_ids for s in sequences], length, torch.long)),
     )

@@ -15,13 +15,20 @@ import torch.nn.functional as F
 from .batching import collate
 from .cache.format import Manifest
 from .cache.reader import iter_sequences
+from .classification_eval import evaluate_classifier
 from .losses import kd_loss
+from .tasks import CAUSAL_LM
 
 
 @torch.inference_mode()
 def evaluate_student(model, cache: Path | str, *, batch_size: int = 16, device: torch.device | str | None = None) -> dict:
-    """Mean KL(teacher ‖ student) (top-k + rest bucket, T=1), top-1 agreement, NLL and perplexity."""
+    """Mean KL(teacher ‖ student) (top-k + rest bucket, T=1), top-1 agreement, NLL and perplexity.
+
+    Classification caches are scored by `evaluate_classifier` (accuracy, entity F1, vs teacher and gold).
+    """
     manifest = Manifest.load(cache)
+    if manifest.task != CAUSAL_LM:
+        return evaluate_classifier(model, cache, batch_size=batch_size, device=device)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -3,7 +3,8 @@
 One loop, readable top to bottom (torchtune-style): check the cache and the student, build the
 optimizer and schedule, then for each batch compute
 `ce_weight·CE + kd_weight·T²·KD + hidden_weight·MSE(proj(student_h), teacher_h)` and step.
-Accelerate owns device placement, mixed precision and gradient accumulation.
+Accelerate owns device placement, mixed precision and gradient accumulation. The cache's task
+(kdcache/tasks.py) picks the student's model class, its logits at the targets and the gold labels.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .cache.format import TOKENIZER_DIR, Manifest, tokenizer_fingerprint
 from .cache.reader import check_shard_files, iter_sequences, verify_cache
 from .errors import KDCacheError
 from .losses import hidden_loss, kd_loss, next_token_ce
-from .models import causal_lm_from_config, load_causal_lm, load_tokenizer, output_vocab_size
+from .models import model_from_config, load_model, load_tokenizer
+from .tasks import get_task
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 PROJECTIONS_FILE = "kdcache_projections.pt"
@@ -42,6 +44,7 @@ class TrainSettings:
     ce_weight: float = 0.0
     kd_weight: float = 1.0
     hidden_weight: float = 0.0
+    hidden_loss: str = "mse"
     layer_map: str | None = None
     loss: str = "forward_kl"
     tail: str = "rest-bucket"
@@ -89,9 +92,7 @@ def parse_layer_map(spec: str | None, manifest: Manifest, student_layers: int) -
 def check_student_matches_cache(model, student_tokenizer, manifest: Manifest) -> None:
     """Refuse a student whose ids mean something else than the cache's ids."""
     vocab = manifest.vocab_size
-    if output_vocab_size(model) < vocab:
-        raise KDCacheError(f"student vocabulary ({output_vocab_size(model)}) is smaller than the cache's "
-                           f"tokenizer ({vocab} tokens): the student cannot represent the teacher's targets")
+    get_task(manifest.task).check_student(model, manifest)
     if student_tokenizer is not None:
         fingerprint = tokenizer_fingerprint(student_tokenizer)
         if fingerprint["hash"] != manifest.tokenizer["hash"]:
@@ -103,7 +104,9 @@ def load_student(student: str | None, student_config: str | None, manifest: Mani
     if (student is None) == (student_config is None):
         raise KDCacheError("give exactly one of --student (pretrained) or --student-config (fresh model)")
     if student_config is not None:
-        model = causal_lm_from_config(student_config, manifest.vocab_size)
+        task = get_task(manifest.task)
+        model = model_from_config(student_config, manifest.vocab_size, task.auto_class,
+                                      **task.student_config_overrides(manifest))
         check_student_matches_cache(model, None, manifest)
         return model
     return load_pretrained_student(student, manifest)
@@ -111,7 +114,7 @@ def load_student(student: str | None, student_config: str | None, manifest: Mani
 
 def load_pretrained_student(student: str, manifest: Manifest):
     """Load a pretrained student and check it (and its tokenizer, when it ships one) against the cache."""
-    model = load_causal_lm(student, "student", "float32")
+    model = load_model(student, "student", "float32", get_task(manifest.task).auto_class)
     has_tokenizer = any((Path(student) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     check_student_matches_cache(model, load_tokenizer(student, "student tokenizer") if has_tokenizer else None, manifest)
     return model
@@ -130,9 +133,11 @@ def _prepare_output(out: Path) -> Path:
 class FeatureProjections(nn.Module):
     """One learned linear map per matched layer pair when widths differ (FitNets); identity otherwise."""
 
-    def __init__(self, layer_map: dict[int, int], student_width: int, teacher_sizes: dict[int, int]):
+    def __init__(self, layer_map: dict[int, int], student_width: int, teacher_sizes: dict[int, int],
+                 kind: str = "mse"):
         super().__init__()
         self.layer_map = layer_map
+        self.kind = kind
         self.maps = nn.ModuleDict({
             str(student_layer): (nn.Identity() if teacher_sizes[teacher_layer] == student_width
                                  else nn.Linear(student_width, teacher_sizes[teacher_layer]))
@@ -140,7 +145,7 @@ class FeatureProjections(nn.Module):
 
     def loss(self, student_hidden: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
         valid = batch.valid
-        terms = [hidden_loss(self.maps[str(s)](student_hidden[s][valid].float()), batch.hidden[t][valid])
+        terms = [hidden_loss(self.maps[str(s)](student_hidden[s][valid].float()), batch.hidden[t][valid], self.kind)
                  for s, t in self.layer_map.items()]
         return torch.stack(terms).mean()
 
@@ -221,6 +226,11 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
             raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
     if settings.max_steps is not None and settings.max_steps <= 0:
         raise KDCacheError(f"--max-steps must be positive, got {settings.max_steps}")
+    task = get_task(manifest.task)
+    if settings.hidden_loss not in ("mse", "cosine"):
+        raise KDCacheError(f"--hidden-loss must be 'mse' or 'cosine', got '{settings.hidden_loss}'")
+    if settings.ce_weight:
+        task.check_gold_labels(manifest)
     if settings.verify:
         verify_cache(cache, manifest, progress=progress)
     else:
@@ -233,7 +243,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     model.config.use_cache = False
     layer_map = (parse_layer_map(settings.layer_map, manifest, model.config.num_hidden_layers)
                  if settings.hidden_weight > 0 else {})
-    projections = FeatureProjections(layer_map, model.config.hidden_size, manifest.hidden_sizes)
+    projections = FeatureProjections(layer_map, model.config.hidden_size, manifest.hidden_sizes, settings.hidden_loss)
     staging = _prepare_output(out) if accelerator.is_main_process else None
 
     total_steps = _total_steps(manifest, settings, accelerator.num_processes)
@@ -243,19 +253,18 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     model, projections, optimizer, scheduler = accelerator.prepare(model, projections, optimizer, scheduler)
     model.train()
 
-    vocab = manifest.vocab_size
+    vocab = manifest.num_classes
     metrics = MetricsLog(staging / METRICS_FILE if staging else None, accelerator.num_processes)
     bar = tqdm(total=total_steps, desc="train-student", unit="step", disable=not (progress and accelerator.is_main_process))
     step = epoch = 0
     for epoch, batch in _batches(cache, manifest, settings, accelerator, sorted(set(layer_map.values()))):
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model, projections):
-            output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           output_hidden_states=bool(layer_map))
-            logits = output.logits[batch.valid][:, :vocab]
+            output = model(**batch.model_inputs(), output_hidden_states=bool(layer_map))
+            logits = task.student_logits(output.logits, batch, vocab)
             terms = {}
             if settings.ce_weight:
-                terms["ce"] = next_token_ce(logits, batch.next_token_labels())
+                terms["ce"] = next_token_ce(logits, task.gold_labels(batch))
             if settings.kd_weight:
                 terms["kd"] = kd_loss(logits, batch.sparse_targets(), divergence=settings.loss, tail=settings.tail,
                                       temperature=settings.temperature)

@@ -22,9 +22,9 @@ from .writer import CachedSequence
 
 def expected_schema(manifest: Manifest) -> pa.Schema:
     settings = manifest.settings
-    return shard_schema(top_k=manifest.top_k, vocab_size=manifest.vocab_size,
+    return shard_schema(top_k=manifest.top_k, vocab_size=manifest.num_classes,
                         logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
-                        dump_fingerprint=manifest.dump_fingerprint)
+                        dump_fingerprint=manifest.dump_fingerprint, optional_columns=manifest.optional_columns)
 
 
 def _open_shard(path: Path) -> pa.RecordBatchFileReader:
@@ -73,7 +73,11 @@ def verify_cache(cache_dir: Path, manifest: Manifest, *, progress: bool = True) 
 
 
 def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterator[CachedSequence]:
-    """Decode a record batch into per-row numpy views (no copies of the value buffers)."""
+    """Decode a record batch into per-row numpy views (no copies of the value buffers).
+
+    Token columns (input_ids, token_type_ids, hidden_*) have one entry per token; target columns
+    have one per target position, which is every token except for classification caches.
+    """
     def per_token(name: str) -> tuple[np.ndarray, np.ndarray]:
         column = batch.column(name)
         offsets = column.offsets.to_numpy()
@@ -86,16 +90,21 @@ def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterato
         return offsets - offsets[0], values
 
     offsets, input_ids = per_token("input_ids")
-    topk_ids = per_token("topk_ids")[1]
+    target_offsets, topk_ids = per_token("topk_ids")
     topk_logprobs = per_token("topk_logprobs")[1]
     tail = per_token("tail_logprob")[1]
     hidden = {layer: per_token(f"hidden_{layer}")[1] for layer in hidden_layers}
+    optional = {name: per_token(name)[1] for name in ("token_type_ids", "target_positions", "labels")
+                if name in batch.schema.names}
     sample_ids = batch.column("sample_id").to_numpy()
     for row, sample_id in enumerate(sample_ids):
         span = slice(offsets[row], offsets[row + 1])
-        yield CachedSequence(sample_id=int(sample_id), input_ids=input_ids[span], topk_ids=topk_ids[span],
-                             topk_logprobs=topk_logprobs[span], tail_logprob=tail[span],
-                             hidden={layer: values[span] for layer, values in hidden.items()})
+        targets = slice(target_offsets[row], target_offsets[row + 1])
+        yield CachedSequence(sample_id=int(sample_id), input_ids=input_ids[span], topk_ids=topk_ids[targets],
+                             topk_logprobs=topk_logprobs[targets], tail_logprob=tail[targets],
+                             hidden={layer: values[span] for layer, values in hidden.items()},
+                             **{name: values[span if name == "token_type_ids" else targets]
+                                for name, values in optional.items()})
 
 
 def iter_sequences(cache_dir: Path, manifest: Manifest, *, hidden_layers: list[int] | None = None,

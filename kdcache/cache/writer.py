@@ -19,7 +19,11 @@ from .format import DATA_DIR, PARTIAL_SUFFIX, SHARD_SUFFIX, ShardInfo, sha256_fi
 
 @dataclasses.dataclass
 class CachedSequence:
-    """The teacher's targets for one tokenized sequence of length L (one shard row)."""
+    """The teacher's targets for one tokenized sequence of length L (one shard row).
+
+    Target arrays have one entry per target position: L of them for a causal LM, fewer for
+    classification tasks, which say where they are in `target_positions` (kdcache/tasks.py).
+    """
 
     sample_id: int
     input_ids: np.ndarray        # int32 [L]
@@ -27,6 +31,9 @@ class CachedSequence:
     topk_logprobs: np.ndarray    # float16/float32 [L, k]
     tail_logprob: np.ndarray     # float32 [L]
     hidden: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # layer -> float16 [L, d]
+    token_type_ids: np.ndarray | None = None     # int8 [L], text pairs only
+    target_positions: np.ndarray | None = None   # int32 [T], ascending; None = every position
+    labels: np.ndarray | None = None             # int32 [T], gold class per target
 
     def column(self, name: str) -> np.ndarray:
         if name.startswith("hidden_"):
@@ -34,8 +41,10 @@ class CachedSequence:
         return getattr(self, name)
 
 
-def _ragged(values: list[np.ndarray], offsets: pa.Array, list_type: pa.ListType) -> pa.Array:
-    """A list<...> column from per-row arrays that share their first (token) dimension."""
+def _ragged(values: list[np.ndarray], list_type: pa.ListType) -> pa.Array:
+    """A list<...> column from per-row arrays (row i's list is `values[i]`, along its first dimension)."""
+    lengths = np.array([len(value) for value in values], dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     flat = np.concatenate(values)
     item_type = list_type.value_type
     if flat.ndim == 1:
@@ -46,10 +55,8 @@ def _ragged(values: list[np.ndarray], offsets: pa.Array, list_type: pa.ListType)
 
 def to_record_batch(rows: list[CachedSequence], schema: pa.Schema) -> pa.RecordBatch:
     """Pack rows into one record batch of `schema` without per-value Python work."""
-    lengths = np.array([len(row.input_ids) for row in rows], dtype=np.int64)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     columns = [pa.array([row.sample_id for row in rows], type=pa.int64())]
-    columns += [_ragged([row.column(field.name) for row in rows], offsets, field.type)
+    columns += [_ragged([row.column(field.name) for row in rows], field.type)
                 for field in list(schema)[1:]]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
