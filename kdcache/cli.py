@@ -179,6 +179,22 @@ def eval_command(cache, student, batch_size, as_json):
         click.echo(f"{name:16s} {value:.4f}" if isinstance(value, float) else f"{name:16s} {value}")
 
 
+@main.command("init-student")
+@click.option("--teacher", required=True, help="Teacher directory or hub id.")
+@click.option("--layers", required=True, callback=_int_list,
+              help="Teacher layers to copy, 0-based, e.g. '0,2,4' (with --hidden-size: only their count matters).")
+@click.option("--hidden-size", type=int, default=None, help="Build a fresh, narrower model of this width instead.")
+@click.option("--task", type=click.Choice(list(TASK_NAMES)), default=None,
+              help="Model class to build (default: the teacher's own class).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the student.")
+def init_student_command(teacher, layers, hidden_size, task, out):
+    """Build a student from TEACHER's layers (DistilBERT style) or a narrower fresh model of its type."""
+    from .init_student import init_student
+    record = init_student(teacher, out, list(layers), hidden_size=hidden_size, task=task)
+    click.echo(f"wrote {out}: {record['class']}, {len(record['layers'])} layers, hidden {record['hidden_size']}, "
+               f"{record['num_parameters']:,} parameters ({record['mode']})")
+
+
 @main.command("demo")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Keep the teacher, caches and students here (default: a temporary directory).")
