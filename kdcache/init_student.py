@@ -40,6 +40,12 @@ def _model_class(config, task: str | None):
     return infer_task(config).auto_class
 
 
+def _fresh_model(model_class, config):
+    """A randomly initialised model: Auto classes build with `from_config`, model classes with `_from_config`."""
+    build = getattr(model_class, "from_config", None) or model_class._from_config
+    return build(config)
+
+
 def _layer_stack(model: nn.Module, num_layers: int) -> str:
     """The dotted name of the ModuleList holding the transformer layers (bert.encoder.layer, model.layers, ...)."""
     stacks = [name for name, module in model.named_modules()
@@ -91,7 +97,7 @@ def init_student(teacher: str, out: Path | str, layers: list[int], *, hidden_siz
     if hidden_size is None:
         teacher_model = load_model(teacher, "teacher", "float32", model_class)
         stack = _layer_stack(teacher_model, count)
-        student = model_class._from_config(student_config)
+        student = _fresh_model(model_class, student_config)
         source = teacher_model.state_dict()
         state = {}
         for name in student.state_dict():
@@ -104,7 +110,7 @@ def init_student(teacher: str, out: Path | str, layers: list[int], *, hidden_siz
         student.load_state_dict(state, strict=True)
     else:
         torch.manual_seed(0)
-        student = model_class._from_config(student_config)
+        student = _fresh_model(model_class, student_config)
     staging = _prepare_output(out)
     student.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
