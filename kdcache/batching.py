@@ -26,6 +26,7 @@ class Batch:
     target_mask: torch.Tensor | None = None     # bool [B, L]: positions holding a target (None: all valid)
     labels: torch.Tensor | None = None          # int64 [B, L]: gold class at target positions, else -100
     token_type_ids: torch.Tensor | None = None  # int64 [B, L], text pairs only
+    pooled: torch.Tensor | None = None          # float32 [B, d], the teacher encoder's pooled output
 
     def to(self, device) -> Batch:
         moved = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -105,4 +106,5 @@ def collate(sequences: list[CachedSequence]) -> Batch:
         labels=None if first.labels is None else _scatter([s.labels for s in sequences], where, torch.long, -100),
         token_type_ids=(None if first.token_type_ids is None
                         else _stack_padded([s.token_type_ids for s in sequences], length, torch.long)),
+        pooled=None if first.pooled is None else torch.from_numpy(np.concatenate([s.pooled for s in sequences])).float(),
     )

@@ -63,15 +63,17 @@ def main():
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--shard-rows", default=10_000, show_default=True, help="Sequences per shard file.")
+@click.option("--pooled", is_flag=True, help="Encoders: also cache the pooler's output ('pooled' column).")
 def dump_teacher_command(teacher, data, out, split, task, text_column, text_pair_column, label_column, tokens_column,
                          labels_column, max_length, batch_size, top_k, hidden_layers, limit, dtype, logprob_dtype,
-                         shard_rows):
+                         shard_rows, pooled):
     """Run TEACHER once over DATA and write its top-k targets to a cache."""
     from .teacher import DumpSettings, dump_teacher
     settings = DumpSettings(top_k=top_k, max_length=max_length, batch_size=batch_size, hidden_layers=hidden_layers,
                             limit=limit, dtype=dtype, logprob_dtype=logprob_dtype, shard_rows=shard_rows,
                             split=split, text_column=text_column, task=task, tokens_column=tokens_column,
-                            labels_column=labels_column, label_column=label_column, text_pair_column=text_pair_column)
+                            labels_column=labels_column, label_column=label_column, text_pair_column=text_pair_column,
+                            pooled=pooled)
     manifest = dump_teacher(teacher, data, out, settings)
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
                f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token, "
@@ -132,6 +134,8 @@ def verify_command(cache):
 @click.option("--hidden-weight", default=0.0, show_default=True, help="Weight of hidden-state matching.")
 @click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default="mse", show_default=True,
               help="Hidden-state matching: mean squared error or 1 - cosine similarity per position.")
+@click.option("--pooled-weight", default=0.0, show_default=True,
+              help="Weight of matching the student's pooled output to the cached one (same loss as --hidden-loss).")
 @click.option("--layer-map", default=None, help="student:teacher hidden layer pairs, e.g. '2:6,4:12'.")
 @click.option("--lr", default=5e-4, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
@@ -144,12 +148,13 @@ def verify_command(cache):
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--no-verify", is_flag=True, help="Check shard sizes only instead of re-hashing the cache.")
 def train_student_command(cache, out, student, student_config, loss, tail, temperature, ce_weight, kd_weight,
-                          hidden_weight, hidden_loss, layer_map, lr, batch_size, grad_accum, max_steps, epochs, seed, dtype,
+                          hidden_weight, hidden_loss, pooled_weight, layer_map, lr, batch_size, grad_accum, max_steps, epochs, seed, dtype,
                           log_every, no_verify):
     """Train a student from a cache; the teacher is not needed."""
     from .student import TrainSettings, train_student
     settings = TrainSettings(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
-                             hidden_weight=hidden_weight, hidden_loss=hidden_loss, layer_map=layer_map, loss=loss, tail=tail, lr=lr,
+                             hidden_weight=hidden_weight, hidden_loss=hidden_loss, pooled_weight=pooled_weight,
+                             layer_map=layer_map, loss=loss, tail=tail, lr=lr,
                              batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
                              seed=seed, dtype=dtype, log_every=log_every, verify=not no_verify)
     summary = train_student(cache, out, student=student, student_config=student_config, settings=settings)

@@ -30,7 +30,7 @@ from .cache.reader import check_shard_files, iter_sequences, verify_cache
 from .errors import KDCacheError
 from .losses import hidden_loss, kd_loss, next_token_ce
 from .models import model_from_config, load_model, load_tokenizer
-from .tasks import get_task
+from .tasks import get_task, pooler
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 PROJECTIONS_FILE = "kdcache_projections.pt"
@@ -45,6 +45,7 @@ class TrainSettings:
     kd_weight: float = 1.0
     hidden_weight: float = 0.0
     hidden_loss: str = "mse"
+    pooled_weight: float = 0.0
     layer_map: str | None = None
     loss: str = "forward_kl"
     tail: str = "rest-bucket"
@@ -134,10 +135,12 @@ class FeatureProjections(nn.Module):
     """One learned linear map per matched layer pair when widths differ (FitNets); identity otherwise."""
 
     def __init__(self, layer_map: dict[int, int], student_width: int, teacher_sizes: dict[int, int],
-                 kind: str = "mse"):
+                 kind: str = "mse", pooled_size: int | None = None):
         super().__init__()
         self.layer_map = layer_map
         self.kind = kind
+        self.pooled = (None if pooled_size is None else
+                       nn.Identity() if pooled_size == student_width else nn.Linear(student_width, pooled_size))
         self.maps = nn.ModuleDict({
             str(student_layer): (nn.Identity() if teacher_sizes[teacher_layer] == student_width
                                  else nn.Linear(student_width, teacher_sizes[teacher_layer]))
@@ -148,6 +151,9 @@ class FeatureProjections(nn.Module):
         terms = [hidden_loss(self.maps[str(s)](student_hidden[s][valid].float()), batch.hidden[t][valid], self.kind)
                  for s, t in self.layer_map.items()]
         return torch.stack(terms).mean()
+
+    def pooled_loss(self, student_pooled: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return hidden_loss(self.pooled(student_pooled.float()), batch.pooled, self.kind)
 
 
 class MetricsLog:
@@ -231,6 +237,8 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
         raise KDCacheError(f"--hidden-loss must be 'mse' or 'cosine', got '{settings.hidden_loss}'")
     if settings.ce_weight:
         task.check_gold_labels(manifest)
+    if settings.pooled_weight and manifest.pooled_size is None:
+        raise KDCacheError("--pooled-weight > 0 but the cache holds no pooled output (dump with --pooled)")
     if settings.verify:
         verify_cache(cache, manifest, progress=progress)
     else:
@@ -243,7 +251,9 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     model.config.use_cache = False
     layer_map = (parse_layer_map(settings.layer_map, manifest, model.config.num_hidden_layers)
                  if settings.hidden_weight > 0 else {})
-    projections = FeatureProjections(layer_map, model.config.hidden_size, manifest.hidden_sizes, settings.hidden_loss)
+    student_pooler = pooler(model) if settings.pooled_weight else None
+    projections = FeatureProjections(layer_map, model.config.hidden_size, manifest.hidden_sizes, settings.hidden_loss,
+                                     manifest.pooled_size if settings.pooled_weight else None)
     staging = _prepare_output(out) if accelerator.is_main_process else None
 
     total_steps = _total_steps(manifest, settings, accelerator.num_processes)
@@ -260,7 +270,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     for epoch, batch in _batches(cache, manifest, settings, accelerator, sorted(set(layer_map.values()))):
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model, projections):
-            output = model(**batch.model_inputs(), output_hidden_states=bool(layer_map))
+            output = model(**batch.model_inputs(), output_hidden_states=bool(layer_map) or bool(student_pooler))
             logits = task.student_logits(output.logits, batch, vocab)
             terms = {}
             if settings.ce_weight:
@@ -270,7 +280,10 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
                                       temperature=settings.temperature)
             if layer_map:
                 terms["hidden"] = projections.loss(output.hidden_states, batch)
-            weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight}
+            if student_pooler is not None:
+                terms["pooled"] = projections.pooled_loss(student_pooler(output.hidden_states[-1]), batch)
+            weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight,
+                       "pooled": settings.pooled_weight}
             loss = sum(weights[name] * value for name, value in terms.items())
             accelerator.backward(loss)
             if accelerator.sync_gradients and settings.max_grad_norm:
@@ -299,7 +312,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
         metrics.close()
         accelerator.unwrap_model(model).save_pretrained(staging)
         load_tokenizer(str(cache / TOKENIZER_DIR), "cache tokenizer").save_pretrained(staging)
-        if layer_map:
+        if layer_map or student_pooler is not None:
             torch.save(accelerator.unwrap_model(projections).state_dict(), staging / PROJECTIONS_FILE)
         record = {"cache": str(cache), "dump_fingerprint": manifest.dump_fingerprint,
                   "student": student or student_config, "settings": dataclasses.asdict(settings),

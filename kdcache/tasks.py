@@ -191,6 +191,15 @@ def resolve_task(name: str | None, teacher: str):
     return (get_task(name) if name else infer_task(config)), config
 
 
+def pooler(model):
+    """The encoder's pooler (BERT-style: dense + tanh on the first token), or a one-line error."""
+    module = getattr(model.base_model, "pooler", None)
+    if module is None:
+        raise KDCacheError(f"{type(model).__name__} has no pooler (pooled output exists for BERT-style "
+                           f"sequence classifiers and bare encoders)")
+    return module
+
+
 def target_mask(annotations: list[Annotation], shape: tuple[int, int], device) -> torch.Tensor:
     """bool [B, L]: True where a row has a target."""
     mask = torch.zeros(shape, dtype=torch.bool)

@@ -34,7 +34,7 @@ from .errors import KDCacheError
 from .models import load_model, load_tokenizer, output_vocab_size
 from .stats import StreamingSummary
 from .targets import topk_targets
-from .tasks import CAUSAL_LM, Task, dataset_columns, resolve_task
+from .tasks import CAUSAL_LM, Task, dataset_columns, pooler, resolve_task
 
 IN_PROGRESS_NAME = "kdcache.dump.json"
 
@@ -58,6 +58,7 @@ class DumpSettings:
     labels_column: str | None = None     # token classification: per-word labels (default: 'ner_tags' if present)
     label_column: str | None = None      # sequence classification: one label (default: 'label' if present)
     text_pair_column: str | None = None  # sequence classification: second text of a pair
+    pooled: bool = False                 # encoders: also cache the pooler's output
 
     def content_settings(self) -> dict[str, Any]:
         settings = dataclasses.asdict(self)
@@ -68,7 +69,7 @@ class DumpSettings:
         return settings
 
 
-_CLASSIFICATION_SETTINGS = ("task", "tokens_column", "labels_column", "label_column", "text_pair_column")
+_CLASSIFICATION_SETTINGS = ("task", "tokens_column", "labels_column", "label_column", "text_pair_column", "pooled")
 
 
 def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
@@ -181,6 +182,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
                            f"{vocab_size} tokens: tokenizer and model do not belong together")
     layers = _normalise_layers(settings.hidden_layers, model.config.num_hidden_layers)
     batches, optional = _task_batches(task, rows, column, tokenizer, classes, settings, data)
+    pool = pooler(model) if settings.pooled else None
+    pooled_size = model.config.hidden_size if settings.pooled else None
     hidden_sizes = {layer: model.config.hidden_size for layer in layers}
 
     teacher_info = teacher_fingerprint(model, teacher)
@@ -191,7 +194,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
 
     schema = shard_schema(top_k=settings.top_k, vocab_size=num_classes, logprob_dtype=settings.logprob_dtype,
-                          hidden_sizes=hidden_sizes, dump_fingerprint=fingerprint, optional_columns=optional)
+                          hidden_sizes=hidden_sizes, dump_fingerprint=fingerprint, optional_columns=optional,
+                          pooled_size=pooled_size)
     id_dtype = np.uint16 if token_id_type(num_classes).bit_width == 16 else np.uint32
     logprob_dtype = np.float16 if settings.logprob_dtype == "float16" else np.float32
 
@@ -210,8 +214,9 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
             segments = {} if annotations is None or annotations[0].token_type_ids is None else {
                 "token_type_ids": _pad([a.token_type_ids for a in annotations], accelerator.device)[0]}
             with torch.inference_mode():
-                output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers),
-                               **segments)
+                output = model(input_ids=input_ids, attention_mask=mask,
+                               output_hidden_states=bool(layers) or settings.pooled, **segments)
+                pooled = None if pool is None else pool(output.hidden_states[-1]).to(torch.float16).cpu().numpy()
             valid = mask.bool()
             logits, gold = task.target_logits(output.logits, input_ids, valid, annotations)
             targets = topk_targets(logits, gold, vocab_size=num_classes, top_k=settings.top_k)
@@ -241,7 +246,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
                 sequences.append(CachedSequence(sample_id=sample_id, input_ids=token_array, topk_ids=ids[at],
                                                 topk_logprobs=logprobs[at], tail_logprob=tail[at],
                                                 hidden={layer: values[span] for layer, values in hidden.items()},
-                                                **({} if annotation is None else vars(annotation))))
+                                                **({} if annotation is None else vars(annotation)),
+                                                pooled=None if pooled is None else pooled[len(sequences)][None]))
             writer.write(sequences)
             bar.update(sample_ids[-1] + 1 - bar.n)
             bar.set_postfix(tok_s=f"{captured.count / (time.perf_counter() - started):.0f}")
@@ -264,7 +270,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
         columns={"topk_ids": str(token_id_type(num_classes)), "topk_logprobs": settings.logprob_dtype,
                  "hidden_sizes": {str(layer): size for layer, size in hidden_sizes.items()},
                  "hidden_columns": [hidden_column(layer) for layer in layers]}
-                | ({"optional": list(optional)} if optional else {}),
+                | ({"optional": list(optional)} if optional else {})
+                | ({"pooled_size": pooled_size} if pooled_size else {}),
         dump_fingerprint=fingerprint,
         shards=shards,
         stats={"tokens": captured.count, "captured_mass": captured.summary(),

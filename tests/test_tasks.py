@@ -205,6 +205,13 @@ def test_bad_token_classification_data(tmp_path, ner_teacher, case, fragment):
     assert not (tmp_path / "out").exists()
 
 
+def test_pooled_output_needs_a_pooler(tmp_path, ner_teacher, ner_data):
+    with pytest.raises(KDCacheError, match="BertForTokenClassification has no pooler"):
+        dump_teacher(str(ner_teacher), str(ner_data["test"]), tmp_path / "out", DumpSettings(pooled=True),
+                     progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_task_inference_refuses_a_bare_encoder(tmp_path, ner_data):
     from transformers import BertModel
     BertModel(tiny_bert(AutoTokenizer.from_pretrained(MINILM_DIR))).save_pretrained(tmp_path / "bare")
@@ -225,10 +232,12 @@ def test_sequence_classification_pairs_equal_a_direct_forward(tmp_path, wordpiec
     rows = [{"premise": f"{person[0]} visited {place[0]}", "hypothesis": f"{place[0]} is unbelievably big",
              "gold": index % 3} for index, (person, place) in enumerate(zip(PEOPLE * 2, PLACES * 2))]
     data = write_rows(tmp_path / "pairs.jsonl", rows)
-    settings = DumpSettings(text_column="premise", text_pair_column="hypothesis", label_column="gold", batch_size=3)
+    settings = DumpSettings(text_column="premise", text_pair_column="hypothesis", label_column="gold", batch_size=3,
+                            pooled=True)
     manifest = dump_teacher(str(teacher), str(data), tmp_path / "cache", settings, progress=False)
     assert manifest.task == "sequence-classification" and manifest.labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
     assert set(manifest.optional_columns) == {"token_type_ids", "target_positions", "labels"}
+    assert manifest.pooled_size == 32
     model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
     for sequence in iter_sequences(tmp_path / "cache", manifest):
         row = rows[sequence.sample_id]
@@ -236,13 +245,18 @@ def test_sequence_classification_pairs_equal_a_direct_forward(tmp_path, wordpiec
         assert sequence.token_type_ids.tolist() == encoding["token_type_ids"][0].tolist()
         assert 1 in sequence.token_type_ids.tolist()
         with torch.no_grad():
-            expected = torch.log_softmax(model(**encoding).logits[0].double(), dim=-1).numpy()
+            output = model(**encoding, output_hidden_states=True)
+            expected = torch.log_softmax(output.logits[0].double(), dim=-1).numpy()
+            np.testing.assert_allclose(sequence.pooled.astype(np.float32),
+                                       model.bert.pooler(output.hidden_states[-1]).numpy(), atol=2e-3)
         assert sequence.target_positions.tolist() == [0] and sequence.labels.tolist() == [row["gold"]]
         np.testing.assert_allclose(expected[sequence.topk_ids[0].astype(np.int64)],
                                    sequence.topk_logprobs[0].astype(np.float64), rtol=1e-3, atol=2e-3)
     student = tmp_path / "student"
     train_student(tmp_path / "cache", student, student=str(teacher), progress=False,
-                  settings=TrainSettings(max_steps=2, batch_size=4, ce_weight=0.5))
+                  settings=TrainSettings(max_steps=2, batch_size=4, ce_weight=0.5, pooled_weight=1.0, log_every=1))
+    record = json.loads((student / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["loss"] == pytest.approx(record["kd"] + 0.5 * record["ce"] + record["pooled"], rel=1e-6)
     scores = evaluate_student(AutoModelForSequenceClassification.from_pretrained(student), tmp_path / "cache")
     assert {"student_vs_teacher", "student_vs_gold", "teacher_vs_gold"} <= set(scores)
     assert "entity_f1" not in scores["student_vs_teacher"]

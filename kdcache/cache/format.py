@@ -43,8 +43,12 @@ OPTIONAL_COLUMNS = {"token_type_ids": pa.list_(pa.int8()), "target_positions": p
                     "labels": pa.list_(pa.int32())}
 
 
+POOLED_COLUMN = "pooled"
+
+
 def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_sizes: dict[int, int],
-                 dump_fingerprint: str, optional_columns: tuple[str, ...] = ()) -> pa.Schema:
+                 dump_fingerprint: str, optional_columns: tuple[str, ...] = (), pooled_size: int | None = None
+                 ) -> pa.Schema:
     """The Arrow schema of every shard of one cache.
 
     `vocab_size` is the number of classes the targets range over (the tokenizer's vocabulary for
@@ -63,6 +67,8 @@ def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_size
                if name in optional_columns]
     fields += [pa.field(hidden_column(layer), pa.list_(pa.list_(pa.float16(), size)), nullable=False)
                for layer, size in sorted(hidden_sizes.items())]
+    if pooled_size is not None:  # an encoder's pooled output: one [d] vector per row
+        fields.append(pa.field(POOLED_COLUMN, pa.list_(pa.list_(pa.float16(), pooled_size)), nullable=False))
     metadata = {"kdcache.format_version": str(FORMAT_VERSION), "kdcache.dump_fingerprint": dump_fingerprint}
     return pa.schema(fields, metadata=metadata)
 
@@ -159,6 +165,10 @@ class Manifest:
     def num_classes(self) -> int:
         """How many classes the cached distributions range over: the labels, else the vocabulary."""
         return len(self.labels) if self.labels else self.vocab_size
+
+    @property
+    def pooled_size(self) -> int | None:
+        return self.columns.get("pooled_size")
 
     @property
     def optional_columns(self) -> tuple[str, ...]:

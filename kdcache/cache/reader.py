@@ -24,7 +24,8 @@ def expected_schema(manifest: Manifest) -> pa.Schema:
     settings = manifest.settings
     return shard_schema(top_k=manifest.top_k, vocab_size=manifest.num_classes,
                         logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
-                        dump_fingerprint=manifest.dump_fingerprint, optional_columns=manifest.optional_columns)
+                        dump_fingerprint=manifest.dump_fingerprint, optional_columns=manifest.optional_columns,
+                        pooled_size=manifest.pooled_size)
 
 
 def _open_shard(path: Path) -> pa.RecordBatchFileReader:
@@ -89,22 +90,19 @@ def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterato
             values = values.to_numpy(zero_copy_only=False)
         return offsets - offsets[0], values
 
-    offsets, input_ids = per_token("input_ids")
-    target_offsets, topk_ids = per_token("topk_ids")
-    topk_logprobs = per_token("topk_logprobs")[1]
-    tail = per_token("tail_logprob")[1]
-    hidden = {layer: per_token(f"hidden_{layer}")[1] for layer in hidden_layers}
-    optional = {name: per_token(name)[1] for name in ("token_type_ids", "target_positions", "labels")
-                if name in batch.schema.names}
+    names = ["input_ids", "topk_ids", "topk_logprobs", "tail_logprob"]
+    names += [name for name in ("token_type_ids", "target_positions", "labels", "pooled") if name in batch.schema.names]
+    columns = {name: per_token(name) for name in names}
+    hidden = {layer: per_token(f"hidden_{layer}") for layer in hidden_layers}
+
+    def cut(column: tuple[np.ndarray, np.ndarray], row: int) -> np.ndarray:
+        offsets, values = column
+        return values[offsets[row]:offsets[row + 1]]
+
     sample_ids = batch.column("sample_id").to_numpy()
     for row, sample_id in enumerate(sample_ids):
-        span = slice(offsets[row], offsets[row + 1])
-        targets = slice(target_offsets[row], target_offsets[row + 1])
-        yield CachedSequence(sample_id=int(sample_id), input_ids=input_ids[span], topk_ids=topk_ids[targets],
-                             topk_logprobs=topk_logprobs[targets], tail_logprob=tail[targets],
-                             hidden={layer: values[span] for layer, values in hidden.items()},
-                             **{name: values[span if name == "token_type_ids" else targets]
-                                for name, values in optional.items()})
+        yield CachedSequence(sample_id=int(sample_id), **{name: cut(column, row) for name, column in columns.items()},
+                             hidden={layer: cut(column, row) for layer, column in hidden.items()})
 
 
 def iter_sequences(cache_dir: Path, manifest: Manifest, *, hidden_layers: list[int] | None = None,
