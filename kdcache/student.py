@@ -29,7 +29,7 @@ from .cache.format import TOKENIZER_DIR, Manifest, tokenizer_fingerprint
 from .cache.reader import check_shard_files, iter_sequences, verify_cache
 from .errors import KDCacheError
 from .losses import hidden_loss, kd_loss, next_token_ce
-from .models import model_from_config, load_model, load_tokenizer
+from .models import load_model, load_tokenizer, model_from_config
 from .tasks import get_task, pooler
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
@@ -107,7 +107,7 @@ def load_student(student: str | None, student_config: str | None, manifest: Mani
     if student_config is not None:
         task = get_task(manifest.task)
         model = model_from_config(student_config, manifest.vocab_size, task.auto_class,
-                                      **task.student_config_overrides(manifest))
+                                  **task.student_config_overrides(manifest))
         check_student_matches_cache(model, None, manifest)
         return model
     return load_pretrained_student(student, manifest)
@@ -132,7 +132,8 @@ def _prepare_output(out: Path) -> Path:
 
 
 class FeatureProjections(nn.Module):
-    """One learned linear map per matched layer pair when widths differ (FitNets); identity otherwise."""
+    """One learned linear map per matched layer pair (and for the pooled output) when widths differ (FitNets);
+    identity otherwise."""
 
     def __init__(self, layer_map: dict[int, int], student_width: int, teacher_sizes: dict[int, int],
                  kind: str = "mse", pooled_size: int | None = None):
