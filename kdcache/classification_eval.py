@@ -80,10 +80,10 @@ def format_table(result: dict) -> str:
     columns = list(result["student_vs_teacher"])
     lines = [f"{result['task']}: {result['rows']} rows, {result['targets']} targets, "
              f"KL(teacher ‖ student) {result['kl_to_teacher']:.4f}",
-             f"{'':20s}" + "".join(f"{column.replace('entity_', 'entity '):>16s}" for column in columns)]
+             f"{'':20s}" + "".join(f"{column.replace('entity_', 'entity '):>18s}" for column in columns)]
     for name in COMPARISONS:
         if name in result:
             lines.append(f"{name.replace('_', ' '):20s}" + "".join(
-                f"{result[name][column]:16d}" if isinstance(result[name][column], int) else f"{result[name][column]:16.4f}"
+                f"{result[name][column]:18d}" if isinstance(result[name][column], int) else f"{result[name][column]:18.4f}"
                 for column in columns))
     return "\n".join(lines)
