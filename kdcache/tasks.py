@@ -109,7 +109,8 @@ class _Classification(Task):
         where = target_mask(annotations, input_ids.shape, logits.device)
         gold = torch.full(input_ids.shape, -1, dtype=torch.long, device=logits.device)
         if annotations[0].labels is not None:
-            gold[where] = torch.from_numpy(np.concatenate([a.labels for a in annotations]).astype(np.int64)).to(gold.device)
+            labels = np.concatenate([annotation.labels for annotation in annotations]).astype(np.int64)
+            gold[where] = torch.from_numpy(labels).to(gold.device)
         return self.logits_at(logits, where), gold[where]
 
     def logits_at(self, logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -126,9 +127,10 @@ class _Classification(Task):
             raise KDCacheError("--ce-weight > 0 but the cache holds no gold labels (dump data with a label column)")
 
     def check_student(self, model, manifest) -> None:
-        if model.config.num_labels != len(manifest.labels):
-            raise KDCacheError(f"student has {model.config.num_labels} labels, the cache's teacher "
-                               f"{len(manifest.labels)} ({', '.join(manifest.labels)})")
+        names = self.class_names(model.config)
+        if len(names) != len(manifest.labels) or not (generic_names(names) or names == manifest.labels):
+            raise KDCacheError(f"student labels ({', '.join(names)}) differ from the cache's "
+                               f"({', '.join(manifest.labels)})")
         rows = model.get_input_embeddings().weight.shape[0]
         if rows < manifest.vocab_size:
             raise KDCacheError(f"student vocabulary ({rows}) is smaller than the cache's tokenizer "
@@ -162,6 +164,11 @@ class SequenceClassification(_Classification):
 
 
 TASKS = {task.name: task for task in (Task(), TokenClassification(), SequenceClassification())}
+
+
+def generic_names(names: list[str]) -> bool:
+    """True for transformers' placeholder names (LABEL_0, LABEL_1, ...): the ids carry no names to check."""
+    return all(name == f"LABEL_{index}" for index, name in enumerate(names))
 
 
 def get_task(name: str) -> Task:
@@ -226,7 +233,7 @@ def label_encoder(feature, classes: list[str], column: str):
     """
     label2id = {name: index for index, name in enumerate(classes)}
     names = _label_feature_names(feature)
-    generic = all(name == f"LABEL_{index}" for index, name in enumerate(classes))
+    generic = generic_names(classes)
     if names is not None and not generic:
         missing = sorted(set(names) - set(classes))
         if missing:

@@ -276,6 +276,14 @@ def test_ce_weight_needs_gold_labels(tmp_path, ner_teacher, ner_data, student_co
     assert not (tmp_path / "s").exists() and not (tmp_path / "s.partial").exists()
 
 
+def test_student_with_other_labels_is_refused(tmp_path, ner_cache, wordpiece):
+    other = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]  # same count, another order
+    AutoModelForTokenClassification.from_config(tiny_bert(wordpiece, layers=1, num_labels=5,
+                                                          id2label=dict(enumerate(other)))).save_pretrained(tmp_path / "m")
+    with pytest.raises(KDCacheError, match=r"student labels \(O, B-LOC.*\) differ from the cache's \(O, B-PER"):
+        train_student(ner_cache, tmp_path / "s", student=str(tmp_path / "m"), progress=False)
+
+
 @pytest.fixture(scope="module")
 def student_config_dir(tmp_path_factory, wordpiece):
     path = tmp_path_factory.mktemp("bert-student") / "student.json"
