@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from .batching import collate
 from .cache.format import Manifest
 from .cache.reader import iter_sequences
+from .classification_eval import evaluate_classifier
 from .losses import kd_loss
+from .tasks import CAUSAL_LM
 
 
 @torch.inference_mode()
@@ -27,8 +29,11 @@ def evaluate_student(model, cache: Path | str, *, batch_size: int = 16, device: 
     """Mean KL(teacher ‖ student) (T=1), top-1 agreement, NLL and perplexity.
 
     `sample_ids` limits scoring to those sequences (a held-out split, see kdcache/split.py).
+    Classification caches are scored by `evaluate_classifier` (accuracy, entity F1, vs teacher and gold).
     """
     manifest = Manifest.load(cache)
+    if manifest.task != CAUSAL_LM:
+        return evaluate_classifier(model, cache, batch_size=batch_size, device=device, sample_ids=sample_ids)
     kind = "topk" if "topk" in manifest.target_types else "sampled"
     device = device or next(model.parameters()).device
     was_training = model.training

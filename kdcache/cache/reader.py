@@ -22,9 +22,10 @@ from .writer import CachedSequence, Ragged
 
 def expected_schema(manifest: Manifest) -> pa.Schema:
     settings = manifest.settings
-    return shard_schema(top_k=manifest.top_k, vocab_size=manifest.vocab_size,
+    return shard_schema(top_k=manifest.top_k, vocab_size=manifest.num_classes,
                         logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
-                        dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types)
+                        dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types,
+                        optional_columns=manifest.optional_columns, pooled_size=manifest.pooled_size)
 
 
 def _open_shard(path: Path) -> pa.RecordBatchFileReader:
@@ -73,7 +74,11 @@ def verify_cache(cache_dir: Path, manifest: Manifest, *, progress: bool = True) 
 
 
 def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterator[CachedSequence]:
-    """Decode a record batch into per-row numpy views (no copies of the value buffers)."""
+    """Decode a record batch into per-row numpy views (no copies of the value buffers).
+
+    Token columns (input_ids, token_type_ids, hidden_*) have one entry per token; target columns
+    have one per target position, which is every token except for classification caches.
+    """
     def per_token(name: str) -> tuple[np.ndarray, np.ndarray]:
         column = batch.column(name)
         offsets = column.offsets.to_numpy()
@@ -85,24 +90,31 @@ def _batch_sequences(batch: pa.RecordBatch, hidden_layers: list[int]) -> Iterato
             values = values.to_numpy(zero_copy_only=False)
         return offsets - offsets[0], values
 
-    def per_position(name: str) -> Ragged:
-        """A list<list<...>> column as one Ragged over every position of the batch."""
-        positions = batch.column(name).flatten()
+    def per_position(name: str) -> tuple[np.ndarray, Ragged]:
+        """A list<list<...>> column: row offsets, and one Ragged over every position of the batch."""
+        column = batch.column(name)
+        row_offsets = column.offsets.to_numpy()
+        positions = column.flatten()
         offsets = positions.offsets.to_numpy()
-        return Ragged(values=positions.flatten().to_numpy(zero_copy_only=False), offsets=offsets - offsets[0])
+        return row_offsets - row_offsets[0], Ragged(values=positions.flatten().to_numpy(zero_copy_only=False),
+                                                    offsets=offsets - offsets[0])
 
-    names = set(batch.schema.names)
-    offsets, input_ids = per_token("input_ids")
-    columns = {name: per_token(name)[1] for name in ("topk_ids", "topk_logprobs", "tail_logprob") if name in names}
-    ragged = {name: per_position(name) for name in ("sampled_ids", "sampled_counts") if name in names}
-    hidden = {layer: per_token(f"hidden_{layer}")[1] for layer in hidden_layers}
+    present = set(batch.schema.names)
+    names = [name for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "token_type_ids",
+                               "target_positions", "labels", "pooled") if name in present]
+    columns = {name: per_token(name) for name in names}
+    columns |= {name: per_position(name) for name in ("sampled_ids", "sampled_counts") if name in present}
+    hidden = {layer: per_token(f"hidden_{layer}") for layer in hidden_layers}
+
+    def cut(column: tuple[np.ndarray, np.ndarray | Ragged], row: int) -> np.ndarray | Ragged:
+        offsets, values = column
+        span = slice(offsets[row], offsets[row + 1])
+        return values.positions(span) if isinstance(values, Ragged) else values[span]
+
     sample_ids = batch.column("sample_id").to_numpy()
     for row, sample_id in enumerate(sample_ids):
-        span = slice(offsets[row], offsets[row + 1])
-        yield CachedSequence(sample_id=int(sample_id), input_ids=input_ids[span],
-                             **{name: values[span] for name, values in columns.items()},
-                             **{name: values.positions(span) for name, values in ragged.items()},
-                             hidden={layer: values[span] for layer, values in hidden.items()})
+        yield CachedSequence(sample_id=int(sample_id), **{name: cut(column, row) for name, column in columns.items()},
+                             hidden={layer: cut(column, row) for layer, column in hidden.items()})
 
 
 def read_sample_ids(cache_dir: Path, manifest: Manifest) -> np.ndarray:
