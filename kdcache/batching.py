@@ -25,6 +25,10 @@ class Batch:
     hidden: dict[int, torch.Tensor]  # teacher layer -> float32 [B, L, d]
     sampled_ids: torch.Tensor | None = None       # int64 [B, L, S], S = most distinct ids at any position
     sampled_logprobs: torch.Tensor | None = None  # float32 [B, L, S]: log(count / draws), -inf in padded slots
+    target_mask: torch.Tensor | None = None     # bool [B, L]: positions holding a target (None: all valid)
+    labels: torch.Tensor | None = None          # int64 [B, L]: gold class at target positions, else -100
+    token_type_ids: torch.Tensor | None = None  # int64 [B, L], text pairs only
+    pooled: torch.Tensor | None = None          # float32 [B, d], the teacher encoder's pooled output
     sample_ids: list[int] = dataclasses.field(default_factory=list)  # the cache rows, in batch order
 
     def to(self, device) -> Batch:
@@ -42,9 +46,20 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def targets_at(self) -> torch.Tensor:
+        """Where the targets are: every valid position unless the cache says otherwise."""
+        return self.valid if self.target_mask is None else self.target_mask
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            inputs["token_type_ids"] = self.token_type_ids
+        return inputs
+
     def sparse_targets(self, kind: str = "topk") -> SparseTargets:
         """The loss's view of one target type: top-k with its exact tail, or sampled (no tail)."""
-        valid = self.valid
+        valid = self.targets_at
         if kind == "sampled":
             return SparseTargets(ids=self.sampled_ids[valid], logprobs=self.sampled_logprobs[valid], tail_logprob=None)
         return SparseTargets(ids=self.topk_ids[valid], logprobs=self.topk_logprobs[valid],
@@ -67,7 +82,11 @@ def _stack_padded(arrays: list[np.ndarray], length: int, dtype: torch.dtype, fil
 
 
 def _stack_ragged(ids: list[Ragged], counts: list[Ragged], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled targets as [B, L, S] ids and log(count / draws), padded slots at id 0 with log-prob -inf."""
+    """Sampled targets as [B, L, S] ids and log(count / draws), padded slots at id 0 with log-prob -inf.
+
+    Only causal-LM caches hold sampled targets (classification refuses them at dump time), so
+    their positions are the tokens themselves.
+    """
     width = max(int(row.lengths().max(initial=0)) for row in ids)
     out_ids = torch.zeros(len(ids), length, width, dtype=torch.long)
     out_logprobs = torch.full((len(ids), length, width), float("-inf"))
@@ -82,17 +101,31 @@ def _stack_ragged(ids: list[Ragged], counts: list[Ragged], length: int) -> tuple
     return out_ids, out_logprobs
 
 
+def _scatter(arrays: list[np.ndarray], where: torch.Tensor, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
+    """Per-row target arrays placed at the True entries of `where` [B, L] (row-major, as stored)."""
+    flat = torch.from_numpy(np.concatenate(arrays).astype(np.float32 if dtype.is_floating_point else np.int64))
+    out = torch.full((*where.shape, *flat.shape[1:]), fill, dtype=dtype)
+    out[where] = flat
+    return out
+
+
 def collate(sequences: list[CachedSequence]) -> Batch:
     """Pad a list of sequences into one Batch; target types the cache lacks stay None."""
     length = max(len(sequence.input_ids) for sequence in sequences)
     lengths = torch.tensor([len(sequence.input_ids) for sequence in sequences])
     mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
     first = sequences[0]
+    target_mask = None
+    if first.target_positions is not None:
+        target_mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+        for row, sequence in enumerate(sequences):
+            target_mask[row, torch.from_numpy(sequence.target_positions.astype(np.int64))] = True
+    where = mask.bool() if target_mask is None else target_mask
 
-    def stacked(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    def scattered(name: str, dtype: torch.dtype, fill: float = 0) -> torch.Tensor | None:
         if getattr(first, name) is None:
             return None
-        return _stack_padded([getattr(s, name) for s in sequences], length, dtype)
+        return _scatter([getattr(s, name) for s in sequences], where, dtype, fill)
 
     sampled_ids = sampled_logprobs = None
     if first.sampled_ids is not None:
@@ -101,12 +134,17 @@ def collate(sequences: list[CachedSequence]) -> Batch:
     return Batch(
         input_ids=_stack_padded([s.input_ids for s in sequences], length, torch.long),
         attention_mask=mask,
-        topk_ids=stacked("topk_ids", torch.long),
-        topk_logprobs=stacked("topk_logprobs", torch.float32),
-        tail_logprob=stacked("tail_logprob", torch.float32),
+        topk_ids=scattered("topk_ids", torch.long),
+        topk_logprobs=scattered("topk_logprobs", torch.float32),
+        tail_logprob=scattered("tail_logprob", torch.float32),
         hidden={layer: _stack_padded([s.hidden[layer] for s in sequences], length, torch.float32)
                 for layer in first.hidden},
         sampled_ids=sampled_ids,
         sampled_logprobs=sampled_logprobs,
+        target_mask=target_mask,
+        labels=scattered("labels", torch.long, -100),
+        token_type_ids=(None if first.token_type_ids is None
+                        else _stack_padded([s.token_type_ids for s in sequences], length, torch.long)),
+        pooled=None if first.pooled is None else torch.from_numpy(np.concatenate([s.pooled for s in sequences])).float(),
         sample_ids=[sequence.sample_id for sequence in sequences],
     )

@@ -13,6 +13,7 @@ import click
 from .cache.format import Manifest
 from .errors import KDCacheError
 from .losses import DIVERGENCES, TAIL_MODES
+from .tasks import CAUSAL_LM, TASKS as TASK_NAMES
 
 
 class _Group(click.Group):
@@ -41,11 +42,19 @@ def main():
 
 
 @main.command("dump-teacher")
-@click.option("--teacher", required=True, help="Causal-LM teacher: local directory or hub id.")
+@click.option("--teacher", required=True, help="Teacher (causal LM or classifier): local directory or hub id.")
 @click.option("--data", required=True, help="Anything `datasets` loads: jsonl/json/csv/parquet/txt, save_to_disk dir, hub id.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to create.")
 @click.option("--split", default="train", show_default=True)
-@click.option("--text-column", default="text", show_default=True, help="Ignored when the data has an input_ids column.")
+@click.option("--task", type=click.Choice(list(TASK_NAMES)), default=None,
+              help="Default: inferred from the teacher config's architectures.")
+@click.option("--text-column", default="text", show_default=True,
+              help="Causal LM and sequence classification; a causal LM uses an input_ids column instead when present.")
+@click.option("--text-pair-column", default=None, help="Sequence classification: the second text of pairs.")
+@click.option("--label-column", default=None, help="Sequence classification gold labels (default: 'label' if present).")
+@click.option("--tokens-column", default="tokens", show_default=True, help="Token classification: lists of words.")
+@click.option("--labels-column", default=None,
+              help="Token classification gold labels per word, ids or names (default: 'ner_tags' if present).")
 @click.option("--max-length", default=1024, show_default=True, help="Truncate sequences to this many tokens.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--top-k", default=64, show_default=True, help="Teacher log-probs kept per position.")
@@ -54,17 +63,22 @@ def main():
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--shard-rows", default=10_000, show_default=True, help="Sequences per shard file.")
+@click.option("--pooled", is_flag=True, help="Encoders: also cache the pooler's output ('pooled' column).")
 @click.option("--targets", type=click.Choice(["topk", "sampled", "both"]), default="topk", show_default=True,
-              help="Top-k log-probs + exact tail, ids sampled from the teacher with counts, or both.")
+              help="Top-k log-probs + exact tail, ids sampled from the teacher with counts, or both "
+                   "(causal LM only: classification caches store every label's probability).")
 @click.option("--samples", default=50, show_default=True, help="Draws per position for sampled targets (T=1).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the draws (combined with each sample id).")
-def dump_teacher_command(teacher, data, out, split, text_column, max_length, batch_size, top_k, hidden_layers,
-                         limit, dtype, logprob_dtype, shard_rows, targets, samples, seed):
+def dump_teacher_command(teacher, data, out, split, task, text_column, text_pair_column, label_column, tokens_column,
+                         labels_column, max_length, batch_size, top_k, hidden_layers, limit, dtype, logprob_dtype,
+                         shard_rows, pooled, targets, samples, seed):
     """Run TEACHER once over DATA and write its top-k and/or sampled targets to a cache."""
     from .teacher import DumpSettings, dump_teacher
     settings = DumpSettings(top_k=top_k, max_length=max_length, batch_size=batch_size, hidden_layers=hidden_layers,
                             limit=limit, dtype=dtype, logprob_dtype=logprob_dtype, shard_rows=shard_rows,
-                            split=split, text_column=text_column, targets=targets, samples=samples, seed=seed)
+                            split=split, text_column=text_column, targets=targets, samples=samples, seed=seed,
+                            task=task, tokens_column=tokens_column, labels_column=labels_column,
+                            label_column=label_column, text_pair_column=text_pair_column, pooled=pooled)
     manifest = dump_teacher(teacher, data, out, settings)
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
                f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token")
@@ -114,9 +128,12 @@ def info_command(cache, as_json):
         f"{manifest.total_bytes:,} bytes ({manifest.total_bytes / max(manifest.total_tokens, 1):.1f} bytes/token)",
         *([f"top-k mass   mean {mass.get('mean')}, p5 {mass.get('p5')}, p50 {mass.get('p50')}, p95 {mass.get('p95')}"]
           if mass else []),
-        f"teacher NLL  {manifest.stats.get('teacher_nll')} nats/token",
+        f"teacher NLL  {manifest.stats.get('teacher_nll')} "
+        + ("nats/target (on gold labels)" if manifest.labels else "nats/token"),
         *_fidelity_lines(manifest),
     ]
+    if manifest.labels:
+        lines[1] += f"  (labels: {', '.join(manifest.labels)})"
     click.echo("\n".join(lines))
 
 
@@ -147,7 +164,11 @@ def verify_command(cache):
 @click.option("--temperature", default=1.0, show_default=True)
 @click.option("--ce-weight", default=0.0, show_default=True, help="Weight of next-token cross-entropy on the text.")
 @click.option("--kd-weight", default=1.0, show_default=True, help="Weight of T²·KD(teacher ‖ student).")
-@click.option("--hidden-weight", default=0.0, show_default=True, help="Weight of hidden-state MSE.")
+@click.option("--hidden-weight", default=0.0, show_default=True, help="Weight of hidden-state matching.")
+@click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default="mse", show_default=True,
+              help="Hidden-state matching: mean squared error or 1 - cosine similarity per position.")
+@click.option("--pooled-weight", default=0.0, show_default=True,
+              help="Weight of matching the student's pooled output to the cached one (same loss as --hidden-loss).")
 @click.option("--layer-map", default=None, help="student:teacher hidden layer pairs, e.g. '2:6,4:12'.")
 @click.option("--lr", default=5e-4, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
@@ -173,13 +194,14 @@ def verify_command(cache):
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.partial/checkpoints (start fresh if none).")
 @click.option("--resume-from", type=click.Path(path_type=Path), default=None, help="Continue from this checkpoint directory.")
 def train_student_command(cache, out, student, student_config, loss, tail, temperature, ce_weight, kd_weight,
-                          hidden_weight, layer_map, lr, batch_size, grad_accum, max_steps, epochs, seed, dtype,
-                          log_every, no_verify, targets, val_fraction, eval_every, early_stopping, read_through,
-                          prefetch, save_every, keep_checkpoints, resume, resume_from):
+                          hidden_weight, hidden_loss, pooled_weight, layer_map, lr, batch_size, grad_accum, max_steps,
+                          epochs, seed, dtype, log_every, no_verify, targets, val_fraction, eval_every, early_stopping,
+                          read_through, prefetch, save_every, keep_checkpoints, resume, resume_from):
     """Train a student from a cache; the teacher is not needed."""
     from .student import TrainSettings, train_student
     settings = TrainSettings(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
-                             hidden_weight=hidden_weight, layer_map=layer_map, loss=loss, tail=tail, lr=lr,
+                             hidden_weight=hidden_weight, hidden_loss=hidden_loss, pooled_weight=pooled_weight,
+                             layer_map=layer_map, loss=loss, tail=tail, lr=lr,
                              batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
                              seed=seed, dtype=dtype, log_every=log_every, verify=not no_verify, targets=targets,
                              val_fraction=val_fraction, eval_every=eval_every, early_stopping=early_stopping,
@@ -216,8 +238,28 @@ def eval_command(cache, student, batch_size, split_fraction, as_json):
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    if result.get("task", CAUSAL_LM) != CAUSAL_LM:
+        from .classification_eval import format_table
+        click.echo(format_table(result))
+        return
     for name, value in result.items():
         click.echo(f"{name:16s} {value:.4f}" if isinstance(value, float) else f"{name:16s} {value}")
+
+
+@main.command("init-student")
+@click.option("--teacher", required=True, help="Teacher directory or hub id.")
+@click.option("--layers", required=True, callback=_int_list,
+              help="Teacher layers to copy, 0-based, e.g. '0,2,4' (with --hidden-size: only their count matters).")
+@click.option("--hidden-size", type=int, default=None, help="Build a fresh, narrower model of this width instead.")
+@click.option("--task", type=click.Choice(list(TASK_NAMES)), default=None,
+              help="Model class to build (default: the teacher's own class).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the student.")
+def init_student_command(teacher, layers, hidden_size, task, out):
+    """Build a student from TEACHER's layers (DistilBERT style) or a narrower fresh model of its type."""
+    from .init_student import init_student
+    record = init_student(teacher, out, list(layers), hidden_size=hidden_size, task=task)
+    click.echo(f"wrote {out}: {record['class']}, {len(record['layers'])} layers, hidden {record['hidden_size']}, "
+               f"{record['num_parameters']:,} parameters ({record['mode']})")
 
 
 @main.command("demo")

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from .batching import collate
 from .cache.reader import iter_sequences, select_rows
 from .cache.store import CacheStore, as_store
+from .classification_eval import evaluate_classifier
 from .losses import kd_loss
+from .tasks import CAUSAL_LM
 
 
 @torch.inference_mode()
@@ -27,9 +29,13 @@ def evaluate_student(model, cache: CacheStore | Path | str, *, batch_size: int =
     """Mean KL(teacher ‖ student) (T=1), top-1 agreement, NLL and perplexity.
 
     `sample_ids` limits scoring to those sequences (a held-out split, see kdcache/split.py).
+    Classification caches are scored by `evaluate_classifier` (accuracy, entity F1, vs teacher and gold).
     """
     store = as_store(cache)
     manifest = store.load_manifest()
+    kept_rows = None if sample_ids is None else select_rows(store, manifest, sample_ids)
+    if manifest.task != CAUSAL_LM:
+        return evaluate_classifier(model, store, manifest, batch_size=batch_size, device=device, kept_rows=kept_rows)
     kind = "topk" if "topk" in manifest.target_types else "sampled"
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -52,7 +58,6 @@ def evaluate_student(model, cache: CacheStore | Path | str, *, batch_size: int =
         labelled += float((labels != -100).sum())
         positions += count
 
-    kept_rows = None if sample_ids is None else select_rows(store, manifest, sample_ids)
     for sequence in iter_sequences(store, manifest, kept_rows=kept_rows):
         pending.append(sequence)
         if len(pending) == batch_size:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .errors import KDCacheError
 
@@ -36,17 +36,35 @@ def load_tokenizer(name_or_path: str, what: str = "tokenizer"):
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
 
 
-def load_causal_lm(name_or_path: str, what: str, dtype: str = "auto") -> PreTrainedModel:
+def load_config(name_or_path: str, what: str) -> PretrainedConfig:
     _check_exists(name_or_path, what)
-    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as error:
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
 
 
-def causal_lm_from_config(config_file: str, vocab_size: int) -> PreTrainedModel:
-    """A freshly initialised model from a config JSON; its vocabulary defaults to the cache's."""
+def load_model(name_or_path: str, what: str, dtype: str = "auto", auto_class=AutoModelForCausalLM) -> PreTrainedModel:
+    """A pretrained model through `auto_class` (the task's AutoModelFor... class)."""
+    _check_exists(name_or_path, what)
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    try:
+        return auto_class.from_pretrained(name_or_path, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
+
+
+def load_causal_lm(name_or_path: str, what: str, dtype: str = "auto") -> PreTrainedModel:
+    return load_model(name_or_path, what, dtype, AutoModelForCausalLM)
+
+
+def model_from_config(config_file: str, vocab_size: int, auto_class=AutoModelForCausalLM,
+                          **overrides) -> PreTrainedModel:
+    """A freshly initialised model from a config JSON; its vocabulary defaults to the cache's.
+
+    `auto_class` is the task's AutoModelFor... class; `overrides` (e.g. the cache's labels) win
+    over the file's values.
+    """
     path = Path(config_file).expanduser()
     if not path.is_file():
         raise KDCacheError(f"student config not found: {config_file}")
@@ -58,11 +76,13 @@ def causal_lm_from_config(config_file: str, vocab_size: int) -> PreTrainedModel:
     except KeyError:
         raise KDCacheError(f"student config {config_file} has no 'model_type'") from None
     values.setdefault("vocab_size", vocab_size)
+    values.update(overrides)
     try:
         config = AutoConfig.for_model(model_type, **values)
-        return AutoModelForCausalLM.from_config(config)
+        return auto_class.from_config(config)
     except (ValueError, KeyError, TypeError) as error:
-        raise KDCacheError(f"cannot build a causal LM from {config_file}: {_first_line(error)}") from None
+        raise KDCacheError(f"cannot build a {auto_class.__name__.removeprefix('AutoModelFor')} model from "
+                           f"{config_file}: {_first_line(error)}") from None
 
 
 def output_vocab_size(model: PreTrainedModel) -> int:

@@ -3,7 +3,8 @@
 One loop, readable top to bottom (torchtune-style): check the cache and the student, build the
 optimizer and schedule, then for each batch compute
 `ce_weight·CE + kd_weight·T²·KD + hidden_weight·MSE(proj(student_h), teacher_h)` and step.
-Accelerate owns device placement, mixed precision and gradient accumulation.
+Accelerate owns device placement, mixed precision and gradient accumulation. The cache's task
+(kdcache/tasks.py) picks the student's model class, its logits at the targets and the gold labels.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from .checkpoint import (CHECKPOINTS_DIR, TrainingProgress, latest_checkpoint, l
 from .errors import KDCacheError
 from .feed import CacheBatches, prefetched
 from .losses import SparseTargets, hidden_loss, kd_loss, next_token_ce
-from .models import causal_lm_from_config, load_causal_lm, load_tokenizer, output_vocab_size
+from .models import load_model, load_tokenizer, model_from_config
+from .tasks import CAUSAL_LM, get_task, pooler
 from .validation import check_validation_flags, setup_validation
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
@@ -52,6 +54,8 @@ class TrainSettings:
     ce_weight: float = 0.0
     kd_weight: float = 1.0
     hidden_weight: float = 0.0
+    hidden_loss: str = "mse"
+    pooled_weight: float = 0.0
     layer_map: str | None = None
     loss: str = "forward_kl"
     tail: str = "rest-bucket"
@@ -107,9 +111,7 @@ def parse_layer_map(spec: str | None, manifest: Manifest, student_layers: int) -
 def check_student_matches_cache(model, student_tokenizer, manifest: Manifest) -> None:
     """Refuse a student whose ids mean something else than the cache's ids."""
     vocab = manifest.vocab_size
-    if output_vocab_size(model) < vocab:
-        raise KDCacheError(f"student vocabulary ({output_vocab_size(model)}) is smaller than the cache's "
-                           f"tokenizer ({vocab} tokens): the student cannot represent the teacher's targets")
+    get_task(manifest.task).check_student(model, manifest)
     if student_tokenizer is not None:
         fingerprint = tokenizer_fingerprint(student_tokenizer)
         if fingerprint["hash"] != manifest.tokenizer["hash"]:
@@ -121,7 +123,9 @@ def load_student(student: str | None, student_config: str | None, manifest: Mani
     if (student is None) == (student_config is None):
         raise KDCacheError("give exactly one of --student (pretrained) or --student-config (fresh model)")
     if student_config is not None:
-        model = causal_lm_from_config(student_config, manifest.vocab_size)
+        task = get_task(manifest.task)
+        model = model_from_config(student_config, manifest.vocab_size, task.auto_class,
+                                  **task.student_config_overrides(manifest))
         check_student_matches_cache(model, None, manifest)
         return model
     return load_pretrained_student(student, manifest)
@@ -129,7 +133,7 @@ def load_student(student: str | None, student_config: str | None, manifest: Mani
 
 def load_pretrained_student(student: str, manifest: Manifest):
     """Load a pretrained student and check it (and its tokenizer, when it ships one) against the cache."""
-    model = load_causal_lm(student, "student", "float32")
+    model = load_model(student, "student", "float32", get_task(manifest.task).auto_class)
     has_tokenizer = any((Path(student) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     check_student_matches_cache(model, load_tokenizer(student, "student tokenizer") if has_tokenizer else None, manifest)
     return model
@@ -143,15 +147,17 @@ def check_targets(settings: TrainSettings, manifest: Manifest, cache: CacheStore
     if settings.targets not in TARGET_TYPES:
         raise KDCacheError(f"--targets must be one of {', '.join(TARGET_TYPES)}, got {settings.targets!r}")
     if settings.targets not in manifest.target_types:
+        remedy = (f"dump with --targets {settings.targets} or both" if manifest.task == CAUSAL_LM
+                  else "classification caches hold top-k targets only")
         raise KDCacheError(f"--targets {settings.targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
-                           f"targets (dump with --targets {settings.targets} or both)")
+                           f"targets ({remedy})")
     if not settings.kd_weight:
         return
     sampled = settings.targets == "sampled"
     probe = SparseTargets(ids=torch.zeros(0, 1, dtype=torch.long), logprobs=torch.zeros(0, 1),
                           tail_logprob=None if sampled else torch.zeros(0))
     try:
-        kd_loss(torch.zeros(0, manifest.vocab_size), probe, divergence=settings.loss, tail=settings.tail,
+        kd_loss(torch.zeros(0, manifest.num_classes), probe, divergence=settings.loss, tail=settings.tail,
                 temperature=settings.temperature)
     except ValueError as error:
         raise KDCacheError(f"--targets {settings.targets}: {error}") from None
@@ -189,11 +195,16 @@ def _checkpoint_to_resume(out: Path, resume: bool, resume_from: str | Path | Non
 
 
 class FeatureProjections(nn.Module):
-    """One learned linear map per matched layer pair when widths differ (FitNets); identity otherwise."""
+    """One learned linear map per matched layer pair (and for the pooled output) when widths differ (FitNets);
+    identity otherwise."""
 
-    def __init__(self, layer_map: dict[int, int], student_width: int, teacher_sizes: dict[int, int]):
+    def __init__(self, layer_map: dict[int, int], student_width: int, teacher_sizes: dict[int, int],
+                 kind: str = "mse", pooled_size: int | None = None):
         super().__init__()
         self.layer_map = layer_map
+        self.kind = kind
+        self.pooled = (None if pooled_size is None else
+                       nn.Identity() if pooled_size == student_width else nn.Linear(student_width, pooled_size))
         self.maps = nn.ModuleDict({
             str(student_layer): (nn.Identity() if teacher_sizes[teacher_layer] == student_width
                                  else nn.Linear(student_width, teacher_sizes[teacher_layer]))
@@ -201,9 +212,12 @@ class FeatureProjections(nn.Module):
 
     def loss(self, student_hidden: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
         valid = batch.valid
-        terms = [hidden_loss(self.maps[str(s)](student_hidden[s][valid].float()), batch.hidden[t][valid])
+        terms = [hidden_loss(self.maps[str(s)](student_hidden[s][valid].float()), batch.hidden[t][valid], self.kind)
                  for s, t in self.layer_map.items()]
         return torch.stack(terms).mean()
+
+    def pooled_loss(self, student_pooled: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return hidden_loss(self.pooled(student_pooled.float()), batch.pooled, self.kind)
 
 
 class MetricsLog:
@@ -305,6 +319,13 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     checkpoint = _checkpoint_to_resume(out, resume, resume_from)
     check_targets(settings, manifest, store)
     check_validation_flags(fraction=settings.val_fraction, every=settings.eval_every, patience=settings.early_stopping)
+    task = get_task(manifest.task)
+    if settings.hidden_loss not in ("mse", "cosine"):
+        raise KDCacheError(f"--hidden-loss must be 'mse' or 'cosine', got '{settings.hidden_loss}'")
+    if settings.ce_weight:
+        task.check_gold_labels(manifest)
+    if settings.pooled_weight and manifest.pooled_size is None:
+        raise KDCacheError("--pooled-weight > 0 but the cache holds no pooled output (dump with --pooled)")
     if settings.verify:
         verify_cache(store, manifest, progress=progress)
     else:
@@ -322,7 +343,9 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     model.config.use_cache = False
     layer_map = (parse_layer_map(settings.layer_map, manifest, model.config.num_hidden_layers)
                  if settings.hidden_weight > 0 else {})
-    projections = FeatureProjections(layer_map, model.config.hidden_size, manifest.hidden_sizes)
+    student_pooler = pooler(model) if settings.pooled_weight else None
+    projections = FeatureProjections(layer_map, model.config.hidden_size, manifest.hidden_sizes, settings.hidden_loss,
+                                     manifest.pooled_size if settings.pooled_weight else None)
     staging = _staging_dir(out)
     if accelerator.is_main_process:
         _prepare_output(out, resuming=checkpoint is not None)
@@ -336,11 +359,11 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if layer_map and any(True for _ in projections.parameters()):  # DDP refuses a module with no parameters
+    if any(True for _ in projections.parameters()):  # DDP refuses a module with no parameters
         projections = accelerator.prepare(projections)
     model.train()
 
-    vocab = manifest.vocab_size
+    vocab = manifest.num_classes
     metrics = MetricsLog(staging / METRICS_FILE if accelerator.is_main_process else None, accelerator.num_processes)
     state = TrainingProgress(_run_identity(manifest, settings, accelerator.num_processes))
     accelerator.register_for_checkpointing(state)
@@ -361,18 +384,20 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
             sample_log.write("".join(f"{epoch} {sample_id}\n" for sample_id in batch.sample_ids))
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model, projections):
-            output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           output_hidden_states=bool(layer_map))
-            logits = output.logits[batch.valid][:, :vocab]
+            output = model(**batch.model_inputs(), output_hidden_states=bool(layer_map) or bool(student_pooler))
+            logits = task.student_logits(output.logits, batch, vocab)
             terms = {}
             if settings.ce_weight:
-                terms["ce"] = next_token_ce(logits, batch.next_token_labels())
+                terms["ce"] = next_token_ce(logits, task.gold_labels(batch))
             if settings.kd_weight:
                 terms["kd"] = kd_loss(logits, batch.sparse_targets(settings.targets), divergence=settings.loss,
                                       tail=settings.tail, temperature=settings.temperature)
             if layer_map:
                 terms["hidden"] = projections.loss(output.hidden_states, batch)
-            weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight}
+            if student_pooler is not None:
+                terms["pooled"] = projections.pooled_loss(student_pooler(output.hidden_states[-1]), batch)
+            weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight,
+                       "pooled": settings.pooled_weight}
             loss = sum(weights[name] * value for name, value in terms.items())
             accelerator.backward(loss)
             if accelerator.sync_gradients and settings.max_grad_norm:
@@ -416,7 +441,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
         metrics.close()
         accelerator.unwrap_model(model).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if layer_map:
+        if layer_map or student_pooler is not None:
             torch.save(accelerator.unwrap_model(projections).state_dict(), staging / PROJECTIONS_FILE)
         record = {"cache": str(store), "dump_fingerprint": manifest.dump_fingerprint,
                   "student": student or student_config, "settings": dataclasses.asdict(settings),

@@ -31,7 +31,9 @@ def topk_targets(logits: torch.Tensor, next_ids: torch.Tensor, *, vocab_size: in
     """
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, logits.shape[0], chunk_size):
-        chunk = logits[start:start + chunk_size, :vocab_size].float()
+        # A copy even when `logits` is float32: the top-k are masked in place below, and the
+        # caller's logits still feed the sampled targets and the fidelity card.
+        chunk = logits[start:start + chunk_size, :vocab_size].to(torch.float32, copy=True)
         log_normaliser = torch.logsumexp(chunk, dim=-1)
         values, ids = torch.topk(chunk, top_k, dim=-1, sorted=True)
         nexts = next_ids[start:start + chunk_size]

@@ -1,9 +1,10 @@
-"""`dump-teacher`: run a causal-LM teacher once over a dataset and write its targets to a cache.
+"""`dump-teacher`: run a teacher once over a dataset and write its targets to a cache.
 
 Reads top to bottom: validate settings, load tokenizer, data and model, claim the output
 directory, then loop (tokenize a batch → forward under `inference_mode` → top-k and tail on the
 device → write rows) and commit the manifest last. Device placement and precision come from
-Accelerate, so the same code runs on a laptop CPU and on GPUs.
+Accelerate, so the same code runs on a laptop CPU and on GPUs. What differs between causal LMs and
+classifiers (model class, tokenization, target positions, classes) comes from kdcache/tasks.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -23,16 +25,17 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import __version__
-from .cache.format import (DATA_DIR, MANIFEST_NAME, MAX_SAMPLES, TARGET_TYPES, TOKENIZER_DIR, Manifest,
-                           hidden_column, sha256_json, shard_schema, teacher_fingerprint, token_id_type,
+from .cache.format import (DATA_DIR, MANIFEST_NAME, MAX_SAMPLES, OPTIONAL_COLUMNS, TARGET_TYPES, TOKENIZER_DIR,
+                           Manifest, hidden_column, sha256_json, shard_schema, teacher_fingerprint, token_id_type,
                            tokenizer_fingerprint, write_json_atomic)
 from .cache.writer import CachedSequence, Ragged, ShardWriter
 from .data import check_columns, describe, load_rows
 from .errors import KDCacheError
 from .fidelity import FidelityCard
-from .models import load_causal_lm, load_tokenizer, output_vocab_size
+from .models import load_model, load_tokenizer, output_vocab_size
 from .stats import StreamingSummary
 from .targets import sampled_targets, sampling_uniforms, topk_targets
+from .tasks import CAUSAL_LM, FULL_DISTRIBUTION_MAX_LABELS, Task, dataset_columns, pooler, resolve_task
 
 IN_PROGRESS_NAME = "kdcache.dump.json"
 
@@ -54,6 +57,12 @@ class DumpSettings:
     targets: str = "topk"   # "topk", "sampled" or "both"
     samples: int = 50       # draws per position for sampled targets
     seed: int = 0           # seeds the draws (with each sample id)
+    task: str | None = None  # None: inferred from the teacher's config
+    tokens_column: str = "tokens"        # token classification: word lists
+    labels_column: str | None = None     # token classification: per-word labels (default: 'ner_tags' if present)
+    label_column: str | None = None      # sequence classification: one label (default: 'label' if present)
+    text_pair_column: str | None = None  # sequence classification: second text of a pair
+    pooled: bool = False                 # encoders: also cache the pooler's output
 
     @property
     def target_types(self) -> tuple[str, ...]:
@@ -66,7 +75,13 @@ class DumpSettings:
         del settings["batch_size"], settings["shard_rows"]
         if "sampled" not in self.target_types:
             del settings["targets"], settings["samples"], settings["seed"]
+        if self.task in (None, CAUSAL_LM):  # causal-LM fingerprints stay what they were before tasks existed
+            for name in _CLASSIFICATION_SETTINGS:
+                del settings[name]
         return settings
+
+
+_CLASSIFICATION_SETTINGS = ("task", "tokens_column", "labels_column", "label_column", "text_pair_column", "pooled")
 
 
 def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
@@ -121,6 +136,24 @@ def _batches(rows, column: str, tokenizer, settings: DumpSettings):
             yield [sample_id for sample_id, _ in kept], [ids for _, ids in kept]
 
 
+def _task_batches(task: Task, rows, column: str | None, tokenizer, classes: list[str], settings: DumpSettings,
+                  source: str):
+    """(batches of (sample_ids, token lists, annotations), optional columns the rows carry).
+
+    Causal LMs use `_batches` (annotations None). A classification task's first batch is made here,
+    so data errors surface before the output directory is touched and the schema knows which
+    optional columns (labels, token types) the rows have.
+    """
+    if task.name == CAUSAL_LM:
+        return ((ids, tokens, None) for ids, tokens in _batches(rows, column, tokenizer, settings)), ()
+    batches = task.batches(rows, tokenizer, classes, settings, source)
+    first = next(batches, None)
+    if first is None:
+        raise KDCacheError(f"dataset {source} has no row with anything to classify")
+    optional = tuple(name for name in OPTIONAL_COLUMNS if getattr(first[2][0], name) is not None)
+    return itertools.chain([first], batches), optional
+
+
 def _pad(token_lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(ids) for ids in token_lists)
     input_ids = torch.zeros(len(token_lists), length, dtype=torch.long)
@@ -146,20 +179,31 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
         raise KDCacheError(f"--samples must be between 1 and {MAX_SAMPLES}, got {settings.samples}")
 
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")
+    task, config = resolve_task(settings.task, teacher)
+    if task.name != CAUSAL_LM and settings.targets != "topk":
+        raise KDCacheError(f"--targets {settings.targets} is for causal LMs: a {task.name} cache stores the teacher's "
+                           f"label distribution as top-k (every label, up to {FULL_DISTRIBUTION_MAX_LABELS}); "
+                           f"use --targets topk")
     rows = load_rows(data, settings.split)
-    column = check_columns(rows, settings.text_column, data)
-    dataset_info = describe(rows, data, settings.split, settings.text_column)
+    column = check_columns(rows, settings.text_column, data) if task.name == CAUSAL_LM else None
+    dataset_info = describe(rows, data, settings.split, settings.text_column) | dataset_columns(task, settings)
     if settings.limit is not None:
         rows = rows.select(range(min(settings.limit, len(rows))))
 
     vocab_size = len(tokenizer)
+    classes = task.class_names(config)
+    num_classes = len(classes) or vocab_size
+    settings = dataclasses.replace(settings, task=task.name, top_k=task.top_k(settings.top_k, num_classes))
     if not 0 < settings.top_k <= vocab_size:
         raise KDCacheError(f"--top-k {settings.top_k} is larger than the vocabulary ({vocab_size} tokens)")
-    model = load_causal_lm(teacher, "teacher", settings.dtype)
-    if output_vocab_size(model) < vocab_size:
+    model = load_model(teacher, "teacher", settings.dtype, task.auto_class)
+    if task.name == CAUSAL_LM and output_vocab_size(model) < vocab_size:
         raise KDCacheError(f"teacher outputs {output_vocab_size(model)} logits but its tokenizer has "
                            f"{vocab_size} tokens: tokenizer and model do not belong together")
     layers = _normalise_layers(settings.hidden_layers, model.config.num_hidden_layers)
+    batches, optional = _task_batches(task, rows, column, tokenizer, classes, settings, data)
+    pool = pooler(model) if settings.pooled else None
+    pooled_size = model.config.hidden_size if settings.pooled else None
     hidden_sizes = {layer: model.config.hidden_size for layer in layers}
 
     teacher_info = teacher_fingerprint(model, teacher)
@@ -169,10 +213,10 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     _claim_output(out, fingerprint)
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
 
-    schema = shard_schema(top_k=settings.top_k, vocab_size=vocab_size, logprob_dtype=settings.logprob_dtype,
+    schema = shard_schema(top_k=settings.top_k, vocab_size=num_classes, logprob_dtype=settings.logprob_dtype,
                           hidden_sizes=hidden_sizes, dump_fingerprint=fingerprint,
-                          target_types=settings.target_types)
-    id_dtype = np.uint16 if token_id_type(vocab_size).bit_width == 16 else np.uint32
+                          target_types=settings.target_types, optional_columns=optional, pooled_size=pooled_size)
+    id_dtype = np.uint16 if token_id_type(num_classes).bit_width == 16 else np.uint32
     logprob_dtype = np.float16 if settings.logprob_dtype == "float16" else np.float32
 
     accelerator = Accelerator()
@@ -180,28 +224,30 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     model.eval()
 
     captured = StreamingSummary()
-    fidelity = FidelityCard(vocab_size, settings.target_types, top_k=settings.top_k,
+    fidelity = FidelityCard(num_classes, settings.target_types, top_k=settings.top_k,
                             draws=settings.samples if "sampled" in settings.target_types else None)
     nll_sum, nll_count, nonfinite = 0.0, 0, 0
     content_hash = hashlib.sha256()
     started = time.perf_counter()
     bar = tqdm(total=len(rows), desc="dump-teacher", unit="seq", disable=not progress)
     with ShardWriter(out, schema, shard_rows=settings.shard_rows, prefix="shard-00000") as writer:
-        for sample_ids, token_lists in _batches(rows, column, tokenizer, settings):
+        for sample_ids, token_lists, annotations in batches:
             input_ids, mask = _pad(token_lists, accelerator.device)
+            segments = {} if annotations is None or annotations[0].token_type_ids is None else {
+                "token_type_ids": _pad([a.token_type_ids for a in annotations], accelerator.device)[0]}
             with torch.inference_mode():
-                output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers))
+                output = model(input_ids=input_ids, attention_mask=mask,
+                               output_hidden_states=bool(layers) or settings.pooled, **segments)
+                pooled = None if pool is None else pool(output.hidden_states[-1]).to(torch.float16).cpu().numpy()
             valid = mask.bool()
-            next_ids = torch.full_like(input_ids, -1)
-            next_ids[:, :-1] = torch.where(valid[:, 1:], input_ids[:, 1:], -1)
-            targets = topk_targets(output.logits[valid], next_ids[valid], vocab_size=vocab_size,
-                                   top_k=settings.top_k)
+            logits, gold = task.target_logits(output.logits, input_ids, valid, annotations)
+            targets = topk_targets(logits, gold, vocab_size=num_classes, top_k=settings.top_k)
             sampled = None
-            if "sampled" in settings.target_types:
+            if "sampled" in settings.target_types:  # causal LMs only: targets are the tokens themselves
                 uniforms = sampling_uniforms(sample_ids, [len(ids) for ids in token_lists], settings.samples,
                                              settings.seed)
-                sampled = sampled_targets(output.logits[valid], uniforms, vocab_size=vocab_size)
-            fidelity.add(output.logits[valid], targets, sampled)
+                sampled = sampled_targets(logits, uniforms, vocab_size=num_classes)
+            fidelity.add(logits, targets, sampled)
             hidden = {layer: output.hidden_states[layer][valid].to(torch.float16).cpu().numpy() for layer in layers}
 
             tail = targets.tail_logprob.cpu().numpy()
@@ -220,20 +266,26 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
                 drawn_ids = Ragged(sampled.ids.cpu().numpy().astype(id_dtype), offsets)
                 drawn_counts = Ragged(sampled.counts.cpu().numpy().astype(np.uint16), offsets)
             topk_columns = "topk" in settings.target_types
-            sequences, offset = [], 0
-            for sample_id, tokens in zip(sample_ids, token_lists):
+            sequences, offset, target_offset = [], 0, 0
+            for sample_id, tokens, annotation in zip(sample_ids, token_lists,
+                                                     annotations or [None] * len(sample_ids)):
                 span = slice(offset, offset + len(tokens))
                 offset += len(tokens)
+                count = len(tokens) if annotation is None else len(annotation.target_positions)
+                at = slice(target_offset, target_offset + count)
+                target_offset += count
                 token_array = np.asarray(tokens, dtype=np.int32)
                 content_hash.update(np.int64(sample_id).tobytes() + token_array.tobytes())
                 sequences.append(CachedSequence(
                     sample_id=sample_id, input_ids=token_array,
-                    topk_ids=ids[span] if topk_columns else None,
-                    topk_logprobs=logprobs[span] if topk_columns else None,
-                    tail_logprob=tail[span] if topk_columns else None,
+                    topk_ids=ids[at] if topk_columns else None,
+                    topk_logprobs=logprobs[at] if topk_columns else None,
+                    tail_logprob=tail[at] if topk_columns else None,
                     hidden={layer: values[span] for layer, values in hidden.items()},
-                    sampled_ids=drawn_ids.positions(span) if sampled is not None else None,
-                    sampled_counts=drawn_counts.positions(span) if sampled is not None else None))
+                    sampled_ids=drawn_ids.positions(at) if sampled is not None else None,
+                    sampled_counts=drawn_counts.positions(at) if sampled is not None else None,
+                    **({} if annotation is None else vars(annotation)),
+                    pooled=None if pooled is None else pooled[len(sequences)][None]))
             writer.write(sequences)
             bar.update(sample_ids[-1] + 1 - bar.n)
             bar.set_postfix(tok_s=f"{captured.count / (time.perf_counter() - started):.0f}")
@@ -247,23 +299,28 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
 
     elapsed = time.perf_counter() - started
     manifest = Manifest(
-        task="causal-lm",
+        task=task.name,
         teacher=teacher_info,
-        tokenizer={**tokenizer_info, "model_vocab_size": output_vocab_size(accelerator.unwrap_model(model))},
+        tokenizer={**tokenizer_info, "model_vocab_size": (output_vocab_size(accelerator.unwrap_model(model))
+                                                          if task.name == CAUSAL_LM else model.config.vocab_size)},
         dataset={**dataset_info, "rows_dumped": sum(shard.rows for shard in shards)},
         settings=dataclasses.asdict(settings) | {"hidden_layers": layers},
         columns={"targets": list(settings.target_types),
-                 "topk_ids": str(token_id_type(vocab_size)), "topk_logprobs": settings.logprob_dtype,
+                 "topk_ids": str(token_id_type(num_classes)), "topk_logprobs": settings.logprob_dtype,
                  "hidden_sizes": {str(layer): size for layer, size in hidden_sizes.items()},
-                 "hidden_columns": [hidden_column(layer) for layer in layers]},
+                 "hidden_columns": [hidden_column(layer) for layer in layers]}
+                | ({"optional": list(optional)} if optional else {})
+                | ({"pooled_size": pooled_size} if pooled_size else {}),
         dump_fingerprint=fingerprint,
         shards=shards,
         stats={"tokens": captured.count, "fidelity": fidelity.summary(),
                **({"captured_mass": captured.summary()} if "topk" in settings.target_types else {}),
-               "teacher_nll": round(nll_sum / max(nll_count, 1), 6), "content_sha256": content_hash.hexdigest(),
+               "teacher_nll": round(nll_sum / nll_count, 6) if nll_count else None,
+               "content_sha256": content_hash.hexdigest(),
                "seconds": round(elapsed, 3), "tokens_per_second": round(captured.count / elapsed, 1)},
         kdcache_version=__version__,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        labels=classes,
     )
     manifest.save(out)
     (out / IN_PROGRESS_NAME).unlink(missing_ok=True)

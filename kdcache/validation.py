@@ -53,8 +53,8 @@ class Validation:
             self.evaluations_without_improvement = 0
         else:
             self.evaluations_without_improvement += 1
-        self.last = {"step": step, **{f"val_{name}": scores[name] for name in
-                                      ("kl_to_teacher", "top1_agreement", "nll", "perplexity")},
+        self.last = {"step": step, **{f"val_{name}": scores[name] for name in  # classification: KL only
+                                      ("kl_to_teacher", "top1_agreement", "nll", "perplexity") if name in scores},
                      "best_step": self.best_step}
         return self.last
 

@@ -38,11 +38,23 @@ def hidden_column(layer: int) -> str:
     return f"hidden_{layer}"
 
 
+# Columns only some tasks write (see kdcache/tasks.py), in schema order, after the target columns.
+# `target_positions`: which token each target belongs to (absent = every position, the causal-LM case);
+# `labels`: the gold class of each target; `token_type_ids`: segment ids of text pairs.
+OPTIONAL_COLUMNS = {"token_type_ids": pa.list_(pa.int8()), "target_positions": pa.list_(pa.int32()),
+                    "labels": pa.list_(pa.int32())}
+
+
+POOLED_COLUMN = "pooled"
+
+
 def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_sizes: dict[int, int],
-                 dump_fingerprint: str, target_types: tuple[str, ...] = ("topk",)) -> pa.Schema:
+                 dump_fingerprint: str, target_types: tuple[str, ...] = ("topk",),
+                 optional_columns: tuple[str, ...] = (), pooled_size: int | None = None) -> pa.Schema:
     """The Arrow schema of every shard of one cache.
 
-    The dump fingerprint is also stored in each shard's schema metadata, so a shard that strays
+    `vocab_size` is the number of classes the targets range over (the tokenizer's vocabulary for
+    a causal LM, the label set for classification); it picks the id type. The dump fingerprint is also stored in each shard's schema metadata, so a shard that strays
     into another cache directory can be recognised (Megatron's logits saver does the same).
     Sampled targets have a variable number of distinct ids per position, hence list<list<...>>.
     """
@@ -63,8 +75,12 @@ def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_size
             pa.field("sampled_ids", pa.list_(pa.list_(id_type)), nullable=False),
             pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False),
         ]
+    fields += [pa.field(name, column_type, nullable=False) for name, column_type in OPTIONAL_COLUMNS.items()
+               if name in optional_columns]
     fields += [pa.field(hidden_column(layer), pa.list_(pa.list_(pa.float16(), size)), nullable=False)
                for layer, size in sorted(hidden_sizes.items())]
+    if pooled_size is not None:  # an encoder's pooled output: one [d] vector per row
+        fields.append(pa.field(POOLED_COLUMN, pa.list_(pa.list_(pa.float16(), pooled_size)), nullable=False))
     metadata = {"kdcache.format_version": str(FORMAT_VERSION), "kdcache.dump_fingerprint": dump_fingerprint}
     return pa.schema(fields, metadata=metadata)
 
@@ -151,10 +167,24 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     kdcache_version: str = ""
     created_at: str = ""
+    labels: list[str] = dataclasses.field(default_factory=list)  # class names by id (classification tasks)
 
     @property
     def vocab_size(self) -> int:
         return int(self.tokenizer["vocab_size"])
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the cached distributions range over: the labels, else the vocabulary."""
+        return len(self.labels) if self.labels else self.vocab_size
+
+    @property
+    def pooled_size(self) -> int | None:
+        return self.columns.get("pooled_size")
+
+    @property
+    def optional_columns(self) -> tuple[str, ...]:
+        return tuple(self.columns.get("optional", ()))
 
     @property
     def top_k(self) -> int:

@@ -25,9 +25,10 @@ from .writer import CachedSequence, Ragged
 
 def expected_schema(manifest: Manifest) -> pa.Schema:
     settings = manifest.settings
-    return shard_schema(top_k=manifest.top_k, vocab_size=manifest.vocab_size,
+    return shard_schema(top_k=manifest.top_k, vocab_size=manifest.num_classes,
                         logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
-                        dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types)
+                        dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types,
+                        optional_columns=manifest.optional_columns, pooled_size=manifest.pooled_size)
 
 
 def check_shard_files(cache: CacheStore | str | Path, manifest: Manifest) -> None:
@@ -75,28 +76,34 @@ class _DecodedBatch:
     Copying a row (not viewing it) lets the shard's memory map be released as soon as the reader
     moves on, so resident memory is bounded by the shuffle buffer, not by the cache. Target
     columns the cache does not hold (see `Manifest.target_types`) stay None in the rows.
+    Each column keeps its own row offsets: token columns (input_ids, token_type_ids, hidden_*)
+    have one entry per token, target columns one per target position, which is every token
+    except for classification caches, and `pooled` one per row.
     """
 
-    TOKEN_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")
+    COLUMNS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "token_type_ids",
+               "target_positions", "labels", "pooled")
     RAGGED_COLUMNS = ("sampled_ids", "sampled_counts")
 
     def __init__(self, batch: pa.RecordBatch, hidden_layers: list[int]):
         names = set(batch.schema.names)
-        self.offsets, self.input_ids = self._per_token(batch, "input_ids")
-        self.columns = {name: self._per_token(batch, name)[1] for name in self.TOKEN_COLUMNS if name in names}
+        self.columns = {name: self._per_row(batch, name) for name in self.COLUMNS if name in names}
         self.ragged = {name: self._per_position(batch, name) for name in self.RAGGED_COLUMNS if name in names}
-        self.hidden = {layer: self._per_token(batch, f"hidden_{layer}")[1] for layer in hidden_layers}
+        self.hidden = {layer: self._per_row(batch, f"hidden_{layer}") for layer in hidden_layers}
         self.sample_ids = batch.column("sample_id").to_numpy()
 
     @staticmethod
-    def _per_position(batch: pa.RecordBatch, name: str) -> Ragged:
-        """A list<list<...>> column as one Ragged over every position of the batch."""
-        positions = batch.column(name).flatten()
+    def _per_position(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, Ragged]:
+        """A list<list<...>> column: row offsets, and one Ragged over every position of the batch."""
+        column = batch.column(name)
+        row_offsets = column.offsets.to_numpy()
+        positions = column.flatten()
         offsets = positions.offsets.to_numpy()
-        return Ragged(values=positions.flatten().to_numpy(zero_copy_only=False), offsets=offsets - offsets[0])
+        return row_offsets - row_offsets[0], Ragged(values=positions.flatten().to_numpy(zero_copy_only=False),
+                                                    offsets=offsets - offsets[0])
 
     @staticmethod
-    def _per_token(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def _per_row(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
         column = batch.column(name)
         offsets = column.offsets.to_numpy()
         values = column.flatten()
@@ -108,13 +115,19 @@ class _DecodedBatch:
         return offsets - offsets[0], values
 
     def row(self, index: int) -> CachedSequence:
-        span = slice(self.offsets[index], self.offsets[index + 1])
-        ragged = {name: values.positions(span) for name, values in self.ragged.items()}
-        return CachedSequence(sample_id=int(self.sample_ids[index]), input_ids=self.input_ids[span].copy(),
-                              **{name: values[span].copy() for name, values in self.columns.items()},
-                              **{name: Ragged(values=lists.values.copy(), offsets=lists.offsets)
-                                 for name, lists in ragged.items()},
-                              hidden={layer: values[span].copy() for layer, values in self.hidden.items()})
+        def cut(column: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+            offsets, values = column
+            return values[offsets[index]:offsets[index + 1]].copy()
+
+        def cut_ragged(column: tuple[np.ndarray, Ragged]) -> Ragged:
+            offsets, values = column
+            lists = values.positions(slice(offsets[index], offsets[index + 1]))
+            return Ragged(values=lists.values.copy(), offsets=lists.offsets)
+
+        return CachedSequence(sample_id=int(self.sample_ids[index]),
+                              **{name: cut(column) for name, column in self.columns.items()},
+                              **{name: cut_ragged(column) for name, column in self.ragged.items()},
+                              hidden={layer: cut(column) for layer, column in self.hidden.items()})
 
 
 def shard_sample_ids(cache: CacheStore | str | Path, manifest: Manifest) -> list[np.ndarray]:

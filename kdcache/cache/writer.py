@@ -40,6 +40,8 @@ class Ragged:
 class CachedSequence:
     """The teacher's targets for one tokenized sequence of length L (one shard row).
 
+    Target arrays have one entry per target position: L of them for a causal LM, fewer for
+    classification tasks, which say where they are in `target_positions` (kdcache/tasks.py).
     Target columns the cache does not hold (see `Manifest.target_types`) are None.
     """
 
@@ -51,6 +53,10 @@ class CachedSequence:
     hidden: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # layer -> float16 [L, d]
     sampled_ids: Ragged | None = None      # uint16/uint32, distinct drawn ids per position, ascending
     sampled_counts: Ragged | None = None   # uint16, how often each was drawn (same offsets)
+    token_type_ids: np.ndarray | None = None     # int8 [L], text pairs only
+    target_positions: np.ndarray | None = None   # int32 [T], ascending; None = every position
+    labels: np.ndarray | None = None             # int32 [T], gold class per target
+    pooled: np.ndarray | None = None             # float16 [1, d], an encoder's pooled output
 
     def column(self, name: str) -> np.ndarray:
         if name.startswith("hidden_"):
@@ -58,8 +64,10 @@ class CachedSequence:
         return getattr(self, name)
 
 
-def _ragged(values: list[np.ndarray | Ragged], offsets: pa.Array, list_type: pa.ListType) -> pa.Array:
-    """A list<...> column from per-row arrays that share their first (token) dimension."""
+def _ragged(values: list[np.ndarray | Ragged], list_type: pa.ListType) -> pa.Array:
+    """A list<...> column from per-row arrays (row i's list is `values[i]`, along its first dimension)."""
+    lengths = np.array([len(value) for value in values], dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     item_type = list_type.value_type
     if isinstance(values[0], Ragged):
         lengths = np.concatenate([row.lengths() for row in values])
@@ -75,10 +83,8 @@ def _ragged(values: list[np.ndarray | Ragged], offsets: pa.Array, list_type: pa.
 
 def to_record_batch(rows: list[CachedSequence], schema: pa.Schema) -> pa.RecordBatch:
     """Pack rows into one record batch of `schema` without per-value Python work."""
-    lengths = np.array([len(row.input_ids) for row in rows], dtype=np.int64)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     columns = [pa.array([row.sample_id for row in rows], type=pa.int64())]
-    columns += [_ragged([row.column(field.name) for row in rows], offsets, field.type)
+    columns += [_ragged([row.column(field.name) for row in rows], field.type)
                 for field in list(schema)[1:]]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 

