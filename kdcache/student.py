@@ -210,14 +210,22 @@ class FeatureProjections(nn.Module):
                                  else nn.Linear(student_width, teacher_sizes[teacher_layer]))
             for student_layer, teacher_layer in layer_map.items()})
 
-    def loss(self, student_hidden: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
-        valid = batch.valid
-        terms = [hidden_loss(self.maps[str(s)](student_hidden[s][valid].float()), batch.hidden[t][valid], self.kind)
-                 for s, t in self.layer_map.items()]
-        return torch.stack(terms).mean()
+    def forward(self, student_hidden: tuple[torch.Tensor, ...] | None, student_pooled: torch.Tensor | None,
+                batch: Batch) -> dict[str, torch.Tensor]:
+        """The feature-matching loss terms ("hidden", "pooled") this module is set up for.
 
-    def pooled_loss(self, student_pooled: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return hidden_loss(self.pooled(student_pooled.float()), batch.pooled, self.kind)
+        The losses are computed in `forward` so that, under several processes, the call goes through
+        DistributedDataParallel, which then averages the projections' gradients across processes.
+        """
+        terms = {}
+        if self.layer_map:
+            valid = batch.valid
+            terms["hidden"] = torch.stack([
+                hidden_loss(self.maps[str(s)](student_hidden[s][valid].float()), batch.hidden[t][valid], self.kind)
+                for s, t in self.layer_map.items()]).mean()
+        if self.pooled is not None:
+            terms["pooled"] = hidden_loss(self.pooled(student_pooled.float()), batch.pooled, self.kind)
+        return terms
 
 
 class MetricsLog:
@@ -392,10 +400,9 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
             if settings.kd_weight:
                 terms["kd"] = kd_loss(logits, batch.sparse_targets(settings.targets), divergence=settings.loss,
                                       tail=settings.tail, temperature=settings.temperature)
-            if layer_map:
-                terms["hidden"] = projections.loss(output.hidden_states, batch)
-            if student_pooler is not None:
-                terms["pooled"] = projections.pooled_loss(student_pooler(output.hidden_states[-1]), batch)
+            if layer_map or student_pooler is not None:
+                pooled = student_pooler(output.hidden_states[-1]) if student_pooler is not None else None
+                terms |= projections(output.hidden_states, pooled, batch)
             weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight,
                        "pooled": settings.pooled_weight}
             loss = sum(weights[name] * value for name, value in terms.items())

@@ -158,11 +158,12 @@ def test_two_processes_see_every_example_exactly_once_per_epoch(cache_dir, stude
 
 @pytest.mark.slow
 def test_two_processes_with_a_validation_split_never_train_on_heldout_rows(cache_dir, student_config, tmp_path):
-    """36 training rows: 18 per process per epoch, each exactly once; validation and checkpoints under DDP."""
+    """36 training rows: 18 per process per epoch, each exactly once; validation, checkpoints and a learned
+    16→32 hidden-state projection (a DDP-wrapped module) under two processes."""
     from kdcache.split import split_cache
     out = tmp_path / "student"
     seen = train_in_two_processes(cache_dir, student_config, out, tmp_path / "samples", "--val-fraction", 0.25,
-                                  "--eval-every", 3, "--save-every", 3)
+                                  "--eval-every", 3, "--save-every", 3, "--hidden-weight", 0.5)
     train = split_cache(cache_dir, Manifest.load(cache_dir), 0.25).train
     assert len(seen[0]) == len(seen[1]) == 2 * 18
     for epoch in (0, 1):
@@ -171,6 +172,7 @@ def test_two_processes_with_a_validation_split_never_train_on_heldout_rows(cache
     record = json.loads((out / "kdcache_training.json").read_text())
     assert record["summary"]["steps"] == 8 and record["summary"]["validation"]["heldout_sequences"] == 12
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    assert (out / "kdcache_projections.pt").is_file()
 
 def test_kept_rows_are_dealt_in_equal_shares_and_resume_exactly(cache_dir):
     """A training split: processes share exactly the kept rows, equally, and positions count kept rows."""
