@@ -1,7 +1,7 @@
 """Turning teacher logits into cached targets: top-k log-probabilities plus the exact tail.
 
 Works on [N, V] logits of valid positions only (padding already dropped), a chunk of positions at
-a time, so at most one float32 [chunk × V] tensor exists however large the batch or vocabulary.
+a time, so at most a few float32 [chunk × V] tensors exist however large the batch or vocabulary.
 """
 
 from __future__ import annotations
@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
+# float32 elements per chunk: ~16 MB on CPU stays in cache and below glibc's mmap threshold (no page
+# faults per chunk); GPUs want fewer, larger kernels.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 @dataclasses.dataclass
@@ -20,24 +24,36 @@ class TopKTargets:
 
 
 def topk_targets(logits: torch.Tensor, next_ids: torch.Tensor, *, vocab_size: int, top_k: int,
-                 chunk_size: int = 4096) -> TopKTargets:
+                 chunk_size: int | None = None) -> TopKTargets:
     """Top-k log-probs, exact tail log-mass and next-token log-prob for each row of `logits`.
 
     Logits beyond `vocab_size` (padded vocabulary rows no tokenizer id maps to) are excluded, so
-    the distribution is over the tokenizer's vocabulary. The tail is a logsumexp over the logits
-    with the top-k masked out, not `1 - sum(top-k)`, which would lose tails below float32's
-    resolution next to 1. `next_ids` holds -1 where a position has no next token.
+    the distribution is over the tokenizer's vocabulary. The tail is a log-normaliser over the
+    log-probs with the top-k masked out, not `1 - sum(top-k)`, which would lose tails below
+    float32's resolution next to 1. `next_ids` holds -1 where a position has no next token.
+
+    Cost: two fused `log_softmax` passes and one top-k per chunk (`log_softmax` is a vectorised
+    single kernel, about 1.5x faster than `logsumexp` on CPU). The (k+1)-th best entry j is never
+    in the top-k, so after masking the top-k, `log_softmax` at j gives `ls_j - log(tail mass)`.
+    `logits` is never modified.
     """
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS.get(logits.device.type, 1 << 22) // vocab_size)
+    keep = min(top_k + 1, vocab_size)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, logits.shape[0], chunk_size):
-        chunk = logits[start:start + chunk_size, :vocab_size].float()
-        log_normaliser = torch.logsumexp(chunk, dim=-1)
-        values, ids = torch.topk(chunk, top_k, dim=-1, sorted=True)
+        logprobs = torch.log_softmax(logits[start:start + chunk_size, :vocab_size].float(), dim=-1)
+        values, ids = torch.topk(logprobs, keep, dim=-1, sorted=True)
         nexts = next_ids[start:start + chunk_size]
-        next_logit = chunk.gather(1, nexts.clamp(min=0).unsqueeze(1)).squeeze(1)
-        next_logprob = torch.where(nexts >= 0, next_logit - log_normaliser, torch.nan)
-        chunk.scatter_(1, ids, float("-inf"))
-        tail = torch.logsumexp(chunk, dim=-1) - log_normaliser
-        parts.append((ids, values - log_normaliser.unsqueeze(1), tail, next_logprob))
+        next_logprob = logprobs.gather(1, nexts.clamp(min=0).unsqueeze(1)).squeeze(1)
+        next_logprob = torch.where(nexts >= 0, next_logprob, torch.nan)
+        if keep > top_k:
+            best_rest, best_rest_id = values[:, top_k], ids[:, top_k:]
+            logprobs.scatter_(1, ids[:, :top_k], float("-inf"))
+            renormalised = torch.log_softmax(logprobs, dim=-1).gather(1, best_rest_id).squeeze(1)
+            tail = torch.where(torch.isneginf(best_rest), best_rest, best_rest - renormalised)
+        else:
+            tail = torch.full_like(next_logprob, float("-inf"))
+        parts.append((ids[:, :top_k], values[:, :top_k], tail, next_logprob))
     ids, logprobs, tail, next_logprob = (torch.cat(column) for column in zip(*parts))
     return TopKTargets(ids=ids, logprobs=logprobs, tail_logprob=tail, next_logprob=next_logprob)
