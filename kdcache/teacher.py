@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -212,6 +213,10 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     if not 0 < settings.top_k <= vocab_size:
         raise KDCacheError(f"--top-k {settings.top_k} is larger than the vocabulary ({vocab_size} tokens)")
     accelerator = Accelerator()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise KDCacheError(f"launched as {launched} processes but Accelerate runs {accelerator.num_processes}: "
+                           f"without GPUs set ACCELERATE_USE_CPU=true (see README, 'Dump at scale')")
     model = _load_teacher(teacher, settings, accelerator)
     if output_vocab_size(model) < vocab_size:
         raise KDCacheError(f"teacher outputs {output_vocab_size(model)} logits but its tokenizer has "

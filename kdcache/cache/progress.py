@@ -73,8 +73,9 @@ class DumpLock:
 
 def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """Name the settings that differ, e.g. 'top_k 8 → 5'; teacher/data changes show as the fingerprint."""
-    changed = [f"{name} {old.get(name)!r} → {value!r}" for name, value in new["settings"].items()
-               if old.get("settings", {}).get(name) != value]
+    before = old.get("settings", {})
+    changed = [f"{name} {before.get(name)} → {value}" for name, value in new["settings"].items()
+               if before.get(name) != value]
     return ", ".join(changed) or "teacher, tokenizer or data"
 
 
@@ -86,6 +87,7 @@ def claim_output(out: Path, identity: dict[str, Any]) -> DumpLock:
     cache to equal an uninterrupted one). A finished cache, a directory holding anything else, or
     an interrupted dump with another identity are refused; only our own state is ever deleted.
     """
+    identity = json.loads(json.dumps(identity))  # as it reads back from disk: tuples become lists
     progress = out / PROGRESS_DIR
     if (out / MANIFEST_NAME).exists():
         raise _finished_cache_error(out, identity)
