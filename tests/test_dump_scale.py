@@ -156,6 +156,14 @@ def test_device_map_reaches_transformers(tmp_path, teacher_dir, corpus, cache_di
     assert manifest.shards == Manifest.load(cache_dir).shards
 
 
+def test_a_launch_accelerate_does_not_see_is_refused(tmp_path, teacher_dir, corpus, monkeypatch):
+    """e.g. torchrun on CPU without ACCELERATE_USE_CPU: each process would dump everything alone."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(KDCacheError, match="launched as 2 processes but Accelerate runs 1"):
+        dump_teacher(str(teacher_dir), str(corpus), tmp_path / "cache", DumpSettings(top_k=4), progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
