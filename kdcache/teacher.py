@@ -148,9 +148,15 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
         valid = mask.bool()
         next_ids = torch.full_like(input_ids, -1)
         next_ids[:, :-1] = torch.where(valid[:, 1:], input_ids[:, 1:], -1)
-        logits_valid = valid.to(output.logits.device)
-        targets = topk_targets(output.logits[logits_valid], next_ids.to(output.logits.device)[logits_valid],
-                               vocab_size=vocab_size, top_k=top_k)
+        logits = output.logits.flatten(0, 1)
+        logits_valid = valid.flatten().to(logits.device)
+        flat_next = next_ids.flatten().to(logits.device)
+        if _mostly_padding(token_lists):  # gather the valid rows first: a full copy of their logits
+            targets = topk_targets(logits[logits_valid], flat_next[logits_valid], vocab_size=vocab_size, top_k=top_k)
+        else:  # length-sorted batches: cheaper to compute the few padded rows than to copy every logit
+            targets = topk_targets(logits, flat_next, vocab_size=vocab_size, top_k=top_k)
+            targets = dataclasses.replace(targets, **{field.name: getattr(targets, field.name)[logits_valid]
+                                                      for field in dataclasses.fields(targets)})
         tensors = {"ids": targets.ids.to(torch.int32), "logprobs": targets.logprobs.to(logprob_dtype),
                    "finite": torch.isfinite(targets.logprobs).all(dim=1), "tail": targets.tail_logprob,
                    "next_logprob": targets.next_logprob}
@@ -158,6 +164,12 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
             states = output.hidden_states[layer]
             tensors[hidden_column(layer)] = states[valid.to(states.device)].to(torch.float16).to(output.logits.device)
         return start_host_copy(sample_ids, token_lists, tensors)
+
+
+def _mostly_padding(token_lists: list[list[int]]) -> bool:
+    """True when more than a quarter of the padded batch's positions are padding."""
+    positions = len(token_lists) * max(len(ids) for ids in token_lists)
+    return sum(len(ids) for ids in token_lists) < 0.75 * positions
 
 
 def _on_main_process(accelerator: Accelerator, step: Callable[[], T]) -> T:
