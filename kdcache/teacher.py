@@ -262,19 +262,9 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
             logprob_dtype=np.float16 if settings.logprob_dtype == "float16" else np.float32, hidden_layers=layers)
         bar = tqdm(total=sum(len(plan[index]) for index in mine), desc="dump-teacher", unit="seq",
                    disable=not (progress and accelerator.is_local_main_process))
-        input_device = model.get_input_embeddings().weight.device
-        logprob_dtype = torch.float16 if settings.logprob_dtype == "float16" else torch.float32
         try:
-            for index in mine:
-                writer.begin_shard(index)
-                for batches, covered in _windows(rows, plan[index], column, tokenizer, settings):
-                    for sample_ids, token_lists in batches:
-                        writer.submit(_teacher_targets(model, input_device, sample_ids, token_lists,
-                                                       vocab_size=vocab_size, top_k=settings.top_k, layers=layers,
-                                                       logprob_dtype=logprob_dtype))
-                    writer.end_window()
-                    bar.update(covered)
-                writer.end_shard()
+            _compute_shards(model, rows, column, tokenizer, settings, [(index, plan[index]) for index in mine],
+                            writer, bar, vocab_size=vocab_size, layers=layers)
             writer.close()
         except BaseException:
             writer.abort()
@@ -297,6 +287,25 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     finally:
         if lock is not None:
             lock.release()
+
+
+def _compute_shards(model, rows, column: str, tokenizer, settings: DumpSettings, shards: list[tuple[int, range]],
+                    writer: BackgroundShardWriter, bar: tqdm, *, vocab_size: int, layers: list[int]) -> None:
+    """This process's share of the work: the teacher runs here, everything after it in `writer`."""
+    input_device = model.get_input_embeddings().weight.device
+    logprob_dtype = torch.float16 if settings.logprob_dtype == "float16" else torch.float32
+    started, tokens = time.perf_counter(), 0
+    for index, shard in shards:
+        writer.begin_shard(index)
+        for batches, covered in _windows(rows, shard, column, tokenizer, settings):
+            for sample_ids, token_lists in batches:
+                writer.submit(_teacher_targets(model, input_device, sample_ids, token_lists, vocab_size=vocab_size,
+                                               top_k=settings.top_k, layers=layers, logprob_dtype=logprob_dtype))
+                tokens += sum(len(ids) for ids in token_lists)
+            writer.end_window()
+            bar.update(covered)
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+        writer.end_shard()
 
 
 def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finished_before: set[int],
