@@ -121,7 +121,8 @@ def main() -> None:
         loops = {
             "a": ("bare teacher forward", lambda round_: bare_forward(model, data, settings)),
             "b": ("kdcache dump-teacher loop",
-                  lambda round_: kdcache_dump(work / "teacher", work / "data.parquet", work / f"dump{round_}", settings)),
+                  lambda round_: kdcache_dump(work / "teacher", work / "data.parquet", work / f"dump{round_}",
+                                              settings)),
             "c": ("naive loop (fp32 log_softmax, sync write)",
                   lambda round_: naive_loop(model, data, work / f"naive{round_}", settings, args.vocab)),
         }
