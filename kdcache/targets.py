@@ -24,36 +24,43 @@ class TopKTargets:
 
 
 def topk_targets(logits: torch.Tensor, next_ids: torch.Tensor, *, vocab_size: int, top_k: int,
-                 chunk_size: int | None = None) -> TopKTargets:
+                 chunk_size: int | None = None, overwrite_logits: bool = False) -> TopKTargets:
     """Top-k log-probs, exact tail log-mass and next-token log-prob for each row of `logits`.
 
     Logits beyond `vocab_size` (padded vocabulary rows no tokenizer id maps to) are excluded, so
     the distribution is over the tokenizer's vocabulary. The tail is a log-normaliser over the
-    log-probs with the top-k masked out, not `1 - sum(top-k)`, which would lose tails below
+    logits with the top-k masked out, not `1 - sum(top-k)`, which would lose tails below
     float32's resolution next to 1. `next_ids` holds -1 where a position has no next token.
 
-    Cost: two fused `log_softmax` passes and one top-k per chunk (`log_softmax` is a vectorised
-    single kernel, about 1.5x faster than `logsumexp` on CPU). The (k+1)-th best entry j is never
-    in the top-k, so after masking the top-k, `log_softmax` at j gives `ls_j - log(tail mass)`.
-    `logits` is never modified.
+    Cost per chunk: one top-k pass and one fused `log_softmax` pass (a vectorised single kernel,
+    faster than `logsumexp` on CPU). With the top-k masked to -inf, `log_softmax` at the (k+1)-th
+    best entry j (never in the top-k) is `x_j - lse(rest)`; the full normaliser is then
+    `logaddexp(lse(rest), lse(top-k))`, exact without a second pass. The masking happens in
+    place when the caller allows it (`overwrite_logits`, e.g. a model output it discards), on a
+    copy otherwise.
     """
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS.get(logits.device.type, 1 << 22) // vocab_size)
     keep = min(top_k + 1, vocab_size)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, logits.shape[0], chunk_size):
-        logprobs = torch.log_softmax(logits[start:start + chunk_size, :vocab_size].float(), dim=-1)
-        values, ids = torch.topk(logprobs, keep, dim=-1, sorted=True)
+        chunk = logits[start:start + chunk_size, :vocab_size]
+        chunk = chunk.float() if chunk.dtype != torch.float32 or overwrite_logits else chunk.clone()
+        values, ids = torch.topk(chunk, keep, dim=-1, sorted=True)
         nexts = next_ids[start:start + chunk_size]
-        next_logprob = logprobs.gather(1, nexts.clamp(min=0).unsqueeze(1)).squeeze(1)
-        next_logprob = torch.where(nexts >= 0, next_logprob, torch.nan)
+        next_logit = chunk.gather(1, nexts.clamp(min=0).unsqueeze(1)).squeeze(1)
+        head = torch.logsumexp(values[:, :top_k], dim=-1)
         if keep > top_k:
             best_rest, best_rest_id = values[:, top_k], ids[:, top_k:]
-            logprobs.scatter_(1, ids[:, :top_k], float("-inf"))
-            renormalised = torch.log_softmax(logprobs, dim=-1).gather(1, best_rest_id).squeeze(1)
-            tail = torch.where(torch.isneginf(best_rest), best_rest, best_rest - renormalised)
+            chunk.scatter_(1, ids[:, :top_k], float("-inf"))
+            rest = best_rest - torch.log_softmax(chunk, dim=-1).gather(1, best_rest_id).squeeze(1)
+            rest = torch.where(torch.isneginf(best_rest), best_rest, rest)
+            log_normaliser = torch.logaddexp(head, rest)
+            tail = rest - log_normaliser
         else:
-            tail = torch.full_like(next_logprob, float("-inf"))
-        parts.append((ids[:, :top_k], values[:, :top_k], tail, next_logprob))
+            log_normaliser = head
+            tail = torch.full_like(head, float("-inf"))
+        next_logprob = torch.where(nexts >= 0, next_logit - log_normaliser, torch.nan)
+        parts.append((ids[:, :top_k], values[:, :top_k] - log_normaliser.unsqueeze(1), tail, next_logprob))
     ids, logprobs, tail, next_logprob = (torch.cat(column) for column in zip(*parts))
     return TopKTargets(ids=ids, logprobs=logprobs, tail_logprob=tail, next_logprob=next_logprob)

@@ -152,9 +152,10 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
         logits_valid = valid.flatten().to(logits.device)
         flat_next = next_ids.flatten().to(logits.device)
         if _mostly_padding(token_lists):  # gather the valid rows first: a full copy of their logits
-            targets = topk_targets(logits[logits_valid], flat_next[logits_valid], vocab_size=vocab_size, top_k=top_k)
+            targets = topk_targets(logits[logits_valid], flat_next[logits_valid], vocab_size=vocab_size, top_k=top_k,
+                                   overwrite_logits=True)
         else:  # length-sorted batches: cheaper to compute the few padded rows than to copy every logit
-            targets = topk_targets(logits, flat_next, vocab_size=vocab_size, top_k=top_k)
+            targets = topk_targets(logits, flat_next, vocab_size=vocab_size, top_k=top_k, overwrite_logits=True)
             targets = dataclasses.replace(targets, **{field.name: getattr(targets, field.name)[logits_valid]
                                                       for field in dataclasses.fields(targets)})
         tensors = {"ids": targets.ids.to(torch.int32), "logprobs": targets.logprobs.to(logprob_dtype),

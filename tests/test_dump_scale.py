@@ -61,6 +61,8 @@ def test_topk_targets_match_float64_and_leave_the_logits_untouched():
     expected_next = reference.gather(1, next_ids.clamp(min=0).unsqueeze(1)).squeeze(1)
     torch.testing.assert_close(got.next_logprob[:-1].double(), expected_next[:-1], rtol=0, atol=1e-5)
     assert torch.isnan(got.next_logprob[-1])
+    in_place = topk_targets(logits.clone(), next_ids, vocab_size=50, top_k=5, chunk_size=8, overwrite_logits=True)
+    assert all(torch.equal(getattr(in_place, name), getattr(got, name)) for name in ("ids", "logprobs", "tail_logprob"))
     everything = topk_targets(logits, next_ids, vocab_size=50, top_k=50)
     assert torch.isneginf(everything.tail_logprob).all()
 
