@@ -5,8 +5,9 @@ On one teacher, one batch size and one data set, in one run, times
   (b) `dump_teacher`'s loop (top-k + tail on the device, background Arrow writer, resume records),
   (c) a naive loop as peers write it: sequential batches, full float32 log_softmax + topk, synchronous
       copies and writes,
-and prints tokens/s of each and the ratios b/a (target ≥ 0.95) and b/c. The loops run in alternating
-rounds and each keeps its best round, so load from other processes biases none of them.
+and prints tokens/s of each and the ratios b/a (target ≥ 0.95) and b/c. The loops run in rounds, in
+rotating order, and each keeps its best round, so load from other processes biases none of them
+systematically (on a busy machine, still run it twice and compare).
 
     python tools/bench_dump.py                   # vocab 32000, hidden 512, 4 layers, ~6k tokens, ~2-5 min on 2 cores
     python tools/bench_dump.py --layers 8 --rows 64
@@ -128,9 +129,10 @@ def main() -> None:
         }
         bare_forward(model, data.select(range(min(8, len(data)))), settings)  # warm-up: allocator, kernels
         best: dict[str, tuple[int, float]] = {}
+        names = list(loops)
         for round_ in range(args.rounds):
-            for name, (_, run) in loops.items():
-                tokens, seconds = run(round_)
+            for name in names[round_ % 3:] + names[:round_ % 3]:  # rotate: no loop is always first
+                tokens, seconds = loops[name][1](round_)
                 if name not in best or seconds < best[name][1]:
                     best[name] = (tokens, seconds)
         rate = {name: tokens / seconds for name, (tokens, seconds) in best.items()}
