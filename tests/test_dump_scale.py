@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from kdcache.cache.format import Manifest
 from kdcache.cache.progress import PROGRESS_DIR, DumpLock
-from kdcache.cache.reader import iter_sequences
+from kdcache.cache.reader import iter_sequences, verify_cache
 from kdcache.errors import KDCacheError
 from kdcache.targets import topk_targets
 from kdcache.teacher import DumpSettings, dump_teacher
@@ -36,7 +36,9 @@ def _rows(cache: Path) -> list:
 
 
 def _assert_no_dump_state(cache: Path) -> None:
+    """A committed cache: it verifies, and nothing of the dump's working state is left."""
     manifest = Manifest.load(cache)
+    verify_cache(cache, manifest, progress=False)
     assert not (cache / PROGRESS_DIR).exists()
     assert sorted(str(path.relative_to(cache)) for path in (cache / "data").iterdir()) == \
         sorted(shard.file for shard in manifest.shards)
