@@ -36,11 +36,14 @@ def load_tokenizer(name_or_path: str, what: str = "tokenizer"):
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
 
 
-def load_causal_lm(name_or_path: str, what: str, dtype: str = "auto") -> PreTrainedModel:
+def load_causal_lm(name_or_path: str, what: str, dtype: str = "auto",
+                   device_map: str | None = None) -> PreTrainedModel:
+    """`device_map` (e.g. "auto") spreads a model too big for one device over all of them (big-model loading)."""
     _check_exists(name_or_path, what)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    placement = {} if device_map is None else {"device_map": device_map}
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **placement)
     except (OSError, ValueError, KeyError) as error:
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
 
