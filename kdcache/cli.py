@@ -62,7 +62,12 @@ def main():
 @click.option("--limit", type=int, default=None, help="Dump only the first N rows.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--shard-rows", default=10_000, show_default=True, help="Sequences per shard file.")
+@click.option("--shard-rows", default=10_000, show_default=True,
+              help="Sequences per shard file; also the unit of work lost when a dump is killed and resumed.")
+@click.option("--device-map", default=None,
+              help="Spread a teacher too big for one device over the machine's devices, e.g. 'auto' (one process).")
+@click.option("--skip-nonfinite", is_flag=True,
+              help="Commit the cache without the sequences whose targets are NaN/inf (listed in the manifest).")
 @click.option("--pooled", is_flag=True, help="Encoders: also cache the pooler's output ('pooled' column).")
 @click.option("--targets", type=click.Choice(["topk", "sampled", "both"]), default="topk", show_default=True,
               help="Top-k log-probs + exact tail, ids sampled from the teacher with counts, or both "
@@ -71,18 +76,30 @@ def main():
 @click.option("--seed", default=0, show_default=True, help="Seed of the draws (combined with each sample id).")
 def dump_teacher_command(teacher, data, out, split, task, text_column, text_pair_column, label_column, tokens_column,
                          labels_column, max_length, batch_size, top_k, hidden_layers, limit, dtype, logprob_dtype,
-                         shard_rows, pooled, targets, samples, seed):
-    """Run TEACHER once over DATA and write its top-k and/or sampled targets to a cache."""
+                         shard_rows, device_map, skip_nonfinite, pooled, targets, samples, seed):
+    """Run TEACHER once over DATA and write its top-k and/or sampled targets to a cache.
+
+    Rerunning the same command after an interruption resumes it. Under `accelerate launch` the
+    processes share the work and write one cache.
+    """
+    from accelerate import PartialState
+
     from .teacher import DumpSettings, dump_teacher
     settings = DumpSettings(top_k=top_k, max_length=max_length, batch_size=batch_size, hidden_layers=hidden_layers,
                             limit=limit, dtype=dtype, logprob_dtype=logprob_dtype, shard_rows=shard_rows,
-                            split=split, text_column=text_column, targets=targets, samples=samples, seed=seed,
+                            split=split, text_column=text_column, device_map=device_map,
+                            skip_nonfinite=skip_nonfinite, targets=targets, samples=samples, seed=seed,
                             task=task, tokens_column=tokens_column, labels_column=labels_column,
                             label_column=label_column, text_pair_column=text_pair_column, pooled=pooled)
     manifest = dump_teacher(teacher, data, out, settings)
+    if not PartialState().is_main_process:
+        return
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
                f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token")
     click.echo("\n".join(_fidelity_lines(manifest)))
+    if manifest.stats["skipped_sample_ids"]:
+        click.echo(f"skipped {len(manifest.stats['skipped_sample_ids'])} sequences with NaN/inf targets "
+                   f"({manifest.stats['nonfinite_positions']} positions); their ids are in the manifest")
 
 
 def _fidelity_lines(manifest: Manifest) -> list[str]:

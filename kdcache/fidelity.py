@@ -23,13 +23,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .targets import SampledTargets, TopKTargets
 
 
 class FidelityCard:
-    """Accumulates the per-position figures over a dump; `summary()` gives the manifest entry."""
+    """Accumulates the per-position figures over a dump; `summary()` gives the manifest entry.
+
+    `figures()` runs on the device inside the dump's per-batch step; the per-position figures then
+    travel to the host with the batch, so the shard writer can `add()` only the rows it writes
+    (non-finite rows are dropped) and keep one card per shard. `state()`/`merge()` let per-shard
+    cards survive a resume and combine across processes into the cache's card.
+    """
 
     def __init__(self, vocab_size: int, target_types: tuple[str, ...], *, top_k: int, draws: int | None):
         self.vocab_size = vocab_size
@@ -39,25 +46,34 @@ class FidelityCard:
         self.positions = 0
         self.sums: dict[str, dict[str, float]] = {kind: {} for kind in target_types}
 
-    def _add(self, kind: str, name: str, values: torch.Tensor) -> None:
-        self.sums[kind][name] = self.sums[kind].get(name, 0.0) + float(values.double().sum())
-
-    def add(self, logits: torch.Tensor, topk: TopKTargets, sampled: SampledTargets | None,
-            chunk_size: int = 1024) -> None:
-        """Score the targets of the [N, V+] `logits` rows (valid positions only), a chunk at a time.
+    def figures(self, logits: torch.Tensor, topk: TopKTargets, sampled: SampledTargets | None,
+                chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+        """Per-position figures ("fidelity.<kind>.<name>" -> float64 [N]) of the [N, V+] `logits` rows
+        (valid positions only), a chunk at a time.
 
         Works on the logits' device with a few [chunk × V] temporaries, hence the smaller chunk.
         """
+        parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, logits.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logp = torch.log_softmax(logits[rows, :self.vocab_size].float(), dim=-1)
+            figures = {}
             if "topk" in self.target_types:
-                self._add_topk(logp, topk.ids[rows], topk.tail_logprob[rows])
+                figures |= self._topk_figures(logp, topk.ids[rows], topk.tail_logprob[rows])
             if "sampled" in self.target_types:
-                self._add_sampled(logp, sampled, rows)
-        self.positions += logits.shape[0]
+                figures |= self._sampled_figures(logp, sampled, rows)
+            for name, values in figures.items():
+                parts.setdefault(f"fidelity.{name}", []).append(values.double())
+        return {name: torch.cat(values) for name, values in parts.items()}
 
-    def _add_topk(self, logp: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor) -> None:
+    def add(self, figures: dict[str, np.ndarray]) -> None:
+        """Sum the per-position `figures` (as made by `figures()`, any subset of their positions)."""
+        for key, values in figures.items():
+            _, kind, name = key.split(".")
+            self.sums[kind][name] = self.sums[kind].get(name, 0.0) + float(np.sum(values, dtype=np.float64))
+        self.positions += len(next(iter(figures.values()), []))
+
+    def _topk_figures(self, logp: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor) -> dict[str, torch.Tensor]:
         p = logp.exp()
         listed = torch.zeros_like(p, dtype=torch.bool).scatter_(1, ids, True)
         unlisted = self.vocab_size - ids.shape[1]
@@ -65,11 +81,11 @@ class FidelityCard:
         log_spread = (tail - math.log(max(unlisted, 1))).unsqueeze(1)
         kl_terms = torch.where(listed | (p == 0), 0.0, p * (logp - log_spread))
         tv_terms = torch.where(listed, 0.0, (p - spread.unsqueeze(1)).abs())
-        self._add("topk", "captured_mass", -torch.expm1(tail))
-        self._add("topk", "kl_rest_bucket", kl_terms.sum(dim=1).clamp(min=0))
-        self._add("topk", "tv_rest_bucket", 0.5 * tv_terms.sum(dim=1))
+        return {"topk.captured_mass": -torch.expm1(tail),
+                "topk.kl_rest_bucket": kl_terms.sum(dim=1).clamp(min=0),
+                "topk.tv_rest_bucket": 0.5 * tv_terms.sum(dim=1)}
 
-    def _add_sampled(self, logp: torch.Tensor, sampled: SampledTargets, rows: slice) -> None:
+    def _sampled_figures(self, logp: torch.Tensor, sampled: SampledTargets, rows: slice) -> dict[str, torch.Tensor]:
         offsets = sampled.offsets[rows.start:rows.start + logp.shape[0] + 1].to(logp.device)
         lengths = offsets.diff()
         span = slice(int(offsets[0]), int(offsets[-1]))
@@ -81,10 +97,21 @@ class FidelityCard:
         renormalised = teacher_logp - mass.log()[row]
         kl = renormalised.exp() * (renormalised - estimate.log())
         deviation = (teacher_logp.exp() - estimate).abs()
-        self._add("sampled", "captured_mass", mass)
-        self._add("sampled", "kl_on_support", torch.zeros_like(mass).index_add_(0, row, kl).clamp(min=0))
-        self._add("sampled", "tv", 0.5 * (torch.zeros_like(mass).index_add_(0, row, deviation) + 1 - mass))
-        self._add("sampled", "distinct_ids", lengths)
+        return {"sampled.captured_mass": mass,
+                "sampled.kl_on_support": torch.zeros_like(mass).index_add_(0, row, kl).clamp(min=0),
+                "sampled.tv": 0.5 * (torch.zeros_like(mass).index_add_(0, row, deviation) + 1 - mass),
+                "sampled.distinct_ids": lengths}
+
+    def state(self) -> dict:
+        """JSON-able accumulators, so a finished shard's card survives a restart of the dump."""
+        return {"positions": self.positions, "sums": self.sums}
+
+    def merge_state(self, state: dict) -> None:
+        """Add the accumulators of another card's `state()`: per-shard cards combine into the cache's."""
+        for kind, sums in state["sums"].items():
+            for name, total in sums.items():
+                self.sums[kind][name] = self.sums[kind].get(name, 0.0) + total
+        self.positions += int(state["positions"])
 
     def summary(self) -> dict:
         card = {"positions": self.positions}

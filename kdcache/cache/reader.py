@@ -8,6 +8,7 @@ before a cache is trusted: a shared cache may have been copied, truncated or edi
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,27 @@ def verify_cache(cache: CacheStore | str | Path, manifest: Manifest, *, progress
     schema = expected_schema(manifest)
     for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
         _verify_shard(store, shard, schema)
+
+
+def content_sha256(cache: CacheStore | str | Path, shards: list[ShardInfo]) -> str:
+    """sha256 over every row's sample id (int64) and tokens (int32), in shard order.
+
+    Identifies what text a cache covers independently of the targets, so two caches of the same
+    data compare equal whatever teacher, settings or number of processes made them.
+    """
+    store = as_store(cache)
+    digest = hashlib.sha256()
+    for shard in shards:
+        reader = store.open_shard(shard.file)
+        for index in range(reader.num_record_batches):
+            batch = reader.get_batch(index)
+            tokens = batch.column("input_ids")
+            offsets = tokens.offsets.to_numpy()
+            offsets = offsets - offsets[0]
+            values = tokens.flatten().to_numpy()
+            for row, sample_id in enumerate(batch.column("sample_id").to_numpy()):
+                digest.update(np.int64(sample_id).tobytes() + values[offsets[row]:offsets[row + 1]].tobytes())
+    return digest.hexdigest()
 
 
 class _DecodedBatch:

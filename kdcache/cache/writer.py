@@ -92,15 +92,19 @@ def to_record_batch(rows: list[CachedSequence], schema: pa.Schema) -> pa.RecordB
 class ShardWriter:
     """Appends record batches to `data/<prefix>-NNNNN.arrow`, starting a new shard every `shard_rows`.
 
+    NNNNN counts from `start_index`, so a dump that plans its shards up front can name each one.
+
     Lifecycle: `write()` any number of times, then `close()` (returns every finished shard) or
     `abort()` (removes the shard in progress). Usable as a context manager that aborts on error.
     """
 
-    def __init__(self, cache_dir: Path, schema: pa.Schema, *, shard_rows: int, prefix: str = "shard-00000"):
+    def __init__(self, cache_dir: Path, schema: pa.Schema, *, shard_rows: int, prefix: str = "shard-00000",
+                 start_index: int = 0):
         self.cache_dir = Path(cache_dir)
         self.schema = schema
         self.shard_rows = shard_rows
         self.prefix = prefix
+        self.start_index = start_index
         self.finished: list[ShardInfo] = []
         self._sink = None
         self._writer = None
@@ -109,7 +113,7 @@ class ShardWriter:
         (self.cache_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
 
     def _relative_name(self) -> str:
-        return f"{DATA_DIR}/{self.prefix}-{len(self.finished):05d}{SHARD_SUFFIX}"
+        return f"{DATA_DIR}/{self.prefix}-{self.start_index + len(self.finished):05d}{SHARD_SUFFIX}"
 
     def _partial_path(self) -> Path:
         return self.cache_dir / (self._relative_name() + PARTIAL_SUFFIX)
