@@ -74,9 +74,11 @@ def main():
                    "(causal LM only: classification caches store every label's probability).")
 @click.option("--samples", default=50, show_default=True, help="Draws per position for sampled targets (T=1).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the draws (combined with each sample id).")
+@click.option("--fidelity-every", default=8, show_default=True,
+              help="The fidelity card measures every N-th target position of each batch (1 = all; costs dump speed).")
 def dump_teacher_command(teacher, data, out, split, task, text_column, text_pair_column, label_column, tokens_column,
                          labels_column, max_length, batch_size, top_k, hidden_layers, limit, dtype, logprob_dtype,
-                         shard_rows, device_map, skip_nonfinite, pooled, targets, samples, seed):
+                         shard_rows, device_map, skip_nonfinite, pooled, targets, samples, seed, fidelity_every):
     """Run TEACHER once over DATA and write its top-k and/or sampled targets to a cache.
 
     Rerunning the same command after an interruption resumes it. Under `accelerate launch` the
@@ -89,7 +91,7 @@ def dump_teacher_command(teacher, data, out, split, task, text_column, text_pair
                             limit=limit, dtype=dtype, logprob_dtype=logprob_dtype, shard_rows=shard_rows,
                             split=split, text_column=text_column, device_map=device_map,
                             skip_nonfinite=skip_nonfinite, targets=targets, samples=samples, seed=seed,
-                            task=task, tokens_column=tokens_column, labels_column=labels_column,
+                            fidelity_every=fidelity_every, task=task, tokens_column=tokens_column, labels_column=labels_column,
                             label_column=label_column, text_pair_column=text_pair_column, pooled=pooled)
     manifest = dump_teacher(teacher, data, out, settings)
     if not PartialState().is_main_process:

@@ -1,8 +1,12 @@
 """The fidelity card: how much of the teacher each cached target type keeps, measured at dump time.
 
 Only the dump sees the teacher's full distribution p, so it is the one place to measure what the
-cache loses. The card is computed on every position of the dump (no sampling) and stored in the
-manifest under `stats.fidelity`; all figures are means over positions, in nats where they are KL.
+cache loses. Measuring costs several passes over the vocabulary per position (a third of the dump
+loop when done everywhere), so by default the card is computed on a systematic sample: every
+`every`-th target position of each teacher batch (`--fidelity-every`, default 8; 1 = all). Batches
+depend only on the shard plan and batch size, so the sample does not depend on the number of
+processes or on resumes. The card is stored in the manifest under `stats.fidelity`; all figures are
+means over the measured positions, in nats where they are KL.
 
 Top-k (+ exact tail r): the *rest-bucket reconstruction* is what a receiver can rebuild from the
 cache: the k listed probabilities exactly, and r spread evenly over the V - k other ids.
@@ -38,8 +42,10 @@ class FidelityCard:
     cards survive a resume and combine across processes into the cache's card.
     """
 
-    def __init__(self, vocab_size: int, target_types: tuple[str, ...], *, top_k: int, draws: int | None):
+    def __init__(self, vocab_size: int, target_types: tuple[str, ...], *, top_k: int, draws: int | None,
+                 every: int = 1):
         self.vocab_size = vocab_size
+        self.every = every
         self.target_types = target_types
         self.top_k = top_k
         self.draws = draws
@@ -48,30 +54,37 @@ class FidelityCard:
 
     def figures(self, logits: torch.Tensor, topk: TopKTargets, sampled: SampledTargets | None,
                 chunk_size: int = 1024) -> dict[str, torch.Tensor]:
-        """Per-position figures ("fidelity.<kind>.<name>" -> float64 [N]) of the [N, V+] `logits` rows
-        (valid positions only), a chunk at a time.
+        """Per-position figures ("fidelity.<kind>.<name>" -> float64 [N], NaN where not measured) of the
+        [N, V+] `logits` rows (valid positions only): every `every`-th position, a chunk at a time.
 
         Works on the logits' device with a few [chunk × V] temporaries, hence the smaller chunk.
         """
+        measured = torch.arange(0, logits.shape[0], self.every, device=logits.device)
+        logits, topk_ids, tail = logits[measured], topk.ids[measured], topk.tail_logprob[measured]
+        sampled = None if sampled is None else _select_positions(sampled, measured)
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, logits.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logp = torch.log_softmax(logits[rows, :self.vocab_size].float(), dim=-1)
             figures = {}
             if "topk" in self.target_types:
-                figures |= self._topk_figures(logp, topk.ids[rows], topk.tail_logprob[rows])
+                figures |= self._topk_figures(logp, topk_ids[rows], tail[rows])
             if "sampled" in self.target_types:
                 figures |= self._sampled_figures(logp, sampled, rows)
             for name, values in figures.items():
                 parts.setdefault(f"fidelity.{name}", []).append(values.double())
-        return {name: torch.cat(values) for name, values in parts.items()}
+        every_position = topk.ids.shape[0]
+        return {name: torch.full((every_position,), torch.nan, dtype=torch.float64, device=measured.device)
+                .index_copy_(0, measured, torch.cat(values)) for name, values in parts.items()}
 
     def add(self, figures: dict[str, np.ndarray]) -> None:
-        """Sum the per-position `figures` (as made by `figures()`, any subset of their positions)."""
+        """Sum the per-position `figures` (as made by `figures()`, any subset of their positions); NaN
+        marks a position that was not measured."""
         for key, values in figures.items():
             _, kind, name = key.split(".")
-            self.sums[kind][name] = self.sums[kind].get(name, 0.0) + float(np.sum(values, dtype=np.float64))
-        self.positions += len(next(iter(figures.values()), []))
+            self.sums[kind][name] = self.sums[kind].get(name, 0.0) + float(np.nansum(values, dtype=np.float64))
+        first = next(iter(figures.values()), np.zeros(0))
+        self.positions += int(np.count_nonzero(~np.isnan(first)))
 
     def _topk_figures(self, logp: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor) -> dict[str, torch.Tensor]:
         p = logp.exp()
@@ -114,8 +127,19 @@ class FidelityCard:
         self.positions += int(state["positions"])
 
     def summary(self) -> dict:
-        card = {"positions": self.positions}
+        card = {"positions": self.positions, "every": self.every}
         for kind, sums in self.sums.items():
             means = {name: round(total / max(self.positions, 1), 6) for name, total in sums.items()}
             card[kind] = {"top_k": self.top_k} | means if kind == "topk" else {"draws": self.draws} | means
         return card
+
+
+def _select_positions(sampled: SampledTargets, positions: torch.Tensor) -> SampledTargets:
+    """The ragged sampled targets of `positions` only (ascending indices)."""
+    lengths = sampled.offsets.diff()
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    keep = torch.zeros(len(lengths), dtype=torch.bool, device=lengths.device)
+    keep[positions.to(lengths.device)] = True
+    kept = keep[owner]
+    offsets = torch.cat([lengths.new_zeros(1), lengths[keep].cumsum(0)])
+    return SampledTargets(ids=sampled.ids[kept], counts=sampled.counts[kept], offsets=offsets)

@@ -72,6 +72,7 @@ class DumpSettings:
     skip_nonfinite: bool = False
     targets: str = "topk"   # "topk", "sampled" or "both"
     samples: int = 50       # draws per position for sampled targets
+    fidelity_every: int = 8  # the fidelity card measures every N-th target position (1 = all)
     seed: int = 0           # seeds the draws (with each sample id)
     task: str | None = None  # None: inferred from the teacher's config
     tokens_column: str = "tokens"        # token classification: word lists
@@ -88,7 +89,7 @@ class DumpSettings:
         """Settings that change the cache's bytes; the sampling ones only when something is sampled,
         so a top-k dump keeps the fingerprint it had before sampled targets existed."""
         settings = self.resume_settings()
-        del settings["batch_size"], settings["shard_rows"]
+        del settings["batch_size"], settings["shard_rows"], settings["fidelity_every"]
         if "sampled" not in self.target_types:
             del settings["targets"], settings["samples"], settings["seed"]
         if self.task in (None, CAUSAL_LM):  # causal-LM fingerprints stay what they were before tasks existed
@@ -291,6 +292,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
         raise KDCacheError(f"--limit must be positive, got {settings.limit}")
     if settings.targets not in (*TARGET_TYPES, "both"):
         raise KDCacheError(f"--targets must be topk, sampled or both, got {settings.targets!r}")
+    if settings.fidelity_every <= 0:
+        raise KDCacheError(f"--fidelity-every must be positive, got {settings.fidelity_every}")
     if not 0 < settings.samples <= MAX_SAMPLES:
         raise KDCacheError(f"--samples must be between 1 and {MAX_SAMPLES}, got {settings.samples}")
 
@@ -334,7 +337,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
                                "settings": settings.content_settings()})
     plan = _plan(len(rows), settings.shard_rows)
     new_card = functools.partial(FidelityCard, num_classes, settings.target_types, top_k=settings.top_k,
-                                 draws=settings.samples if "sampled" in settings.target_types else None)
+                                 draws=settings.samples if "sampled" in settings.target_types else None,
+                                 every=settings.fidelity_every)
     lock: DumpLock | None = None
 
     def claim() -> list[int]:

@@ -292,7 +292,8 @@ def test_kill_9_at_any_moment_then_resume_gives_every_row_once(tmp_path, teacher
 
 def test_a_resumed_sampled_dump_equals_an_uninterrupted_one(tmp_path, teacher_dir, corpus, monkeypatch):
     """`--targets both`: draws and fidelity card survive a write error and resume; sampling settings are identity."""
-    settings = DumpSettings(**{**FIXTURE_SETTINGS, "hidden_layers": ()}, targets="both", samples=20, seed=3)
+    settings = DumpSettings(**{**FIXTURE_SETTINGS, "hidden_layers": ()}, targets="both", samples=20, seed=3,
+                            fidelity_every=1)
     reference = tmp_path / "reference"
     dump_teacher(str(teacher_dir), str(corpus), reference, settings, progress=False)
 

@@ -28,7 +28,7 @@ def dump(teacher_dir, corpus, out, **settings):
 @pytest.fixture(scope="module")
 def both_cache(tmp_path_factory, teacher_dir, corpus):
     return dump(teacher_dir, corpus, tmp_path_factory.mktemp("sampled") / "both", targets="both", samples=50,
-                batch_size=5, shard_rows=5)
+                batch_size=5, shard_rows=5, fidelity_every=1)
 
 
 def teacher_logprobs(teacher_dir, corpus, sample_id: int) -> torch.Tensor:
@@ -182,3 +182,18 @@ def test_bad_sampling_flags_are_one_line_errors(tmp_path, teacher_dir, corpus, f
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.startswith("Error:")] == [f"Error: {fragment}, got {flags[1]}"]
     assert not (tmp_path / "c").exists()
+
+
+def test_a_sampled_fidelity_card_measures_every_nth_position(both_cache, teacher_dir, corpus, tmp_path):
+    """The default card measures a systematic sample (cheap); it estimates the full card and changes no content."""
+    full = Manifest.load(both_cache)
+    cache = dump(teacher_dir, corpus, tmp_path / "every4", targets="both", samples=50, batch_size=5, shard_rows=5,
+                 fidelity_every=4)
+    manifest = Manifest.load(cache)
+    card, full_card = manifest.stats["fidelity"], full.stats["fidelity"]
+    batches = sum(-(-shard.rows // 5) for shard in manifest.shards)
+    assert card["every"] == 4 and manifest.total_tokens / 4 <= card["positions"] <= manifest.total_tokens / 4 + batches
+    for kind, name in (("topk", "captured_mass"), ("sampled", "captured_mass"), ("topk", "kl_rest_bucket")):
+        assert card[kind][name] == pytest.approx(full_card[kind][name], rel=0.25), (kind, name)
+    assert manifest.dump_fingerprint == full.dump_fingerprint
+    assert [s.sha256 for s in manifest.shards] == [s.sha256 for s in full.shards]
