@@ -32,7 +32,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from kdcache.cache.format import shard_schema
 from kdcache.cache.writer import CachedSequence, ShardWriter
 from kdcache.synthetic import SPECIAL_TOKENS, build_word_tokenizer
-from kdcache.teacher import DumpSettings, _pad, _plan, _windows, dump_teacher
+from kdcache.tasks import CAUSAL_LM, get_task
+from kdcache.teacher import DumpSettings, _pad, _plan, _Rows, _windows, dump_teacher
 
 
 def build_teacher(directory: Path, vocab: int, hidden: int, layers: int):
@@ -60,9 +61,11 @@ def bare_forward(model, data, settings: DumpSettings) -> tuple[int, float]:
     """(a): the dump's own batches (length-sorted windows), forward only."""
     tokens, started = 0, time.perf_counter()
     with torch.inference_mode():
+        source = _Rows(task=get_task(CAUSAL_LM), rows=data, column="input_ids", tokenizer=None, classes=[],
+                       source="bench")
         for shard in _plan(len(data), settings.shard_rows):
-            for batches, _ in _windows(data, shard, "input_ids", None, settings):
-                for _, token_lists in batches:
+            for batches, _ in _windows(source, shard, settings):
+                for _, token_lists, _ in batches:
                     input_ids, mask = _pad(token_lists, "cpu")
                     model(input_ids=input_ids, attention_mask=mask)
                     tokens += int(mask.sum())
