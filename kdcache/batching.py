@@ -7,12 +7,16 @@ never enters a loss or a mean.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from .cache.writer import CachedSequence, Ragged
 from .losses import SparseTargets
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -148,3 +152,15 @@ def collate(sequences: list[CachedSequence]) -> Batch:
         pooled=None if first.pooled is None else torch.from_numpy(np.concatenate([s.pooled for s in sequences])).float(),
         sample_ids=[sequence.sample_id for sequence in sequences],
     )
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items (the last may be shorter): evaluation batches a stream."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .batching import collate
+from .batching import chunked, collate
 from .cache.format import Manifest
 from .cache.reader import iter_sequences
 from .cache.store import CacheStore
@@ -45,7 +45,6 @@ def evaluate_classifier(model, store: CacheStore, manifest: Manifest, *, batch_s
     names = manifest.labels
     rows: dict[str, list[list[str]]] = {"student": [], "teacher": [], "gold": []}
     kl_sum, targets = 0.0, 0
-    pending = []
 
     def score(sequences) -> None:
         nonlocal kl_sum, targets
@@ -60,13 +59,8 @@ def evaluate_classifier(model, store: CacheStore, manifest: Manifest, *, batch_s
         for source, values in flat.items():
             rows[source] += [[names[index] for index in part.tolist()] for part in values.split(counts)]
 
-    for sequence in iter_sequences(store, manifest, kept_rows=kept_rows):
-        pending.append(sequence)
-        if len(pending) == batch_size:
-            score(pending)
-            pending = []
-    if pending:
-        score(pending)
+    for sequences in chunked(iter_sequences(store, manifest, kept_rows=kept_rows), batch_size):
+        score(sequences)
     model.train(was_training)
     entities = task.name == TOKEN_CLASSIFICATION and is_entity_scheme(names)
     result = {"task": task.name, "rows": len(rows["student"]), "targets": targets, "kl_to_teacher": kl_sum / targets}

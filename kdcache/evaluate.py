@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .batching import collate
+from .batching import chunked, collate
 from .cache.reader import iter_sequences, select_rows
 from .cache.store import CacheStore, as_store
 from .classification_eval import evaluate_classifier
@@ -41,7 +41,6 @@ def evaluate_student(model, cache: CacheStore | Path | str, *, batch_size: int =
     was_training = model.training
     model.eval()
     kl_sum = agree = nll_sum = positions = labelled = 0.0
-    pending = []
 
     def score(sequences) -> None:
         nonlocal kl_sum, agree, nll_sum, positions, labelled
@@ -58,13 +57,8 @@ def evaluate_student(model, cache: CacheStore | Path | str, *, batch_size: int =
         labelled += float((labels != -100).sum())
         positions += count
 
-    for sequence in iter_sequences(store, manifest, kept_rows=kept_rows):
-        pending.append(sequence)
-        if len(pending) == batch_size:
-            score(pending)
-            pending = []
-    if pending:
-        score(pending)
+    for sequences in chunked(iter_sequences(store, manifest, kept_rows=kept_rows), batch_size):
+        score(sequences)
     model.train(was_training)
     nll = nll_sum / max(labelled, 1)
     return {"kl_to_teacher": kl_sum / positions, "top1_agreement": agree / positions, "nll": nll,

@@ -7,9 +7,11 @@ synthetic language's words, and everything is saved to temporary directories so 
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -68,3 +70,16 @@ def student_config(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("student") / "student.json"
     path.write_text(tiny_llama_config(len(tokenizer), hidden=16, layers=1).to_json_string())
     return path
+
+
+def fail_second_shard_with_disk_full(monkeypatch) -> None:
+    """Make the second Arrow shard a dump opens fail with ENOSPC (undo with `monkeypatch.undo()`)."""
+    real_new_file, calls = pa.ipc.new_file, []
+
+    def disk_full_on_second_shard(sink, schema):
+        calls.append(sink)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_new_file(sink, schema)
+
+    monkeypatch.setattr(pa.ipc, "new_file", disk_full_on_second_shard)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import signal
@@ -14,11 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import fail_second_shard_with_disk_full
 from kdcache.cache.format import Manifest
 from kdcache.cache.progress import PROGRESS_DIR, DumpLock
 from kdcache.cache.reader import iter_sequences, verify_cache
@@ -73,15 +72,7 @@ def test_topk_targets_match_float64_and_leave_the_logits_untouched():
 def test_a_write_error_leaves_no_half_shard_and_the_rerun_resumes(tmp_path, teacher_dir, corpus, cache_dir,
                                                                   monkeypatch):
     """Disk full while the second shard is written: a clear error; the rerun keeps shard one."""
-    real_new_file, calls = pa.ipc.new_file, []
-
-    def disk_full_on_second_shard(sink, schema):
-        calls.append(sink)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_new_file(sink, schema)
-
-    monkeypatch.setattr(pa.ipc, "new_file", disk_full_on_second_shard)
+    fail_second_shard_with_disk_full(monkeypatch)
     out = tmp_path / "cache"
     with pytest.raises(KDCacheError, match="No space left on device.*rerun the same command to resume"):
         dump_teacher(str(teacher_dir), str(corpus), out, DumpSettings(**FIXTURE_SETTINGS), progress=False)
@@ -297,15 +288,7 @@ def test_a_resumed_sampled_dump_equals_an_uninterrupted_one(tmp_path, teacher_di
     reference = tmp_path / "reference"
     dump_teacher(str(teacher_dir), str(corpus), reference, settings, progress=False)
 
-    real_new_file, calls = pa.ipc.new_file, []
-
-    def disk_full_on_second_shard(sink, schema):
-        calls.append(sink)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_new_file(sink, schema)
-
-    monkeypatch.setattr(pa.ipc, "new_file", disk_full_on_second_shard)
+    fail_second_shard_with_disk_full(monkeypatch)
     out = tmp_path / "cache"
     with pytest.raises(KDCacheError, match="No space left on device"):
         dump_teacher(str(teacher_dir), str(corpus), out, settings, progress=False)

