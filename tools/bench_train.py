@@ -4,11 +4,12 @@ Same student, same sequences, same batch size, in one run, tokens/s of
   (a) the student with plain next-token CE on the cached text (the ceiling: the student alone),
   (b) `train_student` from the cache with KD (reader, prefetch worker, collation, sparse loss, Accelerate),
   (c) online KD: the teacher (about 3x the student) runs in the loop, full-vocabulary logits, dense_kd_loss,
-  (d) TRL's GKDTrainer with lmbda=0, only when `trl` is importable,
+  (d) TRL's GKDTrainer with lmbda=0 (teacher in the loop, supervised KD), only when `trl` is importable
+      (it is a benchmark-only tool, not a kdcache dependency; see `trl_gkd` for how it is made comparable),
 then b/a, b/c (b/d); the reader alone (positions/s) against the rate (b) consumes; and the peak RSS of
 a process streaming one epoch of a 1x and of a 10x cache (the 10x cache repeats the 1x shards).
 
-The machine may be shared with other work, so (a), (b), (c) are measured in interleaved rounds and
+The machine may be shared with other work, so (a)-(d) are measured in interleaved rounds and
 the median of each is reported, twice: by wall clock, and per CPU-second of this process (robust to
 other load; (b) then runs with --prefetch 0 so that reading is counted too, and the bench swaps
 train-student's clock for `time.process_time`). The first steps of every measurement are warm-up.
@@ -105,10 +106,15 @@ def timed_loop(batches: list, step) -> dict[str, float]:
     return {name: tokens / seconds for name, seconds in elapsed.items()}
 
 
+def fresh_student(config: Path):
+    """The student every variant starts from: same shape, same seed, same initial weights."""
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(llama(json.loads(config.read_text())["vocab_size"], STUDENT))
+
+
 def student_trainer(config: Path, loss_of):
     """A fresh student and one AdamW step per batch on `loss_of(student_logits, batch)`."""
-    torch.manual_seed(0)
-    student = AutoModelForCausalLM.from_config(llama(json.loads(config.read_text())["vocab_size"], STUDENT))
+    student = fresh_student(config)
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.01)
 
     def step(batch):
@@ -196,12 +202,59 @@ def peak_rss_mib(cache: Path) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def trl_available() -> bool:
+def trl_gkd(config: Path, teacher_dir: Path, batches: list, workdir: Path) -> dict[str, float] | None:
+    """tokens/s of TRL's GKDTrainer with lmbda=0 (supervised KD, teacher in the loop), or None without `trl`.
+
+    Parity with (a)/(c): the same student init (seed 0), AdamW (lr, weight decay 0.01, constant schedule,
+    clip 1.0), float32 without activation checkpointing (TRL's SFT defaults are bf16 and checkpointing;
+    bf16 autocast on this CPU made steps ~17x slower), beta=0 (forward KL, as dense_kd_loss) and the
+    very same padded batches, handed over by a collator (dataset rows are batch indices; labels are
+    input_ids with padding at -100), so TRL's tokenisation and padding are not timed, as (a)/(c) time no
+    collation either. Steps are timed from the
+    Trainer's on_step_begin to on_step_end (forward, teacher forward, loss, backward, clip, optimizer step).
+    What TRL does differently is its own design and counts against it: its loss runs log_softmax over
+    every padded position of both models' [B, L, V] logits and the Trainer's bookkeeping runs every step.
+    The Trainer shuffles the batch order; the tokens of each step are those of the batch it was handed.
+    """
     try:
-        import trl  # noqa: F401
+        from datasets import Dataset
+        from transformers import AutoTokenizer, TrainerCallback
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError:
-        return False
-    return True
+        return None
+    handed = []  # batch indices in the order the collator handed them out (= the order steps run them)
+
+    def collate(rows):
+        (row,) = rows
+        handed.append(row["batch"])
+        batch = batches[row["batch"]]
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                "labels": batch.input_ids.masked_fill(~batch.valid, -100)}
+
+    tokens, elapsed = [0.0], dict.fromkeys(CLOCKS, 0.0)
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = {name: clock() for name, clock in CLOCKS.items()}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step > WARMUP_STEPS:
+                for name, clock in CLOCKS.items():
+                    elapsed[name] += clock() - self.started[name]
+                tokens[0] += batches[handed[state.global_step - 1]].num_tokens
+
+    settings = GKDConfig(output_dir=str(workdir / "gkd"), lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
+                         per_device_train_batch_size=1, max_steps=len(batches), learning_rate=LR,
+                         weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
+                         use_cpu=True, dataloader_num_workers=0, report_to="none", save_strategy="no",
+                         logging_strategy="no", disable_tqdm=True, seed=0,
+                         bf16=False, gradient_checkpointing=False)
+    trainer = GKDTrainer(model=fresh_student(config), teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir),
+                         args=settings, data_collator=collate,
+                         train_dataset=Dataset.from_dict({"batch": list(range(len(batches)))}),
+                         processing_class=AutoTokenizer.from_pretrained(teacher_dir), callbacks=[StepClock()])
+    trainer.train()
+    return {name: tokens[0] / seconds for name, seconds in elapsed.items()}
 
 
 def main() -> None:
@@ -228,7 +281,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
 
     batches = batches_for(cache, args.steps)
-    rates = {clock: {"a": [], "b": [], "c": []} for clock in CLOCKS}
+    rates = {clock: {"a": [], "b": [], "c": [], "d": []} for clock in CLOCKS}
     for round_index in range(args.rounds):
         for clock, rate in plain_ce(config, batches).items():
             rates[clock]["a"].append(rate)
@@ -236,23 +289,27 @@ def main() -> None:
             rates[clock]["b"].append(from_cache(config, cache, workdir, args.steps, clock))
         for clock, rate in online_kd(config, teacher_dir, batches).items():
             rates[clock]["c"].append(rate)
+        for clock, rate in (trl_gkd(config, teacher_dir, batches, workdir) or {}).items():
+            rates[clock]["d"].append(rate)
         print(f"round {round_index + 1}: " + "; ".join(
-            f"{clock}: " + ", ".join(f"{name} {values[-1]:.0f}" for name, values in by_name.items())
+            f"{clock}: " + ", ".join(f"{name} {values[-1]:.0f}" for name, values in by_name.items() if values)
             for clock, by_name in rates.items()) + " tokens/s", flush=True)
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'tokens/s':34s} {'wall clock':>12s} {'per CPU-second':>15s}")
-    median = {clock: {name: statistics.median(values) for name, values in by_name.items()}
+    median = {clock: {name: statistics.median(values) for name, values in by_name.items() if values}
               for clock, by_name in rates.items()}
+    with_trl = bool(rates["wall"]["d"])
     for name, label in [("a", "(a) plain CE student"), ("b", "(b) train-student, cache + KD"),
-                        ("c", "(c) online KD, teacher in the loop")]:
-        print(f"{label:34s} {median['wall'][name]:12.0f} {median['cpu'][name]:15.0f}")
-    if trl_available():
-        print("(d) TRL GKDTrainer: trl is importable but this benchmark does not drive it yet")
-    else:
+                        ("c", "(c) online KD, teacher in the loop"), ("d", "(d) TRL GKDTrainer, lmbda=0")]:
+        if name in median["wall"]:
+            print(f"{label:34s} {median['wall'][name]:12.0f} {median['cpu'][name]:15.0f}")
+    if not with_trl:
         print("(d) TRL GKDTrainer lmbda=0: skipped, `trl` is not installed")
     for clock in CLOCKS:  # ratios within a round (same conditions), then the median over rounds
         ratio = lambda x, y: statistics.median(p / q for p, q in zip(rates[clock][x], rates[clock][y]))
-        print(f"{clock:5s}: b/a = {ratio('b', 'a'):.3f}   b/c = {ratio('b', 'c'):.2f}   (median of per-round ratios)")
+        versus_trl = f"   b/d = {ratio('b', 'd'):.2f}" if with_trl else ""
+        print(f"{clock:5s}: b/a = {ratio('b', 'a'):.3f}   b/c = {ratio('b', 'c'):.2f}{versus_trl}"
+              "   (median of per-round ratios)")
 
     reader = [reader_alone(cache) for _ in range(3)]
     for clock in CLOCKS:
