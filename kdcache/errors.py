@@ -8,3 +8,11 @@ models and damaged caches, with a message that names the cause.
 
 class KDCacheError(Exception):
     """A user-facing error: the message alone must tell the user what to fix."""
+
+
+def require_positive(settings, *names: str) -> None:
+    """Refuse a setting that must be positive, naming its flag; None (an unset optional) passes."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value <= 0:
+            raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {value}")

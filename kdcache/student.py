@@ -32,7 +32,7 @@ from .cache.reader import check_shard_files, select_rows, verify_cache
 from .cache.store import CacheStore
 from .checkpoint import (CHECKPOINTS_DIR, TrainingProgress, latest_checkpoint, list_checkpoints,
                          resolve_checkpoint, save_checkpoint)
-from .errors import KDCacheError
+from .errors import KDCacheError, require_positive
 from .feed import CacheBatches, prefetched
 from .losses import SparseTargets, hidden_loss, kd_loss, next_token_ce
 from .models import load_model, load_tokenizer, model_from_config
@@ -318,12 +318,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     there is one; `resume_from` names a checkpoint directory explicitly."""
     store, out = CacheStore(cache, settings.read_through), Path(out)
     manifest = store.load_manifest()
-    for name in ("batch_size", "grad_accum", "temperature", "keep_checkpoints"):
-        if getattr(settings, name) <= 0:
-            raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
-    for name in ("max_steps", "save_every"):
-        if getattr(settings, name) is not None and getattr(settings, name) <= 0:
-            raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
+    require_positive(settings, "batch_size", "grad_accum", "temperature", "keep_checkpoints", "max_steps", "save_every")
     checkpoint = _checkpoint_to_resume(out, resume, resume_from)
     check_targets(settings, manifest, store)
     check_validation_flags(fraction=settings.val_fraction, every=settings.eval_every, patience=settings.early_stopping)

@@ -36,7 +36,7 @@ from .cache.progress import DumpLock, claim_output, finish, load_records, resume
 from .cache.reader import content_sha256
 from .data import check_columns, describe, load_rows
 from .dump_writer import BackgroundShardWriter, HostBatch, start_host_copy
-from .errors import KDCacheError
+from .errors import KDCacheError, require_positive
 from .fidelity import FidelityCard
 from .models import load_model, load_tokenizer, output_vocab_size
 from .stats import StreamingSummary
@@ -285,15 +285,9 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     Under `accelerate launch` every process calls it with the same arguments.
     """
     out = Path(out)
-    for name in ("top_k", "batch_size", "max_length", "shard_rows"):
-        if getattr(settings, name) <= 0:
-            raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
-    if settings.limit is not None and settings.limit <= 0:
-        raise KDCacheError(f"--limit must be positive, got {settings.limit}")
+    require_positive(settings, "top_k", "batch_size", "max_length", "shard_rows", "limit", "fidelity_every")
     if settings.targets not in (*TARGET_TYPES, "both"):
         raise KDCacheError(f"--targets must be topk, sampled or both, got {settings.targets!r}")
-    if settings.fidelity_every <= 0:
-        raise KDCacheError(f"--fidelity-every must be positive, got {settings.fidelity_every}")
     if not 0 < settings.samples <= MAX_SAMPLES:
         raise KDCacheError(f"--samples must be between 1 and {MAX_SAMPLES}, got {settings.samples}")
 
