@@ -13,7 +13,8 @@ import click
 from .cache.format import Manifest
 from .errors import KDCacheError
 from .losses import DIVERGENCES, TAIL_MODES
-from .tasks import CAUSAL_LM, TASKS as TASK_NAMES
+from .tasks import CAUSAL_LM
+from .tasks import TASKS as TASK_NAMES
 
 
 class _Group(click.Group):
@@ -246,9 +247,9 @@ def train_student_command(cache, out, student, student_config, loss, tail, tempe
 @click.option("--json", "as_json", is_flag=True)
 def eval_command(cache, student, batch_size, split_fraction, as_json):
     """Score STUDENT against the teacher targets in CACHE."""
-    from .evaluate import evaluate_student
-    from .split import split_cache
-    from .student import load_pretrained_student
+    from .student import evaluate_student
+    from .cache.split import split_cache
+    from .student.loading import load_pretrained_student
     manifest = Manifest.load(cache)
     heldout = None if split_fraction is None else split_cache(cache, manifest, split_fraction,
                                                               flag="--split-fraction").heldout
@@ -258,7 +259,7 @@ def eval_command(cache, student, batch_size, split_fraction, as_json):
         click.echo(json.dumps(result, indent=2))
         return
     if result.get("task", CAUSAL_LM) != CAUSAL_LM:
-        from .classification_eval import format_table
+        from .student.classification_eval import format_table
         click.echo(format_table(result))
         return
     for name, value in result.items():
@@ -275,7 +276,7 @@ def eval_command(cache, student, batch_size, split_fraction, as_json):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the student.")
 def init_student_command(teacher, layers, hidden_size, task, out):
     """Build a student from TEACHER's layers (DistilBERT style) or a narrower fresh model of its type."""
-    from .init_student import init_student
+    from .student import init_student
     record = init_student(teacher, out, list(layers), hidden_size=hidden_size, task=task)
     click.echo(f"wrote {out}: {record['class']}, {len(record['layers'])} layers, hidden {record['hidden_size']}, "
                f"{record['num_parameters']:,} parameters ({record['mode']})")

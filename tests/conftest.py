@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from kdcache.synthetic import SyntheticLanguage, build_word_tokenizer
+from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer
 from kdcache.teacher import DumpSettings, dump_teacher
 
 LANGUAGE = SyntheticLanguage(num_words=60, num_topics=2, branching=6, seed=7)

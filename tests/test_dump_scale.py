@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import fail_second_shard_with_disk_full
 from kdcache.cache.format import Manifest
-from kdcache.cache.progress import PROGRESS_DIR, DumpLock
+from kdcache.teacher.progress import PROGRESS_DIR, DumpLock
 from kdcache.cache.reader import iter_sequences, verify_cache
 from kdcache.errors import KDCacheError
-from kdcache.targets import topk_targets
+from kdcache.teacher.targets import topk_targets
 from kdcache.teacher import DumpSettings, dump_teacher
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import kdcache.student
+import kdcache.student.train
 from kdcache.errors import KDCacheError
 from kdcache.student import TrainSettings, train_student
 
@@ -41,14 +41,14 @@ class Killed(Exception):
 @pytest.mark.slow
 def test_killed_and_resumed_run_matches_uninterrupted(cache_dir, student_config, tmp_path, monkeypatch, uninterrupted):
     whole = uninterrupted
-    save = kdcache.student.save_checkpoint
+    save = kdcache.student.train.save_checkpoint
 
     def save_then_die(accelerator, root, step, keep, metrics_file):
         save(accelerator, root, step, keep, metrics_file)
         if step == 6:
             raise Killed
 
-    monkeypatch.setattr(kdcache.student, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save_then_die)
     resumed = tmp_path / "resumed"
     with pytest.raises(Killed):  # epochs of 48 rows / 4 = 12 batches = 6 steps: dies at an epoch's end
         train_student(cache_dir, resumed, student_config=str(student_config), progress=False,
@@ -59,7 +59,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(cache_dir, student_config,
         train_student(cache_dir, resumed, student_config=str(student_config), progress=False,
                       settings=TrainSettings(**SETTINGS))
 
-    monkeypatch.setattr(kdcache.student, "save_checkpoint", save)
+    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save)
     # Dies again, now mid-epoch at step 4, then resumes from there with the CLI-level --resume path.
     (staging / "checkpoints" / "step-00000006").rename(staging / "checkpoints" / "removed")
     summary = train_student(cache_dir, resumed, student_config=str(student_config), progress=False, resume=True,
@@ -98,9 +98,9 @@ def test_resume_with_validation_restores_best_state_and_patience(cache_dir, stud
     """Held-out KLs are scripted: best at step 2, worse at 4 and 6, so patience 2 stops at step 6 and the
     step-2 state is saved. Killed at step 5, the resumed run has step 2's weights only in the checkpoint's
     snapshot and must know one evaluation already went without improvement; neither run trains on held-out ids."""
-    import kdcache.validation
+    import kdcache.student.validation
     from kdcache.cache.format import Manifest
-    from kdcache.split import split_cache
+    from kdcache.cache.split import split_cache
 
     def scripted(kls):
         return lambda model, cache, *, batch_size, sample_ids: {"kl_to_teacher": next(kls), "top1_agreement": 0.0,
@@ -108,25 +108,25 @@ def test_resume_with_validation_restores_best_state_and_patience(cache_dir, stud
 
     settings = TrainSettings(**{**SETTINGS, "max_steps": 10, "grad_accum": 1, "save_every": 5, "prefetch": 0,
                                 "val_fraction": 0.25, "eval_every": 2, "early_stopping": 2})
-    monkeypatch.setattr(kdcache.validation, "evaluate_student", scripted(iter([0.3, 0.5, 0.6])))
+    monkeypatch.setattr(kdcache.student.validation, "evaluate_student", scripted(iter([0.3, 0.5, 0.6])))
     monkeypatch.setenv("KDCACHE_SAMPLE_LOG", str(tmp_path / "whole-log"))
     whole = train_student(cache_dir, tmp_path / "whole", student_config=str(student_config), progress=False,
                           settings=settings)
     assert whole["steps"] == 6 and whole["validation"]["stopped_early"] and whole["validation"]["best_step"] == 2
 
-    monkeypatch.setattr(kdcache.validation, "evaluate_student", scripted(iter([0.3, 0.5, 0.6])))
+    monkeypatch.setattr(kdcache.student.validation, "evaluate_student", scripted(iter([0.3, 0.5, 0.6])))
     monkeypatch.setenv("KDCACHE_SAMPLE_LOG", str(tmp_path / "resumed-log"))
-    save = kdcache.student.save_checkpoint
+    save = kdcache.student.train.save_checkpoint
 
     def save_then_die(accelerator, root, step, keep, metrics_file):
         save(accelerator, root, step, keep, metrics_file)
         raise Killed
 
-    monkeypatch.setattr(kdcache.student, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train_student(cache_dir, tmp_path / "resumed", student_config=str(student_config), progress=False,
                       settings=settings)
-    monkeypatch.setattr(kdcache.student, "save_checkpoint", save)
+    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save)
     resumed = train_student(cache_dir, tmp_path / "resumed", student_config=str(student_config), progress=False,
                             settings=settings, resume=True)
     assert resumed["steps"] == 6 and resumed["validation"] == whole["validation"]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdcache.batching import collate
+from kdcache.student.batching import collate
 from kdcache.cache.format import Manifest
 from kdcache.cache.reader import iter_sequences, verify_cache
-from kdcache.targets import sampled_targets, sampling_uniforms
+from kdcache.teacher.targets import sampled_targets, sampling_uniforms
 from kdcache.teacher import DumpSettings, dump_teacher
 
 

@@ -161,7 +161,7 @@ def test_two_processes_see_every_example_exactly_once_per_epoch(cache_dir, stude
 def test_two_processes_with_a_validation_split_never_train_on_heldout_rows(cache_dir, student_config, tmp_path):
     """36 training rows: 18 per process per epoch, each exactly once; validation, checkpoints and a learned
     16→32 hidden-state projection (a DDP-wrapped module) under two processes."""
-    from kdcache.split import split_cache
+    from kdcache.cache.split import split_cache
     out = tmp_path / "student"
     seen = train_in_two_processes(cache_dir, student_config, out, tmp_path / "samples", "--val-fraction", 0.25,
                                   "--eval-every", 3, "--save-every", 3, "--hidden-weight", 0.5)
@@ -178,7 +178,7 @@ def test_two_processes_with_a_validation_split_never_train_on_heldout_rows(cache
 def test_kept_rows_are_dealt_in_equal_shares_and_resume_exactly(cache_dir):
     """A training split: processes share exactly the kept rows, equally, and positions count kept rows."""
     from kdcache.cache.reader import select_rows
-    from kdcache.split import split_cache
+    from kdcache.cache.split import split_cache
     manifest = Manifest.load(cache_dir)
     train = split_cache(cache_dir, manifest, 0.25).train
     kept = select_rows(cache_dir, manifest, train)

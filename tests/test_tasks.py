@@ -21,9 +21,9 @@ from transformers import (AutoModelForSequenceClassification, AutoModelForTokenC
 from conftest import fail_second_shard_with_disk_full
 from kdcache.cache.format import Manifest
 from kdcache.cache.reader import iter_sequences, verify_cache
-from kdcache.entities import entity_scores, entity_spans, is_entity_scheme
+from kdcache.student.entities import entity_scores, entity_spans, is_entity_scheme
 from kdcache.errors import KDCacheError
-from kdcache.evaluate import evaluate_student
+from kdcache.student import evaluate_student
 from kdcache.models import model_from_config
 from kdcache.student import TrainSettings, train_student
 from kdcache.tasks import get_task
@@ -373,7 +373,7 @@ def test_an_interrupted_token_classification_dump_resumes_to_the_same_cache(tmp_
 
 def test_validation_and_held_out_eval_on_a_classification_cache(tmp_path, ner_cache, student_config_dir):
     """--val-fraction holds rows out of classification training, and `eval --split-fraction` scores the same rows."""
-    from kdcache.split import split_cache
+    from kdcache.cache.split import split_cache
     summary = train_student(ner_cache, tmp_path / "student", student_config=str(student_config_dir), progress=False,
                             settings=TrainSettings(max_steps=4, batch_size=8, lr=5e-3, val_fraction=0.25,
                                                    eval_every=2))
@@ -399,7 +399,7 @@ def test_resumed_token_classification_run_matches_uninterrupted(tmp_path, ner_ca
     train = lambda out, **options: train_student(ner_cache, out, student_config=str(student_config_dir),
                                                  progress=False, settings=settings, **options)
     train(tmp_path / "whole")
-    save = kdcache.student.save_checkpoint
+    save = kdcache.student.train.save_checkpoint
 
     class Killed(Exception):
         pass
@@ -409,10 +409,10 @@ def test_resumed_token_classification_run_matches_uninterrupted(tmp_path, ner_ca
         if step == 4:  # 48 training rows / 4 = 12 batches an epoch: mid-epoch, after one validation
             raise Killed
 
-    monkeypatch.setattr(kdcache.student, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train(tmp_path / "resumed")
-    monkeypatch.setattr(kdcache.student, "save_checkpoint", save)
+    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save)
     summary = train(tmp_path / "resumed", resume=True)
     assert summary["steps"] == 7 and summary["validation"]["heldout_sequences"] == 16
     for load in (lambda path: AutoModelForTokenClassification.from_pretrained(path).state_dict(),
@@ -427,7 +427,7 @@ def test_resumed_token_classification_run_matches_uninterrupted(tmp_path, ner_ca
 
 
 def test_init_student_carves_layers_from_the_teacher(tmp_path, wordpiece):
-    from kdcache.init_student import init_student
+    from kdcache.student import init_student
     torch.manual_seed(0)
     teacher_dir = tmp_path / "teacher"
     teacher = AutoModelForTokenClassification.from_config(tiny_bert(wordpiece, layers=4, num_labels=5))
@@ -460,7 +460,7 @@ def test_init_student_carves_layers_from_the_teacher(tmp_path, wordpiece):
 
 def test_init_student_carves_a_causal_lm(tmp_path, teacher_dir):
     from transformers import AutoModelForCausalLM
-    from kdcache.init_student import init_student
+    from kdcache.student import init_student
     init_student(str(teacher_dir), tmp_path / "student", [1])
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")

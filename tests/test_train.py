@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import LANGUAGE, tiny_llama_config, write_jsonl
 from kdcache.cache.format import Manifest
 from kdcache.errors import KDCacheError
-from kdcache.evaluate import evaluate_student
+from kdcache.student import evaluate_student
 from kdcache.student import TrainSettings, train_student
 from kdcache.teacher import DumpSettings, dump_teacher
 
@@ -75,7 +75,7 @@ def test_student_with_smaller_vocabulary_is_refused(cache_dir, tmp_path, tokeniz
 
 
 def test_student_with_another_tokenizer_is_refused(cache_dir, tmp_path):
-    from kdcache.synthetic import build_word_tokenizer
+    from kdcache.demo.synthetic import build_word_tokenizer
     other = build_word_tokenizer([f"x{i}" for i in range(60)])
     student_dir = tmp_path / "pretrained"
     AutoModelForCausalLM.from_config(tiny_llama_config(len(other), hidden=16, layers=1)).save_pretrained(student_dir)

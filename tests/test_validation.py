@@ -10,13 +10,13 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-import kdcache.feed
-import kdcache.student
-import kdcache.validation
+import kdcache.student.feed
+import kdcache.student.train
+import kdcache.student.validation
 from kdcache.cache.format import Manifest
 from kdcache.cli import main
 from kdcache.errors import KDCacheError
-from kdcache.split import split_cache
+from kdcache.cache.split import split_cache
 from kdcache.student import TrainSettings, train_student
 from kdcache.teacher import DumpSettings, dump_teacher
 
@@ -43,14 +43,14 @@ def test_split_refuses_fractions_that_leave_a_side_empty(cache_dir, fraction):
 
 def test_training_never_sees_the_heldout_split(cache_dir, student_config, tmp_path, monkeypatch):
     seen = set()
-    original = kdcache.feed.iter_sequences
+    original = kdcache.student.feed.iter_sequences
 
     def recording(*args, **kwargs):
         for sequence in original(*args, **kwargs):
             seen.add(sequence.sample_id)
             yield sequence
 
-    monkeypatch.setattr(kdcache.feed, "iter_sequences", recording)
+    monkeypatch.setattr(kdcache.student.feed, "iter_sequences", recording)
     summary = train_student(cache_dir, tmp_path / "out", student_config=str(student_config), progress=False,
                             settings=TrainSettings(max_steps=12, batch_size=4, val_fraction=0.25, eval_every=4))
     heldout = split_cache(cache_dir, Manifest.load(cache_dir), 0.25).heldout
@@ -70,7 +70,7 @@ def test_early_stopping_stops_and_keeps_the_best_state(cache_dir, student_config
         weights_at[len(weights_at) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
         return {"kl_to_teacher": next(scripted), "top1_agreement": 0.0, "nll": 1.0, "perplexity": math.e}
 
-    monkeypatch.setattr(kdcache.validation, "evaluate_student", fake_evaluate)
+    monkeypatch.setattr(kdcache.student.validation, "evaluate_student", fake_evaluate)
     out = tmp_path / "out"
     summary = train_student(cache_dir, out, student_config=str(student_config), progress=False,
                             settings=TrainSettings(max_steps=50, batch_size=4, lr=1e-2, val_fraction=0.25,

@@ -31,9 +31,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from kdcache.cache.format import shard_schema
 from kdcache.cache.writer import CachedSequence, ShardWriter
-from kdcache.synthetic import SPECIAL_TOKENS, build_word_tokenizer
+from kdcache.demo.synthetic import SPECIAL_TOKENS, build_word_tokenizer
 from kdcache.tasks import CAUSAL_LM, get_task
-from kdcache.teacher import DumpSettings, _pad, _plan, _Rows, _windows, dump_teacher
+from kdcache.teacher import DumpSettings, dump_teacher
+from kdcache.teacher.windows import RowSource, pad_batch, plan_shards, windows
 
 
 def build_teacher(directory: Path, vocab: int, hidden: int, layers: int):
@@ -61,12 +62,12 @@ def bare_forward(model, data, settings: DumpSettings) -> tuple[int, float]:
     """(a): the dump's own batches (length-sorted windows), forward only."""
     tokens, started = 0, time.perf_counter()
     with torch.inference_mode():
-        source = _Rows(task=get_task(CAUSAL_LM), rows=data, column="input_ids", tokenizer=None, classes=[],
+        source = RowSource(task=get_task(CAUSAL_LM), rows=data, tokenizer=None, classes=[],
                        source="bench")
-        for shard in _plan(len(data), settings.shard_rows):
-            for batches, _ in _windows(source, shard, settings):
+        for shard in plan_shards(len(data), settings.shard_rows):
+            for batches, _ in windows(source, shard, settings):
                 for _, token_lists, _ in batches:
-                    input_ids, mask = _pad(token_lists, "cpu")
+                    input_ids, mask = pad_batch(token_lists, "cpu")
                     model(input_ids=input_ids, attention_mask=mask)
                     tokens += int(mask.sum())
     return tokens, time.perf_counter() - started
@@ -86,7 +87,7 @@ def naive_loop(model, data, out: Path, settings: DumpSettings, vocab: int) -> tu
     with torch.inference_mode(), ShardWriter(out, schema, shard_rows=settings.shard_rows) as writer:
         for start in range(0, len(data), settings.batch_size):
             token_lists = data[start:start + settings.batch_size]["input_ids"]
-            input_ids, mask = _pad(token_lists, "cpu")
+            input_ids, mask = pad_batch(token_lists, "cpu")
             logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
             values, ids = logprobs.topk(settings.top_k, dim=-1)
             tail = torch.log1p(-values.exp().sum(-1).clamp(max=1 - 1e-7))

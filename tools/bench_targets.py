@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
-from kdcache.batching import collate
+from kdcache.student.batching import collate
 from kdcache.cache.format import Manifest
 from kdcache.cache.reader import iter_sequences
-from kdcache.demo import STUDENT_SHAPE, _train_teacher, _write_jsonl, llama_config
-from kdcache.evaluate import evaluate_student
+from kdcache.demo.run import STUDENT_SHAPE, _train_teacher, _write_jsonl, llama_config
+from kdcache.student import evaluate_student
 from kdcache.losses import dense_kd_loss
 from kdcache.models import load_causal_lm
 from kdcache.student import TrainSettings, train_student
-from kdcache.synthetic import SyntheticLanguage, build_word_tokenizer
+from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer
 from kdcache.teacher import DumpSettings, dump_teacher
 
 

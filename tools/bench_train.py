@@ -40,11 +40,11 @@ sys.path.insert(0, str(REPO))
 
 from kdcache.cache.format import Manifest, ShardInfo  # noqa: E402
 from kdcache.cache.store import CacheStore  # noqa: E402
-from kdcache.feed import CacheBatches  # noqa: E402
+from kdcache.student.feed import CacheBatches  # noqa: E402
 from kdcache.losses import dense_kd_loss, next_token_ce  # noqa: E402
-import kdcache.student  # noqa: E402
+import kdcache.student.metrics  # noqa: E402
 from kdcache.student import TrainSettings, train_student  # noqa: E402
-from kdcache.synthetic import SyntheticLanguage, build_word_tokenizer  # noqa: E402
+from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer  # noqa: E402
 from kdcache.teacher import DumpSettings, dump_teacher  # noqa: E402
 
 STUDENT = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4}
@@ -149,13 +149,13 @@ def from_cache(config: Path, cache: Path, workdir: Path, steps: int, clock: str)
     training process (--prefetch 0), so every CPU-second it spends is counted.
     """
     out = Path(tempfile.mkdtemp(dir=workdir)) / "student"
-    kdcache.student.time = SimpleNamespace(perf_counter=CLOCKS[clock])
+    kdcache.student.metrics.time = SimpleNamespace(perf_counter=CLOCKS[clock])
     try:
         train_student(cache, out, student_config=str(config), progress=False,
                       settings=TrainSettings(max_steps=steps, batch_size=BATCH_SIZE, lr=LR, log_every=WARMUP_STEPS,
                                              verify=False, prefetch=4 if clock == "wall" else 0))
     finally:
-        kdcache.student.time = time
+        kdcache.student.metrics.time = time
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0], records[-1]  # cumulative counters; the first record closes the warm-up
     seconds = lambda record: record["tokens"] / record["tokens_per_second"]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from kdcache.init_student import init_student
+from kdcache.student import init_student
 from kdcache.student import TrainSettings, train_student
 from kdcache.teacher import DumpSettings, dump_teacher
 

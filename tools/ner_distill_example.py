@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from kdcache.classification_eval import format_table
-from kdcache.evaluate import evaluate_student
-from kdcache.init_student import init_student
+from kdcache.student.classification_eval import format_table
+from kdcache.student import evaluate_student
+from kdcache.student import init_student
 from kdcache.student import TrainSettings, train_student
 from kdcache.teacher import DumpSettings, dump_teacher
 

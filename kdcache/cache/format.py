@@ -117,31 +117,6 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
     }
 
 
-def teacher_fingerprint(model, name_or_path: str) -> dict[str, Any]:
-    """Identify the teacher's architecture and weights without hashing every byte.
-
-    The weights hash covers each tensor's name, shape, dtype and a strided sample of up to
-    4096 of its values: enough to tell checkpoints apart, cheap for a 70B model.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step][:4096].float().cpu().numpy()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(sample.tobytes())
-    config = model.config
-    return {
-        "name_or_path": name_or_path,
-        "model_type": config.model_type,
-        "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "num_hidden_layers": config.num_hidden_layers,
-        "config_sha256": sha256_bytes(config.to_json_string(use_diff=False).encode()),
-        "weights_sha256": digest.hexdigest(),
-    }
-
-
 @dataclasses.dataclass
 class ShardInfo:
     file: str  # relative to the cache directory, e.g. "data/shard-00000-00000.arrow"

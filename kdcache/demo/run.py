@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from .evaluate import evaluate_student
-from .models import load_causal_lm
-from .student import TrainSettings, train_student
+from ..models import load_causal_lm
+from ..student.evaluate import evaluate_student
+from ..student.train import TrainSettings, train_student
+from ..teacher.dump import DumpSettings, dump_teacher
 from .synthetic import SyntheticLanguage, build_word_tokenizer
-from .teacher import DumpSettings, dump_teacher
 
 TEACHER_SHAPE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4}
 STUDENT_SHAPE = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4}

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.format import Manifest
-from .cache.reader import read_sample_ids
-from .cache.store import CacheStore
-from .errors import KDCacheError
+from ..errors import KDCacheError
+from .format import Manifest
+from .reader import read_sample_ids
+from .store import CacheStore
 
 
 @dataclasses.dataclass(frozen=True)

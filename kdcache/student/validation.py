@@ -15,11 +15,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .cache.format import Manifest
-from .cache.store import CacheStore
-from .errors import KDCacheError
+from ..cache.format import Manifest
+from ..cache.split import split_cache
+from ..cache.store import CacheStore
+from ..errors import KDCacheError
 from .evaluate import evaluate_student
-from .split import split_cache
 
 
 class Validation:

@@ -13,8 +13,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from .cache.writer import CachedSequence, Ragged
-from .losses import SparseTargets
+from ..cache.writer import CachedSequence, Ragged
+from ..losses import SparseTargets
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from .errors import KDCacheError
+from ..errors import KDCacheError
 
 _BUILDER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
                       ".txt": "text", ".arrow": "arrow"}
@@ -55,15 +55,3 @@ def describe(rows: datasets.Dataset, source: str, split: str, text_column: str) 
     """What the manifest records about the data: enough to find it again and notice a change."""
     return {"source": source, "split": split, "text_column": text_column, "num_rows": len(rows),
             "fingerprint": getattr(rows, "_fingerprint", None)}
-
-
-def check_columns(rows: datasets.Dataset, text_column: str, source: str) -> str:
-    """Return the column to read ('input_ids' when pre-tokenized, else `text_column`)."""
-    if len(rows) == 0:
-        raise KDCacheError(f"dataset {source} is empty")
-    if "input_ids" in rows.column_names:
-        return "input_ids"
-    if text_column not in rows.column_names:
-        raise KDCacheError(f"text column '{text_column}' not in dataset {source} "
-                           f"(columns: {', '.join(rows.column_names)}); pass --text-column")
-    return text_column

@@ -9,7 +9,7 @@ device → hand over to the background shard writer. The main process commits th
 once every process is done. Device placement and precision come from Accelerate, so the same
 code runs on a laptop CPU, on many GPUs (`accelerate launch`), or with a teacher spread over a
 machine's GPUs (`device_map="auto"`). What differs between causal LMs and classifiers (model
-class, tokenization, target positions, classes) comes from kdcache/tasks.py.
+class, tokenization, target positions, classes) comes from kdcache/tasks/.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import datetime
 import functools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,82 +29,33 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from . import __version__
-from .cache.format import (MAX_SAMPLES, OPTIONAL_COLUMNS, TARGET_TYPES, TOKENIZER_DIR, Manifest, hidden_column,
-                           sha256_json, shard_schema, teacher_fingerprint, token_id_type, tokenizer_fingerprint)
-from .cache.progress import DumpLock, claim_output, finish, load_records, resume_state
-from .cache.reader import content_sha256
-from .data import check_columns, describe, load_rows
-from .dump_writer import BackgroundShardWriter, HostBatch, start_host_copy
-from .errors import KDCacheError, require_positive
+from .. import __version__
+from ..cache.format import (
+    MAX_SAMPLES,
+    TARGET_TYPES,
+    TOKENIZER_DIR,
+    Manifest,
+    hidden_column,
+    sha256_json,
+    shard_schema,
+    token_id_type,
+    tokenizer_fingerprint,
+)
+from ..cache.reader import content_sha256
+from ..errors import KDCacheError, require_positive
+from ..models import load_model, load_tokenizer
+from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, Annotation, Task, pooler, resolve_task
+from .data import describe, load_rows
 from .fidelity import FidelityCard
-from .models import load_model, load_tokenizer, output_vocab_size
+from .fingerprint import teacher_fingerprint
+from .progress import DumpLock, claim_output, finish, load_records, resume_state
+from .settings import DumpSettings
 from .stats import StreamingSummary
 from .targets import sampled_targets, sampling_uniforms, topk_targets
-from .tasks import CAUSAL_LM, FULL_DISTRIBUTION_MAX_LABELS, Annotation, Task, dataset_columns, pooler, resolve_task
-
-# Rows are sorted by length within windows of this many batches, so batches carry little padding
-# while the rows of a window (written in sample-id order) stay a bounded amount of host memory.
-WINDOW_BATCHES = 16
+from .windows import RowSource, optional_columns, pad_batch, plan_shards, windows
+from .writer import BackgroundShardWriter, HostBatch, start_host_copy
 
 T = TypeVar("T")
-
-
-@dataclasses.dataclass
-class DumpSettings:
-    """Every setting of a dump; `content_settings()` are those that change what the cache holds.
-
-    `device_map` (placement) and `skip_nonfinite` (whether to commit without rows whose targets are
-    NaN/inf) never change a written row, so a dump may be resumed with other values of them.
-    """
-
-    top_k: int = 64
-    max_length: int = 1024
-    batch_size: int = 8
-    hidden_layers: tuple[int, ...] = ()
-    limit: int | None = None
-    dtype: str = "auto"
-    logprob_dtype: str = "float16"
-    shard_rows: int = 10_000
-    split: str = "train"
-    text_column: str = "text"
-    device_map: str | None = None
-    skip_nonfinite: bool = False
-    targets: str = "topk"   # "topk", "sampled" or "both"
-    samples: int = 50       # draws per position for sampled targets
-    fidelity_every: int = 8  # the fidelity card measures every N-th target position (1 = all)
-    seed: int = 0           # seeds the draws (with each sample id)
-    task: str | None = None  # None: inferred from the teacher's config
-    tokens_column: str = "tokens"        # token classification: word lists
-    labels_column: str | None = None     # token classification: per-word labels (default: 'ner_tags' if present)
-    label_column: str | None = None      # sequence classification: one label (default: 'label' if present)
-    text_pair_column: str | None = None  # sequence classification: second text of a pair
-    pooled: bool = False                 # encoders: also cache the pooler's output
-
-    @property
-    def target_types(self) -> tuple[str, ...]:
-        return TARGET_TYPES if self.targets == "both" else (self.targets,)
-
-    def content_settings(self) -> dict[str, Any]:
-        """Settings that change the cache's bytes; the sampling ones only when something is sampled,
-        so a top-k dump keeps the fingerprint it had before sampled targets existed."""
-        settings = self.resume_settings()
-        del settings["batch_size"], settings["shard_rows"], settings["fidelity_every"]
-        if "sampled" not in self.target_types:
-            del settings["targets"], settings["samples"], settings["seed"]
-        if self.task in (None, CAUSAL_LM):  # causal-LM fingerprints stay what they were before tasks existed
-            for name in _CLASSIFICATION_SETTINGS:
-                del settings[name]
-        return settings
-
-    def resume_settings(self) -> dict[str, Any]:
-        """What a resumed dump must share with the interrupted one: the same rows, batched the same way."""
-        settings = dataclasses.asdict(self)
-        del settings["device_map"], settings["skip_nonfinite"]
-        return settings
-
-
-_CLASSIFICATION_SETTINGS = ("task", "tokens_column", "labels_column", "label_column", "text_pair_column", "pooled")
 
 
 def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
@@ -119,95 +70,6 @@ def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
     return sorted(set(resolved))
 
 
-def _plan(num_rows: int, shard_rows: int) -> list[range]:
-    """Shard i holds rows [i·shard_rows, (i+1)·shard_rows): fixed, whatever the number of processes."""
-    return [range(start, min(start + shard_rows, num_rows)) for start in range(0, num_rows, shard_rows)]
-
-
-def _tokenize(rows, start: int, stop: int, column: str, tokenizer, settings: DumpSettings) -> list[list[int]]:
-    chunk = rows[start:stop][column]
-    if column == "input_ids":
-        return [list(ids)[:settings.max_length] for ids in chunk]
-    if any(not isinstance(text, str) for text in chunk):
-        raise KDCacheError(f"column '{column}' must hold strings; row {start} onwards has "
-                           f"{type(next(t for t in chunk if not isinstance(t, str))).__name__}")
-    return tokenizer(chunk, truncation=True, max_length=settings.max_length)["input_ids"]
-
-
-@dataclasses.dataclass
-class _Rows:
-    """Where a dump's rows come from and how the task turns them into tokens (see `_window_items`)."""
-
-    task: Task
-    rows: Any
-    column: str | None  # causal LM: the text (or input_ids) column
-    tokenizer: Any
-    classes: list[str]
-    source: str
-
-
-def _window_items(source: _Rows, start: int, stop: int, settings: DumpSettings
-                  ) -> list[tuple[int, list[int], Annotation | None]]:
-    """(sample id, token ids, annotation) of rows [start, stop) that have something to target.
-
-    A classification task tokenizes the window as one of its batches (word alignment, text pairs,
-    labels).
-    """
-    if source.task.name == CAUSAL_LM:
-        token_lists = _tokenize(source.rows, start, stop, source.column, source.tokenizer, settings)
-        return [(sample_id, ids, None) for sample_id, ids in zip(range(start, stop), token_lists) if len(ids) > 0]
-    window = dataclasses.replace(settings, batch_size=stop - start)
-    return [(sample_id, ids, annotation)
-            for sample_ids, token_lists, annotations in source.task.batches(
-                source.rows, range(start, stop), source.tokenizer, source.classes, window, source.source)
-            for sample_id, ids, annotation in zip(sample_ids, token_lists, annotations)]
-
-
-def _windows(source: _Rows, shard: range, settings: DumpSettings
-             ) -> Iterator[tuple[list[tuple[list[int], list[list[int]], list[Annotation] | None]], int]]:
-    """Yield (batches, rows covered) per window of a planned shard; tokenization happens here, lazily.
-
-    Within a window, rows with a target are sorted longest first (ties by sample id) and cut into
-    batches: little padding, the out-of-memory case shows on the first batch, and the batches
-    depend only on the shard, so a shard's bytes do not depend on which process or run made it.
-    """
-    window_rows = settings.batch_size * WINDOW_BATCHES
-    for start in range(shard.start, shard.stop, window_rows):
-        stop = min(start + window_rows, shard.stop)
-        kept = sorted(_window_items(source, start, stop, settings), key=lambda item: (-len(item[1]), item[0]))
-        batches = []
-        for first in range(0, len(kept), settings.batch_size):
-            sample_ids, token_lists, annotations = map(list, zip(*kept[first:first + settings.batch_size]))
-            batches.append((sample_ids, token_lists, None if annotations[0] is None else annotations))
-        yield batches, stop - start
-
-
-def _optional_columns(source: _Rows, settings: DumpSettings) -> tuple[str, ...]:
-    """The optional columns (labels, token types, target positions) the task's rows carry.
-
-    Read off the first row with a target, before the output directory is touched, so data errors
-    surface early and every process's shards share one schema.
-    """
-    if source.task.name == CAUSAL_LM:
-        return ()
-    window_rows = settings.batch_size * WINDOW_BATCHES
-    for start in range(0, len(source.rows), window_rows):
-        items = _window_items(source, start, min(start + window_rows, len(source.rows)), settings)
-        if items:
-            return tuple(name for name in OPTIONAL_COLUMNS if getattr(items[0][2], name) is not None)
-    raise KDCacheError(f"dataset {source.source} has no row with anything to classify")
-
-
-def _pad(token_lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(ids) for ids in token_lists)
-    input_ids = torch.zeros(len(token_lists), length, dtype=torch.long)
-    mask = torch.zeros(len(token_lists), length, dtype=torch.long)
-    for row, ids in enumerate(token_lists):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[row, :len(ids)] = 1
-    return input_ids.to(device), mask.to(device)
-
-
 def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: list[list[int]],
                      annotations: list[Annotation] | None, *, task: Task, vocab_size: int, layers: list[int],
                      pool, logprob_dtype: torch.dtype, card: FidelityCard, settings: DumpSettings) -> HostBatch:
@@ -220,9 +82,9 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
     untouched: the draws and the fidelity card read them after the top-k. Draws are seeded per
     sample id, so they do not depend on batching or process. `vocab_size` is the number of classes.
     """
-    input_ids, mask = _pad(token_lists, input_device)
+    input_ids, mask = pad_batch(token_lists, input_device)
     segments = {} if annotations is None or annotations[0].token_type_ids is None else {
-        "token_type_ids": _pad([annotation.token_type_ids for annotation in annotations], input_device)[0]}
+        "token_type_ids": pad_batch([annotation.token_type_ids for annotation in annotations], input_device)[0]}
     with torch.inference_mode():
         output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers) or pool is not None,
                        **segments)
@@ -293,13 +155,13 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
 
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")
     task, config = resolve_task(settings.task, teacher)
-    if task.name != CAUSAL_LM and settings.targets != "topk":
+    if not task.supports_sampled_targets and settings.targets != "topk":
         raise KDCacheError(f"--targets {settings.targets} is for causal LMs: a {task.name} cache stores the teacher's "
                            f"label distribution as top-k (every label, up to {FULL_DISTRIBUTION_MAX_LABELS}); "
                            f"use --targets topk")
     rows = load_rows(data, settings.split)
-    column = check_columns(rows, settings.text_column, data) if task.name == CAUSAL_LM else None
-    dataset_info = describe(rows, data, settings.split, settings.text_column) | dataset_columns(task, settings)
+    task.check_rows(rows, settings, data)
+    dataset_info = describe(rows, data, settings.split, settings.text_column) | task.dataset_columns(settings)
     if settings.limit is not None:
         rows = rows.select(range(min(settings.limit, len(rows))))
 
@@ -315,12 +177,12 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
         raise KDCacheError(f"launched as {launched} processes but Accelerate runs {accelerator.num_processes}: "
                            f"without GPUs set ACCELERATE_USE_CPU=true (see README, 'Dump at scale')")
     model = _load_teacher(teacher, task, settings, accelerator)
-    if task.name == CAUSAL_LM and output_vocab_size(model) < vocab_size:
-        raise KDCacheError(f"teacher outputs {output_vocab_size(model)} logits but its tokenizer has "
+    if task.classes_are_vocabulary and task.teacher_output_size(model) < vocab_size:
+        raise KDCacheError(f"teacher outputs {task.teacher_output_size(model)} logits but its tokenizer has "
                            f"{vocab_size} tokens: tokenizer and model do not belong together")
     layers = _normalise_layers(settings.hidden_layers, model.config.num_hidden_layers)
-    source = _Rows(task, rows, column, tokenizer, classes, data)
-    optional = _optional_columns(source, settings)
+    source = RowSource(task, rows, tokenizer, classes, data)
+    optional = optional_columns(source, settings)
     pool = pooler(accelerator.unwrap_model(model)) if settings.pooled else None
     pooled_size = model.config.hidden_size if settings.pooled else None
     hidden_sizes = {layer: model.config.hidden_size for layer in layers}
@@ -329,7 +191,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     tokenizer_info = tokenizer_fingerprint(tokenizer)
     fingerprint = sha256_json({"teacher": teacher_info, "tokenizer": tokenizer_info, "dataset": dataset_info,
                                "settings": settings.content_settings()})
-    plan = _plan(len(rows), settings.shard_rows)
+    plan = plan_shards(len(rows), settings.shard_rows)
     new_card = functools.partial(FidelityCard, num_classes, settings.target_types, top_k=settings.top_k,
                                  draws=settings.samples if "sampled" in settings.target_types else None,
                                  every=settings.fidelity_every)
@@ -371,7 +233,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
 
         def commit() -> Manifest:
             unwrapped = accelerator.unwrap_model(model)
-            model_vocab_size = output_vocab_size(unwrapped) if task.name == CAUSAL_LM else unwrapped.config.vocab_size
+            model_vocab_size = task.teacher_output_size(unwrapped)
             manifest = _commit_manifest(
                 out, plan, settings, finished_before, elapsed, teacher=teacher_info,
                 tokenizer={**tokenizer_info, "model_vocab_size": model_vocab_size},
@@ -387,7 +249,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
             lock.release()
 
 
-def _compute_shards(model, source: _Rows, settings: DumpSettings, shards: list[tuple[int, range]],
+def _compute_shards(model, source: RowSource, settings: DumpSettings, shards: list[tuple[int, range]],
                     writer: BackgroundShardWriter, bar: tqdm, *, vocab_size: int, layers: list[int], pool,
                     card: FidelityCard) -> None:
     """This process's share of the work: the teacher runs here, everything after it in `writer`."""
@@ -396,7 +258,7 @@ def _compute_shards(model, source: _Rows, settings: DumpSettings, shards: list[t
     started, tokens = time.perf_counter(), 0
     for index, shard in shards:
         writer.begin_shard(index)
-        for batches, covered in _windows(source, shard, settings):
+        for batches, covered in windows(source, shard, settings):
             for sample_ids, token_lists, annotations in batches:
                 writer.submit(_teacher_targets(model, input_device, sample_ids, token_lists, annotations,
                                                task=source.task, vocab_size=vocab_size, layers=layers, pool=pool,

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..cache.format import Manifest
+from ..cache.reader import iter_sequences
+from ..cache.store import CacheStore
 from .batching import Batch, collate
-from .cache.format import Manifest
-from .cache.reader import iter_sequences
-from .cache.store import CacheStore
 
 
 class CacheBatches(IterableDataset):

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cache.reader import iter_sequences, select_rows
+from ..cache.store import CacheStore, as_store
+from ..losses import kd_loss
+from ..tasks import CAUSAL_LM
 from .batching import chunked, collate
-from .cache.reader import iter_sequences, select_rows
-from .cache.store import CacheStore, as_store
 from .classification_eval import evaluate_classifier
-from .losses import kd_loss
-from .tasks import CAUSAL_LM
 
 
 @torch.inference_mode()

@@ -22,10 +22,10 @@ import torch
 import transformers
 from torch import nn
 
-from .errors import KDCacheError
-from .models import load_config, load_model, load_tokenizer
-from .student import _prepare_output
-from .tasks import get_task, infer_task
+from ..errors import KDCacheError
+from ..models import load_config, load_model, load_tokenizer
+from ..tasks import get_task, infer_task
+from .output import prepare_output
 
 INIT_RECORD = "kdcache_init.json"
 
@@ -111,7 +111,7 @@ def init_student(teacher: str, out: Path | str, layers: list[int], *, hidden_siz
     else:
         torch.manual_seed(0)
         student = _fresh_model(model_class, student_config)
-    staging = _prepare_output(out, resuming=False)
+    staging = prepare_output(out, resuming=False)
     student.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     record = {"teacher": teacher, "class": type(student).__name__, "layers": layers,

@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..cache.format import Manifest
+from ..cache.reader import iter_sequences
+from ..cache.store import CacheStore
+from ..losses import kd_loss
+from ..tasks import TOKEN_CLASSIFICATION, get_task
 from .batching import chunked, collate
-from .cache.format import Manifest
-from .cache.reader import iter_sequences
-from .cache.store import CacheStore
 from .entities import entity_scores, is_entity_scheme
-from .losses import kd_loss
-from .tasks import TOKEN_CLASSIFICATION, get_task
 
 COMPARISONS = {"student_vs_teacher": ("student", "teacher"), "student_vs_gold": ("student", "gold"),
                "teacher_vs_gold": ("teacher", "gold")}

@@ -23,8 +23,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..cache.format import (
+    DATA_DIR,
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
+    ShardInfo,
+    sha256_file,
+    write_json_atomic,
+)
 from ..errors import KDCacheError
-from .format import DATA_DIR, MANIFEST_NAME, PARTIAL_SUFFIX, ShardInfo, sha256_file, write_json_atomic
 
 PROGRESS_DIR = "kdcache.dump"
 SETTINGS_NAME = "settings.json"

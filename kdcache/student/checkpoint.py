@@ -15,7 +15,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from .errors import KDCacheError
+from ..errors import KDCacheError
 
 CHECKPOINTS_DIR = "checkpoints"
 PREFIX = "step-"

@@ -1,0 +1,168 @@
+"""What every distillation task provides, and the causal-LM defaults the classification tasks override.
+
+A cache row always holds the tokens the teacher saw (`input_ids` [L], and hidden states per
+token); the *targets* (top-k class ids and log-probs, tail, gold labels) sit at the task's target
+positions, and range over the task's classes:
+
+| task | model class | classes | targets at |
+|---|---|---|---|
+| `causal-lm` | AutoModelForCausalLM | tokenizer vocabulary | every position t (the token after t) |
+| `token-classification` | AutoModelForTokenClassification | config.id2label | the first sub-token of each word |
+| `sequence-classification` | AutoModelForSequenceClassification | config.id2label | position 0 (one target per row) |
+
+Each task reads and tokenizes its own rows (`batches`), so the dump loop never branches on the
+task: it asks the task for (sample ids, token lists, annotations) and runs the teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import KDCacheError
+
+CAUSAL_LM = "causal-lm"
+TOKEN_CLASSIFICATION = "token-classification"
+SEQUENCE_CLASSIFICATION = "sequence-classification"
+FULL_DISTRIBUTION_MAX_LABELS = 256
+IGNORE_LABEL = -100
+
+# (sample ids, token id lists, annotations or None) for one batch of dataset rows.
+TokenizedBatch = tuple[list[int], list[list[int]], list["Annotation"] | None]
+
+
+@dataclasses.dataclass
+class Annotation:
+    """What a classification row carries beyond its tokens (numpy arrays, as cached)."""
+
+    target_positions: np.ndarray          # int32 [T], ascending
+    labels: np.ndarray | None = None      # int32 [T], gold class per target
+    token_type_ids: np.ndarray | None = None  # int8 [L], text pairs only
+
+
+class Task:
+    """The causal-LM task; the classification tasks (tasks/classification.py) override what differs."""
+
+    name = CAUSAL_LM
+    auto_class_name = "AutoModelForCausalLM"
+    architecture_suffixes: tuple[str, ...] = ("ForCausalLM", "LMHeadModel")
+    # Sampled targets are draws from the next-token distribution; classification caches store every label.
+    supports_sampled_targets = True
+    # The classes are the tokenizer's vocabulary (False: the teacher's labels).
+    classes_are_vocabulary = True
+
+    @property
+    def auto_class(self):
+        """The transformers Auto class for this task (imported on use: the CLI starts without transformers)."""
+        import transformers
+        return getattr(transformers, self.auto_class_name)
+
+    def class_names(self, config) -> list[str]:
+        """Class names by id; empty when the classes are the tokenizer's vocabulary."""
+        return []
+
+    def top_k(self, requested: int, num_classes: int) -> int:
+        return requested
+
+    # ---- reading the dump's rows ---------------------------------------------------------------
+    def check_rows(self, rows, settings, source: str) -> None:
+        """Refuse data that cannot be read (missing columns), before anything is written."""
+        _text_or_ids_column(rows, settings.text_column, source)
+
+    def dataset_columns(self, settings) -> dict:
+        """The columns a dump reads, recorded in the manifest's dataset description."""
+        return {}
+
+    def batches(self, rows, rows_range: range, tokenizer, classes: list[str], settings, source: str
+                ) -> Iterator[TokenizedBatch]:
+        """Tokenize `rows_range` in batches of `settings.batch_size`; rows with no token are skipped.
+
+        A causal LM reads a text column, or an `input_ids` column when the data is pre-tokenized.
+        """
+        column = _text_or_ids_column(rows, settings.text_column, source)
+        for start in range(rows_range.start, rows_range.stop, settings.batch_size):
+            stop = min(start + settings.batch_size, rows_range.stop)
+            chunk = rows[start:stop][column]
+            if column == "input_ids":
+                token_lists = [list(ids)[:settings.max_length] for ids in chunk]
+            else:
+                if any(not isinstance(text, str) for text in chunk):
+                    raise KDCacheError(f"column '{column}' must hold strings; row {start} onwards has "
+                                       f"{type(next(t for t in chunk if not isinstance(t, str))).__name__}")
+                token_lists = tokenizer(chunk, truncation=True, max_length=settings.max_length)["input_ids"]
+            kept = [(sample_id, ids) for sample_id, ids in zip(range(start, stop), token_lists) if len(ids) > 0]
+            if kept:
+                yield [sample_id for sample_id, _ in kept], [ids for _, ids in kept], None
+
+    # ---- the teacher's and the student's logits ------------------------------------------------
+    def target_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor,
+                      annotations: list[Annotation] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher logits at the target positions [N, C] and the gold class at each (-1: none)."""
+        next_ids = torch.full_like(input_ids, -1)
+        next_ids[:, :-1] = torch.where(valid[:, 1:], input_ids[:, 1:], -1)
+        return logits[valid], next_ids[valid]
+
+    def teacher_output_size(self, model) -> int:
+        """How many classes the teacher's output rows cover (padded vocabularies included)."""
+        from ..models import output_vocab_size
+        return output_vocab_size(model)
+
+    def student_logits(self, logits: torch.Tensor, batch, num_classes: int) -> torch.Tensor:
+        """Student logits [N, C] in the order of `batch.sparse_targets()`."""
+        return logits[batch.valid][:, :num_classes]
+
+    def gold_labels(self, batch) -> torch.Tensor:
+        """Gold class per target [N] for the cross-entropy term (-100: none)."""
+        return batch.next_token_labels()
+
+    def check_gold_labels(self, manifest) -> None:
+        """Raise unless the cache has what `gold_labels` needs (the text is its own label for a causal LM)."""
+
+    def check_student(self, model, manifest) -> None:
+        """Raise unless the student's output can represent the cache's classes."""
+        from ..models import output_vocab_size
+        if output_vocab_size(model) < manifest.vocab_size:
+            raise KDCacheError(f"student vocabulary ({output_vocab_size(model)}) is smaller than the cache's "
+                               f"tokenizer ({manifest.vocab_size} tokens): the student cannot represent the "
+                               f"teacher's targets")
+
+    def student_config_overrides(self, manifest) -> dict:
+        """Config values a fresh student must take from the cache."""
+        return {}
+
+
+def _text_or_ids_column(rows, text_column: str, source: str) -> str:
+    """The column a causal LM reads: 'input_ids' when pre-tokenized, else `text_column`."""
+    if len(rows) == 0:
+        raise KDCacheError(f"dataset {source} is empty")
+    if "input_ids" in rows.column_names:
+        return "input_ids"
+    if text_column not in rows.column_names:
+        raise KDCacheError(f"text column '{text_column}' not in dataset {source} "
+                           f"(columns: {', '.join(rows.column_names)}); pass --text-column")
+    return text_column
+
+
+def generic_names(names: list[str]) -> bool:
+    """True for transformers' placeholder names (LABEL_0, LABEL_1, ...): the ids carry no names to check."""
+    return all(name == f"LABEL_{index}" for index, name in enumerate(names))
+
+
+def pooler(model):
+    """The encoder's pooler (BERT-style: dense + tanh on the first token), or a one-line error."""
+    module = getattr(model.base_model, "pooler", None)
+    if module is None:
+        raise KDCacheError(f"{type(model).__name__} has no pooler (pooled output exists for BERT-style "
+                           f"sequence classifiers and bare encoders)")
+    return module
+
+
+def target_mask(annotations: list[Annotation], shape: tuple[int, int], device) -> torch.Tensor:
+    """bool [B, L]: True where a row has a target."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for row, annotation in enumerate(annotations):
+        mask[row, torch.from_numpy(annotation.target_positions.astype(np.int64))] = True
+    return mask.to(device)
