@@ -1,3 +1,58 @@
-"""kdcache: offline knowledge distillation through a cache of teacher soft targets."""
+"""kdcache: offline knowledge distillation through a cache of teacher soft targets.
+
+Phase 1, `dump_teacher`, runs a teacher once and writes its soft targets to a cache; phase 2,
+`train_student`, trains students from the cache without the teacher. Everything a user or a tool
+needs is importable from here; the subpackages are the implementation:
+
+    cache/    the format shared between teams (no torch)
+    teacher/  dump-teacher
+    student/  train-student, eval, init-student
+    tasks/    causal LM, token and sequence classification
+    demo/     the embedded demo
+
+Names are loaded on first use (PEP 562), so `import kdcache` and `kdcache --help` do not pay for
+torch and transformers until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "KDCacheError": ".errors",
+    "SparseTargets": ".losses",
+    "dense_kd_loss": ".losses",
+    "hidden_loss": ".losses",
+    "kd_loss": ".losses",
+    "next_token_ce": ".losses",
+    "DumpSettings": ".teacher",
+    "dump_teacher": ".teacher",
+    "TrainSettings": ".student",
+    "evaluate_student": ".student",
+    "init_student": ".student",
+    "train_student": ".student",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:  # what static tools and IDEs see
+    from .errors import KDCacheError
+    from .losses import SparseTargets, dense_kd_loss, hidden_loss, kd_loss, next_token_ce
+    from .student import TrainSettings, evaluate_student, init_student, train_student
+    from .teacher import DumpSettings, dump_teacher
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdcache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -247,8 +247,8 @@ def train_student_command(cache, out, student, student_config, loss, tail, tempe
 @click.option("--json", "as_json", is_flag=True)
 def eval_command(cache, student, batch_size, split_fraction, as_json):
     """Score STUDENT against the teacher targets in CACHE."""
-    from .student import evaluate_student
     from .cache.split import split_cache
+    from .student import evaluate_student
     from .student.loading import load_pretrained_student
     manifest = Manifest.load(cache)
     heldout = None if split_fraction is None else split_cache(cache, manifest, split_fraction,
