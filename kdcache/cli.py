@@ -5,26 +5,40 @@ No logic lives here beyond formatting; every command has a library function behi
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import typing
 from pathlib import Path
 
 import click
 
 from .cache.format import Manifest
 from .errors import KDCacheError
-from .losses import DIVERGENCES, TAIL_MODES
+from .student.settings import TrainSettings
 from .tasks import CAUSAL_LM
 from .tasks import TASKS as TASK_NAMES
+from .teacher.settings import DumpSettings
 
 
 class _Group(click.Group):
-    """Reports a `KDCacheError` as `Error: <message>` with exit code 1, never a traceback."""
+    """Reports a `KDCacheError` as `Error: <message>` with exit code 1, never a traceback.
+
+    Library messages name settings and arguments as `` `field_name` ``; here they become the flags
+    a CLI user types (`--field-name`).
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KDCacheError as error:
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(_with_flags(str(error), self)) from None
+
+
+def _with_flags(message: str, group: click.Group) -> str:
+    flags = {param.name: param.opts[0] for command in group.commands.values() for param in command.params
+             if isinstance(param, click.Option)}
+    return re.sub(r"`([a-z_][a-z0-9_]*)`", lambda match: flags.get(match[1], match[1]), message)
 
 
 def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
@@ -34,6 +48,47 @@ def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
         return tuple(int(part) for part in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers like '0,-1', got '{value}'") from None
+
+
+_CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
+
+
+def settings_options(settings_class):
+    """Decorate a command with one option per field of `settings_class` (kdcache/settings.py): the name,
+    type, default, choices and help come from the field, so each setting is spelled once."""
+    hints = typing.get_type_hints(settings_class)
+
+    def decorate(command):
+        for field in reversed(dataclasses.fields(settings_class)):
+            if not field.metadata.get("cli", True):
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            kind = hints[field.name]
+            arguments = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+            options = {"help": field.metadata.get("help"), "default": field.default,
+                       "show_default": field.default is not None and field.default is not False and field.default != ()}
+            if kind is bool:
+                declaration = [flag] if field.default is False else [f"{flag}/--no-{flag[2:]}"]
+                options |= {"is_flag": True}
+                command = click.option(*declaration, field.name, **options)(command)
+                continue
+            if typing.get_origin(kind) is tuple:
+                options |= {"callback": _int_list, "default": ",".join(map(str, field.default)) or None,
+                            "metavar": "I,J,..."}
+            elif field.metadata.get("choices"):
+                options["type"] = click.Choice(list(field.metadata["choices"]))
+            else:
+                options["type"] = _CLICK_TYPES[arguments[0]]
+            command = click.option(flag, field.name, **options)(command)
+        return command
+
+    return decorate
+
+
+def settings_from(settings_class, values: dict):
+    """Take the settings fields out of a command's keyword arguments and build the settings."""
+    names = [field.name for field in dataclasses.fields(settings_class) if field.metadata.get("cli", True)]
+    return settings_class(**{name: values.pop(name) for name in names})
 
 
 @click.group(cls=_Group)
@@ -46,40 +101,8 @@ def main():
 @click.option("--teacher", required=True, help="Teacher (causal LM or classifier): local directory or hub id.")
 @click.option("--data", required=True, help="Anything `datasets` loads: jsonl/json/csv/parquet/txt, save_to_disk dir, hub id.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to create.")
-@click.option("--split", default="train", show_default=True)
-@click.option("--task", type=click.Choice(list(TASK_NAMES)), default=None,
-              help="Default: inferred from the teacher config's architectures.")
-@click.option("--text-column", default="text", show_default=True,
-              help="Causal LM and sequence classification; a causal LM uses an input_ids column instead when present.")
-@click.option("--text-pair-column", default=None, help="Sequence classification: the second text of pairs.")
-@click.option("--label-column", default=None, help="Sequence classification gold labels (default: 'label' if present).")
-@click.option("--tokens-column", default="tokens", show_default=True, help="Token classification: lists of words.")
-@click.option("--labels-column", default=None,
-              help="Token classification gold labels per word, ids or names (default: 'ner_tags' if present).")
-@click.option("--max-length", default=1024, show_default=True, help="Truncate sequences to this many tokens.")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--top-k", default=64, show_default=True, help="Teacher log-probs kept per position.")
-@click.option("--hidden-layers", default="", callback=_int_list, help="Hidden states to cache, HF indexing (0 = embeddings, -1 = last), e.g. '-1' or '4,8'.")
-@click.option("--limit", type=int, default=None, help="Dump only the first N rows.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
-@click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--shard-rows", default=10_000, show_default=True,
-              help="Sequences per shard file; also the unit of work lost when a dump is killed and resumed.")
-@click.option("--device-map", default=None,
-              help="Spread a teacher too big for one device over the machine's devices, e.g. 'auto' (one process).")
-@click.option("--skip-nonfinite", is_flag=True,
-              help="Commit the cache without the sequences whose targets are NaN/inf (listed in the manifest).")
-@click.option("--pooled", is_flag=True, help="Encoders: also cache the pooler's output ('pooled' column).")
-@click.option("--targets", type=click.Choice(["topk", "sampled", "both"]), default="topk", show_default=True,
-              help="Top-k log-probs + exact tail, ids sampled from the teacher with counts, or both "
-                   "(causal LM only: classification caches store every label's probability).")
-@click.option("--samples", default=50, show_default=True, help="Draws per position for sampled targets (T=1).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the draws (combined with each sample id).")
-@click.option("--fidelity-every", default=8, show_default=True,
-              help="The fidelity card measures every N-th target position of each batch (1 = all; costs dump speed).")
-def dump_teacher_command(teacher, data, out, split, task, text_column, text_pair_column, label_column, tokens_column,
-                         labels_column, max_length, batch_size, top_k, hidden_layers, limit, dtype, logprob_dtype,
-                         shard_rows, device_map, skip_nonfinite, pooled, targets, samples, seed, fidelity_every):
+@settings_options(DumpSettings)
+def dump_teacher_command(teacher, data, out, **values):
     """Run TEACHER once over DATA and write its top-k and/or sampled targets to a cache.
 
     Rerunning the same command after an interruption resumes it. Under `accelerate launch` the
@@ -87,14 +110,8 @@ def dump_teacher_command(teacher, data, out, split, task, text_column, text_pair
     """
     from accelerate import PartialState
 
-    from .teacher import DumpSettings, dump_teacher
-    settings = DumpSettings(top_k=top_k, max_length=max_length, batch_size=batch_size, hidden_layers=hidden_layers,
-                            limit=limit, dtype=dtype, logprob_dtype=logprob_dtype, shard_rows=shard_rows,
-                            split=split, text_column=text_column, device_map=device_map,
-                            skip_nonfinite=skip_nonfinite, targets=targets, samples=samples, seed=seed,
-                            fidelity_every=fidelity_every, task=task, tokens_column=tokens_column, labels_column=labels_column,
-                            label_column=label_column, text_pair_column=text_pair_column, pooled=pooled)
-    manifest = dump_teacher(teacher, data, out, settings)
+    from .teacher import dump_teacher
+    manifest = dump_teacher(teacher, data, out, settings_from(DumpSettings, values))
     if not PartialState().is_main_process:
         return
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
@@ -176,59 +193,17 @@ def verify_command(cache):
 
 @main.command("train-student")
 @click.option("--cache", required=True, help="Cache directory or fsspec URL (s3://, gs://, hf://, http(s)://).")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the trained student.")
 @click.option("--student", default=None, help="Pretrained student (directory or hub id).")
 @click.option("--student-config", default=None, help="transformers config JSON (with model_type) for a fresh student.")
-@click.option("--loss", type=click.Choice(DIVERGENCES), default="forward_kl", show_default=True)
-@click.option("--tail", type=click.Choice(TAIL_MODES), default="rest-bucket", show_default=True)
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--ce-weight", default=0.0, show_default=True, help="Weight of next-token cross-entropy on the text.")
-@click.option("--kd-weight", default=1.0, show_default=True, help="Weight of T²·KD(teacher ‖ student).")
-@click.option("--hidden-weight", default=0.0, show_default=True, help="Weight of hidden-state matching.")
-@click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default="mse", show_default=True,
-              help="Hidden-state matching: mean squared error or 1 - cosine similarity per position.")
-@click.option("--pooled-weight", default=0.0, show_default=True,
-              help="Weight of matching the student's pooled output to the cached one (same loss as --hidden-loss).")
-@click.option("--layer-map", default=None, help="student:teacher hidden layer pairs, e.g. '2:6,4:12'.")
-@click.option("--lr", default=5e-4, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--grad-accum", default=1, show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Optimizer steps (default: one epoch).")
-@click.option("--epochs", type=int, default=None)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="Mixed precision through Accelerate.")
-@click.option("--log-every", default=10, show_default=True)
-@click.option("--no-verify", is_flag=True, help="Check shard sizes only instead of re-hashing the cache.")
-@click.option("--targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True,
-              help="Which cached target type feeds the KD loss.")
-@click.option("--val-fraction", default=0.0, show_default=True,
-              help="Hold out this fraction of the cache (by sample id) for validation; never trained on.")
-@click.option("--eval-every", type=int, default=None, help="Score the held-out split every N steps (and at the end).")
-@click.option("--early-stopping", type=int, default=None,
-              help="Stop after this many evaluations without a lower held-out KL; the best state is saved.")
-@click.option("--read-through", default=None, type=click.Path(), help="For a remote cache: download each shard once to this directory and memory-map it.")
-@click.option("--prefetch", type=int, default=None, help="Batches a background worker reads ahead; 0: read in the training process (default: 4 on an accelerator, 0 on CPU).")
-@click.option("--save-every", type=int, default=None, help="Write a checkpoint to OUT.partial/checkpoints every N steps.")
-@click.option("--keep-checkpoints", default=2, show_default=True, help="How many of the latest checkpoints to keep.")
+@settings_options(TrainSettings)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.partial/checkpoints (start fresh if none).")
 @click.option("--resume-from", type=click.Path(path_type=Path), default=None, help="Continue from this checkpoint directory.")
-def train_student_command(cache, out, student, student_config, loss, tail, temperature, ce_weight, kd_weight,
-                          hidden_weight, hidden_loss, pooled_weight, layer_map, lr, batch_size, grad_accum, max_steps,
-                          epochs, seed, dtype, log_every, no_verify, targets, val_fraction, eval_every, early_stopping,
-                          read_through, prefetch, save_every, keep_checkpoints, resume, resume_from):
+def train_student_command(cache, out, student, student_config, resume, resume_from, **values):
     """Train a student from a cache; the teacher is not needed."""
-    from .student import TrainSettings, train_student
-    settings = TrainSettings(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
-                             hidden_weight=hidden_weight, hidden_loss=hidden_loss, pooled_weight=pooled_weight,
-                             layer_map=layer_map, loss=loss, tail=tail, lr=lr,
-                             batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
-                             seed=seed, dtype=dtype, log_every=log_every, verify=not no_verify, targets=targets,
-                             val_fraction=val_fraction, eval_every=eval_every, early_stopping=early_stopping,
-                             read_through=read_through, prefetch=prefetch, save_every=save_every,
-                             keep_checkpoints=keep_checkpoints)
-    summary = train_student(cache, out, student=student, student_config=student_config, settings=settings,
-                            resume=resume, resume_from=resume_from)
+    from .student import train_student
+    summary = train_student(cache, out, student=student, student_config=student_config,
+                            settings=settings_from(TrainSettings, values), resume=resume, resume_from=resume_from)
     click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
                f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
     if "validation" in summary:
@@ -252,7 +227,7 @@ def eval_command(cache, student, batch_size, split_fraction, as_json):
     from .student.loading import load_pretrained_student
     manifest = Manifest.load(cache)
     heldout = None if split_fraction is None else split_cache(cache, manifest, split_fraction,
-                                                              flag="--split-fraction").heldout
+                                                              setting="split_fraction").heldout
     model = load_pretrained_student(student, manifest)
     result = evaluate_student(model, cache, batch_size=batch_size, sample_ids=heldout)
     if as_json:

@@ -2,17 +2,10 @@
 
 The CLI turns a `KDCacheError` into a one-line message and a non-zero exit; anything else is a
 bug and keeps its traceback. Library code raises it for bad paths, bad settings, incompatible
-models and damaged caches, with a message that names the cause.
+models and damaged caches, with a message that names the cause. A message names a setting or
+argument as `` `field_name` ``: a Python caller reads the field, and the CLI shows the flag.
 """
 
 
 class KDCacheError(Exception):
     """A user-facing error: the message alone must tell the user what to fix."""
-
-
-def require_positive(settings, *names: str) -> None:
-    """Refuse a setting that must be positive, naming its flag; None (an unset optional) passes."""
-    for name in names:
-        value = getattr(settings, name)
-        if value is not None and value <= 0:
-            raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {value}")

@@ -217,7 +217,7 @@ def test_task_inference_refuses_a_bare_encoder(tmp_path, ner_data):
     from transformers import BertModel
     BertModel(tiny_bert(AutoTokenizer.from_pretrained(MINILM_DIR))).save_pretrained(tmp_path / "bare")
     AutoTokenizer.from_pretrained(MINILM_DIR).save_pretrained(tmp_path / "bare")
-    with pytest.raises(KDCacheError, match=r"cannot infer the task .*BertModel.*pass --task"):
+    with pytest.raises(KDCacheError, match=r"cannot infer the task .*BertModel.*set `task`"):
         dump_teacher(str(tmp_path / "bare"), str(ner_data["train"]), tmp_path / "out", DumpSettings(), progress=False)
 
 
@@ -324,13 +324,13 @@ def test_sampled_targets_are_refused_for_classification(tmp_path, ner_teacher, n
         dump_teacher(str(ner_teacher), str(ner_data["test"]), tmp_path / "out", DumpSettings(targets=targets),
                      progress=False)
     message = str(error.value)
-    assert f"--targets {targets} is for causal LMs" in message and "use --targets topk" in message
+    assert f"`targets` {targets} is for causal LMs" in message and "use `targets` topk" in message
     assert "\n" not in message
     assert not (tmp_path / "out").exists()
 
 
 def test_train_student_refuses_sampled_targets_on_a_classification_cache(tmp_path, ner_cache, student_config_dir):
-    with pytest.raises(KDCacheError, match=r"--targets sampled: .* \(classification caches hold top-k targets only\)"):
+    with pytest.raises(KDCacheError, match=r"`targets` sampled: .* \(classification caches hold top-k targets only\)"):
         train_student(ner_cache, tmp_path / "s", student_config=str(student_config_dir), progress=False,
                       settings=TrainSettings(targets="sampled"))
     assert not (tmp_path / "s").exists()

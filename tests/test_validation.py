@@ -37,7 +37,7 @@ def test_split_is_deterministic_disjoint_and_independent_of_shard_layout(cache_d
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, 0.999])
 def test_split_refuses_fractions_that_leave_a_side_empty(cache_dir, fraction):
-    with pytest.raises(KDCacheError, match="--val-fraction"):
+    with pytest.raises(KDCacheError, match="`val_fraction`"):
         split_cache(cache_dir, Manifest.load(cache_dir), fraction)
 
 

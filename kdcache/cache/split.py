@@ -37,14 +37,14 @@ def _mix(ids: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def split_cache(cache: CacheStore | Path | str, manifest: Manifest, fraction: float, *, flag: str = "--val-fraction") -> CacheSplit:
+def split_cache(cache: CacheStore | Path | str, manifest: Manifest, fraction: float, *, setting: str = "val_fraction") -> CacheSplit:
     """Hold out `fraction` of the cache's sequences (at least one, never all)."""
     if not 0 < fraction < 1:
-        raise KDCacheError(f"{flag} must be between 0 and 1 (exclusive), got {fraction}")
+        raise KDCacheError(f"`{setting}` must be between 0 and 1 (exclusive), got {fraction}")
     ids = read_sample_ids(cache, manifest)
     heldout_count = math.ceil(fraction * len(ids))
     if heldout_count >= len(ids):
-        raise KDCacheError(f"{flag} {fraction} would hold out all {len(ids)} sequences of the cache")
+        raise KDCacheError(f"`{setting}` {fraction} would hold out all {len(ids)} sequences of the cache")
     order = np.lexsort((ids, _mix(ids)))
     return CacheSplit(train=frozenset(ids[order[:-heldout_count]].tolist()),
                       heldout=frozenset(ids[order[-heldout_count:]].tolist()))

@@ -52,7 +52,7 @@ def _layer_stack(model: nn.Module, num_layers: int) -> str:
               if isinstance(module, nn.ModuleList) and len(module) == num_layers]
     if len(stacks) != 1:
         raise KDCacheError(f"cannot tell which module holds the {num_layers} layers of this {type(model).__name__} "
-                           f"(candidates: {', '.join(stacks) or 'none'}); use --hidden-size for a fresh model")
+                           f"(candidates: {', '.join(stacks) or 'none'}); use `hidden_size` for a fresh model")
     return stacks[0]
 
 
@@ -66,7 +66,7 @@ def _student_config(config, layers: list[int], hidden_size: int | None):
     if hidden_size is not None:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if hidden_size % head_dim:
-            raise KDCacheError(f"--hidden-size {hidden_size} is not a multiple of the teacher's attention head "
+            raise KDCacheError(f"`hidden_size` {hidden_size} is not a multiple of the teacher's attention head "
                                f"size ({head_dim})")
         heads = hidden_size // head_dim
         if getattr(config, "num_key_value_heads", None):
@@ -86,11 +86,11 @@ def init_student(teacher: str, out: Path | str, layers: list[int], *, hidden_siz
     config = load_config(teacher, "teacher config")
     count = config.num_hidden_layers
     if not layers:
-        raise KDCacheError("--layers needs at least one layer, e.g. '0,2,4'")
+        raise KDCacheError("`layers` needs at least one layer, e.g. '0,2,4'")
     if any(not 0 <= layer < count for layer in layers) or len(set(layers)) != len(layers):
-        raise KDCacheError(f"--layers {','.join(map(str, layers))}: need distinct teacher layers in 0..{count - 1}")
+        raise KDCacheError(f"`layers` {','.join(map(str, layers))}: need distinct teacher layers in 0..{count - 1}")
     if hidden_size is not None and hidden_size <= 0:
-        raise KDCacheError(f"--hidden-size must be positive, got {hidden_size}")
+        raise KDCacheError(f"`hidden_size` must be positive, got {hidden_size}")
     model_class = _model_class(config, task)
     student_config = _student_config(config, layers, hidden_size)
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")

@@ -23,7 +23,7 @@ def check_student_matches_cache(model, student_tokenizer, manifest: Manifest) ->
 
 def load_student(student: str | None, student_config: str | None, manifest: Manifest, cache: Path):
     if (student is None) == (student_config is None):
-        raise KDCacheError("give exactly one of --student (pretrained) or --student-config (fresh model)")
+        raise KDCacheError("give exactly one of `student` (pretrained) or `student_config` (fresh model)")
     if student_config is not None:
         task = get_task(manifest.task)
         model = model_from_config(student_config, manifest.vocab_size, task.auto_class,

@@ -29,7 +29,7 @@ def prepare_output(out: Path, resuming: bool) -> Path:
     staging = staging_dir(out)
     if not resuming:
         if list_checkpoints(staging / CHECKPOINTS_DIR):
-            raise KDCacheError(f"{staging} holds checkpoints of an interrupted run: pass --resume to continue it "
+            raise KDCacheError(f"{staging} holds checkpoints of an interrupted run: pass `resume` to continue it "
                                f"or delete it to start over")
         shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)

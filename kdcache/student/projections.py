@@ -18,7 +18,7 @@ def parse_layer_map(spec: str | None, manifest: Manifest, student_layers: int) -
     """
     cached = manifest.hidden_layers
     if not cached:
-        raise KDCacheError("--hidden-weight > 0 but the cache holds no hidden states (dump with --hidden-layers)")
+        raise KDCacheError("`hidden_weight` > 0 but the cache holds no hidden states (dump with `hidden_layers`)")
     if not spec:
         return {student_layers: max(cached)}
     teacher_count = int(manifest.teacher["num_hidden_layers"]) + 1
@@ -27,11 +27,11 @@ def parse_layer_map(spec: str | None, manifest: Manifest, student_layers: int) -
         try:
             student_index, teacher_index = (int(part) for part in pair.split(":"))
         except ValueError:
-            raise KDCacheError(f"--layer-map entry '{pair}' is not 'student:teacher' (e.g. '2:6,4:12')") from None
+            raise KDCacheError(f"`layer_map` entry '{pair}' is not 'student:teacher' (e.g. '2:6,4:12')") from None
         if not -(student_layers + 1) <= student_index <= student_layers:
-            raise KDCacheError(f"--layer-map student layer {student_index} out of range 0..{student_layers}")
+            raise KDCacheError(f"`layer_map` student layer {student_index} out of range 0..{student_layers}")
         if teacher_index % teacher_count not in cached or not -teacher_count <= teacher_index < teacher_count:
-            raise KDCacheError(f"--layer-map teacher layer {teacher_index} is not cached "
+            raise KDCacheError(f"`layer_map` teacher layer {teacher_index} is not cached "
                                f"(cached layers: {', '.join(map(str, cached))})")
         mapping[student_index % (student_layers + 1)] = teacher_index % teacher_count
     return mapping

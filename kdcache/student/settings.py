@@ -4,39 +4,67 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..cache.format import TARGET_TYPES
+from ..errors import KDCacheError
+from ..losses import DIVERGENCES, TAIL_MODES
+from ..settings import check_fields, setting
+
 # Settings that do not change what is computed: they may differ between a run and its resumption.
 OPERATIONAL_SETTINGS = ("log_every", "verify", "save_every", "keep_checkpoints", "prefetch", "read_through")
 
 
 @dataclasses.dataclass
 class TrainSettings:
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    kd_weight: float = 1.0
-    hidden_weight: float = 0.0
-    hidden_loss: str = "mse"
-    pooled_weight: float = 0.0
-    layer_map: str | None = None
-    loss: str = "forward_kl"
-    tail: str = "rest-bucket"
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: int | None = None
-    seed: int = 0
-    dtype: str = "float32"
-    shuffle_buffer: int = 1024
-    log_every: int = 10
-    verify: bool = True
-    targets: str = "topk"             # which cached target type feeds the KD loss: "topk" or "sampled"
-    val_fraction: float = 0.0         # held-out share of the cache (by sample id), never trained on
-    eval_every: int | None = None     # score the held-out split every N steps (and at the end)
-    early_stopping: int | None = None  # stop after this many evaluations without a better val KL
-    save_every: int | None = None
-    keep_checkpoints: int = 2
-    prefetch: int | None = None  # batches a loader worker reads ahead; None: 4 on an accelerator, 0 on CPU
-    read_through: str | None = None
+    """Every setting of a training run. A resumed run must match the checkpoint's on all but
+    `OPERATIONAL_SETTINGS`, which do not change what is computed."""
+
+    loss: str = setting("forward_kl", "Divergence between teacher and student.", choices=DIVERGENCES)
+    tail: str = setting("rest-bucket", "How the teacher mass outside the cached ids enters the loss.",
+                        choices=TAIL_MODES)
+    temperature: float = setting(1.0, "Softening temperature T, applied to both sides; the loss is scaled by T².",
+                                 positive=True)
+    ce_weight: float = setting(0.0, "Weight of the cross-entropy on gold labels (the next token for a causal LM).",
+                               non_negative=True)
+    kd_weight: float = setting(1.0, "Weight of T²·KD(teacher ‖ student).", non_negative=True)
+    hidden_weight: float = setting(0.0, "Weight of hidden-state matching.", non_negative=True)
+    hidden_loss: str = setting("mse", "Hidden-state matching: mean squared error or 1 - cosine similarity per "
+                                      "position.", choices=("mse", "cosine"))
+    pooled_weight: float = setting(0.0, "Weight of matching the student's pooled output to the cached one "
+                                        "(same loss as hidden_loss).", non_negative=True)
+    layer_map: str | None = setting(None, "student:teacher hidden layer pairs, e.g. '2:6,4:12' "
+                                          "(default: last student layer to last cached teacher layer).")
+    lr: float = setting(5e-4, "Peak learning rate (AdamW, linear warmup then cosine decay).", positive=True)
+    weight_decay: float = setting(0.01, "AdamW weight decay.", non_negative=True)
+    warmup_ratio: float = setting(0.05, "Share of the steps spent warming up the learning rate.", non_negative=True,
+                                  below=1)
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this (0: no clipping).", non_negative=True)
+    batch_size: int = setting(8, "Sequences per micro-batch and process.", positive=True)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", positive=True)
+    max_steps: int | None = setting(None, "Optimizer steps (default: one epoch, or `epochs` epochs).", positive=True)
+    epochs: int | None = setting(None, "Passes over the cache (default: one, or until `max_steps`).", positive=True)
+    seed: int = setting(0, "Seed of initialisation, shuffling and dropout.")
+    dtype: str = setting("float32", "Mixed precision through Accelerate.", choices=("float32", "bfloat16", "float16"))
+    shuffle_buffer: int = setting(1024, "Sequences in the streaming shuffle buffer.", positive=True)
+    log_every: int = setting(10, "Write a metrics line every N steps.", positive=True)
+    verify: bool = setting(True, "Re-hash every shard before training (off: check shard sizes only).")
+    targets: str = setting("topk", "Which cached target type feeds the KD loss.", choices=TARGET_TYPES)
+    val_fraction: float = setting(0.0, "Hold out this fraction of the cache (by sample id) for validation; never "
+                                       "trained on.", non_negative=True, below=1)
+    eval_every: int | None = setting(None, "Score the held-out split every N steps (and at the end).", positive=True)
+    early_stopping: int | None = setting(None, "Stop after this many evaluations without a lower held-out KL; the "
+                                               "best state is saved.", positive=True)
+    save_every: int | None = setting(None, "Write a checkpoint to OUT.partial/checkpoints every N steps.",
+                                     positive=True)
+    keep_checkpoints: int = setting(2, "How many of the latest checkpoints to keep.", positive=True)
+    prefetch: int | None = setting(None, "Batches a background worker reads ahead; 0: read in the training process "
+                                         "(default: 4 on an accelerator, 0 on CPU).", non_negative=True)
+    read_through: str | None = setting(None, "For a remote cache: download each shard once to this directory and "
+                                             "memory-map it.")
+
+    def __post_init__(self):
+        check_fields(self)
+        if not self.val_fraction:
+            if self.eval_every is not None or self.early_stopping is not None:
+                raise KDCacheError("`eval_every` and `early_stopping` need a validation split: set `val_fraction`")
+        elif self.early_stopping is not None and self.eval_every is None:
+            raise KDCacheError("`early_stopping` needs `eval_every` (how often to score the held-out split)")

@@ -24,10 +24,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..cache.format import TARGET_TYPES, Manifest
+from ..cache.format import Manifest
 from ..cache.reader import check_shard_files, select_rows, verify_cache
 from ..cache.store import CacheStore
-from ..errors import KDCacheError, require_positive
+from ..errors import KDCacheError
 from ..losses import SparseTargets, kd_loss, next_token_ce
 from ..models import load_tokenizer
 from ..tasks import CAUSAL_LM, get_task, pooler
@@ -39,7 +39,7 @@ from .metrics import MetricsLog
 from .output import checkpoint_to_resume, prepare_output, staging_dir
 from .projections import FeatureProjections, parse_layer_map
 from .settings import OPERATIONAL_SETTINGS, TrainSettings
-from .validation import check_validation_flags, setup_validation
+from .validation import setup_validation
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 PROJECTIONS_FILE = "kdcache_projections.pt"
@@ -53,12 +53,10 @@ def check_targets(settings: TrainSettings, manifest: Manifest, cache: CacheStore
 
     The loss rules live in `kd_loss`; it is asked on zero positions, so they are stated once.
     """
-    if settings.targets not in TARGET_TYPES:
-        raise KDCacheError(f"--targets must be one of {', '.join(TARGET_TYPES)}, got {settings.targets!r}")
     if settings.targets not in manifest.target_types:
-        remedy = (f"dump with --targets {settings.targets} or both" if manifest.task == CAUSAL_LM
+        remedy = (f"dump with `targets` {settings.targets} or both" if manifest.task == CAUSAL_LM
                   else "classification caches hold top-k targets only")
-        raise KDCacheError(f"--targets {settings.targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
+        raise KDCacheError(f"`targets` {settings.targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
                            f"targets ({remedy})")
     if not settings.kd_weight:
         return
@@ -69,7 +67,7 @@ def check_targets(settings: TrainSettings, manifest: Manifest, cache: CacheStore
         kd_loss(torch.zeros(0, manifest.num_classes), probe, divergence=settings.loss, tail=settings.tail,
                 temperature=settings.temperature)
     except ValueError as error:
-        raise KDCacheError(f"--targets {settings.targets}: {error}") from None
+        raise KDCacheError(f"`targets` {settings.targets}: {error}") from None
 
 
 def _batches(store: CacheStore, manifest: Manifest, settings: TrainSettings, accelerator: Accelerator,
@@ -108,17 +106,13 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     there is one; `resume_from` names a checkpoint directory explicitly."""
     store, out = CacheStore(cache, settings.read_through), Path(out)
     manifest = store.load_manifest()
-    require_positive(settings, "batch_size", "grad_accum", "temperature", "keep_checkpoints", "max_steps", "save_every")
     checkpoint = checkpoint_to_resume(out, resume, resume_from)
     check_targets(settings, manifest, store)
-    check_validation_flags(fraction=settings.val_fraction, every=settings.eval_every, patience=settings.early_stopping)
     task = get_task(manifest.task)
-    if settings.hidden_loss not in ("mse", "cosine"):
-        raise KDCacheError(f"--hidden-loss must be 'mse' or 'cosine', got '{settings.hidden_loss}'")
     if settings.ce_weight:
         task.check_gold_labels(manifest)
     if settings.pooled_weight and manifest.pooled_size is None:
-        raise KDCacheError("--pooled-weight > 0 but the cache holds no pooled output (dump with --pooled)")
+        raise KDCacheError("`pooled_weight` > 0 but the cache holds no pooled output (dump with `pooled`)")
     if settings.verify:
         verify_cache(store, manifest, progress=progress)
     else:

@@ -18,7 +18,6 @@ from torch import nn
 from ..cache.format import Manifest
 from ..cache.split import split_cache
 from ..cache.store import CacheStore
-from ..errors import KDCacheError
 from .evaluate import evaluate_student
 
 
@@ -88,23 +87,7 @@ class Validation:
 def setup_validation(cache: CacheStore | Path, manifest: Manifest, *, fraction: float, every: int | None,
                      patience: int | None, batch_size: int) -> tuple[frozenset[int] | None, Validation | None]:
     """(training sample ids, Validation) for `--val-fraction`; (None, None) when it is 0."""
-    check_validation_flags(fraction=fraction, every=every, patience=patience)
     if not fraction:
         return None, None
-    split = split_cache(cache, manifest, fraction, flag="--val-fraction")
+    split = split_cache(cache, manifest, fraction, setting="val_fraction")
     return split.train, Validation(cache, split.heldout, every=every, patience=patience, batch_size=batch_size)
-
-
-def check_validation_flags(*, fraction: float, every: int | None, patience: int | None) -> None:
-    """One-line errors for flag combinations that cannot work, before any data is read."""
-    if not 0 <= fraction < 1:
-        raise KDCacheError(f"--val-fraction must be in [0, 1), got {fraction}")
-    if every is not None and every <= 0:
-        raise KDCacheError(f"--eval-every must be positive, got {every}")
-    if patience is not None and patience <= 0:
-        raise KDCacheError(f"--early-stopping must be positive, got {patience}")
-    if not fraction:
-        if every is not None or patience is not None:
-            raise KDCacheError("--eval-every and --early-stopping need a validation split: add --val-fraction")
-    elif patience is not None and every is None:
-        raise KDCacheError("--early-stopping needs --eval-every (how often to score the held-out split)")

@@ -42,7 +42,7 @@ def infer_task(config) -> Task:
              if architecture.endswith(task.architecture_suffixes)}
     if len(found) != 1:
         raise KDCacheError(f"cannot infer the task from the teacher's architectures ({', '.join(architectures)}); "
-                           f"pass --task {'|'.join(TASKS)}")
+                           f"set `task` to one of {'|'.join(TASKS)}")
     return TASKS[found.pop()]
 
 

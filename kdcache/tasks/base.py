@@ -142,7 +142,7 @@ def _text_or_ids_column(rows, text_column: str, source: str) -> str:
         return "input_ids"
     if text_column not in rows.column_names:
         raise KDCacheError(f"text column '{text_column}' not in dataset {source} "
-                           f"(columns: {', '.join(rows.column_names)}); pass --text-column")
+                           f"(columns: {', '.join(rows.column_names)}); set `text_column`")
     return text_column
 
 

@@ -65,7 +65,7 @@ class _Classification(Task):
 
     def check_gold_labels(self, manifest) -> None:
         if "labels" not in manifest.optional_columns:
-            raise KDCacheError("--ce-weight > 0 but the cache holds no gold labels (dump data with a label column)")
+            raise KDCacheError("`ce_weight` > 0 but the cache holds no gold labels (dump data with a label column)")
 
     def check_student(self, model, manifest) -> None:
         names = self.class_names(model.config)
@@ -103,8 +103,8 @@ class TokenClassification(_Classification):
         """
         if not getattr(tokenizer, "is_fast", False):
             raise KDCacheError("token classification needs a fast tokenizer (word_ids() aligns words and sub-tokens)")
-        require_column(rows, settings.tokens_column, "--tokens-column", source)
-        labels_column = optional_label_column(rows, settings.labels_column, "ner_tags", "--labels-column", source)
+        require_column(rows, settings.tokens_column, "tokens_column", source)
+        labels_column = optional_label_column(rows, settings.labels_column, "ner_tags", "labels_column", source)
         encode = labels_column and label_encoder(rows.features[labels_column], classes, labels_column)
         for start in range(rows_range.start, rows_range.stop, settings.batch_size):
             chunk = rows[start:min(start + settings.batch_size, rows_range.stop)]
@@ -147,10 +147,10 @@ class SequenceClassification(_Classification):
     def batches(self, rows, rows_range: range, tokenizer, classes: list[str], settings, source: str
                 ) -> Iterator[TokenizedBatch]:
         """Batches of `rows_range` from a text (+ pair) and a label column."""
-        require_column(rows, settings.text_column, "--text-column", source)
+        require_column(rows, settings.text_column, "text_column", source)
         if settings.text_pair_column is not None:
-            require_column(rows, settings.text_pair_column, "--text-pair-column", source)
-        label_column = optional_label_column(rows, settings.label_column, "label", "--label-column", source)
+            require_column(rows, settings.text_pair_column, "text_pair_column", source)
+        label_column = optional_label_column(rows, settings.label_column, "label", "label_column", source)
         encode = label_column and label_encoder(rows.features[label_column], classes, label_column)
         for start in range(rows_range.start, rows_range.stop, settings.batch_size):
             chunk = rows[start:min(start + settings.batch_size, rows_range.stop)]

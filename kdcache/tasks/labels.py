@@ -49,15 +49,15 @@ def label_encoder(feature, classes: list[str], column: str):
     return encode
 
 
-def require_column(rows, column: str, flag: str, source: str) -> None:
+def require_column(rows, column: str, setting: str, source: str) -> None:
     if column not in rows.column_names:
         raise KDCacheError(f"column '{column}' not in dataset {source} (columns: {', '.join(rows.column_names)}); "
-                           f"pass {flag}")
+                           f"set `{setting}`")
 
 
-def optional_label_column(rows, column: str | None, default: str, flag: str, source: str) -> str | None:
+def optional_label_column(rows, column: str | None, default: str, setting: str, source: str) -> str | None:
     """The label column: the one named (must exist), else `default` when present, else None (no gold labels)."""
     if column is not None:
-        require_column(rows, column, flag, source)
+        require_column(rows, column, setting, source)
         return column
     return default if default in rows.column_names else None

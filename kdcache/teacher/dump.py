@@ -31,8 +31,6 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..cache.format import (
-    MAX_SAMPLES,
-    TARGET_TYPES,
     TOKENIZER_DIR,
     Manifest,
     hidden_column,
@@ -42,7 +40,7 @@ from ..cache.format import (
     tokenizer_fingerprint,
 )
 from ..cache.reader import content_sha256
-from ..errors import KDCacheError, require_positive
+from ..errors import KDCacheError
 from ..models import load_model, load_tokenizer
 from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, Annotation, Task, pooler, resolve_task
 from .data import describe, load_rows
@@ -147,18 +145,13 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     Under `accelerate launch` every process calls it with the same arguments.
     """
     out = Path(out)
-    require_positive(settings, "top_k", "batch_size", "max_length", "shard_rows", "limit", "fidelity_every")
-    if settings.targets not in (*TARGET_TYPES, "both"):
-        raise KDCacheError(f"--targets must be topk, sampled or both, got {settings.targets!r}")
-    if not 0 < settings.samples <= MAX_SAMPLES:
-        raise KDCacheError(f"--samples must be between 1 and {MAX_SAMPLES}, got {settings.samples}")
 
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")
     task, config = resolve_task(settings.task, teacher)
     if not task.supports_sampled_targets and settings.targets != "topk":
-        raise KDCacheError(f"--targets {settings.targets} is for causal LMs: a {task.name} cache stores the teacher's "
+        raise KDCacheError(f"`targets` {settings.targets} is for causal LMs: a {task.name} cache stores the teacher's "
                            f"label distribution as top-k (every label, up to {FULL_DISTRIBUTION_MAX_LABELS}); "
-                           f"use --targets topk")
+                           f"use `targets` topk")
     rows = load_rows(data, settings.split)
     task.check_rows(rows, settings, data)
     dataset_info = describe(rows, data, settings.split, settings.text_column) | task.dataset_columns(settings)
@@ -170,7 +163,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     num_classes = len(classes) or vocab_size
     settings = dataclasses.replace(settings, task=task.name, top_k=task.top_k(settings.top_k, num_classes))
     if not 0 < settings.top_k <= vocab_size:
-        raise KDCacheError(f"--top-k {settings.top_k} is larger than the vocabulary ({vocab_size} tokens)")
+        raise KDCacheError(f"`top_k` {settings.top_k} is larger than the vocabulary ({vocab_size} tokens)")
     accelerator = Accelerator()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:  # every process would dump everything
@@ -287,8 +280,8 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
     if nonfinite_positions and not settings.skip_nonfinite:
         raise KDCacheError(f"teacher produced NaN/inf logits at {nonfinite_positions} positions in "
                            f"{len(nonfinite_ids)} sequences (sample ids {nonfinite_ids[:5]}); no cache was "
-                           f"committed: rerun with --skip-nonfinite to commit it without them, or try "
-                           f"--dtype float32 with another --out")
+                           f"committed: rerun with `skip_nonfinite` to commit it without them, or try "
+                           f"`dtype` float32 with another `out`")
     shards = [record.shard for record in ordered if record.shard is not None]
     if not shards:
         raise KDCacheError(f"dataset {dataset['source']} produced no tokens (every row is empty)")

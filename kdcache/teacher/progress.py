@@ -73,7 +73,7 @@ class DumpLock:
         except BlockingIOError:
             self._handle.close()
             raise KDCacheError(f"another kdcache dump is writing to {out} (it holds {path}); "
-                               f"wait for it to finish or choose another --out") from None
+                               f"wait for it to finish or choose another `out`") from None
 
     def release(self) -> None:
         self._handle.close()
@@ -113,7 +113,7 @@ def claim_output(out: Path, identity: dict[str, Any]) -> DumpLock:
             if previous != identity:
                 raise KDCacheError(f"{out} holds an interrupted dump with different settings "
                                    f"({_describe_difference(previous, identity)}); rerun it with its own "
-                                   f"settings, or choose another --out or delete it")
+                                   f"settings, or choose another `out` or delete it")
         else:
             (progress / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
             write_json_atomic(marker, identity)
@@ -127,7 +127,7 @@ def _finished_cache_error(out: Path, identity: dict[str, Any]) -> KDCacheError:
     existing = json.loads((out / MANIFEST_NAME).read_text()).get("dump_fingerprint")
     if existing == identity["dump_fingerprint"]:
         return KDCacheError(f"{out} already holds this cache (same teacher, data and settings); nothing to do")
-    return KDCacheError(f"{out} already holds a different cache; choose another --out or delete it")
+    return KDCacheError(f"{out} already holds a different cache; choose another `out` or delete it")
 
 
 def _record_path(out: Path, index: int) -> Path:

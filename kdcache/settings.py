@@ -1,0 +1,50 @@
+"""Settings defined once: a dataclass field carries its default, help text and constraints.
+
+`DumpSettings` and `TrainSettings` declare each field with `setting(...)`. From that one
+declaration the CLI generates its option (name, type, default, help, choices) and the dataclass
+validates itself on construction (`check_fields` in `__post_init__`), so a Python caller and a
+CLI user get the same refusal. Library errors name settings as `` `field_name` `` (backticks);
+only cli.py turns those names into flags (`--field-name`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import KDCacheError
+
+
+def setting(default: Any, help: str, *, choices: Sequence[str] | None = None, positive: bool = False,
+            non_negative: bool = False, below: float | None = None, cli: bool = True) -> Any:
+    """A settings field: `positive`/`non_negative`/`below` (exclusive upper bound) and `choices` are checked
+    by `check_fields`; None always passes (an unset optional). `cli=False` keeps it out of the CLI."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "positive": positive,
+                "non_negative": non_negative, "below": below, "cli": cli}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults: use a tuple")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_fields(settings) -> None:
+    """Refuse a value outside its field's declared constraints, naming the field."""
+    for field in dataclasses.fields(settings):
+        value, meta = getattr(settings, field.name), field.metadata
+        if value is None or not meta:
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            raise KDCacheError(f"`{field.name}` must be one of {', '.join(meta['choices'])}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and math.isnan(value):
+            raise KDCacheError(f"`{field.name}` must be a number, got {value}")
+        if meta.get("non_negative") and meta.get("below") is not None and not 0 <= value < meta["below"]:
+            raise KDCacheError(f"`{field.name}` must be in [0, {meta['below']}), got {value}")
+        if meta.get("positive") and not value > 0:
+            raise KDCacheError(f"`{field.name}` must be positive, got {value}")
+        if meta.get("non_negative") and not value >= 0:
+            raise KDCacheError(f"`{field.name}` must not be negative, got {value}")
+        if meta.get("below") is not None and not value < meta["below"]:
+            raise KDCacheError(f"`{field.name}` must be below {meta['below']}, got {value}")
