@@ -10,7 +10,8 @@ from ..losses import DIVERGENCES, TAIL_MODES
 from ..settings import check_fields, setting
 
 # Settings that do not change what is computed: they may differ between a run and its resumption.
-OPERATIONAL_SETTINGS = ("log_every", "verify", "save_every", "keep_checkpoints", "prefetch", "read_through")
+OPERATIONAL_SETTINGS = ("log_every", "verify", "save_every", "keep_checkpoints", "prefetch", "read_through",
+                        "report_to")
 
 
 @dataclasses.dataclass
@@ -60,6 +61,9 @@ class TrainSettings:
                                          "(default: 4 on an accelerator, 0 on CPU).", non_negative=True)
     read_through: str | None = setting(None, "For a remote cache: download each shard once to this directory and "
                                              "memory-map it.")
+    report_to: str | None = setting(None, "Also log every loss term, the learning rate and held-out scores to these "
+                                          "trackers through Accelerate, comma-separated (tensorboard, trackio, wandb, "
+                                          "mlflow, ...); files go to OUT/logs. metrics.jsonl is always written.")
 
     def __post_init__(self):
         check_fields(self)

@@ -35,7 +35,7 @@ from .batching import Batch
 from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, save_checkpoint
 from .feed import CacheBatches, prefetched
 from .loading import load_student
-from .metrics import MetricsLog
+from .metrics import LOG_DIR, RUN_NAME, MetricsLog, tracker_config, trackers
 from .output import checkpoint_to_resume, prepare_output, staging_dir
 from .projections import FeatureProjections, parse_layer_map
 from .settings import OPERATIONAL_SETTINGS, TrainSettings
@@ -123,8 +123,10 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
                                              batch_size=settings.batch_size)
     kept_rows = None if train_ids is None else select_rows(store, manifest, train_ids)
 
+    report_to = trackers(settings.report_to)
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[settings.dtype],
-                              gradient_accumulation_steps=settings.grad_accum)
+                              gradient_accumulation_steps=settings.grad_accum, log_with=report_to or None,
+                              project_dir=str(staging_dir(out) / LOG_DIR))
     set_seed(settings.seed)
     model = load_student(student, student_config, manifest, store)
     model.config.use_cache = False
@@ -151,7 +153,10 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     model.train()
 
     vocab = manifest.num_classes
-    metrics = MetricsLog(staging / METRICS_FILE if accelerator.is_main_process else None, accelerator.num_processes)
+    if report_to:
+        accelerator.init_trackers(RUN_NAME, config=tracker_config(dataclasses.asdict(settings)))
+    metrics = MetricsLog(staging / METRICS_FILE if accelerator.is_main_process else None, accelerator.num_processes,
+                         tracker=(lambda values, step: accelerator.log(values, step=step)) if report_to else None)
     state = TrainingProgress(_run_identity(manifest, settings, accelerator.num_processes))
     accelerator.register_for_checkpointing(state)
     if validation:  # its best score, patience counter and best-state snapshot are part of each checkpoint
@@ -223,6 +228,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     summary = {"steps": step, "epochs_started": epoch + 1, "tokens": metrics.tokens,
                "seconds": round(metrics.elapsed(), 3), "final": metrics.last,
                **({"validation": validation.summary()} if validation else {})}
+    accelerator.end_training()  # closes the trackers' files before the output directory is renamed
     if accelerator.is_main_process:
         metrics.close()
         accelerator.unwrap_model(model).save_pretrained(staging)
