@@ -8,17 +8,46 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 import typing
 from pathlib import Path
 
 import click
 
-from .cache.format import Manifest
+from .cache.format import MANIFEST_NAME, Manifest
 from .errors import KDCacheError
+from .runtime import configure_threads, quiet_libraries
 from .student.settings import TrainSettings
 from .tasks import CAUSAL_LM
 from .tasks import TASKS as TASK_NAMES
 from .teacher.settings import DumpSettings
+
+
+class _Command(click.Command):
+    """Every command takes `--threads`, `--quiet` and `--verbose` (kdcache/runtime.py), applied before it runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(["--threads"], type=int, default=None,
+                         help="CPU threads for torch (default: the free physical cores; OMP_NUM_THREADS is respected)."),
+            click.Option(["--quiet"], is_flag=True, help="No progress bars: only results and errors."),
+            click.Option(["--verbose"], is_flag=True,
+                         help="Also show the progress bars and load reports of transformers, datasets and the hub."),
+        ]
+
+    def invoke(self, ctx):
+        threads, quiet, verbose = (ctx.params.pop(name) for name in ("threads", "quiet", "verbose"))
+        if quiet and verbose:
+            raise click.UsageError("--quiet and --verbose exclude each other")
+        if not verbose:
+            quiet_libraries()
+        try:
+            ctx.meta["kdcache.threads"] = configure_threads(threads)
+        except KDCacheError as error:
+            raise click.BadParameter(str(error).replace("`threads` ", ""), param_hint="--threads") from None
+        ctx.meta["kdcache.progress"] = not quiet
+        return super().invoke(ctx)
 
 
 class _Group(click.Group):
@@ -28,11 +57,18 @@ class _Group(click.Group):
     a CLI user types (`--field-name`).
     """
 
+    command_class = _Command
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KDCacheError as error:
             raise click.ClickException(_with_flags(str(error), self)) from None
+
+
+def _progress() -> bool:
+    """False under --quiet: the library's progress bars stay off."""
+    return click.get_current_context().meta.get("kdcache.progress", True)
 
 
 def _with_flags(message: str, group: click.Group) -> str:
@@ -111,8 +147,12 @@ def dump_teacher_command(teacher, data, out, **values):
     from accelerate import PartialState
 
     from .teacher import dump_teacher
-    manifest = dump_teacher(teacher, data, out, settings_from(DumpSettings, values))
+    started = time.time()
+    manifest = dump_teacher(teacher, data, out, settings_from(DumpSettings, values), progress=_progress())
     if not PartialState().is_main_process:
+        return
+    if (Path(out) / MANIFEST_NAME).stat().st_mtime < started:
+        click.echo(f"cache complete, nothing to do: {out} already holds this cache (same teacher, data and settings)")
         return
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
                f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token")
@@ -187,7 +227,7 @@ def verify_command(cache):
     """Re-hash every shard of CACHE and check schema and counts against the manifest."""
     from .cache.reader import verify_cache
     manifest = Manifest.load(cache)
-    verify_cache(cache, manifest)
+    verify_cache(cache, manifest, progress=_progress())
     click.echo(f"ok: {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens")
 
 
@@ -199,11 +239,13 @@ def verify_command(cache):
 @settings_options(TrainSettings)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.partial/checkpoints (start fresh if none).")
 @click.option("--resume-from", type=click.Path(path_type=Path), default=None, help="Continue from this checkpoint directory.")
-def train_student_command(cache, out, student, student_config, resume, resume_from, **values):
+@click.option("--overwrite", is_flag=True, help="Replace a student kdcache wrote to OUT earlier (once the new one is saved).")
+def train_student_command(cache, out, student, student_config, resume, resume_from, overwrite, **values):
     """Train a student from a cache; the teacher is not needed."""
     from .student import train_student
     summary = train_student(cache, out, student=student, student_config=student_config,
-                            settings=settings_from(TrainSettings, values), resume=resume, resume_from=resume_from)
+                            settings=settings_from(TrainSettings, values), resume=resume, resume_from=resume_from,
+                            overwrite=overwrite, progress=_progress())
     click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
                f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
     if "validation" in summary:
@@ -263,4 +305,6 @@ def init_student_command(teacher, layers, hidden_size, task, out):
 def demo_command(workdir):
     """Run the whole pipeline on a generated language and show what KD buys (CPU, a few minutes)."""
     from .demo import run_demo
-    click.echo(run_demo(workdir))
+    click.echo(run_demo(workdir, progress=_progress()))
+    threads, why = click.get_current_context().meta["kdcache.threads"]
+    click.echo(f"threads: {threads} ({why}); set --threads to choose")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ..models import load_causal_lm
@@ -36,14 +37,15 @@ def _write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def _train_teacher(directory: Path, tokenizer, texts: list[str], steps: int, batch_size: int = 32) -> None:
+def _train_teacher(directory: Path, tokenizer, texts: list[str], steps: int, batch_size: int = 32,
+                   progress: bool = True) -> None:
     """Next-token CE training of the demo teacher; shuffled sequential batches, AdamW, cosine decay."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(llama_config(len(tokenizer), TEACHER_SHAPE))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.05)
     order = torch.randperm(len(texts)).tolist()
-    for step in range(steps):
+    for step in tqdm(range(steps), desc="train teacher", unit="step", disable=not progress):
         start = step * batch_size % len(texts)
         batch = tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True, return_tensors="pt")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -62,7 +64,7 @@ def _row(name: str, scores: dict) -> str:
 
 
 def run_demo(workdir: Path | None = None, *, teacher_steps: int = 400, student_steps: int = 300,
-             transfer_sentences: int = 600) -> str:
+             transfer_sentences: int = 600, progress: bool = True) -> str:
     """Run the pipeline in `workdir` (a temporary directory if None); return the report table."""
     with tempfile.TemporaryDirectory(prefix="kdcache-demo-") as temporary:
         root = Path(workdir or temporary)
@@ -73,15 +75,15 @@ def run_demo(workdir: Path | None = None, *, teacher_steps: int = 400, student_s
         tokenizer.padding_side = "right"
 
         started = time.perf_counter()
-        _train_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), teacher_steps)
+        _train_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), teacher_steps, progress=progress)
         timings["train teacher"] = time.perf_counter() - started
 
         started = time.perf_counter()
         transfer = _write_jsonl(root / "transfer.jsonl", language.sentences(transfer_sentences, seed=2))
         heldout = _write_jsonl(root / "heldout.jsonl", language.sentences(300, seed=3))
         settings = DumpSettings(top_k=16, batch_size=32, shard_rows=256)
-        manifest = dump_teacher(str(root / "teacher"), str(transfer), root / "cache", settings)
-        dump_teacher(str(root / "teacher"), str(heldout), root / "cache-heldout", settings)
+        manifest = dump_teacher(str(root / "teacher"), str(transfer), root / "cache", settings, progress=progress)
+        dump_teacher(str(root / "teacher"), str(heldout), root / "cache-heldout", settings, progress=progress)
         timings["dump teacher (2 caches)"] = time.perf_counter() - started
 
         config_file = root / "student-config.json"
@@ -92,7 +94,7 @@ def run_demo(workdir: Path | None = None, *, teacher_steps: int = 400, student_s
             started = time.perf_counter()
             train = TrainSettings(max_steps=student_steps, batch_size=16, lr=3e-3, log_every=50, **weights)
             train_student(root / "cache", root / name.split()[0].lower(), student_config=str(config_file),
-                          settings=train)
+                          settings=train, progress=progress)
             timings[f"train {name}"] = time.perf_counter() - started
             scores[name] = evaluate_student(load_causal_lm(str(root / name.split()[0].lower()), "student", "float32"),
                                             root / "cache-heldout")

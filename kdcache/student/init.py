@@ -25,9 +25,7 @@ from torch import nn
 from ..errors import KDCacheError
 from ..models import load_config, load_model, load_tokenizer
 from ..tasks import get_task, infer_task
-from .output import prepare_output
-
-INIT_RECORD = "kdcache_init.json"
+from .output import INIT_RECORD, prepare_output, publish
 
 
 def _model_class(config, task: str | None):
@@ -118,7 +116,5 @@ def init_student(teacher: str, out: Path | str, layers: list[int], *, hidden_siz
               "mode": "carve" if hidden_size is None else "narrow", "hidden_size": student_config.hidden_size,
               "num_parameters": sum(p.numel() for p in student.parameters())}
     (staging / INIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
+    publish(staging, out)
     return record

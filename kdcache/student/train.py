@@ -36,14 +36,13 @@ from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, save_checkpoint
 from .feed import CacheBatches, prefetched
 from .loading import load_student
 from .metrics import LOG_DIR, RUN_NAME, MetricsLog, tracker_config, trackers
-from .output import checkpoint_to_resume, prepare_output, staging_dir
+from .output import TRAINING_RECORD, check_output, checkpoint_to_resume, prepare_output, publish, staging_dir
 from .projections import FeatureProjections, parse_layer_map
 from .settings import OPERATIONAL_SETTINGS, TrainSettings
 from .validation import setup_validation
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 PROJECTIONS_FILE = "kdcache_projections.pt"
-TRAINING_RECORD = "kdcache_training.json"
 METRICS_FILE = "metrics.jsonl"
 SAMPLE_LOG_ENV = "KDCACHE_SAMPLE_LOG"  # debug: each process appends "epoch sample_id" lines to <value>.rank<N>
 
@@ -100,13 +99,17 @@ def _total_steps(training_rows: int, settings: TrainSettings, num_processes: int
 
 def train_student(cache: Path | str, out: Path | str, *, student: str | None = None,
                   student_config: str | None = None, settings: TrainSettings = TrainSettings(),
-                  progress: bool = True, resume: bool = False, resume_from: Path | str | None = None) -> dict:
+                  progress: bool = True, resume: bool = False, resume_from: Path | str | None = None,
+                  overwrite: bool = False) -> dict:
     """Train a student on the cache at `cache` (a directory or an fsspec URL), save it to `out`; return the
     final metrics. With `resume`, continue from the latest checkpoint in `<out>.partial/checkpoints` if
-    there is one; `resume_from` names a checkpoint directory explicitly."""
+    there is one; `resume_from` names a checkpoint directory explicitly. With `overwrite`, a student kdcache
+    wrote to `out` earlier is replaced once the new one is complete."""
     store, out = CacheStore(cache, settings.read_through), Path(out)
     manifest = store.load_manifest()
     checkpoint = checkpoint_to_resume(out, resume, resume_from)
+    if checkpoint is None:
+        check_output(out, overwrite)
     check_targets(settings, manifest, store)
     task = get_task(manifest.task)
     if settings.ce_weight:
@@ -137,7 +140,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
                                      manifest.pooled_size if settings.pooled_weight else None)
     staging = staging_dir(out)
     if accelerator.is_main_process:
-        prepare_output(out, resuming=checkpoint is not None)
+        prepare_output(out, resuming=checkpoint is not None, overwrite=overwrite)
         if checkpoint is not None and (checkpoint / METRICS_FILE).is_file():
             shutil.copyfile(checkpoint / METRICS_FILE, staging / METRICS_FILE)
     accelerator.wait_for_everyone()
@@ -239,9 +242,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
                   "student": student or student_config, "settings": dataclasses.asdict(settings),
                   "layer_map": {str(s): t for s, t in layer_map.items()}, "summary": summary}
         (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        publish(staging, out)
     return summary
 
 

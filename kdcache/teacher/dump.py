@@ -142,6 +142,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     """Dump `teacher`'s targets on `data` into the cache directory `out`; return its manifest.
 
     Rerunning it after an interruption resumes: finished shards are kept, the rest is computed.
+    Rerunning it on a finished cache with the same teacher, data and settings returns that cache's
+    manifest and computes nothing.
     Under `accelerate launch` every process calls it with the same arguments.
     """
     out = Path(out)
@@ -190,14 +192,20 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
                                  every=settings.fidelity_every)
     lock: DumpLock | None = None
 
-    def claim() -> list[int]:
+    def claim() -> list[int] | None:
+        """The planned shards an interrupted run finished; None when the cache is already complete."""
         nonlocal lock
         lock = claim_output(out, {"dump_fingerprint": fingerprint, "settings": settings.resume_settings()})
+        if lock is None:
+            return None
         tokenizer.save_pretrained(out / TOKENIZER_DIR)
         return sorted(resume_state(out))
 
     try:
-        finished_before = set(_on_main_process(accelerator, claim))
+        finished = _on_main_process(accelerator, claim)
+        if finished is None:
+            return Manifest.load(out)
+        finished_before = set(finished)
         schema = shard_schema(top_k=settings.top_k, vocab_size=num_classes, logprob_dtype=settings.logprob_dtype,
                               hidden_sizes=hidden_sizes, dump_fingerprint=fingerprint,
                               target_types=settings.target_types, optional_columns=optional,

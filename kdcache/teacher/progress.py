@@ -87,8 +87,9 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(changed) or "teacher, tokenizer or data"
 
 
-def claim_output(out: Path, identity: dict[str, Any]) -> DumpLock:
-    """Lock `out` for this dump and check it may resume there; return the held lock.
+def claim_output(out: Path, identity: dict[str, Any]) -> DumpLock | None:
+    """Lock `out` for this dump and check it may resume there; return the held lock, or None when `out`
+    already holds this very cache (a rerun of a finished dump is a no-op, so scripts can be idempotent).
 
     `identity` holds `dump_fingerprint` and `settings` (everything that decides the bytes written,
     including batch size and shard size: the same rows must be batched the same way for a resumed
@@ -98,7 +99,7 @@ def claim_output(out: Path, identity: dict[str, Any]) -> DumpLock:
     identity = json.loads(json.dumps(identity))  # as it reads back from disk: tuples become lists
     progress = out / PROGRESS_DIR
     if (out / MANIFEST_NAME).exists():
-        raise _finished_cache_error(out, identity)
+        return _finished_cache(out, identity)
     if out.exists() and any(entry.name != PROGRESS_DIR for entry in out.iterdir()) \
             and not (progress / SETTINGS_NAME).exists():
         raise KDCacheError(f"output directory {out} exists and is not empty")
@@ -106,7 +107,8 @@ def claim_output(out: Path, identity: dict[str, Any]) -> DumpLock:
     lock = DumpLock(out)
     try:
         if (out / MANIFEST_NAME).exists():  # another dump finished while we waited for the lock
-            raise _finished_cache_error(out, identity)
+            lock.release()
+            return _finished_cache(out, identity)
         marker = progress / SETTINGS_NAME
         if marker.exists():
             previous = json.loads(marker.read_text())
@@ -123,11 +125,11 @@ def claim_output(out: Path, identity: dict[str, Any]) -> DumpLock:
     return lock
 
 
-def _finished_cache_error(out: Path, identity: dict[str, Any]) -> KDCacheError:
+def _finished_cache(out: Path, identity: dict[str, Any]) -> None:
+    """None if `out` holds the cache `identity` describes; refuse a different one."""
     existing = json.loads((out / MANIFEST_NAME).read_text()).get("dump_fingerprint")
-    if existing == identity["dump_fingerprint"]:
-        return KDCacheError(f"{out} already holds this cache (same teacher, data and settings); nothing to do")
-    return KDCacheError(f"{out} already holds a different cache; choose another `out` or delete it")
+    if existing != identity["dump_fingerprint"]:
+        raise KDCacheError(f"{out} already holds a different cache; choose another `out` or delete it")
 
 
 def _record_path(out: Path, index: int) -> Path:
