@@ -23,6 +23,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "Cache": ".cache.cache",
+    "open_cache": ".cache.cache",
     "KDCacheError": ".errors",
     "SparseTargets": ".losses",
     "dense_kd_loss": ".losses",
@@ -32,7 +34,7 @@ _EXPORTS = {
     "DumpSettings": ".teacher",
     "dump_teacher": ".teacher",
     "TrainSettings": ".student",
-    "evaluate_student": ".student",
+    "evaluate": ".student",
     "init_student": ".student",
     "train_student": ".student",
 }
@@ -40,9 +42,10 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:  # what static tools and IDEs see
+    from .cache.cache import Cache, open_cache
     from .errors import KDCacheError
     from .losses import SparseTargets, dense_kd_loss, hidden_loss, kd_loss, next_token_ce
-    from .student import TrainSettings, evaluate_student, init_student, train_student
+    from .student import TrainSettings, evaluate, init_student, train_student
     from .teacher import DumpSettings, dump_teacher
 
 

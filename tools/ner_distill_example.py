@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from kdcache.student.classification_eval import format_table
-from kdcache.student import evaluate_student
+from kdcache.student import evaluate
 from kdcache.student import init_student
 from kdcache.student import TrainSettings, train_student
 from kdcache.teacher import DumpSettings, dump_teacher
@@ -134,7 +134,7 @@ def main() -> None:
     for name in ("carved", *runs):
         print(f"\n[{name}]")
         model = AutoModelForTokenClassification.from_pretrained(work / name)
-        print(format_table(evaluate_student(model, work / "test-cache")))
+        print(format_table(evaluate(model, work / "test-cache")))
 
 
 if __name__ == "__main__":
