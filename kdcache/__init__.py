@@ -33,6 +33,12 @@ _EXPORTS = {
     "next_token_ce": ".losses",
     "DumpSettings": ".teacher",
     "dump_teacher": ".teacher",
+    "Batch": ".student.batching",
+    "collate": ".student.batching",
+    "CacheDataset": ".student.integration",
+    "DistillationTrainer": ".student.integration",
+    "collate_inputs": ".student.integration",
+    "DistillationLoss": ".student.objective",
     "TrainSettings": ".student",
     "evaluate": ".student",
     "init_student": ".student",
@@ -46,6 +52,9 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .errors import KDCacheError
     from .losses import SparseTargets, dense_kd_loss, hidden_loss, kd_loss, next_token_ce
     from .student import TrainSettings, evaluate, init_student, train_student
+    from .student.batching import Batch, collate
+    from .student.integration import CacheDataset, DistillationTrainer, collate_inputs
+    from .student.objective import DistillationLoss
     from .teacher import DumpSettings, dump_teacher
 
 

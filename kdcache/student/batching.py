@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,12 +21,14 @@ T = TypeVar("T")
 
 @dataclasses.dataclass
 class Batch:
+    """Padded model inputs and teacher targets of some cache rows (see `collate`)."""
+
     input_ids: torch.Tensor       # int64 [B, L], 0-padded
     attention_mask: torch.Tensor  # int64 [B, L]
-    topk_ids: torch.Tensor | None        # int64 [B, L, k] (None: the cache holds no top-k targets)
-    topk_logprobs: torch.Tensor | None   # float32 [B, L, k]
-    tail_logprob: torch.Tensor | None    # float32 [B, L]
-    hidden: dict[int, torch.Tensor]  # teacher layer -> float32 [B, L, d]
+    topk_ids: torch.Tensor | None = None        # int64 [B, L, k] (None: the cache holds no top-k targets)
+    topk_logprobs: torch.Tensor | None = None   # float32 [B, L, k]
+    tail_logprob: torch.Tensor | None = None    # float32 [B, L]
+    hidden: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # teacher layer -> float32 [B, L, d]
     sampled_ids: torch.Tensor | None = None       # int64 [B, L, S], S = most distinct ids at any position
     sampled_logprobs: torch.Tensor | None = None  # float32 [B, L, S]: log(count / draws), -inf in padded slots
     target_mask: torch.Tensor | None = None     # bool [B, L]: positions holding a target (None: all valid)
@@ -35,10 +37,15 @@ class Batch:
     pooled: torch.Tensor | None = None          # float32 [B, d], the teacher encoder's pooled output
     sample_ids: list[int] = dataclasses.field(default_factory=list)  # the cache rows, in batch order
 
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that are set, as a plain dict: what a Hugging Face Trainer moves to its device
+        (it recurses into dicts and lists), and `Batch(**as_dict())` rebuilds the batch."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {name: value for name, value in values.items() if value is not None}
+
     def to(self, device) -> Batch:
-        moved = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         moved = {name: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-                 for name, value in moved.items()}
+                 for name, value in self.as_dict().items()}
         moved["hidden"] = {layer: value.to(device, non_blocking=True) for layer, value in self.hidden.items()}
         return Batch(**moved)
 
