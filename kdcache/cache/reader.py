@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import KDCacheError
-from .format import Manifest, ShardInfo, shard_schema
+from .format import COLUMNS as FORMAT_COLUMNS
+from .format import HIDDEN_PREFIX, Manifest, ShardInfo, hidden_column, shard_schema
 from .sharding import BufferedShuffle, RowSpan, process_spans
 from .store import CacheStore, as_store
 from .writer import CachedSequence, Ragged
@@ -69,6 +70,11 @@ def content_sha256(cache: CacheStore | str | Path, shards: list[ShardInfo]) -> s
     return digest.hexdigest()
 
 
+RAGGED_COLUMNS = ("sampled_ids", "sampled_counts")  # list<list<...>>: a variable count per position
+# One entry per token, target or row: every other column but the sample id and the hidden states.
+LIST_COLUMNS = tuple(name for name in FORMAT_COLUMNS if name not in ("sample_id", HIDDEN_PREFIX, *RAGGED_COLUMNS))
+
+
 class _DecodedBatch:
     """One record batch as numpy views of its value buffers; rows are copied out one at a time.
 
@@ -80,15 +86,12 @@ class _DecodedBatch:
     except for classification caches, and `pooled` one per row.
     """
 
-    COLUMNS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "token_type_ids",
-               "target_positions", "labels", "pooled")
-    RAGGED_COLUMNS = ("sampled_ids", "sampled_counts")
 
     def __init__(self, batch: pa.RecordBatch, hidden_layers: list[int]):
         names = set(batch.schema.names)
-        self.columns = {name: self._per_row(batch, name) for name in self.COLUMNS if name in names}
-        self.ragged = {name: self._per_position(batch, name) for name in self.RAGGED_COLUMNS if name in names}
-        self.hidden = {layer: self._per_row(batch, f"hidden_{layer}") for layer in hidden_layers}
+        self.columns = {name: self._per_row(batch, name) for name in LIST_COLUMNS if name in names}
+        self.ragged = {name: self._per_position(batch, name) for name in RAGGED_COLUMNS if name in names}
+        self.hidden = {layer: self._per_row(batch, hidden_column(layer)) for layer in hidden_layers}
         self.sample_ids = batch.column("sample_id").to_numpy()
 
     @staticmethod

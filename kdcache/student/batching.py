@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from ..cache.format import HIDDEN_PREFIX, POOLED_COLUMN, batch_dtype
 from ..cache.writer import CachedSequence, Ragged
 from ..losses import SparseTargets
 
@@ -83,6 +84,11 @@ class Batch:
         return labels[self.valid]
 
 
+def _dtype(column: str) -> torch.dtype:
+    """The dtype a batch holds `column` in: the format's one table (cache/format.py) decides."""
+    return getattr(torch, batch_dtype(column))
+
+
 def _stack_padded(arrays: list[np.ndarray], length: int, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
     first = arrays[0]
     out = torch.full((len(arrays), length, *first.shape[1:]), fill, dtype=dtype)
@@ -133,30 +139,31 @@ def collate(sequences: list[CachedSequence]) -> Batch:
             target_mask[row, torch.from_numpy(sequence.target_positions.astype(np.int64))] = True
     where = mask.bool() if target_mask is None else target_mask
 
-    def scattered(name: str, dtype: torch.dtype, fill: float = 0) -> torch.Tensor | None:
+    def scattered(name: str, fill: float = 0) -> torch.Tensor | None:
         if getattr(first, name) is None:
             return None
-        return _scatter([getattr(s, name) for s in sequences], where, dtype, fill)
+        return _scatter([getattr(s, name) for s in sequences], where, _dtype(name), fill)
 
     sampled_ids = sampled_logprobs = None
     if first.sampled_ids is not None:
         sampled_ids, sampled_logprobs = _stack_ragged([s.sampled_ids for s in sequences],
                                                       [s.sampled_counts for s in sequences], length)
     return Batch(
-        input_ids=_stack_padded([s.input_ids for s in sequences], length, torch.long),
+        input_ids=_stack_padded([s.input_ids for s in sequences], length, _dtype("input_ids")),
         attention_mask=mask,
-        topk_ids=scattered("topk_ids", torch.long),
-        topk_logprobs=scattered("topk_logprobs", torch.float32),
-        tail_logprob=scattered("tail_logprob", torch.float32),
-        hidden={layer: _stack_padded([s.hidden[layer] for s in sequences], length, torch.float32)
+        topk_ids=scattered("topk_ids"),
+        topk_logprobs=scattered("topk_logprobs"),
+        tail_logprob=scattered("tail_logprob"),
+        hidden={layer: _stack_padded([s.hidden[layer] for s in sequences], length, _dtype(HIDDEN_PREFIX))
                 for layer in first.hidden},
         sampled_ids=sampled_ids,
         sampled_logprobs=sampled_logprobs,
         target_mask=target_mask,
-        labels=scattered("labels", torch.long, -100),
+        labels=scattered("labels", -100),
         token_type_ids=(None if first.token_type_ids is None
-                        else _stack_padded([s.token_type_ids for s in sequences], length, torch.long)),
-        pooled=None if first.pooled is None else torch.from_numpy(np.concatenate([s.pooled for s in sequences])).float(),
+                        else _stack_padded([s.token_type_ids for s in sequences], length, _dtype("token_type_ids"))),
+        pooled=(None if first.pooled is None
+                else torch.from_numpy(np.concatenate([s.pooled for s in sequences])).to(_dtype(POOLED_COLUMN))),
         sample_ids=[sequence.sample_id for sequence in sequences],
     )
 
