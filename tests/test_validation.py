@@ -10,7 +10,6 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-import kdcache.student.feed
 import kdcache.student.train
 import kdcache.student.validation
 from kdcache.cache.format import Manifest
