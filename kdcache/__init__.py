@@ -23,6 +23,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "Cache": ".cache.cache",
+    "open_cache": ".cache.cache",
     "KDCacheError": ".errors",
     "SparseTargets": ".losses",
     "dense_kd_loss": ".losses",
@@ -31,8 +33,14 @@ _EXPORTS = {
     "next_token_ce": ".losses",
     "DumpSettings": ".teacher",
     "dump_teacher": ".teacher",
+    "Batch": ".student.batching",
+    "collate": ".student.batching",
+    "CacheDataset": ".student.integration",
+    "DistillationTrainer": ".student.integration",
+    "collate_inputs": ".student.integration",
+    "DistillationLoss": ".student.objective",
     "TrainSettings": ".student",
-    "evaluate_student": ".student",
+    "evaluate": ".student",
     "init_student": ".student",
     "train_student": ".student",
 }
@@ -40,9 +48,13 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:  # what static tools and IDEs see
+    from .cache.cache import Cache, open_cache
     from .errors import KDCacheError
     from .losses import SparseTargets, dense_kd_loss, hidden_loss, kd_loss, next_token_ce
-    from .student import TrainSettings, evaluate_student, init_student, train_student
+    from .student import TrainSettings, evaluate, init_student, train_student
+    from .student.batching import Batch, collate
+    from .student.integration import CacheDataset, DistillationTrainer, collate_inputs
+    from .student.objective import DistillationLoss
     from .teacher import DumpSettings, dump_teacher
 
 

@@ -225,9 +225,10 @@ def _describe_targets(manifest: Manifest) -> str:
 @click.argument("cache", type=click.Path(path_type=Path))
 def verify_command(cache):
     """Re-hash every shard of CACHE and check schema and counts against the manifest."""
-    from .cache.reader import verify_cache
-    manifest = Manifest.load(cache)
-    verify_cache(cache, manifest, progress=_progress())
+    from .cache.cache import open_cache
+    opened = open_cache(cache)
+    opened.verify(progress=_progress())
+    manifest = opened.manifest
     click.echo(f"ok: {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens")
 
 
@@ -264,14 +265,13 @@ def train_student_command(cache, out, student, student_config, resume, resume_fr
 @click.option("--json", "as_json", is_flag=True)
 def eval_command(cache, student, batch_size, split_fraction, as_json):
     """Score STUDENT against the teacher targets in CACHE."""
-    from .cache.split import split_cache
-    from .student import evaluate_student
+    from .cache.cache import open_cache
+    from .student import evaluate
     from .student.loading import load_pretrained_student
-    manifest = Manifest.load(cache)
-    heldout = None if split_fraction is None else split_cache(cache, manifest, split_fraction,
-                                                              setting="split_fraction").heldout
-    model = load_pretrained_student(student, manifest)
-    result = evaluate_student(model, cache, batch_size=batch_size, sample_ids=heldout)
+    opened = open_cache(cache)
+    heldout = None if split_fraction is None else opened.split(split_fraction, setting="split_fraction").heldout
+    model = load_pretrained_student(student, opened.manifest)
+    result = evaluate(model, opened, batch_size=batch_size, sample_ids=heldout)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

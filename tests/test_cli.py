@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import write_jsonl
+
 from kdcache.cache.format import Manifest
 from kdcache.cli import main
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kdcache import open_cache
 from kdcache.cache.format import Manifest
-from kdcache.cache.reader import iter_sequences
 
 
 def test_cached_targets_equal_a_direct_forward(cache_dir, teacher_dir, corpus):
@@ -21,7 +21,7 @@ def test_cached_targets_equal_a_direct_forward(cache_dir, teacher_dir, corpus):
     manifest = Manifest.load(cache_dir)
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     vocab = len(tokenizer)
-    sequences = {s.sample_id: s for s in iter_sequences(cache_dir, manifest, hidden_layers=[2])}
+    sequences = {s.sample_id: s for s in open_cache(cache_dir).sequences(hidden_layers=[2])}
     assert sorted(sequences) == list(range(len(texts)))
     for sample_id in (0, 17, len(texts) - 1):
         ids = tokenizer(texts[sample_id])["input_ids"]
@@ -90,5 +90,5 @@ def test_other_data_sources(tmp_path, teacher_dir, corpus, source_kind, tokenize
     manifest = dump_teacher(str(teacher_dir), str(source), tmp_path / "cache",
                             DumpSettings(top_k=4, text_column=column, limit=5), progress=False)
     assert manifest.total_rows == 5
-    first = next(iter_sequences(tmp_path / "cache", manifest))
+    first = next(open_cache(tmp_path / "cache").sequences())
     assert first.input_ids.tolist() == tokenizer(texts[0])["input_ids"]

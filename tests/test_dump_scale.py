@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fail_second_shard_with_disk_full
 from transformers import AutoModelForCausalLM
 
-from conftest import fail_second_shard_with_disk_full
+from kdcache import open_cache
 from kdcache.cache.format import Manifest
-from kdcache.teacher.progress import PROGRESS_DIR, DumpLock
-from kdcache.cache.reader import iter_sequences, verify_cache
 from kdcache.errors import KDCacheError
-from kdcache.teacher.targets import topk_targets
 from kdcache.teacher import DumpSettings, dump_teacher
+from kdcache.teacher.progress import PROGRESS_DIR, DumpLock
+from kdcache.teacher.targets import topk_targets
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 ENV = {**os.environ, "PYTHONPATH": REPO_ROOT}
@@ -32,13 +32,13 @@ FIXTURE_SETTINGS = dict(top_k=8, batch_size=8, shard_rows=16, hidden_layers=(-1,
 
 def _rows(cache: Path) -> list:
     manifest = Manifest.load(cache)
-    return list(iter_sequences(cache, manifest, hidden_layers=manifest.hidden_layers))
+    return list(open_cache(cache).sequences(hidden_layers=manifest.hidden_layers))
 
 
 def _assert_no_dump_state(cache: Path) -> None:
     """A committed cache: it verifies, and nothing of the dump's working state is left."""
     manifest = Manifest.load(cache)
-    verify_cache(cache, manifest, progress=False)
+    open_cache(cache).verify(progress=False)
     assert not (cache / PROGRESS_DIR).exists()
     assert sorted(str(path.relative_to(cache)) for path in (cache / "data").iterdir()) == \
         sorted(shard.file for shard in manifest.shards)

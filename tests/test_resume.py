@@ -99,8 +99,7 @@ def test_resume_with_validation_restores_best_state_and_patience(cache_dir, stud
     step-2 state is saved. Killed at step 5, the resumed run has step 2's weights only in the checkpoint's
     snapshot and must know one evaluation already went without improvement; neither run trains on held-out ids."""
     import kdcache.student.validation
-    from kdcache.cache.format import Manifest
-    from kdcache.cache.split import split_cache
+    from kdcache import open_cache
 
     def scripted(kls):
         return lambda model, cache, *, batch_size, sample_ids: {"kl_to_teacher": next(kls), "top1_agreement": 0.0,
@@ -108,13 +107,13 @@ def test_resume_with_validation_restores_best_state_and_patience(cache_dir, stud
 
     settings = TrainSettings(**{**SETTINGS, "max_steps": 10, "grad_accum": 1, "save_every": 5, "prefetch": 0,
                                 "val_fraction": 0.25, "eval_every": 2, "early_stopping": 2})
-    monkeypatch.setattr(kdcache.student.validation, "evaluate_student", scripted(iter([0.3, 0.5, 0.6])))
+    monkeypatch.setattr(kdcache.student.validation, "evaluate", scripted(iter([0.3, 0.5, 0.6])))
     monkeypatch.setenv("KDCACHE_SAMPLE_LOG", str(tmp_path / "whole-log"))
     whole = train_student(cache_dir, tmp_path / "whole", student_config=str(student_config), progress=False,
                           settings=settings)
     assert whole["steps"] == 6 and whole["validation"]["stopped_early"] and whole["validation"]["best_step"] == 2
 
-    monkeypatch.setattr(kdcache.student.validation, "evaluate_student", scripted(iter([0.3, 0.5, 0.6])))
+    monkeypatch.setattr(kdcache.student.validation, "evaluate", scripted(iter([0.3, 0.5, 0.6])))
     monkeypatch.setenv("KDCACHE_SAMPLE_LOG", str(tmp_path / "resumed-log"))
     save = kdcache.student.train.save_checkpoint
 
@@ -135,5 +134,5 @@ def test_resume_with_validation_restores_best_state_and_patience(cache_dir, stud
     log = lambda name: (tmp_path / f"{name}-log.rank0").read_text().split("\n")
     assert log("whole") == log("resumed"), "the resumed run replays exactly the uninterrupted order"
     trained_ids = {int(line.split()[1]) for line in log("whole") if line}
-    heldout = split_cache(cache_dir, Manifest.load(cache_dir), 0.25).heldout
+    heldout = open_cache(cache_dir).split(0.25).heldout
     assert trained_ids and not trained_ids & heldout

@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdcache.student.batching import collate
+from kdcache import open_cache
 from kdcache.cache.format import Manifest
-from kdcache.cache.reader import iter_sequences, verify_cache
-from kdcache.teacher.targets import sampled_targets, sampling_uniforms
+from kdcache.student.batching import collate
 from kdcache.teacher import DumpSettings, dump_teacher
+from kdcache.teacher.targets import sampled_targets, sampling_uniforms
 
 
 def dump(teacher_dir, corpus, out, **settings):
@@ -52,7 +52,7 @@ def counts_matrix(sequence, vocab: int) -> np.ndarray:
 
 def test_sampled_columns_follow_the_contract(both_cache):
     manifest = Manifest.load(both_cache)
-    verify_cache(both_cache, manifest, progress=False)
+    open_cache(both_cache).verify(progress=False)
     assert manifest.target_types == ("topk", "sampled") and manifest.settings["samples"] == 50
     table = pa.ipc.open_file(str(both_cache / manifest.shards[0].file)).read_all()
     assert table.schema.field("sampled_ids").type == pa.list_(pa.list_(pa.uint16()))
@@ -60,7 +60,7 @@ def test_sampled_columns_follow_the_contract(both_cache):
     rows = datasets.load_dataset("arrow", data_files=[str(both_cache / shard.file) for shard in manifest.shards],
                                  split="train")
     assert len(rows) == 12 and len(rows[0]["sampled_ids"]) == len(rows[0]["input_ids"])
-    for sequence in iter_sequences(both_cache, manifest):
+    for sequence in open_cache(both_cache).sequences():
         assert len(sequence.sampled_ids) == len(sequence.input_ids)
         per_position = np.add.reduceat(sequence.sampled_counts.values.astype(np.int64), sequence.sampled_ids.offsets[:-1])
         assert (per_position == 50).all(), "counts at each position sum to the number of draws"
@@ -75,7 +75,7 @@ def test_sampled_only_cache_has_no_topk_columns(tmp_path, teacher_dir, corpus):
     assert manifest.target_types == ("sampled",) and "captured_mass" not in manifest.stats
     names = pa.ipc.open_file(str(cache / manifest.shards[0].file)).schema.names
     assert "topk_ids" not in names and "tail_logprob" not in names and "sampled_ids" in names
-    batch = collate(list(iter_sequences(cache, manifest)))
+    batch = collate(list(open_cache(cache).sequences()))
     assert batch.topk_ids is None
     targets = batch.sparse_targets("sampled")
     assert targets.tail_logprob is None
@@ -87,7 +87,7 @@ def test_draws_are_unbiased_at_dump_level(tmp_path, teacher_dir, corpus):
     draws = 60_000  # one dump of 60000 draws pools the same as averaging 1200 seeds of 50 draws
     cache = dump(teacher_dir, corpus, tmp_path / "many", targets="sampled", samples=draws, limit=2)
     manifest = Manifest.load(cache)
-    sequence = next(iter(iter_sequences(cache, manifest)))
+    sequence = next(iter(open_cache(cache).sequences()))
     estimate = counts_matrix(sequence, manifest.vocab_size) / draws
     p = teacher_logprobs(teacher_dir, corpus, sequence.sample_id).exp().numpy()
     sigma = np.sqrt(p * (1 - p) / draws)
@@ -115,7 +115,7 @@ def test_mean_over_seeds_converges_to_the_teacher():
 def sampled_columns(cache) -> dict[int, tuple[list, list]]:
     manifest = Manifest.load(cache)
     return {s.sample_id: (s.sampled_ids.values.tolist(), s.sampled_counts.values.tolist())
-            for s in iter_sequences(cache, manifest)}
+            for s in open_cache(cache).sequences()}
 
 
 def test_draws_are_reproducible_and_independent_of_batch_size(tmp_path, teacher_dir, corpus, both_cache):
@@ -133,7 +133,7 @@ def test_fidelity_card_matches_an_independent_computation(both_cache, teacher_di
     sums = {"kl_rest_bucket": 0.0, "topk_mass": 0.0, "tv_rest_bucket": 0.0, "sampled_mass": 0.0,
             "kl_on_support": 0.0, "tv": 0.0, "distinct_ids": 0.0}
     positions = 0
-    for sequence in iter_sequences(both_cache, manifest):
+    for sequence in open_cache(both_cache).sequences():
         p = teacher_logprobs(teacher_dir, corpus, sequence.sample_id).exp().numpy()
         for row in p:
             order = np.argsort(-row)

@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kdcache import open_cache
 from kdcache.cache.format import Manifest
-from kdcache.cache.reader import iter_sequences
 from kdcache.cache.sharding import process_spans
 from kdcache.errors import KDCacheError
 from kdcache.student import TrainSettings, train_student
@@ -39,7 +39,7 @@ def test_process_shares_are_disjoint_equal_and_cover_the_epoch(shard_rows, proce
 
 
 def sample_ids(cache_dir, **options) -> list[int]:
-    return [sequence.sample_id for sequence in iter_sequences(cache_dir, Manifest.load(cache_dir), **options)]
+    return [sequence.sample_id for sequence in open_cache(cache_dir).sequences(**options)]
 
 
 def test_shuffled_epoch_is_seeded_and_split_across_processes(cache_dir):
@@ -54,8 +54,8 @@ def test_shuffled_epoch_is_seeded_and_split_across_processes(cache_dir):
 @pytest.mark.parametrize("start", [0, 1, 7, 20, 23, 24, 30])
 def test_reading_from_a_position_continues_the_same_order(cache_dir, start):
     options = dict(shuffle=True, seed=2, epoch=1, shuffle_buffer=6, process_index=1, num_processes=2)
-    full = list(iter_sequences(cache_dir, Manifest.load(cache_dir), **options))
-    tail = list(iter_sequences(cache_dir, Manifest.load(cache_dir), start=start, **options))
+    full = list(open_cache(cache_dir).sequences(**options))
+    tail = list(open_cache(cache_dir).sequences(start=start, **options))
     assert [s.sample_id for s in tail] == [s.sample_id for s in full[start:]]
     assert all((a.topk_logprobs == b.topk_logprobs).all() for a, b in zip(tail, full[start:]))
 
@@ -67,9 +67,9 @@ def test_only_rows_still_to_come_are_decoded(cache_dir, monkeypatch):
     monkeypatch.setattr(reader, "_DecodedBatch", lambda batch, layers: decoded_rows.append(batch.num_rows)
                         or decode(batch, layers))
     manifest = Manifest.load(cache_dir)
-    assert len(list(iter_sequences(cache_dir, manifest))) == 48 and sum(decoded_rows) == 48
+    assert len(list(open_cache(cache_dir).sequences())) == 48 and sum(decoded_rows) == 48
     decoded_rows.clear()
-    tail = list(iter_sequences(cache_dir, manifest, start=44))
+    tail = list(open_cache(cache_dir).sequences(start=44))
     # the dump writes a record batch per window of batches: here the whole 16-row last shard
     assert [s.sample_id for s in tail] == [44, 45, 46, 47] and decoded_rows == [16], "one record batch, not the cache"
     assert all(s.hidden == {} for s in tail), "hidden states are decoded only when asked for"
@@ -161,11 +161,10 @@ def test_two_processes_see_every_example_exactly_once_per_epoch(cache_dir, stude
 def test_two_processes_with_a_validation_split_never_train_on_heldout_rows(cache_dir, student_config, tmp_path):
     """36 training rows: 18 per process per epoch, each exactly once; validation, checkpoints and a learned
     16→32 hidden-state projection (a DDP-wrapped module) under two processes."""
-    from kdcache.cache.split import split_cache
     out = tmp_path / "student"
     seen = train_in_two_processes(cache_dir, student_config, out, tmp_path / "samples", "--val-fraction", 0.25,
                                   "--eval-every", 3, "--save-every", 3, "--hidden-weight", 0.5)
-    train = split_cache(cache_dir, Manifest.load(cache_dir), 0.25).train
+    train = open_cache(cache_dir).split(0.25).train
     assert len(seen[0]) == len(seen[1]) == 2 * 18
     for epoch in (0, 1):
         ids = Counter(sample for rank in (0, 1) for e, sample in seen[rank] if e == epoch)
@@ -177,13 +176,12 @@ def test_two_processes_with_a_validation_split_never_train_on_heldout_rows(cache
 
 def test_kept_rows_are_dealt_in_equal_shares_and_resume_exactly(cache_dir):
     """A training split: processes share exactly the kept rows, equally, and positions count kept rows."""
-    from kdcache.cache.reader import select_rows
-    from kdcache.cache.split import split_cache
-    manifest = Manifest.load(cache_dir)
-    train = split_cache(cache_dir, manifest, 0.25).train
-    kept = select_rows(cache_dir, manifest, train)
-    options = dict(shuffle=True, seed=4, epoch=1, shuffle_buffer=6, kept_rows=kept, num_processes=3)
-    shares = [sample_ids(cache_dir, process_index=rank, **options) for rank in range(3)]
+    cache = open_cache(cache_dir)
+    train = cache.split(0.25).train
+    subset = cache.subset(train)
+    options = dict(shuffle=True, seed=4, epoch=1, shuffle_buffer=6, num_processes=3)
+    ids = lambda **more: [sequence.sample_id for sequence in subset.sequences(**options, **more)]
+    shares = [ids(process_index=rank) for rank in range(3)]
     assert sorted(sum(shares, [])) == sorted(train) and {len(share) for share in shares} == {12}
     for start in (0, 5, 11):
-        assert sample_ids(cache_dir, process_index=1, start=start, **options) == shares[1][start:]
+        assert ids(process_index=1, start=start) == shares[1][start:]

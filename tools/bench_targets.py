@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
-from kdcache.student.batching import collate
+from kdcache.cache.cache import open_cache
 from kdcache.cache.format import Manifest
-from kdcache.cache.reader import iter_sequences
 from kdcache.demo.run import STUDENT_SHAPE, _train_teacher, _write_jsonl, llama_config
-from kdcache.student import evaluate_student
+from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer
 from kdcache.losses import dense_kd_loss
 from kdcache.models import load_causal_lm
-from kdcache.student import TrainSettings, train_student
-from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer
+from kdcache.student import TrainSettings, evaluate, train_student
+from kdcache.student.batching import collate
 from kdcache.teacher import DumpSettings, dump_teacher
 
 
@@ -53,8 +52,8 @@ def train_online(root: Path, cache: Path, teacher_dir: Path, config_file: Path, 
     vocab, step, epoch = manifest.vocab_size, 0, 0
     while step < settings.max_steps:
         pending = []
-        for sequence in iter_sequences(cache, manifest, shuffle=True, seed=settings.seed, epoch=epoch,
-                                       shuffle_buffer=settings.shuffle_buffer):
+        for sequence in open_cache(cache).sequences(shuffle=True, seed=settings.seed, epoch=epoch,
+                                                    shuffle_buffer=settings.shuffle_buffer):
             pending.append(sequence)
             if len(pending) < settings.batch_size:
                 continue
@@ -117,9 +116,9 @@ def main() -> None:
             train_student(root / cache, out, student_config=str(config_file), progress=False,
                           settings=TrainSettings(**{**base.__dict__, **changes}))
             students[name] = out
-        scores = {name: evaluate_student(load_causal_lm(str(path), "student", "float32"), root / "heldout")
+        scores = {name: evaluate(load_causal_lm(str(path), "student", "float32"), root / "heldout")
                   for name, path in students.items()}
-        teacher_scores = evaluate_student(load_causal_lm(teacher, "teacher", "float32"), root / "heldout")
+        teacher_scores = evaluate(load_causal_lm(teacher, "teacher", "float32"), root / "heldout")
 
         size = {name: Manifest.load(root / name) for name in ("topk", "sampled")}
         bytes_per_token = {"top-k + rest": size["topk"], "top-k renorm": size["topk"], "sampled": size["sampled"]}

@@ -38,13 +38,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kdcache.cache.format import Manifest, ShardInfo  # noqa: E402
-from kdcache.cache.store import CacheStore  # noqa: E402
-from kdcache.student.feed import CacheBatches  # noqa: E402
-from kdcache.losses import dense_kd_loss, next_token_ce  # noqa: E402
 import kdcache.student.metrics  # noqa: E402
-from kdcache.student import TrainSettings, train_student  # noqa: E402
+from kdcache.cache.cache import open_cache  # noqa: E402
+from kdcache.cache.format import Manifest, ShardInfo  # noqa: E402
 from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer  # noqa: E402
+from kdcache.losses import dense_kd_loss, next_token_ce  # noqa: E402
+from kdcache.student import TrainSettings, train_student  # noqa: E402
+from kdcache.student.feed import CacheBatches  # noqa: E402
 from kdcache.teacher import DumpSettings, dump_teacher  # noqa: E402
 
 STUDENT = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4}
@@ -82,7 +82,7 @@ def build(workdir: Path, rows: int) -> tuple[Path, Path, Path]:
 
 def cache_batches(cache: Path, epochs: int | None) -> CacheBatches:
     """The batches train_student reads (same seed, batch size, shuffle buffer), in order."""
-    return CacheBatches(CacheStore(cache), Manifest.load(cache), batch_size=BATCH_SIZE, seed=0, shuffle_buffer=1024,
+    return CacheBatches(open_cache(cache), batch_size=BATCH_SIZE, seed=0, shuffle_buffer=1024,
                         process_index=0, num_processes=1, hidden_layers=[], epochs=epochs)
 
 

@@ -30,10 +30,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from kdcache.student import TrainSettings, evaluate, init_student, train_student
 from kdcache.student.classification_eval import format_table
-from kdcache.student import evaluate_student
-from kdcache.student import init_student
-from kdcache.student import TrainSettings, train_student
 from kdcache.teacher import DumpSettings, dump_teacher
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
@@ -134,7 +132,7 @@ def main() -> None:
     for name in ("carved", *runs):
         print(f"\n[{name}]")
         model = AutoModelForTokenClassification.from_pretrained(work / name)
-        print(format_table(evaluate_student(model, work / "test-cache")))
+        print(format_table(evaluate(model, work / "test-cache")))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The cache contract: directory layout, Arrow schema, manifest and fingerprints.
 
 Everything another team relies on when it receives a cache lives here, so the contract can be
-read in one file (the README restates it for humans). A cache is complete exactly when
-`kdcache.json` exists: the dump writes it last, atomically.
+read in one file; docs/format.md is its specification for humans (versioned with FORMAT_VERSION:
+change both together). A cache is complete exactly when `kdcache.json` exists: the dump writes
+it last, atomically.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 
 from ..errors import KDCacheError
@@ -28,24 +30,75 @@ SHARD_SUFFIX = ".arrow"
 PARTIAL_SUFFIX = ".partial"
 
 
+class StoredType(NamedTuple):
+    """One element type a column may be stored as, in each library that handles it.
+
+    `torch` names (cache/ does not import torch) the dtype a training batch holds the values in:
+    ids widen to int64 (what embeddings and gather index with), floats to float32 (loss arithmetic).
+    """
+
+    arrow: pa.DataType
+    numpy: type
+    torch: str
+
+
+STORED_TYPES = {
+    "int8": StoredType(pa.int8(), np.int8, "int64"),
+    "int32": StoredType(pa.int32(), np.int32, "int64"),
+    "int64": StoredType(pa.int64(), np.int64, "int64"),
+    "uint16": StoredType(pa.uint16(), np.uint16, "int64"),
+    "uint32": StoredType(pa.uint32(), np.uint32, "int64"),
+    "float16": StoredType(pa.float16(), np.float16, "float32"),
+    "float32": StoredType(pa.float32(), np.float32, "float32"),
+}
+
+HIDDEN_PREFIX = "hidden_"
+POOLED_COLUMN = "pooled"
+
+# Every column and the element types it may be stored as (docs/format.md says what each holds).
+# Two are chosen per cache: ids by the number of classes (`token_id_type`), log-probs by the dump's
+# `logprob_dtype`; every alternative of a column widens to the same torch dtype.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "sample_id": ("int64",),
+    "input_ids": ("int32",),
+    "topk_ids": ("uint16", "uint32"),
+    "topk_logprobs": ("float16", "float32"),
+    "tail_logprob": ("float32",),
+    "sampled_ids": ("uint16", "uint32"),
+    "sampled_counts": ("uint16",),
+    "token_type_ids": ("int8",),
+    "target_positions": ("int32",),
+    "labels": ("int32",),
+    HIDDEN_PREFIX: ("float16",),  # hidden_<layer>
+    POOLED_COLUMN: ("float16",),
+}
+
+
+def arrow_type(column: str) -> pa.DataType:
+    """The Arrow element type of a column with one stored type."""
+    (stored,) = COLUMNS[column]
+    return STORED_TYPES[stored].arrow
+
+
+def batch_dtype(column: str) -> str:
+    """The torch dtype (by name) a batch holds `column` in (`hidden_<i>`: pass "hidden_")."""
+    return STORED_TYPES[COLUMNS[column][0]].torch
+
+
 def token_id_type(vocab_size: int) -> pa.DataType:
     """The narrowest unsigned type holding every id: uint16 halves the id bytes of most vocabularies."""
-    return pa.uint16() if vocab_size <= 2**16 else pa.uint32()
+    return STORED_TYPES["uint16" if vocab_size <= 2**16 else "uint32"].arrow
 
 
 def hidden_column(layer: int) -> str:
     """Column name of hidden layer `layer` (non-negative, Hugging Face `hidden_states` index)."""
-    return f"hidden_{layer}"
+    return f"{HIDDEN_PREFIX}{layer}"
 
 
-# Columns only some tasks write (see kdcache/tasks.py), in schema order, after the target columns.
+# Columns only some tasks write (see kdcache/tasks/), in schema order, after the target columns.
 # `target_positions`: which token each target belongs to (absent = every position, the causal-LM case);
 # `labels`: the gold class of each target; `token_type_ids`: segment ids of text pairs.
-OPTIONAL_COLUMNS = {"token_type_ids": pa.list_(pa.int8()), "target_positions": pa.list_(pa.int32()),
-                    "labels": pa.list_(pa.int32())}
-
-
-POOLED_COLUMN = "pooled"
+OPTIONAL_COLUMNS = {name: pa.list_(arrow_type(name)) for name in ("token_type_ids", "target_positions", "labels")}
 
 
 def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_sizes: dict[int, int],
@@ -58,29 +111,29 @@ def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_size
     into another cache directory can be recognised (Megatron's logits saver does the same).
     Sampled targets have a variable number of distinct ids per position, hence list<list<...>>.
     """
-    logprob_type = {"float16": pa.float16(), "float32": pa.float32()}[logprob_dtype]
+    logprob_type = STORED_TYPES[logprob_dtype].arrow
     id_type = token_id_type(vocab_size)
     fields = [
-        pa.field("sample_id", pa.int64(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("sample_id", arrow_type("sample_id"), nullable=False),
+        pa.field("input_ids", pa.list_(arrow_type("input_ids")), nullable=False),
     ]
     if "topk" in target_types:
         fields += [
             pa.field("topk_ids", pa.list_(pa.list_(id_type, top_k)), nullable=False),
             pa.field("topk_logprobs", pa.list_(pa.list_(logprob_type, top_k)), nullable=False),
-            pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False),
+            pa.field("tail_logprob", pa.list_(arrow_type("tail_logprob")), nullable=False),
         ]
     if "sampled" in target_types:
         fields += [
             pa.field("sampled_ids", pa.list_(pa.list_(id_type)), nullable=False),
-            pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False),
+            pa.field("sampled_counts", pa.list_(pa.list_(arrow_type("sampled_counts"))), nullable=False),
         ]
     fields += [pa.field(name, column_type, nullable=False) for name, column_type in OPTIONAL_COLUMNS.items()
                if name in optional_columns]
-    fields += [pa.field(hidden_column(layer), pa.list_(pa.list_(pa.float16(), size)), nullable=False)
+    fields += [pa.field(hidden_column(layer), pa.list_(pa.list_(arrow_type(HIDDEN_PREFIX), size)), nullable=False)
                for layer, size in sorted(hidden_sizes.items())]
     if pooled_size is not None:  # an encoder's pooled output: one [d] vector per row
-        fields.append(pa.field(POOLED_COLUMN, pa.list_(pa.list_(pa.float16(), pooled_size)), nullable=False))
+        fields.append(pa.field(POOLED_COLUMN, pa.list_(pa.list_(arrow_type(POOLED_COLUMN), pooled_size)), nullable=False))
     metadata = {"kdcache.format_version": str(FORMAT_VERSION), "kdcache.dump_fingerprint": dump_fingerprint}
     return pa.schema(fields, metadata=metadata)
 

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import KDCacheError
-from .format import Manifest
-from .reader import read_sample_ids
-from .store import CacheStore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +33,10 @@ def _mix(ids: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def split_cache(cache: CacheStore | Path | str, manifest: Manifest, fraction: float, *, setting: str = "val_fraction") -> CacheSplit:
-    """Hold out `fraction` of the cache's sequences (at least one, never all)."""
+def split_sample_ids(ids: np.ndarray, fraction: float, *, setting: str = "val_fraction") -> CacheSplit:
+    """Hold out `fraction` of the sequences `ids` (at least one, never all); see `Cache.split`."""
     if not 0 < fraction < 1:
         raise KDCacheError(f"`{setting}` must be between 0 and 1 (exclusive), got {fraction}")
-    ids = read_sample_ids(cache, manifest)
     heldout_count = math.ceil(fraction * len(ids))
     if heldout_count >= len(ids):
         raise KDCacheError(f"`{setting}` {fraction} would hold out all {len(ids)} sequences of the cache")

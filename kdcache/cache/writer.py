@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import KDCacheError
-from .format import DATA_DIR, PARTIAL_SUFFIX, SHARD_SUFFIX, ShardInfo, sha256_file
+from .format import DATA_DIR, HIDDEN_PREFIX, PARTIAL_SUFFIX, SHARD_SUFFIX, ShardInfo, sha256_file
 
 
 @dataclasses.dataclass
@@ -59,8 +59,8 @@ class CachedSequence:
     pooled: np.ndarray | None = None             # float16 [1, d], an encoder's pooled output
 
     def column(self, name: str) -> np.ndarray:
-        if name.startswith("hidden_"):
-            return self.hidden[int(name.removeprefix("hidden_"))]
+        if name.startswith(HIDDEN_PREFIX):
+            return self.hidden[int(name.removeprefix(HIDDEN_PREFIX))]
         return getattr(self, name)
 
 
@@ -83,7 +83,7 @@ def _ragged(values: list[np.ndarray | Ragged], list_type: pa.ListType) -> pa.Arr
 
 def to_record_batch(rows: list[CachedSequence], schema: pa.Schema) -> pa.RecordBatch:
     """Pack rows into one record batch of `schema` without per-value Python work."""
-    columns = [pa.array([row.sample_id for row in rows], type=pa.int64())]
+    columns = [pa.array([row.sample_id for row in rows], type=schema.field("sample_id").type)]
     columns += [_ragged([row.column(field.name) for row in rows], field.type)
                 for field in list(schema)[1:]]
     return pa.RecordBatch.from_arrays(columns, schema=schema)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ..models import load_causal_lm
-from ..student.evaluate import evaluate_student
+from ..student.evaluate import evaluate
 from ..student.train import TrainSettings, train_student
 from ..teacher.dump import DumpSettings, dump_teacher
 from .synthetic import SyntheticLanguage, build_word_tokenizer
@@ -96,9 +96,9 @@ def run_demo(workdir: Path | None = None, *, teacher_steps: int = 400, student_s
             train_student(root / "cache", root / name.split()[0].lower(), student_config=str(config_file),
                           settings=train, progress=progress)
             timings[f"train {name}"] = time.perf_counter() - started
-            scores[name] = evaluate_student(load_causal_lm(str(root / name.split()[0].lower()), "student", "float32"),
+            scores[name] = evaluate(load_causal_lm(str(root / name.split()[0].lower()), "student", "float32"),
                                             root / "cache-heldout")
-        teacher_scores = evaluate_student(load_causal_lm(str(root / "teacher"), "teacher", "float32"), root / "cache-heldout")
+        teacher_scores = evaluate(load_causal_lm(str(root / "teacher"), "teacher", "float32"), root / "cache-heldout")
 
         lines = ["", f"kdcache demo  (held-out: {teacher_scores['positions']} positions of unseen sentences)", "",
                  f"{'model':<24} {'NLL':>8} {'KL(T‖S)':>10} {'top-1 agr':>10}",

@@ -1,8 +1,8 @@
 """`train-student`, `eval` and `init-student`: everything after the cache (see train.py)."""
 
-from .evaluate import evaluate_student
+from .evaluate import evaluate
 from .init import init_student
 from .settings import TrainSettings
 from .train import train_student
 
-__all__ = ["TrainSettings", "evaluate_student", "init_student", "train_student"]
+__all__ = ["TrainSettings", "evaluate", "init_student", "train_student"]

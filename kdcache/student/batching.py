@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from ..cache.format import HIDDEN_PREFIX, POOLED_COLUMN, batch_dtype
 from ..cache.writer import CachedSequence, Ragged
 from ..losses import SparseTargets
 
@@ -21,12 +22,14 @@ T = TypeVar("T")
 
 @dataclasses.dataclass
 class Batch:
+    """Padded model inputs and teacher targets of some cache rows (see `collate`)."""
+
     input_ids: torch.Tensor       # int64 [B, L], 0-padded
     attention_mask: torch.Tensor  # int64 [B, L]
-    topk_ids: torch.Tensor | None        # int64 [B, L, k] (None: the cache holds no top-k targets)
-    topk_logprobs: torch.Tensor | None   # float32 [B, L, k]
-    tail_logprob: torch.Tensor | None    # float32 [B, L]
-    hidden: dict[int, torch.Tensor]  # teacher layer -> float32 [B, L, d]
+    topk_ids: torch.Tensor | None = None        # int64 [B, L, k] (None: the cache holds no top-k targets)
+    topk_logprobs: torch.Tensor | None = None   # float32 [B, L, k]
+    tail_logprob: torch.Tensor | None = None    # float32 [B, L]
+    hidden: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # teacher layer -> float32 [B, L, d]
     sampled_ids: torch.Tensor | None = None       # int64 [B, L, S], S = most distinct ids at any position
     sampled_logprobs: torch.Tensor | None = None  # float32 [B, L, S]: log(count / draws), -inf in padded slots
     target_mask: torch.Tensor | None = None     # bool [B, L]: positions holding a target (None: all valid)
@@ -35,10 +38,15 @@ class Batch:
     pooled: torch.Tensor | None = None          # float32 [B, d], the teacher encoder's pooled output
     sample_ids: list[int] = dataclasses.field(default_factory=list)  # the cache rows, in batch order
 
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that are set, as a plain dict: what a Hugging Face Trainer moves to its device
+        (it recurses into dicts and lists), and `Batch(**as_dict())` rebuilds the batch."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {name: value for name, value in values.items() if value is not None}
+
     def to(self, device) -> Batch:
-        moved = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         moved = {name: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-                 for name, value in moved.items()}
+                 for name, value in self.as_dict().items()}
         moved["hidden"] = {layer: value.to(device, non_blocking=True) for layer, value in self.hidden.items()}
         return Batch(**moved)
 
@@ -74,6 +82,11 @@ class Batch:
         labels = torch.full_like(self.input_ids, -100)
         labels[:, :-1] = torch.where(self.valid[:, 1:], self.input_ids[:, 1:], -100)
         return labels[self.valid]
+
+
+def _dtype(column: str) -> torch.dtype:
+    """The dtype a batch holds `column` in: the format's one table (cache/format.py) decides."""
+    return getattr(torch, batch_dtype(column))
 
 
 def _stack_padded(arrays: list[np.ndarray], length: int, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
@@ -126,30 +139,31 @@ def collate(sequences: list[CachedSequence]) -> Batch:
             target_mask[row, torch.from_numpy(sequence.target_positions.astype(np.int64))] = True
     where = mask.bool() if target_mask is None else target_mask
 
-    def scattered(name: str, dtype: torch.dtype, fill: float = 0) -> torch.Tensor | None:
+    def scattered(name: str, fill: float = 0) -> torch.Tensor | None:
         if getattr(first, name) is None:
             return None
-        return _scatter([getattr(s, name) for s in sequences], where, dtype, fill)
+        return _scatter([getattr(s, name) for s in sequences], where, _dtype(name), fill)
 
     sampled_ids = sampled_logprobs = None
     if first.sampled_ids is not None:
         sampled_ids, sampled_logprobs = _stack_ragged([s.sampled_ids for s in sequences],
                                                       [s.sampled_counts for s in sequences], length)
     return Batch(
-        input_ids=_stack_padded([s.input_ids for s in sequences], length, torch.long),
+        input_ids=_stack_padded([s.input_ids for s in sequences], length, _dtype("input_ids")),
         attention_mask=mask,
-        topk_ids=scattered("topk_ids", torch.long),
-        topk_logprobs=scattered("topk_logprobs", torch.float32),
-        tail_logprob=scattered("tail_logprob", torch.float32),
-        hidden={layer: _stack_padded([s.hidden[layer] for s in sequences], length, torch.float32)
+        topk_ids=scattered("topk_ids"),
+        topk_logprobs=scattered("topk_logprobs"),
+        tail_logprob=scattered("tail_logprob"),
+        hidden={layer: _stack_padded([s.hidden[layer] for s in sequences], length, _dtype(HIDDEN_PREFIX))
                 for layer in first.hidden},
         sampled_ids=sampled_ids,
         sampled_logprobs=sampled_logprobs,
         target_mask=target_mask,
-        labels=scattered("labels", torch.long, -100),
+        labels=scattered("labels", -100),
         token_type_ids=(None if first.token_type_ids is None
-                        else _stack_padded([s.token_type_ids for s in sequences], length, torch.long)),
-        pooled=None if first.pooled is None else torch.from_numpy(np.concatenate([s.pooled for s in sequences])).float(),
+                        else _stack_padded([s.token_type_ids for s in sequences], length, _dtype("token_type_ids"))),
+        pooled=(None if first.pooled is None
+                else torch.from_numpy(np.concatenate([s.pooled for s in sequences])).to(_dtype(POOLED_COLUMN))),
         sample_ids=[sequence.sample_id for sequence in sequences],
     )
 

@@ -9,12 +9,9 @@ predictions come from the cache, so the teacher is not loaded.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from ..cache.format import Manifest
-from ..cache.reader import iter_sequences
-from ..cache.store import CacheStore
+from ..cache.cache import Cache
 from ..losses import kd_loss
 from ..tasks import TOKEN_CLASSIFICATION, get_task
 from .batching import chunked, collate
@@ -34,10 +31,10 @@ def _agreement(truth: list[list[str]], predicted: list[list[str]], entities: boo
 
 
 @torch.inference_mode()
-def evaluate_classifier(model, store: CacheStore, manifest: Manifest, *, batch_size: int = 16, device=None,
-                        kept_rows: list[np.ndarray] | None = None) -> dict:
+def evaluate_classifier(model, cache: Cache, *, batch_size: int = 16, device=None) -> dict:
     """KL(teacher ‖ student) and the comparisons above, for a token or sequence classification cache
-    (only the rows in `kept_rows` if given, see `select_rows`: a held-out split)."""
+    (or a subset of one: a held-out split)."""
+    manifest = cache.manifest
     task = get_task(manifest.task)
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -59,7 +56,7 @@ def evaluate_classifier(model, store: CacheStore, manifest: Manifest, *, batch_s
         for source, values in flat.items():
             rows[source] += [[names[index] for index in part.tolist()] for part in values.split(counts)]
 
-    for sequences in chunked(iter_sequences(store, manifest, kept_rows=kept_rows), batch_size):
+    for sequences in chunked(cache.sequences(), batch_size):
         score(sequences)
     model.train(was_training)
     entities = task.name == TOKEN_CLASSIFICATION and is_entity_scheme(names)

@@ -10,13 +10,13 @@ cross-entropy part is unbiased but whose plug-in entropy makes it read high.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..cache.reader import iter_sequences, select_rows
-from ..cache.store import CacheStore, as_store
+from ..cache.cache import Cache, as_cache
 from ..losses import kd_loss
 from ..tasks import CAUSAL_LM
 from .batching import chunked, collate
@@ -24,18 +24,20 @@ from .classification_eval import evaluate_classifier
 
 
 @torch.inference_mode()
-def evaluate_student(model, cache: CacheStore | Path | str, *, batch_size: int = 16, device: torch.device | str | None = None,
-                     sample_ids: frozenset[int] | None = None) -> dict:
-    """Mean KL(teacher ‖ student) (T=1), top-1 agreement, NLL and perplexity.
+def evaluate(model, cache: Cache | Path | str, *, batch_size: int = 16, device: torch.device | str | None = None,
+             sample_ids: Iterable[int] | None = None) -> dict:
+    """Score `model` against the teacher targets of `cache` (a `Cache`, a path or a URL).
 
-    `sample_ids` limits scoring to those sequences (a held-out split, see kdcache/split.py).
-    Classification caches are scored by `evaluate_classifier` (accuracy, entity F1, vs teacher and gold).
+    Causal LM: mean KL(teacher ‖ student) (T=1), top-1 agreement, NLL and perplexity. Classification
+    caches are scored by `evaluate_classifier` (accuracy, entity F1, vs teacher and gold).
+    `sample_ids` limits scoring to those sequences (a held-out split, see `Cache.split`).
     """
-    store = as_store(cache)
-    manifest = store.load_manifest()
-    kept_rows = None if sample_ids is None else select_rows(store, manifest, sample_ids)
+    cache = as_cache(cache)
+    if sample_ids is not None:
+        cache = cache.subset(sample_ids)
+    manifest = cache.manifest
     if manifest.task != CAUSAL_LM:
-        return evaluate_classifier(model, store, manifest, batch_size=batch_size, device=device, kept_rows=kept_rows)
+        return evaluate_classifier(model, cache, batch_size=batch_size, device=device)
     kind = "topk" if "topk" in manifest.target_types else "sampled"
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -57,7 +59,7 @@ def evaluate_student(model, cache: CacheStore | Path | str, *, batch_size: int =
         labelled += float((labels != -100).sum())
         positions += count
 
-    for sequences in chunked(iter_sequences(store, manifest, kept_rows=kept_rows), batch_size):
+    for sequences in chunked(cache.sequences(), batch_size):
         score(sequences)
     model.train(was_training)
     nll = nll_sum / max(labelled, 1)

@@ -2,39 +2,35 @@
 
 Reading and collating run in one DataLoader worker process (when `prefetch` > 0) so they overlap
 the student's forward and backward passes. The order of batches does not depend on the worker:
-it is fixed by `iter_sequences` (seed, epoch, world size), which is what makes resume exact.
+it is fixed by `Cache.sequences` (seed, epoch, world size), which is what makes resume exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..cache.format import Manifest
-from ..cache.reader import iter_sequences
-from ..cache.store import CacheStore
+from ..cache.cache import Cache
 from .batching import Batch, collate
 
 
 class CacheBatches(IterableDataset):
     """This process's batches as (epoch, batches of that epoch consumed so far, batch), starting after
-    `start_batch` batches of `start_epoch`, until `epochs` epochs are done (None: forever), reading
-    only `kept_rows` (see `iter_sequences`; None: every row).
+    `start_batch` batches of `start_epoch`, until `epochs` epochs are done (None: forever), from `cache`
+    (a subset reads only its rows).
 
     One iterable spans all epochs so that a single loader worker serves the whole run.
     """
 
-    def __init__(self, store: CacheStore, manifest: Manifest, *, batch_size: int, seed: int, shuffle_buffer: int,
-                 process_index: int, num_processes: int, hidden_layers: list[int],
-                 kept_rows: list[np.ndarray] | None = None, start_epoch: int = 0, start_batch: int = 0,
-                 epochs: int | None = None):
-        self.store, self.manifest = store, manifest
+    def __init__(self, cache: Cache, *, batch_size: int, seed: int, shuffle_buffer: int,
+                 process_index: int, num_processes: int, hidden_layers: list[int], start_epoch: int = 0,
+                 start_batch: int = 0, epochs: int | None = None):
+        self.cache = cache
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.process_index, self.num_processes = process_index, num_processes
-        self.hidden_layers, self.kept_rows = hidden_layers, kept_rows
+        self.hidden_layers = hidden_layers
         self.start_epoch, self.start_batch, self.epochs = start_epoch, start_batch, epochs
 
     def __iter__(self) -> Iterator[tuple[int, int, Batch]]:
@@ -46,10 +42,10 @@ class CacheBatches(IterableDataset):
 
     def _epoch(self, epoch: int, skip: int) -> Iterator[Batch]:
         pending = []
-        for sequence in iter_sequences(self.store, self.manifest, hidden_layers=self.hidden_layers, shuffle=True,
-                                       seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer,
-                                       process_index=self.process_index, num_processes=self.num_processes,
-                                       start=skip * self.batch_size, kept_rows=self.kept_rows):
+        for sequence in self.cache.sequences(hidden_layers=self.hidden_layers, shuffle=True, seed=self.seed,
+                                             epoch=epoch, shuffle_buffer=self.shuffle_buffer,
+                                             process_index=self.process_index, num_processes=self.num_processes,
+                                             start=skip * self.batch_size):
             pending.append(sequence)
             if len(pending) == self.batch_size:
                 yield collate(pending)

@@ -21,7 +21,7 @@ def check_student_matches_cache(model, student_tokenizer, manifest: Manifest) ->
                                f"tokenizer ({vocab} tokens): ids would not line up with the cached targets")
 
 
-def load_student(student: str | None, student_config: str | None, manifest: Manifest, cache: Path):
+def load_student(student: str | None, student_config: str | None, manifest: Manifest):
     if (student is None) == (student_config is None):
         raise KDCacheError("give exactly one of `student` (pretrained) or `student_config` (fresh model)")
     if student_config is not None:

@@ -1,8 +1,8 @@
 """`train-student`: train a student from a cache; the teacher is never loaded.
 
 One loop, readable top to bottom (torchtune-style): check the cache and the student, build the
-optimizer and schedule, then for each batch compute
-`ce_weight·CE + kd_weight·T²·KD + hidden_weight·MSE(proj(student_h), teacher_h)` and step.
+optimizer and schedule, then for each batch compute the `DistillationLoss` (objective.py:
+`ce_weight·CE + kd_weight·T²·KD + hidden_weight·MSE(proj(student_h), teacher_h)`) and step.
 Accelerate owns device placement, mixed precision and gradient accumulation. The cache's task
 (kdcache/tasks/) picks the student's model class, its logits at the targets and the gold labels.
 """
@@ -17,27 +17,23 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..cache.cache import Cache, open_cache
 from ..cache.format import Manifest
-from ..cache.reader import check_shard_files, select_rows, verify_cache
-from ..cache.store import CacheStore
 from ..errors import KDCacheError
-from ..losses import SparseTargets, kd_loss, next_token_ce
 from ..models import load_tokenizer
-from ..tasks import CAUSAL_LM, get_task, pooler
 from .batching import Batch
 from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, save_checkpoint
 from .feed import CacheBatches, prefetched
 from .loading import load_student
 from .metrics import LOG_DIR, RUN_NAME, MetricsLog, tracker_config, trackers
+from .objective import DistillationLoss, check_loss_settings
 from .output import TRAINING_RECORD, check_output, checkpoint_to_resume, prepare_output, publish, staging_dir
-from .projections import FeatureProjections, parse_layer_map
 from .settings import OPERATIONAL_SETTINGS, TrainSettings
 from .validation import setup_validation
 
@@ -47,38 +43,14 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLE_LOG_ENV = "KDCACHE_SAMPLE_LOG"  # debug: each process appends "epoch sample_id" lines to <value>.rank<N>
 
 
-def check_targets(settings: TrainSettings, manifest: Manifest, cache: CacheStore) -> None:
-    """Refuse, before any training, a target type the cache lacks or a loss it cannot estimate.
-
-    The loss rules live in `kd_loss`; it is asked on zero positions, so they are stated once.
-    """
-    if settings.targets not in manifest.target_types:
-        remedy = (f"dump with `targets` {settings.targets} or both" if manifest.task == CAUSAL_LM
-                  else "classification caches hold top-k targets only")
-        raise KDCacheError(f"`targets` {settings.targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
-                           f"targets ({remedy})")
-    if not settings.kd_weight:
-        return
-    sampled = settings.targets == "sampled"
-    probe = SparseTargets(ids=torch.zeros(0, 1, dtype=torch.long), logprobs=torch.zeros(0, 1),
-                          tail_logprob=None if sampled else torch.zeros(0))
-    try:
-        kd_loss(torch.zeros(0, manifest.num_classes), probe, divergence=settings.loss, tail=settings.tail,
-                temperature=settings.temperature)
-    except ValueError as error:
-        raise KDCacheError(f"`targets` {settings.targets}: {error}") from None
-
-
-def _batches(store: CacheStore, manifest: Manifest, settings: TrainSettings, accelerator: Accelerator,
-             hidden_layers: list[int], kept_rows: list[np.ndarray] | None, start_epoch: int = 0,
-             start_batch: int = 0) -> Iterable[tuple[int, int, Batch]]:
+def _batches(cache: Cache, settings: TrainSettings, accelerator: Accelerator, hidden_layers: list[int],
+             start_epoch: int = 0, start_batch: int = 0) -> Iterable[tuple[int, int, Batch]]:
     """(epoch, batches of the epoch consumed so far, batch) forever or for `settings.epochs` epochs,
-    starting after `start_batch` batches of `start_epoch` (a resumed run); only `kept_rows` if given."""
-    batches = CacheBatches(store, manifest, batch_size=settings.batch_size, seed=settings.seed,
+    starting after `start_batch` batches of `start_epoch` (a resumed run), from `cache` (maybe a subset)."""
+    batches = CacheBatches(cache, batch_size=settings.batch_size, seed=settings.seed,
                            shuffle_buffer=settings.shuffle_buffer, process_index=accelerator.process_index,
                            num_processes=accelerator.num_processes, hidden_layers=hidden_layers,
-                           kept_rows=kept_rows, start_epoch=start_epoch, start_batch=start_batch,
-                           epochs=settings.epochs)
+                           start_epoch=start_epoch, start_batch=start_batch, epochs=settings.epochs)
     return prefetched(batches, _prefetch(settings, accelerator))
 
 
@@ -97,47 +69,38 @@ def _total_steps(training_rows: int, settings: TrainSettings, num_processes: int
     return min(settings.max_steps, by_epochs) if settings.epochs and settings.max_steps else (settings.max_steps or by_epochs)
 
 
-def train_student(cache: Path | str, out: Path | str, *, student: str | None = None,
+def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | None = None,
                   student_config: str | None = None, settings: TrainSettings = TrainSettings(),
                   progress: bool = True, resume: bool = False, resume_from: Path | str | None = None,
                   overwrite: bool = False) -> dict:
-    """Train a student on the cache at `cache` (a directory or an fsspec URL), save it to `out`; return the
+    """Train a student on `cache` (a `Cache`, a directory or an fsspec URL), save it to `out`; return the
     final metrics. With `resume`, continue from the latest checkpoint in `<out>.partial/checkpoints` if
     there is one; `resume_from` names a checkpoint directory explicitly. With `overwrite`, a student kdcache
     wrote to `out` earlier is replaced once the new one is complete."""
-    store, out = CacheStore(cache, settings.read_through), Path(out)
-    manifest = store.load_manifest()
+    cache = cache if isinstance(cache, Cache) else open_cache(cache, settings.read_through)
+    out = Path(out)
+    manifest = cache.manifest
     checkpoint = checkpoint_to_resume(out, resume, resume_from)
     if checkpoint is None:
         check_output(out, overwrite)
-    check_targets(settings, manifest, store)
-    task = get_task(manifest.task)
-    if settings.ce_weight:
-        task.check_gold_labels(manifest)
-    if settings.pooled_weight and manifest.pooled_size is None:
-        raise KDCacheError("`pooled_weight` > 0 but the cache holds no pooled output (dump with `pooled`)")
+    check_loss_settings(settings, cache)  # before the (long) verification; DistillationLoss checks again
     if settings.verify:
-        verify_cache(store, manifest, progress=progress)
+        cache.verify(progress=progress)
     else:
-        check_shard_files(store, manifest)
-    tokenizer = load_tokenizer(str(store.tokenizer_dir()), "cache tokenizer")
-    train_ids, validation = setup_validation(store, manifest, fraction=settings.val_fraction,
-                                             every=settings.eval_every, patience=settings.early_stopping,
-                                             batch_size=settings.batch_size)
-    kept_rows = None if train_ids is None else select_rows(store, manifest, train_ids)
+        cache.check_files()
+    tokenizer = load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer")
+    train_ids, validation = setup_validation(cache, fraction=settings.val_fraction, every=settings.eval_every,
+                                             patience=settings.early_stopping, batch_size=settings.batch_size)
+    training = cache if train_ids is None else cache.subset(train_ids)
 
     report_to = trackers(settings.report_to)
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[settings.dtype],
                               gradient_accumulation_steps=settings.grad_accum, log_with=report_to or None,
                               project_dir=str(staging_dir(out) / LOG_DIR))
     set_seed(settings.seed)
-    model = load_student(student, student_config, manifest, store)
+    model = load_student(student, student_config, manifest)
     model.config.use_cache = False
-    layer_map = (parse_layer_map(settings.layer_map, manifest, model.config.num_hidden_layers)
-                 if settings.hidden_weight > 0 else {})
-    student_pooler = pooler(model) if settings.pooled_weight else None
-    projections = FeatureProjections(layer_map, model.config.hidden_size, manifest.hidden_sizes, settings.hidden_loss,
-                                     manifest.pooled_size if settings.pooled_weight else None)
+    loss_of = DistillationLoss(settings, cache, model)
     staging = staging_dir(out)
     if accelerator.is_main_process:
         prepare_output(out, resuming=checkpoint is not None, overwrite=overwrite)
@@ -145,17 +108,15 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
             shutil.copyfile(checkpoint / METRICS_FILE, staging / METRICS_FILE)
     accelerator.wait_for_everyone()
 
-    training_rows = manifest.total_rows if train_ids is None else len(train_ids)
-    total_steps = _total_steps(training_rows, settings, accelerator.num_processes)
-    parameters = list(model.parameters()) + list(projections.parameters())
+    total_steps = _total_steps(len(training), settings, accelerator.num_processes)
+    parameters = list(model.parameters()) + list(loss_of.projections.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if any(True for _ in projections.parameters()):  # DDP refuses a module with no parameters
-        projections = accelerator.prepare(projections)
+    if any(True for _ in loss_of.projections.parameters()):  # DDP refuses a module with no parameters
+        loss_of.projections = accelerator.prepare(loss_of.projections)
     model.train()
 
-    vocab = manifest.num_classes
     if report_to:
         accelerator.init_trackers(RUN_NAME, config=tracker_config(dataclasses.asdict(settings)))
     metrics = MetricsLog(staging / METRICS_FILE if accelerator.is_main_process else None, accelerator.num_processes,
@@ -172,27 +133,15 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
                disable=not (progress and accelerator.is_main_process))
     step, epoch = state.step, state.epoch
     # What validation scores, snapshots when best and restores before saving.
-    trained = {"model": accelerator.unwrap_model(model), "projections": accelerator.unwrap_model(projections)}
-    for epoch, consumed, batch in _batches(store, manifest, settings, accelerator, sorted(set(layer_map.values())),
-                                           kept_rows, start_epoch=state.epoch, start_batch=state.batches_in_epoch):
+    trained = {"model": accelerator.unwrap_model(model),
+               "projections": accelerator.unwrap_model(loss_of.projections)}
+    for epoch, consumed, batch in _batches(training, settings, accelerator, loss_of.teacher_layers,
+                                           start_epoch=state.epoch, start_batch=state.batches_in_epoch):
         if sample_log:
             sample_log.write("".join(f"{epoch} {sample_id}\n" for sample_id in batch.sample_ids))
         batch = batch.to(accelerator.device)
-        with accelerator.accumulate(model, projections):
-            output = model(**batch.model_inputs(), output_hidden_states=bool(layer_map) or bool(student_pooler))
-            logits = task.student_logits(output.logits, batch, vocab)
-            terms = {}
-            if settings.ce_weight:
-                terms["ce"] = next_token_ce(logits, task.gold_labels(batch))
-            if settings.kd_weight:
-                terms["kd"] = kd_loss(logits, batch.sparse_targets(settings.targets), divergence=settings.loss,
-                                      tail=settings.tail, temperature=settings.temperature)
-            if layer_map or student_pooler is not None:
-                pooled = student_pooler(output.hidden_states[-1]) if student_pooler is not None else None
-                terms |= projections(output.hidden_states, pooled, batch)
-            weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight,
-                       "pooled": settings.pooled_weight}
-            loss = sum(weights[name] * value for name, value in terms.items())
+        with accelerator.accumulate(model, loss_of.projections):
+            loss, terms = loss_of(model, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients and settings.max_grad_norm:
                 accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
@@ -236,11 +185,11 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
         metrics.close()
         accelerator.unwrap_model(model).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if layer_map or student_pooler is not None:
-            torch.save(accelerator.unwrap_model(projections).state_dict(), staging / PROJECTIONS_FILE)
-        record = {"cache": str(store), "dump_fingerprint": manifest.dump_fingerprint,
+        if loss_of.matches_features:
+            torch.save(accelerator.unwrap_model(loss_of.projections).state_dict(), staging / PROJECTIONS_FILE)
+        record = {"cache": str(cache), "dump_fingerprint": manifest.dump_fingerprint,
                   "student": student or student_config, "settings": dataclasses.asdict(settings),
-                  "layer_map": {str(s): t for s, t in layer_map.items()}, "summary": summary}
+                  "layer_map": {str(s): t for s, t in loss_of.layer_map.items()}, "summary": summary}
         (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         publish(staging, out)
     return summary

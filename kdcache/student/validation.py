@@ -1,6 +1,6 @@
 """Validation during `train-student`: score a held-out split, keep the best state, stop early.
 
-The held-out sequences come from `split_cache` (deterministic by sample id), so training never
+The held-out sequences come from `Cache.split` (deterministic by sample id), so training never
 sees them and `kdcache eval --split-fraction` scores the same rows afterwards. "Best" means the
 lowest held-out KL to the teacher: the quantity distillation optimises, not the training loss
 (whose CE/hidden weights vary between runs). Every process scores the whole held-out split with
@@ -11,20 +11,17 @@ the same stop decision.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from torch import nn
 
-from ..cache.format import Manifest
-from ..cache.split import split_cache
-from ..cache.store import CacheStore
-from .evaluate import evaluate_student
+from ..cache.cache import Cache
+from .evaluate import evaluate
 
 
 class Validation:
     """When to score (`due`), what the best state was (`restore_best`), when to stop (`should_stop`)."""
 
-    def __init__(self, cache: CacheStore | Path, heldout: frozenset[int], *, every: int | None, patience: int | None,
+    def __init__(self, cache: Cache, heldout: frozenset[int], *, every: int | None, patience: int | None,
                  batch_size: int):
         self.cache = cache
         self.heldout = heldout
@@ -43,7 +40,7 @@ class Validation:
 
     def run(self, modules: dict[str, nn.Module], step: int) -> dict:
         """Score `modules["model"]` on the held-out split; snapshot `modules` (CPU copies) if best yet."""
-        scores = evaluate_student(modules["model"], self.cache, batch_size=self.batch_size, sample_ids=self.heldout)
+        scores = evaluate(modules["model"], self.cache, batch_size=self.batch_size, sample_ids=self.heldout)
         if scores["kl_to_teacher"] < self.best_kl:
             self.best_kl, self.best_step = scores["kl_to_teacher"], step
             self.best_state = {name: {key: value.detach().to("cpu", copy=True)
@@ -84,10 +81,10 @@ class Validation:
                 "stopped_early": self.should_stop}
 
 
-def setup_validation(cache: CacheStore | Path, manifest: Manifest, *, fraction: float, every: int | None,
+def setup_validation(cache: Cache, *, fraction: float, every: int | None,
                      patience: int | None, batch_size: int) -> tuple[frozenset[int] | None, Validation | None]:
     """(training sample ids, Validation) for `--val-fraction`; (None, None) when it is 0."""
     if not fraction:
         return None, None
-    split = split_cache(cache, manifest, fraction, setting="val_fraction")
+    split = cache.split(fraction, setting="val_fraction")
     return split.train, Validation(cache, split.heldout, every=every, patience=patience, batch_size=batch_size)

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..cache.format import (
+    STORED_TYPES,
     TOKENIZER_DIR,
     Manifest,
     hidden_column,
@@ -215,8 +215,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
         started = time.perf_counter()
         writer = BackgroundShardWriter(
             out, schema, shard_rows=settings.shard_rows, rank=accelerator.process_index,
-            id_dtype=np.uint16 if token_id_type(num_classes).bit_width == 16 else np.uint32,
-            logprob_dtype=np.float16 if settings.logprob_dtype == "float16" else np.float32, hidden_layers=layers,
+            id_dtype=STORED_TYPES[str(token_id_type(num_classes))].numpy,
+            logprob_dtype=STORED_TYPES[settings.logprob_dtype].numpy, hidden_layers=layers,
             new_card=new_card)
         bar = tqdm(total=sum(len(plan[index]) for index in mine), desc="dump-teacher", unit="seq",
                    disable=not (progress and accelerator.is_local_main_process))
@@ -255,7 +255,7 @@ def _compute_shards(model, source: RowSource, settings: DumpSettings, shards: li
                     card: FidelityCard) -> None:
     """This process's share of the work: the teacher runs here, everything after it in `writer`."""
     input_device = model.get_input_embeddings().weight.device
-    logprob_dtype = torch.float16 if settings.logprob_dtype == "float16" else torch.float32
+    logprob_dtype = getattr(torch, settings.logprob_dtype)  # the stored type: float16 or float32
     started, tokens = time.perf_counter(), 0
     for index, shard in shards:
         writer.begin_shard(index)

@@ -1,0 +1,94 @@
+"""The loss of one batch: the single definition `train-student` and the Trainer integration share.
+
+`loss = ce_weight·CE + kd_weight·KD + hidden_weight·hidden + pooled_weight·pooled`, with no other
+term; KD is already scaled by T² inside `kd_loss`. Keeping it in one place is what makes a
+Hugging Face `Trainer` run (integration.py) compute exactly what `train-student` computes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache.cache import Cache
+from ..errors import KDCacheError
+from ..losses import SparseTargets, kd_loss, next_token_ce
+from ..tasks import CAUSAL_LM, get_task, pooler
+from .batching import Batch
+from .projections import FeatureProjections, parse_layer_map
+from .settings import TrainSettings
+
+
+def check_loss_settings(settings: TrainSettings, cache: Cache) -> None:
+    """Refuse, before any training, a target type the cache lacks or a loss it cannot compute.
+
+    The divergence/tail rules live in `kd_loss`; it is asked on zero positions, so they are stated once.
+    """
+    manifest = cache.manifest
+    if settings.targets not in manifest.target_types:
+        remedy = (f"dump with `targets` {settings.targets} or both" if manifest.task == CAUSAL_LM
+                  else "classification caches hold top-k targets only")
+        raise KDCacheError(f"`targets` {settings.targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
+                           f"targets ({remedy})")
+    if settings.ce_weight:
+        get_task(manifest.task).check_gold_labels(manifest)
+    if settings.pooled_weight and manifest.pooled_size is None:
+        raise KDCacheError("`pooled_weight` > 0 but the cache holds no pooled output (dump with `pooled`)")
+    if not settings.kd_weight:
+        return
+    sampled = settings.targets == "sampled"
+    probe = SparseTargets(ids=torch.zeros(0, 1, dtype=torch.long), logprobs=torch.zeros(0, 1),
+                          tail_logprob=None if sampled else torch.zeros(0))
+    try:
+        kd_loss(torch.zeros(0, manifest.num_classes), probe, divergence=settings.loss, tail=settings.tail,
+                temperature=settings.temperature)
+    except ValueError as error:
+        raise KDCacheError(f"`targets` {settings.targets}: {error}") from None
+
+
+class DistillationLoss:
+    """The weighted loss of one batch for `model`, as set up by `settings` for `cache`.
+
+    Holds what the terms need besides the batch: the task (which logits face the targets), the
+    layer map and the learned feature projections (FitNets; their parameters must be trained with
+    the model's), and the student's pooler. Calling it returns `(loss, terms)`, the terms unweighted.
+    """
+
+    def __init__(self, settings: TrainSettings, cache: Cache, model: torch.nn.Module):
+        check_loss_settings(settings, cache)
+        manifest = cache.manifest
+        self.settings = settings
+        self.task = get_task(manifest.task)
+        self.num_classes = manifest.num_classes
+        self.layer_map = (parse_layer_map(settings.layer_map, manifest, model.config.num_hidden_layers)
+                          if settings.hidden_weight > 0 else {})
+        self.pooler = pooler(model) if settings.pooled_weight else None
+        self.projections: torch.nn.Module = FeatureProjections(
+            self.layer_map, model.config.hidden_size, manifest.hidden_sizes, settings.hidden_loss,
+            manifest.pooled_size if settings.pooled_weight else None)
+        self.weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight,
+                        "pooled": settings.pooled_weight}
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        """The cached hidden layers the batches must carry (`Cache.sequences(hidden_layers=...)`)."""
+        return sorted(set(self.layer_map.values()))
+
+    @property
+    def matches_features(self) -> bool:
+        """Whether hidden or pooled states are matched (then the projections are part of the student)."""
+        return bool(self.layer_map) or self.pooler is not None
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        settings = self.settings
+        output = model(**batch.model_inputs(), output_hidden_states=self.matches_features)
+        logits = self.task.student_logits(output.logits, batch, self.num_classes)
+        terms = {}
+        if settings.ce_weight:
+            terms["ce"] = next_token_ce(logits, self.task.gold_labels(batch))
+        if settings.kd_weight:
+            terms["kd"] = kd_loss(logits, batch.sparse_targets(settings.targets), divergence=settings.loss,
+                                  tail=settings.tail, temperature=settings.temperature)
+        if self.matches_features:
+            pooled = self.pooler(output.hidden_states[-1]) if self.pooler is not None else None
+            terms |= self.projections(output.hidden_states, pooled, batch)
+        return sum(self.weights[name] * value for name, value in terms.items()), terms
