@@ -29,8 +29,10 @@ _EXPORTS = {
     "hidden_loss": ".losses",
     "kd_loss": ".losses",
     "next_token_ce": ".losses",
+    "DumpHooks": ".teacher",
     "DumpSettings": ".teacher",
     "dump_teacher": ".teacher",
+    "TrainHooks": ".student",
     "TrainSettings": ".student",
     "evaluate_student": ".student",
     "init_student": ".student",
@@ -42,8 +44,8 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 if TYPE_CHECKING:  # what static tools and IDEs see
     from .errors import KDCacheError
     from .losses import SparseTargets, dense_kd_loss, hidden_loss, kd_loss, next_token_ce
-    from .student import TrainSettings, evaluate_student, init_student, train_student
-    from .teacher import DumpSettings, dump_teacher
+    from .student import TrainHooks, TrainSettings, evaluate_student, init_student, train_student
+    from .teacher import DumpHooks, DumpSettings, dump_teacher
 
 
 def __getattr__(name: str):

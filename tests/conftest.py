@@ -8,16 +8,17 @@ synthetic language's words, and everything is saved to temporary directories so 
 from __future__ import annotations
 
 import errno
+import io
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer
-from kdcache.teacher import DumpSettings, dump_teacher
+from kdcache import DumpHooks, DumpSettings, dump_teacher
+from kdcache.cache.format import Manifest
 
 LANGUAGE = SyntheticLanguage(num_words=60, num_topics=2, branching=6, seed=7)
 
@@ -72,14 +73,18 @@ def student_config(tmp_path_factory, tokenizer) -> Path:
     return path
 
 
-def fail_second_shard_with_disk_full(monkeypatch) -> None:
-    """Make the second Arrow shard a dump opens fail with ENOSPC (undo with `monkeypatch.undo()`)."""
-    real_new_file, calls = pa.ipc.new_file, []
+def disk_full_during_second_shard(reference: Manifest) -> DumpHooks:
+    """Dump hooks whose shard files share a disk that fills up halfway through the second shard (sized by
+    `reference`, a cache of the same dump): writes past it fail with ENOSPC, as a real full disk's do."""
+    free = reference.shards[0].bytes + reference.shards[1].bytes // 2
 
-    def disk_full_on_second_shard(sink, schema):
-        calls.append(sink)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_new_file(sink, schema)
+    class FullDisk(io.FileIO):
+        def write(self, data) -> int:
+            nonlocal free
+            size = memoryview(data).nbytes
+            if size > free:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            free -= size
+            return super().write(data)
 
-    monkeypatch.setattr(pa.ipc, "new_file", disk_full_on_second_shard)
+    return DumpHooks(open_shard=lambda path: FullDisk(path, "wb"))

@@ -18,14 +18,14 @@ import torch
 from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
                           BertConfig)
 
-from conftest import fail_second_shard_with_disk_full
+from conftest import disk_full_during_second_shard
 from kdcache.cache.format import Manifest
 from kdcache.cache.reader import iter_sequences, verify_cache
 from kdcache.student.entities import entity_scores, entity_spans, is_entity_scheme
 from kdcache.errors import KDCacheError
 from kdcache.student import evaluate_student
 from kdcache.models import model_from_config
-from kdcache.student import TrainSettings, train_student
+from kdcache.student import TrainHooks, TrainSettings, train_student
 from kdcache.tasks import get_task
 from kdcache.teacher import DumpSettings, dump_teacher
 
@@ -351,15 +351,14 @@ def test_classification_fidelity_card_is_exact(ner_cache):
 
 
 def test_an_interrupted_token_classification_dump_resumes_to_the_same_cache(tmp_path, ner_cache, ner_teacher,
-                                                                            ner_data, monkeypatch):
+                                                                            ner_data):
     """Disk full on the second shard, then a rerun: shards equal an uninterrupted dump's, labels and
     target positions included, and the card and teacher NLL count each target once."""
-    fail_second_shard_with_disk_full(monkeypatch)
     out = tmp_path / "cache"
     settings = DumpSettings(batch_size=8, shard_rows=24, hidden_layers=(-1,))  # those of `ner_cache`
     with pytest.raises(KDCacheError, match="No space left on device"):
-        dump_teacher(str(ner_teacher), str(ner_data["train"]), out, settings, progress=False)
-    monkeypatch.undo()
+        dump_teacher(str(ner_teacher), str(ner_data["train"]), out, settings, progress=False,
+                     hooks=disk_full_during_second_shard(Manifest.load(ner_cache)))
 
     manifest = dump_teacher(str(ner_teacher), str(ner_data["train"]), out, settings, progress=False)
     expected = Manifest.load(ner_cache)
@@ -389,30 +388,25 @@ def test_validation_and_held_out_eval_on_a_classification_cache(tmp_path, ner_ca
 
 
 @pytest.mark.slow
-def test_resumed_token_classification_run_matches_uninterrupted(tmp_path, ner_cache, student_config_dir, monkeypatch):
+def test_resumed_token_classification_run_matches_uninterrupted(tmp_path, ner_cache, student_config_dir):
     """Checkpoints of an encoder task hold its extra state: the hidden-state projection (16 -> 32 wide)
     and the validation bookkeeping; a run killed mid-epoch and resumed ends bitwise equal."""
-    import kdcache.student
 
     settings = TrainSettings(max_steps=7, batch_size=4, ce_weight=0.5, hidden_weight=1.0, hidden_loss="cosine",
                              lr=5e-3, seed=3, shuffle_buffer=8, val_fraction=0.25, eval_every=3, save_every=2)
     train = lambda out, **options: train_student(ner_cache, out, student_config=str(student_config_dir),
                                                  progress=False, settings=settings, **options)
     train(tmp_path / "whole")
-    save = kdcache.student.train.save_checkpoint
 
     class Killed(Exception):
         pass
 
-    def save_then_die(accelerator, root, step, keep, metrics_file):
-        save(accelerator, root, step, keep, metrics_file)
+    def die_at_step_4(step, checkpoint):
         if step == 4:  # 48 training rows / 4 = 12 batches an epoch: mid-epoch, after one validation
             raise Killed
 
-    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        train(tmp_path / "resumed")
-    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save)
+        train(tmp_path / "resumed", hooks=TrainHooks(after_checkpoint=die_at_step_4))
     summary = train(tmp_path / "resumed", resume=True)
     assert summary["steps"] == 7 and summary["validation"]["heldout_sequences"] == 16
     for load in (lambda path: AutoModelForTokenClassification.from_pretrained(path).state_dict(),

@@ -11,6 +11,7 @@ the same stop decision.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
@@ -26,8 +27,9 @@ class Validation:
     """When to score (`due`), what the best state was (`restore_best`), when to stop (`should_stop`)."""
 
     def __init__(self, cache: CacheStore | Path, heldout: frozenset[int], *, every: int | None, patience: int | None,
-                 batch_size: int):
+                 batch_size: int, evaluate: Callable[..., dict] | None = None):
         self.cache = cache
+        self.evaluate = evaluate or evaluate_student  # TrainHooks.evaluate
         self.heldout = heldout
         self.every = every
         self.patience = patience
@@ -44,7 +46,7 @@ class Validation:
 
     def run(self, modules: dict[str, nn.Module], step: int) -> dict:
         """Score `modules["model"]` on the held-out split; snapshot `modules` (CPU copies) if best yet."""
-        scores = evaluate_student(modules["model"], self.cache, batch_size=self.batch_size, sample_ids=self.heldout)
+        scores = self.evaluate(modules["model"], self.cache, batch_size=self.batch_size, sample_ids=self.heldout)
         if scores["kl_to_teacher"] < self.best_kl:
             self.best_kl, self.best_step = scores["kl_to_teacher"], step
             self.best_state = {name: {key: value.detach().to("cpu", copy=True)
@@ -86,13 +88,16 @@ class Validation:
 
 
 def setup_validation(cache: CacheStore | Path, manifest: Manifest, *, fraction: float, every: int | None,
-                     patience: int | None, batch_size: int) -> tuple[frozenset[int] | None, Validation | None]:
-    """(training sample ids, Validation) for `--val-fraction`; (None, None) when it is 0."""
+                     patience: int | None, batch_size: int, evaluate: Callable[..., dict] | None = None
+                     ) -> tuple[frozenset[int] | None, Validation | None]:
+    """(training sample ids, Validation) for `--val-fraction`; (None, None) when it is 0. `evaluate`
+    replaces `evaluate_student` as the held-out scorer (see TrainHooks.evaluate)."""
     check_validation_flags(fraction=fraction, every=every, patience=patience)
     if not fraction:
         return None, None
     split = split_cache(cache, manifest, fraction, flag="--val-fraction")
-    return split.train, Validation(cache, split.heldout, every=every, patience=patience, batch_size=batch_size)
+    return split.train, Validation(cache, split.heldout, every=every, patience=patience, batch_size=batch_size,
+                                   evaluate=evaluate)
 
 
 def check_validation_flags(*, fraction: float, every: int | None, patience: int | None) -> None:

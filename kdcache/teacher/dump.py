@@ -48,6 +48,7 @@ from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, Annotation, Task, pooler, reso
 from .data import describe, load_rows
 from .fidelity import FidelityCard
 from .fingerprint import teacher_fingerprint
+from .hooks import DumpHooks
 from .progress import DumpLock, claim_output, finish, load_records, resume_state
 from .settings import DumpSettings
 from .stats import StreamingSummary
@@ -140,11 +141,12 @@ def _load_teacher(teacher: str, task: Task, settings: DumpSettings, accelerator:
 
 
 def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSettings,
-                 progress: bool = True) -> Manifest:
+                 progress: bool = True, hooks: DumpHooks = DumpHooks()) -> Manifest:
     """Dump `teacher`'s targets on `data` into the cache directory `out`; return its manifest.
 
     Rerunning it after an interruption resumes: finished shards are kept, the rest is computed.
-    Under `accelerate launch` every process calls it with the same arguments.
+    Under `accelerate launch` every process calls it with the same arguments. `hooks` open the shard
+    files.
     """
     out = Path(out)
     require_positive(settings, "top_k", "batch_size", "max_length", "shard_rows", "limit", "fidelity_every")
@@ -216,7 +218,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
             out, schema, shard_rows=settings.shard_rows, rank=accelerator.process_index,
             id_dtype=np.uint16 if token_id_type(num_classes).bit_width == 16 else np.uint32,
             logprob_dtype=np.float16 if settings.logprob_dtype == "float16" else np.float32, hidden_layers=layers,
-            new_card=new_card)
+            new_card=new_card, open_shard=hooks.open_shard)
         bar = tqdm(total=sum(len(plan[index]) for index in mine), desc="dump-teacher", unit="seq",
                    disable=not (progress and accelerator.is_local_main_process))
         try:
