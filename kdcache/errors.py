@@ -16,3 +16,9 @@ def require_positive(settings, *names: str) -> None:
         value = getattr(settings, name)
         if value is not None and value <= 0:
             raise KDCacheError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def first_line(error: Exception) -> str:
+    """The first line of a library's (often multi-line) exception message, for a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

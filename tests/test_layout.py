@@ -139,4 +139,4 @@ def test_importing_the_cache_package_loads_no_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(modules) >= 8 and json.loads(result.stdout) == []
+    assert "kdcache.cache.store" in modules and json.loads(result.stdout) == []

@@ -104,14 +104,36 @@ class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
         return __import__("io").BytesIO(body)
 
 
+def serve(directory: Path, handler) -> tuple[http.server.ThreadingHTTPServer, str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 @pytest.fixture()
 def served_cache(cache_dir):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeRequestHandler,
-                                                                                 directory=str(cache_dir)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server, url = serve(cache_dir, RangeRequestHandler)
+    yield url
     server.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Exactly `python -m http.server`: no `Range` support."""
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_without_ranges_needs_a_read_through_directory(cache_dir, tmp_path):
+    from kdcache.cache.store import CacheStore
+    server, url = serve(cache_dir, QuietHandler)
+    try:
+        manifest = CacheStore(url).load_manifest()
+        with pytest.raises(KDCacheError, match="support range requests.*a read-through directory downloads"):
+            next(iter_sequences(CacheStore(url), manifest))
+        assert len(list(iter_sequences(CacheStore(url, read_through=tmp_path), manifest))) == 48
+    finally:
+        server.shutdown()
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
