@@ -31,8 +31,10 @@ _EXPORTS = {
     "hidden_loss": ".losses",
     "kd_loss": ".losses",
     "next_token_ce": ".losses",
+    "DumpHooks": ".teacher",
     "DumpSettings": ".teacher",
     "dump_teacher": ".teacher",
+    "TrainHooks": ".student",
     "Batch": ".student.batching",
     "collate": ".student.batching",
     "CacheDataset": ".student.integration",
@@ -51,11 +53,11 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .cache.cache import Cache, open_cache
     from .errors import KDCacheError
     from .losses import SparseTargets, dense_kd_loss, hidden_loss, kd_loss, next_token_ce
-    from .student import TrainSettings, evaluate, init_student, train_student
+    from .student import TrainHooks, TrainSettings, evaluate, init_student, train_student
     from .student.batching import Batch, collate
     from .student.integration import CacheDataset, DistillationTrainer, collate_inputs
     from .student.objective import DistillationLoss
-    from .teacher import DumpSettings, dump_teacher
+    from .teacher import DumpHooks, DumpSettings, dump_teacher
 
 
 def __getattr__(name: str):

@@ -9,3 +9,9 @@ argument as `` `field_name` ``: a Python caller reads the field, and the CLI sho
 
 class KDCacheError(Exception):
     """A user-facing error: the message alone must tell the user what to fix."""
+
+
+def first_line(error: Exception) -> str:
+    """The first line of a library's (often multi-line) exception message, for a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

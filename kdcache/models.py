@@ -18,14 +18,9 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .errors import KDCacheError
+from .errors import KDCacheError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_exists(name_or_path: str, what: str) -> None:
@@ -39,7 +34,7 @@ def load_tokenizer(name_or_path: str, what: str = "tokenizer"):
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as error:
-        raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
+        raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
 
 def load_config(name_or_path: str, what: str) -> PretrainedConfig:
@@ -47,7 +42,7 @@ def load_config(name_or_path: str, what: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as error:
-        raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
+        raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
 
 def load_model(name_or_path: str, what: str, dtype: str = "auto", auto_class=AutoModelForCausalLM,
@@ -62,7 +57,7 @@ def load_model(name_or_path: str, what: str, dtype: str = "auto", auto_class=Aut
     try:
         return auto_class.from_pretrained(name_or_path, dtype=torch_dtype, **placement)
     except (OSError, ValueError, KeyError) as error:
-        raise KDCacheError(f"cannot load {what} from {name_or_path}: {_first_line(error)}") from None
+        raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
 
 def load_causal_lm(name_or_path: str, what: str, dtype: str = "auto") -> PreTrainedModel:
@@ -93,7 +88,7 @@ def model_from_config(config_file: str, vocab_size: int, auto_class=AutoModelFor
         return auto_class.from_config(config)
     except (ValueError, KeyError, TypeError) as error:
         raise KDCacheError(f"cannot build a {auto_class.__name__.removeprefix('AutoModelFor')} model from "
-                           f"{config_file}: {_first_line(error)}") from None
+                           f"{config_file}: {first_line(error)}") from None
 
 
 def output_vocab_size(model: PreTrainedModel) -> int:

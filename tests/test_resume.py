@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import kdcache.student.train
-from kdcache.errors import KDCacheError
-from kdcache.student import TrainSettings, train_student
+from kdcache import KDCacheError, TrainHooks, TrainSettings, train_student
 
 SETTINGS = dict(max_steps=7, batch_size=4, grad_accum=2, ce_weight=0.5, hidden_weight=1.0, log_every=3, seed=3,
                 shuffle_buffer=8, save_every=2, keep_checkpoints=2, prefetch=2)
@@ -38,28 +37,28 @@ class Killed(Exception):
     """Stands in for SIGKILL: raised right after a checkpoint, it skips every cleanup the run would do."""
 
 
-@pytest.mark.slow
-def test_killed_and_resumed_run_matches_uninterrupted(cache_dir, student_config, tmp_path, monkeypatch, uninterrupted):
-    whole = uninterrupted
-    save = kdcache.student.train.save_checkpoint
-
-    def save_then_die(accelerator, root, step, keep, metrics_file):
-        save(accelerator, root, step, keep, metrics_file)
-        if step == 6:
+def die_after_checkpoint(at_step: int | None = None) -> TrainHooks:
+    """Hooks that kill the run right after the checkpoint of `at_step` (of any step when None) is saved."""
+    def after_checkpoint(step, path):
+        assert path.is_dir() and path.name == f"step-{step:08d}"
+        if at_step is None or step == at_step:
             raise Killed
+    return TrainHooks(after_checkpoint=after_checkpoint)
 
-    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save_then_die)
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_matches_uninterrupted(cache_dir, student_config, tmp_path, uninterrupted):
+    whole = uninterrupted
     resumed = tmp_path / "resumed"
     with pytest.raises(Killed):  # epochs of 48 rows / 4 = 12 batches = 6 steps: dies at an epoch's end
         train_student(cache_dir, resumed, student_config=str(student_config), progress=False,
-                      settings=TrainSettings(**SETTINGS))
+                      settings=TrainSettings(**SETTINGS), hooks=die_after_checkpoint(6))
     staging = tmp_path / "resumed.partial"
     assert sorted(p.name for p in (staging / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     with pytest.raises(KDCacheError, match="holds checkpoints of an interrupted run"):
         train_student(cache_dir, resumed, student_config=str(student_config), progress=False,
                       settings=TrainSettings(**SETTINGS))
 
-    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save)
     # Dies again, now mid-epoch at step 4, then resumes from there with the CLI-level --resume path.
     (staging / "checkpoints" / "step-00000006").rename(staging / "checkpoints" / "removed")
     summary = train_student(cache_dir, resumed, student_config=str(student_config), progress=False, resume=True,
@@ -94,45 +93,38 @@ def test_resume_refuses_different_settings(cache_dir, student_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_validation_restores_best_state_and_patience(cache_dir, student_config, tmp_path, monkeypatch):
+def test_resume_with_validation_restores_best_state_and_patience(cache_dir, student_config, tmp_path):
     """Held-out KLs are scripted: best at step 2, worse at 4 and 6, so patience 2 stops at step 6 and the
     step-2 state is saved. Killed at step 5, the resumed run has step 2's weights only in the checkpoint's
     snapshot and must know one evaluation already went without improvement; neither run trains on held-out ids."""
-    import kdcache.student.validation
     from kdcache import open_cache
 
-    def scripted(kls):
-        return lambda model, cache, *, batch_size, sample_ids: {"kl_to_teacher": next(kls), "top1_agreement": 0.0,
-                                                                "nll": 1.0, "perplexity": 2.0}
+    def scripted(log: list, **hooks) -> TrainHooks:
+        """Held-out KLs 0.3, 0.5, 0.6; each trained micro-batch's (epoch, sample ids) appended to `log`."""
+        kls = iter([0.3, 0.5, 0.6])
+        return TrainHooks(on_batch=lambda epoch, ids: log.extend((epoch, sample_id) for sample_id in ids),
+                          evaluate=lambda model, cache, *, batch_size, sample_ids: {
+                              "kl_to_teacher": next(kls), "top1_agreement": 0.0, "nll": 1.0, "perplexity": 2.0},
+                          **hooks)
 
     settings = TrainSettings(**{**SETTINGS, "max_steps": 10, "grad_accum": 1, "save_every": 5, "prefetch": 0,
                                 "val_fraction": 0.25, "eval_every": 2, "early_stopping": 2})
-    monkeypatch.setattr(kdcache.student.validation, "evaluate", scripted(iter([0.3, 0.5, 0.6])))
-    monkeypatch.setenv("KDCACHE_SAMPLE_LOG", str(tmp_path / "whole-log"))
+    whole_log, resumed_log = [], []
     whole = train_student(cache_dir, tmp_path / "whole", student_config=str(student_config), progress=False,
-                          settings=settings)
+                          settings=settings, hooks=scripted(whole_log))
     assert whole["steps"] == 6 and whole["validation"]["stopped_early"] and whole["validation"]["best_step"] == 2
 
-    monkeypatch.setattr(kdcache.student.validation, "evaluate", scripted(iter([0.3, 0.5, 0.6])))
-    monkeypatch.setenv("KDCACHE_SAMPLE_LOG", str(tmp_path / "resumed-log"))
-    save = kdcache.student.train.save_checkpoint
-
-    def save_then_die(accelerator, root, step, keep, metrics_file):
-        save(accelerator, root, step, keep, metrics_file)
-        raise Killed
-
-    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save_then_die)
+    hooks = scripted(resumed_log, after_checkpoint=die_after_checkpoint().after_checkpoint)
     with pytest.raises(Killed):
         train_student(cache_dir, tmp_path / "resumed", student_config=str(student_config), progress=False,
-                      settings=settings)
-    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save)
+                      settings=settings, hooks=hooks)
+    # the evaluations and trained batches of the killed run count: the resumed run continues both scripts
     resumed = train_student(cache_dir, tmp_path / "resumed", student_config=str(student_config), progress=False,
-                            settings=settings, resume=True)
+                            settings=settings, resume=True, hooks=dataclasses.replace(hooks, after_checkpoint=None))
     assert resumed["steps"] == 6 and resumed["validation"] == whole["validation"]
     assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
 
-    log = lambda name: (tmp_path / f"{name}-log.rank0").read_text().split("\n")
-    assert log("whole") == log("resumed"), "the resumed run replays exactly the uninterrupted order"
-    trained_ids = {int(line.split()[1]) for line in log("whole") if line}
+    assert whole_log == resumed_log, "the resumed run replays exactly the uninterrupted order"
+    trained_ids = {sample_id for _, sample_id in whole_log}
     heldout = open_cache(cache_dir).split(0.25).heldout
     assert trained_ids and not trained_ids & heldout

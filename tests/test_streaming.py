@@ -7,12 +7,14 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -60,19 +62,25 @@ def test_reading_from_a_position_continues_the_same_order(cache_dir, start):
     assert all((a.topk_logprobs == b.topk_logprobs).all() for a, b in zip(tail, full[start:]))
 
 
-def test_only_rows_still_to_come_are_decoded(cache_dir, monkeypatch):
-    from kdcache.cache import reader
-    decoded_rows = []
-    decode = reader._DecodedBatch
-    monkeypatch.setattr(reader, "_DecodedBatch", lambda batch, layers: decoded_rows.append(batch.num_rows)
-                        or decode(batch, layers))
-    manifest = Manifest.load(cache_dir)
-    assert len(list(open_cache(cache_dir).sequences())) == 48 and sum(decoded_rows) == 48
-    decoded_rows.clear()
-    tail = list(open_cache(cache_dir).sequences(start=44))
+def test_only_rows_still_to_come_are_decoded(cache_dir, tmp_path):
+    """Reading from a position decodes only the record batches holding rows still to come. The first two
+    shards are rewritten without their hidden-state column: decoding any of their rows with hidden states
+    fails, so reading from the start does, while reading the last rows does not."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(cache_dir, damaged)
+    manifest = Manifest.load(damaged)
+    hidden = {"hidden_layers": manifest.hidden_layers}
+    for shard in manifest.shards[:2]:
+        table = pa.ipc.open_file(cache_dir / shard.file).read_all().drop_columns([f"hidden_{manifest.hidden_layers[0]}"])
+        with pa.ipc.new_file(damaged / shard.file, table.schema) as writer:
+            writer.write_table(table)
+    with pytest.raises(KeyError, match="hidden_"):
+        list(open_cache(damaged).sequences(**hidden))
+    tail = list(open_cache(damaged).sequences(start=44, **hidden))
     # the dump writes a record batch per window of batches: here the whole 16-row last shard
-    assert [s.sample_id for s in tail] == [44, 45, 46, 47] and decoded_rows == [16], "one record batch, not the cache"
-    assert all(s.hidden == {} for s in tail), "hidden states are decoded only when asked for"
+    assert [s.sample_id for s in tail] == [44, 45, 46, 47] and all(s.hidden for s in tail)
+    assert all(s.hidden == {} for s in open_cache(cache_dir).sequences(start=44)), \
+        "hidden states are decoded only when asked for"
 
 
 class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
@@ -96,14 +104,34 @@ class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
         return __import__("io").BytesIO(body)
 
 
+def serve(directory: Path, handler) -> tuple[http.server.ThreadingHTTPServer, str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 @pytest.fixture()
 def served_cache(cache_dir):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeRequestHandler,
-                                                                                 directory=str(cache_dir)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server, url = serve(cache_dir, RangeRequestHandler)
+    yield url
     server.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Exactly `python -m http.server`: no `Range` support."""
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_without_ranges_needs_a_read_through_directory(cache_dir, tmp_path):
+    server, url = serve(cache_dir, QuietHandler)
+    try:
+        with pytest.raises(KDCacheError, match="support range requests.*a read-through directory downloads"):
+            next(open_cache(url).sequences())
+        assert len(list(open_cache(url, read_through=tmp_path).sequences())) == 48
+    finally:
+        server.shutdown()
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -131,16 +159,16 @@ def test_missing_remote_cache_is_a_one_line_error(served_cache, student_config, 
         train_student(served_cache + "/nowhere", tmp_path / "out", student_config=str(student_config), progress=False)
 
 
-def train_in_two_processes(cache_dir, student_config, out: Path, log: Path, *flags) -> dict[int, list[tuple[int, int]]]:
-    """Run train-student in two gloo processes; return each rank's logged (epoch, sample id) pairs."""
+def train_in_two_processes(cache_dir, student_config, out: Path, log: Path, **settings) -> dict[int, list[tuple[int, int]]]:
+    """Run train_student in two gloo processes; return each rank's logged (epoch, sample id) pairs."""
     # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (multi-CPU goes
     # through mpirun); the torchrun launcher plus ACCELERATE_USE_CPU gives two gloo processes.
+    settings = json.dumps({"epochs": 2, "batch_size": 5, "verify": False, **settings})
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "kdcache", "train-student", "--cache", str(cache_dir), "--student-config", str(student_config),
-               "--out", str(out), "--epochs", "2", "--batch-size", "5", "--no-verify", *map(str, flags)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KDCACHE_SAMPLE_LOG": str(log), "OMP_NUM_THREADS": "1",
-           "ACCELERATE_USE_CPU": "1"}
+               str(REPO / "tests" / "launched_training.py"), str(cache_dir), str(student_config), str(out), str(log),
+               settings]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "config.json").is_file()
@@ -162,8 +190,8 @@ def test_two_processes_with_a_validation_split_never_train_on_heldout_rows(cache
     """36 training rows: 18 per process per epoch, each exactly once; validation, checkpoints and a learned
     16→32 hidden-state projection (a DDP-wrapped module) under two processes."""
     out = tmp_path / "student"
-    seen = train_in_two_processes(cache_dir, student_config, out, tmp_path / "samples", "--val-fraction", 0.25,
-                                  "--eval-every", 3, "--save-every", 3, "--hidden-weight", 0.5)
+    seen = train_in_two_processes(cache_dir, student_config, out, tmp_path / "samples", val_fraction=0.25,
+                                  eval_every=3, save_every=3, hidden_weight=0.5)
     train = open_cache(cache_dir).split(0.25).train
     assert len(seen[0]) == len(seen[1]) == 2 * 18
     for epoch in (0, 1):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdcache.cache.format import Manifest
 from kdcache.errors import KDCacheError
-from kdcache.student import TrainSettings, evaluate, train_student
+from kdcache.student import TrainHooks, TrainSettings, evaluate, train_student
 from kdcache.teacher import DumpSettings, dump_teacher
 
 
@@ -29,6 +29,19 @@ def test_trained_student_saves_and_loads(cache_dir, student_config, tmp_path):
     assert (out / "kdcache_projections.pt").is_file(), "hidden 16 -> 32 needs a learned projection"
     assert not (tmp_path / "student.partial").exists()
     assert model(torch.tensor([[2, 5, 6]])).logits.shape[-1] == 64
+
+
+def test_an_on_step_hook_sees_every_step_and_can_stop_the_run(cache_dir, student_config, tmp_path):
+    """`on_step` gets each optimizer step with the positions trained so far; True ends the run cleanly."""
+    seen, batches = [], []
+    hooks = TrainHooks(on_step=lambda step, tokens: seen.append((step, tokens)) or step == 3,
+                       on_batch=lambda epoch, sample_ids: batches.append(sample_ids))
+    summary = train_student(cache_dir, tmp_path / "student", student_config=str(student_config), progress=False,
+                            settings=TrainSettings(max_steps=10, batch_size=4, grad_accum=2), hooks=hooks)
+    assert [step for step, _ in seen] == [1, 2, 3] and summary["steps"] == 3
+    assert len(batches) == 6 and all(len(ids) == 4 for ids in batches), "two micro-batches per step"
+    assert seen[-1][1] == summary["tokens"] and seen[0][1] < seen[1][1] < seen[2][1]
+    assert (tmp_path / "student" / "config.json").is_file(), "a stopped run is saved like a finished one"
 
 
 def test_loss_is_exactly_the_weighted_sum(cache_dir, student_config, tmp_path):

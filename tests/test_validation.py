@@ -10,14 +10,9 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-import kdcache.student.train
-import kdcache.student.validation
-from kdcache import open_cache
+from kdcache import DumpSettings, KDCacheError, TrainHooks, TrainSettings, dump_teacher, open_cache, train_student
 from kdcache.cache.format import Manifest
 from kdcache.cli import main
-from kdcache.errors import KDCacheError
-from kdcache.student import TrainSettings, train_student
-from kdcache.teacher import DumpSettings, dump_teacher
 
 
 def test_split_is_deterministic_disjoint_and_independent_of_shard_layout(cache_dir, tmp_path, teacher_dir, corpus):
@@ -40,12 +35,12 @@ def test_split_refuses_fractions_that_leave_a_side_empty(cache_dir, fraction):
         open_cache(cache_dir).split(fraction)
 
 
-def test_training_never_sees_the_heldout_split(cache_dir, student_config, tmp_path, monkeypatch):
-    monkeypatch.setenv("KDCACHE_SAMPLE_LOG", str(tmp_path / "samples"))
+def test_training_never_sees_the_heldout_split(cache_dir, student_config, tmp_path):
+    seen = set()
     summary = train_student(cache_dir, tmp_path / "out", student_config=str(student_config), progress=False,
-                            settings=TrainSettings(max_steps=12, batch_size=4, val_fraction=0.25, eval_every=4))
+                            settings=TrainSettings(max_steps=12, batch_size=4, val_fraction=0.25, eval_every=4),
+                            hooks=TrainHooks(on_batch=lambda epoch, sample_ids: seen.update(sample_ids)))
     heldout = open_cache(cache_dir).split(0.25).heldout
-    seen = {int(line.split()[1]) for line in (tmp_path / "samples.rank0").read_text().splitlines()}
     assert seen == set(range(48)) - heldout, "every training row seen, no held-out row"
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     val_steps = [record["step"] for record in records if "val_kl_to_teacher" in record]
@@ -53,7 +48,7 @@ def test_training_never_sees_the_heldout_split(cache_dir, student_config, tmp_pa
     assert summary["validation"]["heldout_sequences"] == 12
 
 
-def test_early_stopping_stops_and_keeps_the_best_state(cache_dir, student_config, tmp_path, monkeypatch):
+def test_early_stopping_stops_and_keeps_the_best_state(cache_dir, student_config, tmp_path):
     """Scripted held-out KLs: best at the 2nd evaluation, then 2 worse ones stop training (patience 2)."""
     scripted = iter([0.5, 0.3, 0.4, 0.6, 0.1])
     weights_at = {}
@@ -62,11 +57,11 @@ def test_early_stopping_stops_and_keeps_the_best_state(cache_dir, student_config
         weights_at[len(weights_at) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
         return {"kl_to_teacher": next(scripted), "top1_agreement": 0.0, "nll": 1.0, "perplexity": math.e}
 
-    monkeypatch.setattr(kdcache.student.validation, "evaluate", fake_evaluate)
     out = tmp_path / "out"
     summary = train_student(cache_dir, out, student_config=str(student_config), progress=False,
                             settings=TrainSettings(max_steps=50, batch_size=4, lr=1e-2, val_fraction=0.25,
-                                                   eval_every=2, early_stopping=2))
+                                                   eval_every=2, early_stopping=2),
+                            hooks=TrainHooks(evaluate=fake_evaluate))
     assert summary["steps"] == 8 and len(weights_at) == 4, "stopped after the 4th evaluation"
     assert summary["validation"] == {"heldout_sequences": 12, "best_step": 4, "best_val_kl_to_teacher": 0.3,
                                      "last": summary["validation"]["last"], "stopped_early": True}

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from kdcache import DumpSettings, dump_teacher
 from kdcache.cache.format import shard_schema
 from kdcache.cache.writer import CachedSequence, ShardWriter
-from kdcache.demo.synthetic import SPECIAL_TOKENS, build_word_tokenizer
+from kdcache.demo import build_word_tokenizer
+from kdcache.demo.synthetic import SPECIAL_TOKENS
 from kdcache.tasks import CAUSAL_LM, get_task
-from kdcache.teacher import DumpSettings, dump_teacher
 from kdcache.teacher.windows import RowSource, pad_batch, plan_shards, windows
 
 

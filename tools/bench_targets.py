@@ -25,15 +25,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
-from kdcache.cache.cache import open_cache
+from kdcache import DumpSettings, TrainSettings, dense_kd_loss, dump_teacher, evaluate, open_cache, train_student
 from kdcache.cache.format import Manifest
-from kdcache.demo.run import STUDENT_SHAPE, _train_teacher, _write_jsonl, llama_config
-from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer
-from kdcache.losses import dense_kd_loss
+from kdcache.demo import (STUDENT_SHAPE, SyntheticLanguage, build_word_tokenizer, llama_config, train_demo_teacher,
+                          write_jsonl)
 from kdcache.models import load_causal_lm
-from kdcache.student import TrainSettings, evaluate, train_student
 from kdcache.student.batching import collate
-from kdcache.teacher import DumpSettings, dump_teacher
 
 
 def train_online(root: Path, cache: Path, teacher_dir: Path, config_file: Path, settings: TrainSettings) -> Path:
@@ -90,10 +87,10 @@ def main() -> None:
         language = SyntheticLanguage()
         tokenizer = build_word_tokenizer(language.words)
         tokenizer.padding_side = "right"
-        _train_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), args.teacher_steps)
+        train_demo_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), args.teacher_steps)
         teacher = str(root / "teacher")
-        transfer = _write_jsonl(root / "transfer.jsonl", language.sentences(600, seed=2))
-        heldout = _write_jsonl(root / "heldout.jsonl", language.sentences(300, seed=3))
+        transfer = write_jsonl(root / "transfer.jsonl", language.sentences(600, seed=2))
+        heldout = write_jsonl(root / "heldout.jsonl", language.sentences(300, seed=3))
         common = {"batch_size": 32, "shard_rows": 256}
         dump_teacher(teacher, str(transfer), root / "topk", DumpSettings(top_k=args.top_k, **common), progress=False)
         dump_teacher(teacher, str(transfer), root / "sampled",

@@ -11,8 +11,9 @@ a process streaming one epoch of a 1x and of a 10x cache (the 10x cache repeats 
 
 The machine may be shared with other work, so (a)-(d) are measured in interleaved rounds and
 the median of each is reported, twice: by wall clock, and per CPU-second of this process (robust to
-other load; (b) then runs with --prefetch 0 so that reading is counted too, and the bench swaps
-train-student's clock for `time.process_time`). The first steps of every measurement are warm-up.
+other load; (b) then runs with --prefetch 0 so that reading is counted too, and the bench times it
+with `time.process_time` from train_student's `on_step` hook). The first steps of every measurement
+are warm-up.
 
     python tools/bench_train.py [--workdir DIR] [--rows 512] [--steps 24] [--rounds 3] [--threads 1]
 """
@@ -30,33 +31,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import kdcache.student.metrics  # noqa: E402
-from kdcache.cache.cache import open_cache  # noqa: E402
+from kdcache import (DumpSettings, TrainHooks, TrainSettings, dense_kd_loss, dump_teacher,  # noqa: E402
+                     next_token_ce, open_cache, train_student)
 from kdcache.cache.format import Manifest, ShardInfo  # noqa: E402
-from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer  # noqa: E402
-from kdcache.losses import dense_kd_loss, next_token_ce  # noqa: E402
-from kdcache.student import TrainSettings, train_student  # noqa: E402
+from kdcache.demo import SyntheticLanguage, build_word_tokenizer, llama_config, write_jsonl  # noqa: E402
 from kdcache.student.feed import CacheBatches  # noqa: E402
-from kdcache.teacher import DumpSettings, dump_teacher  # noqa: E402
 
 STUDENT = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4}
 TEACHER = {"hidden_size": 384, "intermediate_size": 1152, "num_hidden_layers": 6, "num_attention_heads": 6}
 WARMUP_STEPS = 5
 BATCH_SIZE = 16
 LR = 1e-3
-
-
-def llama(vocab_size: int, shape: dict) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab_size, num_key_value_heads=shape["num_attention_heads"],
-                       max_position_embeddings=128, tie_word_embeddings=True, **shape)
 
 
 def parameters(model) -> int:
@@ -68,15 +60,14 @@ def build(workdir: Path, rows: int) -> tuple[Path, Path, Path]:
     language = SyntheticLanguage(num_words=5000, num_topics=1, seed=0)
     tokenizer = build_word_tokenizer(language.words)
     torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(llama(len(tokenizer), TEACHER))
+    teacher = AutoModelForCausalLM.from_config(llama_config(len(tokenizer), TEACHER))
     teacher.save_pretrained(workdir / "teacher")
     tokenizer.save_pretrained(workdir / "teacher")
-    corpus = workdir / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in language.sentences(rows, seed=1)))
+    corpus = write_jsonl(workdir / "corpus.jsonl", language.sentences(rows, seed=1))
     dump_teacher(str(workdir / "teacher"), str(corpus), workdir / "cache",
                  DumpSettings(top_k=64, batch_size=32, shard_rows=256), progress=False)
     config = workdir / "student.json"
-    config.write_text(llama(len(tokenizer), STUDENT).to_json_string())
+    config.write_text(llama_config(len(tokenizer), STUDENT).to_json_string())
     return workdir / "teacher", workdir / "cache", config
 
 
@@ -109,7 +100,7 @@ def timed_loop(batches: list, step) -> dict[str, float]:
 def fresh_student(config: Path):
     """The student every variant starts from: same shape, same seed, same initial weights."""
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(llama(json.loads(config.read_text())["vocab_size"], STUDENT))
+    return AutoModelForCausalLM.from_config(llama_config(json.loads(config.read_text())["vocab_size"], STUDENT))
 
 
 def student_trainer(config: Path, loss_of):
@@ -143,24 +134,22 @@ def online_kd(config: Path, teacher_dir: Path, batches: list) -> dict[str, float
 
 
 def from_cache(config: Path, cache: Path, workdir: Path, steps: int, clock: str) -> float:
-    """tokens/s of train_student, from its own metrics after the warm-up steps.
+    """tokens/s of train_student after the warm-up steps, timed by `clock` from its `on_step` hook.
 
-    By CPU time, train_student's clock is swapped for `time.process_time` and reading runs in the
-    training process (--prefetch 0), so every CPU-second it spends is counted.
+    By CPU time, reading runs in the training process (--prefetch 0), so every CPU-second it spends
+    is counted.
     """
     out = Path(tempfile.mkdtemp(dir=workdir)) / "student"
-    kdcache.student.metrics.time = SimpleNamespace(perf_counter=CLOCKS[clock])
-    try:
-        train_student(cache, out, student_config=str(config), progress=False,
-                      settings=TrainSettings(max_steps=steps, batch_size=BATCH_SIZE, lr=LR, log_every=WARMUP_STEPS,
-                                             verify=False, prefetch=4 if clock == "wall" else 0))
-    finally:
-        kdcache.student.metrics.time = time
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = records[0], records[-1]  # cumulative counters; the first record closes the warm-up
-    seconds = lambda record: record["tokens"] / record["tokens_per_second"]
+    marks = {}  # (tokens, clock) at the end of the warm-up and at the last step
+
+    def on_step(step: int, tokens: int) -> None:
+        marks["warm" if step == WARMUP_STEPS else "last"] = (tokens, CLOCKS[clock]())
+    train_student(cache, out, student_config=str(config), progress=False, hooks=TrainHooks(on_step=on_step),
+                  settings=TrainSettings(max_steps=steps, batch_size=BATCH_SIZE, lr=LR, verify=False,
+                                         prefetch=4 if clock == "wall" else 0))
     shutil.rmtree(out.parent)
-    return (last["tokens"] - first["tokens"]) / (seconds(last) - seconds(first))
+    (first_tokens, first_time), (last_tokens, last_time) = marks["warm"], marks["last"]
+    return (last_tokens - first_tokens) / (last_time - first_time)
 
 
 def reader_alone(cache: Path) -> dict[str, float]:
@@ -274,7 +263,7 @@ def main() -> None:
     teacher_dir, cache, config = build(workdir, args.rows)
     manifest = Manifest.load(cache)
     teacher_params = parameters(AutoModelForCausalLM.from_pretrained(teacher_dir))
-    student_params = parameters(AutoModelForCausalLM.from_config(llama(manifest.vocab_size, STUDENT)))
+    student_params = parameters(AutoModelForCausalLM.from_config(llama_config(manifest.vocab_size, STUDENT)))
     print(f"cache: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, top-{manifest.top_k}, "
           f"vocab {manifest.vocab_size}; student {student_params / 1e6:.2f}M, teacher {teacher_params / 1e6:.2f}M "
           f"({teacher_params / student_params:.1f}x); batch {BATCH_SIZE}, {args.steps} steps x {args.rounds} rounds, "

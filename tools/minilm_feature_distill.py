@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from kdcache.student import TrainSettings, init_student, train_student
-from kdcache.teacher import DumpSettings, dump_teacher
+from kdcache import DumpSettings, TrainSettings, dump_teacher, init_student, train_student
 
 SUBJECTS = ["The teacher", "My neighbour", "A small child", "The doctor", "Our team", "The old farmer", "A tourist",
             "The engineer", "My sister", "The police officer", "A young student", "The chef"]

@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from kdcache.student import TrainSettings, evaluate, init_student, train_student
+from kdcache import DumpSettings, TrainSettings, dump_teacher, evaluate, init_student, train_student
 from kdcache.student.classification_eval import format_table
-from kdcache.teacher import DumpSettings, dump_teacher
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
 NAMES = {

@@ -5,7 +5,11 @@ server. `CacheStore` reads the manifest, the tokenizer and the shards from eithe
 
 - a local directory: shards are memory-mapped, so reading a row touches only its pages;
 - an fsspec URL (`s3://`, `gs://`, `hf://`, `http(s)://`, ...): shards are streamed with ranged
-  reads, only the record batches a reader decodes are fetched;
+  reads, only the record batches a reader decodes are fetched. `http(s)` is fsspec's own (aiohttp)
+  filesystem: measured against the stdlib Range reader kdcache had, on a 68 MiB cache served from
+  127.0.0.1, it streamed at 276 vs 129 MiB/s and downloaded read-through copies at 244-446 vs
+  103-122 MiB/s; neither can stream from a server without Range support (`python -m http.server`),
+  where a read-through directory works with both;
 - a URL plus a read-through directory: each shard is downloaded once (atomically, size-checked)
   and memory-mapped from there on, which suits repeated epochs over the same remote cache.
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 
-from ..errors import KDCacheError
+from ..errors import KDCacheError, first_line
 from .format import MANIFEST_NAME, PARTIAL_SUFFIX, TOKENIZER_DIR, Manifest, sha256_file
 
 REMOTE_BLOCK_SIZE = 1 << 22
@@ -30,15 +34,21 @@ def is_url(location: str | Path) -> bool:
     return "://" in str(location)
 
 
-def _filesystem(url: str) -> fsspec.AbstractFileSystem:
+def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, tuple[type[Exception], ...]]:
+    """The fsspec filesystem for `url`, and the exceptions its failed reads raise.
+
+    Most raise OSError; fsspec's http raises ValueError for a server that ignores Range requests and
+    aiohttp's ClientError for an HTTP error status other than 404.
+    """
     protocol = url.split("://", 1)[0]
-    if protocol in ("http", "https"):
-        from .http import HTTPFileSystem
-        return HTTPFileSystem()
     try:
-        return fsspec.filesystem(protocol)
+        fs = fsspec.filesystem(protocol)
     except (ImportError, ValueError) as error:
         raise KDCacheError(f"cannot open {url}: {error}") from None
+    if protocol not in ("http", "https"):
+        return fs, (OSError,)
+    import aiohttp  # fsspec's http needs it, so it is there; imported here to keep local reads light
+    return fs, (OSError, ValueError, aiohttp.ClientError)
 
 
 class CacheStore:
@@ -48,7 +58,7 @@ class CacheStore:
         self.location = str(location).rstrip("/")
         self.remote = is_url(location)
         self.read_through = Path(read_through) if read_through and self.remote else None
-        self.fs = _filesystem(self.location) if self.remote else None
+        self.fs, self.read_errors = _filesystem(self.location) if self.remote else (None, (OSError,))
         self._tokenizer_copy: tempfile.TemporaryDirectory | None = None
 
     def __str__(self) -> str:
@@ -83,8 +93,8 @@ class CacheStore:
             return action()
         except FileNotFoundError:
             raise KDCacheError(f"{relative} is missing from cache {self.location}") from None
-        except OSError as error:
-            raise KDCacheError(f"cannot read {relative} from cache {self.location}: {error}") from None
+        except self.read_errors as error:
+            raise KDCacheError(f"cannot read {relative} from cache {self.location}: {first_line(error)}") from None
 
     def load_manifest(self) -> Manifest:
         if not self.remote:
@@ -93,8 +103,8 @@ class CacheStore:
             text = self.fs.cat_file(self._url(MANIFEST_NAME)).decode()
         except FileNotFoundError:
             raise KDCacheError(f"not a kdcache cache (no {MANIFEST_NAME}): {self.location}") from None
-        except OSError as error:
-            raise KDCacheError(f"cannot read cache {self.location}: {error}") from None
+        except self.read_errors as error:
+            raise KDCacheError(f"cannot read cache {self.location}: {first_line(error)}") from None
         return Manifest.from_json(text, self._url(MANIFEST_NAME))
 
     def size(self, relative: str) -> int | None:
@@ -106,8 +116,8 @@ class CacheStore:
             return self.fs.info(self._url(relative))["size"]
         except FileNotFoundError:
             return None
-        except OSError as error:
-            raise KDCacheError(f"cannot read {relative} from cache {self.location}: {error}") from None
+        except self.read_errors as error:
+            raise KDCacheError(f"cannot read {relative} from cache {self.location}: {first_line(error)}") from None
 
     def sha256(self, relative: str) -> str:
         local = self._local_path(relative)
@@ -134,8 +144,9 @@ class CacheStore:
                 return pa.ipc.open_file(pa.memory_map(str(local), "r"), options=options)
             handle = self.fs.open(self._url(relative), "rb", block_size=REMOTE_BLOCK_SIZE)
             return pa.ipc.open_file(pa.PythonFile(handle, mode="r"), options=options)
-        except (OSError, pa.ArrowInvalid) as error:
-            raise KDCacheError(f"cannot read shard {self._url(relative)}: {error}") from None
+        except (*self.read_errors, pa.ArrowInvalid) as error:
+            hint = "; a read-through directory downloads whole shards instead" if self.remote and not local else ""
+            raise KDCacheError(f"cannot read shard {self._url(relative)}: {first_line(error)}{hint}") from None
 
     def tokenizer_dir(self) -> Path:
         """A local directory holding the cache's tokenizer (downloaded once when the cache is remote)."""

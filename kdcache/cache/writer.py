@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -89,6 +91,10 @@ def to_record_batch(rows: list[CachedSequence], schema: pa.Schema) -> pa.RecordB
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
+def open_for_writing(path: Path) -> BinaryIO:
+    return open(path, "wb")
+
+
 class ShardWriter:
     """Appends record batches to `data/<prefix>-NNNNN.arrow`, starting a new shard every `shard_rows`.
 
@@ -96,11 +102,13 @@ class ShardWriter:
 
     Lifecycle: `write()` any number of times, then `close()` (returns every finished shard) or
     `abort()` (removes the shard in progress). Usable as a context manager that aborts on error.
+    `open_file` opens each shard file for writing (a seam: e.g. a test's full disk).
     """
 
     def __init__(self, cache_dir: Path, schema: pa.Schema, *, shard_rows: int, prefix: str = "shard-00000",
-                 start_index: int = 0):
+                 start_index: int = 0, open_file: Callable[[Path], BinaryIO] = open_for_writing):
         self.cache_dir = Path(cache_dir)
+        self.open_file = open_file
         self.schema = schema
         self.shard_rows = shard_rows
         self.prefix = prefix
@@ -124,7 +132,7 @@ class ShardWriter:
         batch = to_record_batch(rows, self.schema)
         try:
             if self._writer is None:
-                self._sink = open(self._partial_path(), "wb")
+                self._sink = self.open_file(self._partial_path())
                 self._writer = pa.ipc.new_file(self._sink, self.schema)
             self._writer.write_batch(batch)
         except OSError as error:

@@ -1,6 +1,7 @@
 """`kdcache demo`: the whole pipeline on a generated language (see run.py)."""
 
-from .run import run_demo
+from .run import STUDENT_SHAPE, TEACHER_SHAPE, llama_config, run_demo, train_demo_teacher, write_jsonl
 from .synthetic import SyntheticLanguage, build_word_tokenizer
 
-__all__ = ["SyntheticLanguage", "build_word_tokenizer", "run_demo"]
+__all__ = ["STUDENT_SHAPE", "SyntheticLanguage", "TEACHER_SHAPE", "build_word_tokenizer", "llama_config", "run_demo",
+           "train_demo_teacher", "write_jsonl"]

@@ -32,14 +32,16 @@ def llama_config(vocab_size: int, shape: dict) -> LlamaConfig:
                        max_position_embeddings=128, tie_word_embeddings=True, **shape)
 
 
-def _write_jsonl(path: Path, texts: list[str]) -> Path:
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    """`texts` as a JSON-lines file with a `text` column, the form `dump_teacher` reads."""
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     return path
 
 
-def _train_teacher(directory: Path, tokenizer, texts: list[str], steps: int, batch_size: int = 32,
-                   progress: bool = True) -> None:
-    """Next-token CE training of the demo teacher; shuffled sequential batches, AdamW, cosine decay."""
+def train_demo_teacher(directory: Path, tokenizer, texts: list[str], steps: int, batch_size: int = 32,
+                       progress: bool = True) -> None:
+    """Next-token CE training of the demo teacher (TEACHER_SHAPE), saved with `tokenizer` to `directory`;
+    shuffled sequential batches, AdamW, cosine decay. Public so benchmarks distil the demo's own teacher."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(llama_config(len(tokenizer), TEACHER_SHAPE))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
@@ -75,12 +77,13 @@ def run_demo(workdir: Path | None = None, *, teacher_steps: int = 400, student_s
         tokenizer.padding_side = "right"
 
         started = time.perf_counter()
-        _train_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), teacher_steps, progress=progress)
+        train_demo_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), teacher_steps,
+                           progress=progress)
         timings["train teacher"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        transfer = _write_jsonl(root / "transfer.jsonl", language.sentences(transfer_sentences, seed=2))
-        heldout = _write_jsonl(root / "heldout.jsonl", language.sentences(300, seed=3))
+        transfer = write_jsonl(root / "transfer.jsonl", language.sentences(transfer_sentences, seed=2))
+        heldout = write_jsonl(root / "heldout.jsonl", language.sentences(300, seed=3))
         settings = DumpSettings(top_k=16, batch_size=32, shard_rows=256)
         manifest = dump_teacher(str(root / "teacher"), str(transfer), root / "cache", settings, progress=progress)
         dump_teacher(str(root / "teacher"), str(heldout), root / "cache-heldout", settings, progress=progress)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..models import load_tokenizer
 from .batching import Batch
 from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, save_checkpoint
 from .feed import CacheBatches, prefetched
+from .hooks import TrainHooks
 from .loading import load_student
 from .metrics import LOG_DIR, RUN_NAME, MetricsLog, tracker_config, trackers
 from .objective import DistillationLoss, check_loss_settings
@@ -40,7 +40,6 @@ from .validation import setup_validation
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 PROJECTIONS_FILE = "kdcache_projections.pt"
 METRICS_FILE = "metrics.jsonl"
-SAMPLE_LOG_ENV = "KDCACHE_SAMPLE_LOG"  # debug: each process appends "epoch sample_id" lines to <value>.rank<N>
 
 
 def _batches(cache: Cache, settings: TrainSettings, accelerator: Accelerator, hidden_layers: list[int],
@@ -72,11 +71,11 @@ def _total_steps(training_rows: int, settings: TrainSettings, num_processes: int
 def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | None = None,
                   student_config: str | None = None, settings: TrainSettings = TrainSettings(),
                   progress: bool = True, resume: bool = False, resume_from: Path | str | None = None,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, hooks: TrainHooks = TrainHooks()) -> dict:
     """Train a student on `cache` (a `Cache`, a directory or an fsspec URL), save it to `out`; return the
     final metrics. With `resume`, continue from the latest checkpoint in `<out>.partial/checkpoints` if
     there is one; `resume_from` names a checkpoint directory explicitly. With `overwrite`, a student kdcache
-    wrote to `out` earlier is replaced once the new one is complete."""
+    wrote to `out` earlier is replaced once the new one is complete. `hooks` watch or stop the loop."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache, settings.read_through)
     out = Path(out)
     manifest = cache.manifest
@@ -90,7 +89,8 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
         cache.check_files()
     tokenizer = load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer")
     train_ids, validation = setup_validation(cache, fraction=settings.val_fraction, every=settings.eval_every,
-                                             patience=settings.early_stopping, batch_size=settings.batch_size)
+                                             patience=settings.early_stopping, batch_size=settings.batch_size,
+                                             evaluate=hooks.evaluate)
     training = cache if train_ids is None else cache.subset(train_ids)
 
     report_to = trackers(settings.report_to)
@@ -128,7 +128,6 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         metrics.load_state_dict(state.metrics)
-    sample_log = _open_sample_log(accelerator.process_index)
     bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step",
                disable=not (progress and accelerator.is_main_process))
     step, epoch = state.step, state.epoch
@@ -137,8 +136,8 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
                "projections": accelerator.unwrap_model(loss_of.projections)}
     for epoch, consumed, batch in _batches(training, settings, accelerator, loss_of.teacher_layers,
                                            start_epoch=state.epoch, start_batch=state.batches_in_epoch):
-        if sample_log:
-            sample_log.write("".join(f"{epoch} {sample_id}\n" for sample_id in batch.sample_ids))
+        if hooks.on_batch:
+            hooks.on_batch(epoch, list(batch.sample_ids))
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model, loss_of.projections):
             loss, terms = loss_of(model, batch)
@@ -153,21 +152,22 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
             continue
         step += 1
         bar.update(1)
+        stop = bool(hooks.on_step and hooks.on_step(step, metrics.tokens))
         if step % settings.log_every == 0 or step == total_steps:
             bar.set_postfix(metrics.flush(step, epoch, scheduler.get_last_lr()[0]))
         if validation and validation.due(step, total_steps):
             metrics.write(validation.run(trained, step))
             if validation.should_stop:
                 break
-        if step >= total_steps:
+        if step >= total_steps or stop:
             break
         if settings.save_every and step % settings.save_every == 0:
             state.step, state.epoch, state.batches_in_epoch, state.metrics = step, epoch, consumed, metrics.state_dict()
-            save_checkpoint(accelerator, staging / CHECKPOINTS_DIR, step, settings.keep_checkpoints,
-                            staging / METRICS_FILE)
+            saved = save_checkpoint(accelerator, staging / CHECKPOINTS_DIR, step, settings.keep_checkpoints,
+                                    staging / METRICS_FILE)
+            if hooks.after_checkpoint:
+                hooks.after_checkpoint(step, saved)
     bar.close()
-    if sample_log:
-        sample_log.close()
     if step == 0:
         raise KDCacheError("no optimizer step was taken: the cache has fewer rows than processes")
     metrics.flush(step, epoch, scheduler.get_last_lr()[0])
@@ -200,8 +200,3 @@ def _run_identity(manifest: Manifest, settings: TrainSettings, num_processes: in
     trajectory = {name: value for name, value in dataclasses.asdict(settings).items() if name not in OPERATIONAL_SETTINGS}
     return {"dump_fingerprint": manifest.dump_fingerprint, "num_processes": num_processes, **trajectory}
 
-
-def _open_sample_log(process_index: int):
-    """With $KDCACHE_SAMPLE_LOG set, a file recording which sample ids this process trained on, per epoch."""
-    prefix = os.environ.get(SAMPLE_LOG_ENV)
-    return open(f"{prefix}.rank{process_index}", "a") if prefix else None

@@ -11,19 +11,21 @@ the same stop decision.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch import nn
 
 from ..cache.cache import Cache
-from .evaluate import evaluate
+from .evaluate import evaluate as kdcache_evaluate
 
 
 class Validation:
     """When to score (`due`), what the best state was (`restore_best`), when to stop (`should_stop`)."""
 
     def __init__(self, cache: Cache, heldout: frozenset[int], *, every: int | None, patience: int | None,
-                 batch_size: int):
+                 batch_size: int, evaluate: Callable[..., dict] | None = None):
         self.cache = cache
+        self.evaluate = evaluate or kdcache_evaluate  # TrainHooks.evaluate
         self.heldout = heldout
         self.every = every
         self.patience = patience
@@ -40,7 +42,7 @@ class Validation:
 
     def run(self, modules: dict[str, nn.Module], step: int) -> dict:
         """Score `modules["model"]` on the held-out split; snapshot `modules` (CPU copies) if best yet."""
-        scores = evaluate(modules["model"], self.cache, batch_size=self.batch_size, sample_ids=self.heldout)
+        scores = self.evaluate(modules["model"], self.cache, batch_size=self.batch_size, sample_ids=self.heldout)
         if scores["kl_to_teacher"] < self.best_kl:
             self.best_kl, self.best_step = scores["kl_to_teacher"], step
             self.best_state = {name: {key: value.detach().to("cpu", copy=True)
@@ -81,10 +83,12 @@ class Validation:
                 "stopped_early": self.should_stop}
 
 
-def setup_validation(cache: Cache, *, fraction: float, every: int | None,
-                     patience: int | None, batch_size: int) -> tuple[frozenset[int] | None, Validation | None]:
-    """(training sample ids, Validation) for `--val-fraction`; (None, None) when it is 0."""
+def setup_validation(cache: Cache, *, fraction: float, every: int | None, patience: int | None, batch_size: int,
+                     evaluate: Callable[..., dict] | None = None) -> tuple[frozenset[int] | None, Validation | None]:
+    """(training sample ids, Validation) for `val_fraction`; (None, None) when it is 0. `evaluate`
+    replaces `kdcache.evaluate` as the held-out scorer (see TrainHooks.evaluate)."""
     if not fraction:
         return None, None
     split = cache.split(fraction, setting="val_fraction")
-    return split.train, Validation(cache, split.heldout, every=every, patience=patience, batch_size=batch_size)
+    return split.train, Validation(cache, split.heldout, every=every, patience=patience, batch_size=batch_size,
+                                   evaluate=evaluate)

@@ -46,6 +46,7 @@ from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, Annotation, Task, pooler, reso
 from .data import describe, load_rows
 from .fidelity import FidelityCard
 from .fingerprint import teacher_fingerprint
+from .hooks import DumpHooks
 from .progress import DumpLock, claim_output, finish, load_records, resume_state
 from .settings import DumpSettings
 from .stats import StreamingSummary
@@ -138,13 +139,14 @@ def _load_teacher(teacher: str, task: Task, settings: DumpSettings, accelerator:
 
 
 def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSettings,
-                 progress: bool = True) -> Manifest:
+                 progress: bool = True, hooks: DumpHooks = DumpHooks()) -> Manifest:
     """Dump `teacher`'s targets on `data` into the cache directory `out`; return its manifest.
 
     Rerunning it after an interruption resumes: finished shards are kept, the rest is computed.
     Rerunning it on a finished cache with the same teacher, data and settings returns that cache's
     manifest and computes nothing.
-    Under `accelerate launch` every process calls it with the same arguments.
+    Under `accelerate launch` every process calls it with the same arguments. `hooks` open the shard
+    files.
     """
     out = Path(out)
 
@@ -217,7 +219,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
             out, schema, shard_rows=settings.shard_rows, rank=accelerator.process_index,
             id_dtype=STORED_TYPES[str(token_id_type(num_classes))].numpy,
             logprob_dtype=STORED_TYPES[settings.logprob_dtype].numpy, hidden_layers=layers,
-            new_card=new_card)
+            new_card=new_card, open_shard=hooks.open_shard)
         bar = tqdm(total=sum(len(plan[index]) for index in mine), desc="dump-teacher", unit="seq",
                    disable=not (progress and accelerator.is_local_main_process))
         try:

