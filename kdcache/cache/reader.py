@@ -46,11 +46,13 @@ def check_shard_files(cache: CacheStore | str | Path, manifest: Manifest) -> Non
                                f"the manifest says {shard.bytes}: the shard was modified or truncated")
 
 
-def _verify_shard(store: CacheStore, shard: ShardInfo, schema: pa.Schema) -> None:
+def _verify_shard(store: CacheStore, shard: ShardInfo, schema: pa.Schema, fingerprints: set[str]) -> None:
     if store.sha256(shard.file) != shard.sha256:
         raise KDCacheError(f"shard {shard.file} fails its sha256 check: the file was modified or corrupted")
     reader = store.open_shard(shard.file)
-    if not reader.schema.equals(schema, check_metadata=True):
+    fingerprint = (reader.schema.metadata or {}).get(b"kdcache.dump_fingerprint", b"")
+    expected = schema.with_metadata({**schema.metadata, b"kdcache.dump_fingerprint": fingerprint})
+    if fingerprint.decode() not in fingerprints or not reader.schema.equals(expected, check_metadata=True):
         raise KDCacheError(f"shard {shard.file} has schema {reader.schema.names} that does not match the manifest")
     rows = tokens = 0
     for index in range(reader.num_record_batches):
@@ -68,7 +70,7 @@ def verify_cache(cache: CacheStore | str | Path, manifest: Manifest, *, progress
     check_shard_files(store, manifest)
     schema = expected_schema(manifest)
     for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
-        _verify_shard(store, shard, schema)
+        _verify_shard(store, shard, schema, manifest.shard_fingerprints)
 
 
 def content_sha256(cache: CacheStore | str | Path, shards: list[ShardInfo]) -> str:

@@ -1,0 +1,243 @@
+"""Sharing caches against a real S3 API: moto's S3 server on 127.0.0.1, reached by s3fs over HTTP.
+
+Nothing of kdcache is mocked: the server speaks the S3 protocol (with IAM authentication switched on,
+so wrong credentials are refused as AWS refuses them), and s3fs finds it through the standard AWS
+environment variables, exactly as a user's `kdcache copy` would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import boto3
+import datasets
+import pytest
+import s3fs
+from click.testing import CliRunner
+from moto.server import ThreadedMotoServer
+
+from kdcache.cache.card import CARD_NAME
+from kdcache.cache.format import MANIFEST_NAME, Manifest
+from kdcache.cache.reader import content_sha256, iter_sequences, read_sample_ids, verify_cache
+from kdcache.cache.transfer import COPY_MARKER, copy_cache
+from kdcache.cli import main
+from kdcache.errors import KDCacheError
+from kdcache.student import TrainSettings, train_student
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 endpoint with one IAM user; its credentials go into the environment for the session."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                       aws_access_key_id="setup", aws_secret_access_key="setup")
+    iam.create_user(UserName="team")
+    policy = iam.create_policy(PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    iam.attach_user_policy(UserName="team", PolicyArn=policy["Policy"]["Arn"])
+    key = iam.create_access_key(UserName="team")["AccessKey"]
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                                  headers={"Content-Type": "text/plain"}))  # authenticate from now on
+    environment = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                   "AWS_ENDPOINT_URL_S3": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    yield environment
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server):
+    """A fresh bucket, and an s3fs handle of its own to play the other side (another team, a failing disk)."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    name = f"kd-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    return name, fs
+
+
+def files_under(directory: Path) -> set[str]:
+    return {str(path.relative_to(directory)) for path in directory.rglob("*") if path.is_file()}
+
+
+def run_cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdcache", *map(str, args)], check=False, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=120)
+
+
+def invoke(*args) -> subprocess.CompletedProcess:
+    """The CLI in this process (the S3 credentials are those of the session)."""
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a failed command prints after its progress bars (and no traceback)."""
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_push_info_pull_and_train_from_s3(cache_dir, bucket, student_config, tmp_path):
+    name, fs = bucket
+    url = f"s3://{name}/team-a/cache"
+    pushed = copy_cache(cache_dir, url, progress=False)
+    manifest = Manifest.load(cache_dir)
+    assert pushed.copied == sorted(shard.file for shard in manifest.shards) and not pushed.skipped
+    assert not fs.exists(f"{name}/team-a/cache/{COPY_MARKER}")
+    assert fs.cat(f"{name}/team-a/cache/{MANIFEST_NAME}") == (cache_dir / MANIFEST_NAME).read_bytes()
+
+    info = CliRunner().invoke(main, ["info", url])
+    assert info.exit_code == 0, info.output
+    assert f"{len(manifest.shards)} shards, {manifest.total_rows} sequences" in info.stdout
+    assert f"card         {CARD_NAME}" in info.stdout
+
+    pulled = tmp_path / "pulled"
+    copy_cache(url, pulled, progress=False)
+    assert files_under(pulled) == files_under(cache_dir)
+    verify_cache(pulled, Manifest.load(pulled), progress=False)
+
+    summary = train_student(url, tmp_path / "student", student_config=str(student_config), progress=False,
+                            settings=TrainSettings(max_steps=2, batch_size=4, shuffle_buffer=4))
+    assert summary["steps"] == 2
+
+
+def test_interrupted_push_resumes_and_skips_what_arrived(cache_dir, bucket):
+    name, fs = bucket
+    url = f"s3://{name}/cache"
+    arrived = []
+
+    def stop_after_two_shards(relative):
+        arrived.append(relative)
+        if len(arrived) == 2:
+            raise RuntimeError("connection lost")
+
+    with pytest.raises(RuntimeError, match="connection lost"):
+        copy_cache(cache_dir, url, workers=1, progress=False, on_file=stop_after_two_shards)
+    assert not fs.exists(f"{name}/cache/{MANIFEST_NAME}")  # no reader sees a half-published cache
+    assert fs.exists(f"{name}/cache/{COPY_MARKER}")
+
+    resumed = copy_cache(cache_dir, url, progress=False)
+    assert resumed.skipped == sorted(arrived)
+    assert len(resumed.copied) == len(Manifest.load(cache_dir).shards) - 2
+    verify_cache(url, Manifest.load(cache_dir), progress=False)
+    again = copy_cache(cache_dir, url, progress=False)  # a finished copy: nothing to move
+    assert not again.copied
+
+
+def test_a_shard_corrupted_on_the_server_is_caught_and_not_kept(cache_dir, bucket, tmp_path):
+    name, fs = bucket
+    url = f"s3://{name}/cache"
+    copy_cache(cache_dir, url, progress=False)
+    shard = Manifest.load(cache_dir).shards[1]
+    data = bytearray(fs.cat(f"{name}/cache/{shard.file}"))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe(f"{name}/cache/{shard.file}", bytes(data))
+
+    assert error_line(invoke("copy", url, tmp_path / "pulled")) == (
+        f"Error: {shard.file} from {url} fails its check ({shard.bytes} bytes, the manifest says {shard.bytes}; "
+        f"sha256 differs): the source is corrupt or was modified; nothing was kept")
+    pulled = files_under(tmp_path / "pulled")
+    assert shard.file not in pulled and MANIFEST_NAME not in pulled
+    assert not [path for path in pulled if path.endswith(".partial")]
+
+
+def test_wrong_credentials_missing_cache_and_vanished_bucket_are_one_line_errors(cache_dir, bucket, tmp_path):
+    name, fs = bucket
+    url = f"s3://{name}/cache"
+    copy_cache(cache_dir, url, progress=False)
+
+    denied = run_cli("copy", url, tmp_path / "a", env={"AWS_ACCESS_KEY_ID": "AKIAWRONG",
+                                                       "AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert error_line(denied).startswith(f"Error: cannot read cache {url}: ")
+    assert not (tmp_path / "a").exists()
+
+    missing = invoke("copy", f"s3://{name}/nothing-here", tmp_path / "b")
+    assert error_line(missing) == f"Error: not a kdcache cache (no {MANIFEST_NAME}): s3://{name}/nothing-here"
+
+    def delete_the_bucket(relative):
+        fs.rm(name, recursive=True)
+
+    with pytest.raises(KDCacheError, match="disappeared from|missing from") as error:
+        copy_cache(url, tmp_path / "c", workers=1, progress=False, on_file=delete_the_bucket)
+    assert "\n" not in str(error.value)
+    left = files_under(tmp_path / "c")
+    assert MANIFEST_NAME not in left and not [path for path in left if path.endswith(".partial")]
+
+
+def test_pulled_subsets_are_valid_caches_with_exact_statistics(cache_dir, tmp_path):
+    source = Manifest.load(cache_dir)
+    rows = source.shards[0].rows + 5  # the second shard is cut
+    copy_cache(cache_dir, tmp_path / "rows", rows=rows, progress=False)
+    subset = Manifest.load(tmp_path / "rows")
+    verify_cache(tmp_path / "rows", subset, progress=False)
+    assert subset.total_rows == rows == subset.dataset["rows_dumped"]
+    ids = read_sample_ids(cache_dir, source)[:rows]
+    assert read_sample_ids(tmp_path / "rows", subset).tolist() == ids.tolist()
+    assert subset.stats["content_sha256"] == content_sha256(tmp_path / "rows", subset.shards)
+    assert subset.sources[0]["selection"] == {"rows": rows}
+    assert subset.dump_fingerprint != source.dump_fingerprint
+    assert subset.stats["fidelity"]["positions"] < source.stats["fidelity"]["positions"]  # whole shards only
+
+    wanted = [int(i) for i in read_sample_ids(cache_dir, source)[::7]]
+    copy_cache(cache_dir, tmp_path / "ids", sample_ids=wanted, progress=False)
+    picked = Manifest.load(tmp_path / "ids")
+    verify_cache(tmp_path / "ids", picked, progress=False)
+    assert sorted(sequence.sample_id for sequence in iter_sequences(tmp_path / "ids", picked)) == sorted(wanted)
+
+    every_shard = list(range(len(source.shards)))  # a "subset" of every shard: statistics combine exactly
+    copy_cache(cache_dir, tmp_path / "all", shards=every_shard, progress=False)
+    whole = Manifest.load(tmp_path / "all")
+    for key in ("tokens", "captured_mass", "fidelity", "teacher_nll", "content_sha256"):
+        assert whole.stats[key] == source.stats[key], key
+
+
+def test_copy_refuses_a_destination_holding_something_else(cache_dir, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(KDCacheError, match="is not empty and holds no kdcache cache"):
+        copy_cache(cache_dir, tmp_path / "busy", progress=False)
+    copy_cache(cache_dir, tmp_path / "subset", rows=3, progress=False)
+    with pytest.raises(KDCacheError, match="already holds a different cache"):
+        copy_cache(cache_dir, tmp_path / "subset", rows=4, progress=False)
+
+
+def test_card_loads_with_datasets_and_describes_the_cache(cache_dir):
+    card = (cache_dir / CARD_NAME).read_text()
+    manifest = Manifest.load(cache_dir)
+    assert card.startswith("---\n") and "path: data/*.arrow" in card and "task_categories:" in card
+    assert manifest.dump_fingerprint in card and f"kdcache train-student --cache {cache_dir}" in card
+    loaded = datasets.load_dataset(str(cache_dir), split="train")
+    assert loaded.num_rows == manifest.total_rows
+    assert sorted(loaded["sample_id"]) == sorted(read_sample_ids(cache_dir, manifest).tolist())
+
+
+def test_hf_urls_go_through_the_same_fsspec_path_offline(tmp_path):
+    """No network here: an hf:// cache resolves to huggingface_hub's filesystem and fails in one line."""
+    result = run_cli("info", "hf://datasets/kdcache/no-such-cache", env={"HF_HUB_OFFLINE": "1"})
+    assert result.stderr.strip().splitlines() == [error_line(result)] and result.stderr.startswith("Error: ")
+
