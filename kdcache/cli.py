@@ -237,6 +237,24 @@ def copy_command(source, destination, shards, rows, sample_ids, workers):
                                                      else ""))
 
 
+@main.command("merge")
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the merged cache.")
+def merge_command(caches, out):
+    """Merge CACHES (directories or URLs) of the same teacher, tokenizer and target settings into one cache.
+
+    Shards are hard-linked or copied, never re-encoded; when sample ids collide, each source's ids are
+    shifted (its shards rewritten with the new ids) and the manifest's `sources` records the offsets.
+    """
+    from .cache.merge import merge_caches
+    manifest = merge_caches(list(caches), out)
+    shifted = [source for source in manifest.sources if source["id_offset"]]
+    click.echo(f"wrote {out}: {len(manifest.shards)} shards, {manifest.total_rows} sequences, "
+               f"{manifest.total_tokens} tokens from {len(caches)} caches"
+               + (f"; sample ids of {len(shifted)} source(s) shifted (see `sources` in the manifest)" if shifted
+                  else "; sample ids kept"))
+
+
 @main.command("train-student")
 @click.option("--cache", required=True, help="Cache directory or fsspec URL (s3://, gs://, hf://, http(s)://).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the trained student.")

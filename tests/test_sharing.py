@@ -22,15 +22,18 @@ import datasets
 import pytest
 import s3fs
 from click.testing import CliRunner
+from conftest import LANGUAGE, write_jsonl
 from moto.server import ThreadedMotoServer
 
 from kdcache.cache.card import CARD_NAME
 from kdcache.cache.format import MANIFEST_NAME, Manifest
+from kdcache.cache.merge import merge_caches
 from kdcache.cache.reader import content_sha256, iter_sequences, read_sample_ids, verify_cache
 from kdcache.cache.transfer import COPY_MARKER, copy_cache
 from kdcache.cli import main
 from kdcache.errors import KDCacheError
 from kdcache.student import TrainSettings, train_student
+from kdcache.teacher import DumpSettings, dump_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -241,3 +244,49 @@ def test_hf_urls_go_through_the_same_fsspec_path_offline(tmp_path):
     result = run_cli("info", "hf://datasets/kdcache/no-such-cache", env={"HF_HUB_OFFLINE": "1"})
     assert result.stderr.strip().splitlines() == [error_line(result)] and result.stderr.startswith("Error: ")
 
+
+def test_merging_parts_of_one_dump_links_shards_and_reproduces_its_statistics(cache_dir, tmp_path):
+    source = Manifest.load(cache_dir)
+    copy_cache(cache_dir, tmp_path / "a", shards=[0], progress=False)
+    copy_cache(cache_dir, tmp_path / "b", shards=list(range(1, len(source.shards))), progress=False)
+    result = invoke("merge", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "merged")
+    assert result.returncode == 0, result.stderr
+    assert "sample ids kept" in result.stdout
+    merged = Manifest.load(tmp_path / "merged")
+    verify_cache(tmp_path / "merged", merged, progress=False)
+    for key in ("tokens", "captured_mass", "fidelity", "teacher_nll", "content_sha256"):
+        assert merged.stats[key] == source.stats[key], key
+    first = merged.sources[0]["shards"][0]
+    assert (tmp_path / "merged" / first).stat().st_ino == (tmp_path / "a" / source.shards[0].file).stat().st_ino
+
+
+def test_merging_dumps_of_different_data_shifts_colliding_ids(cache_dir, teacher_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "other.jsonl", LANGUAGE.sentences(20, min_words=4, max_words=12, seed=9))
+    other = dump_teacher(str(teacher_dir), str(corpus), tmp_path / "other",
+                         DumpSettings(top_k=8, batch_size=8, shard_rows=16, hidden_layers=(-1,)), progress=False)
+    first = Manifest.load(cache_dir)
+    merged = merge_caches([cache_dir, tmp_path / "other"], tmp_path / "merged", progress=False)
+    verify_cache(tmp_path / "merged", merged, progress=False)
+    offset = merged.sources[1]["id_offset"]
+    assert merged.sources[0]["id_offset"] == 0 and offset == int(read_sample_ids(cache_dir, first).max()) + 1
+    ids = read_sample_ids(tmp_path / "merged", merged)
+    assert len(set(ids.tolist())) == len(ids) == first.total_rows + other.total_rows
+    rows = {sequence.sample_id: sequence for sequence in iter_sequences(tmp_path / "merged", merged)}
+    for sequence in iter_sequences(tmp_path / "other", other):  # the same targets, under the shifted id
+        shifted = rows[sequence.sample_id + offset]
+        assert (shifted.topk_logprobs == sequence.topk_logprobs).all() and (shifted.topk_ids == sequence.topk_ids).all()
+    positions = first.stats["fidelity"]["positions"] + other.stats["fidelity"]["positions"]
+    assert merged.stats["fidelity"]["positions"] == positions
+    assert merged.stats["tokens"] == first.stats["tokens"] + other.stats["tokens"]
+
+
+def test_merge_refuses_caches_of_different_teachers_and_leaves_nothing(cache_dir, tmp_path):
+    copy_cache(cache_dir, tmp_path / "other-teacher", rows=5, progress=False)
+    manifest_path = tmp_path / "other-teacher" / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["teacher"]["weights_sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    result = invoke("merge", cache_dir, tmp_path / "other-teacher", "--out", tmp_path / "merged")
+    assert error_line(result).startswith("Error: cannot merge caches of different teachers, tokenizers or target "
+                                         "settings: they differ in teacher weights (weights_sha256)")
+    assert not (tmp_path / "merged").exists()
