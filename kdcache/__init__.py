@@ -24,6 +24,10 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "KDCacheError": ".errors",
+    "copy_cache": ".cache.transfer",
+    "merge_caches": ".cache.merge",
+    "export_cache": ".interop",
+    "import_dataset": ".interop",
     "SparseTargets": ".losses",
     "dense_kd_loss": ".losses",
     "hidden_loss": ".losses",
@@ -40,7 +44,10 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:  # what static tools and IDEs see
+    from .cache.merge import merge_caches
+    from .cache.transfer import copy_cache
     from .errors import KDCacheError
+    from .interop import export_cache, import_dataset
     from .losses import SparseTargets, dense_kd_loss, hidden_loss, kd_loss, next_token_ce
     from .student import TrainSettings, evaluate_student, init_student, train_student
     from .teacher import DumpSettings, dump_teacher

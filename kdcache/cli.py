@@ -255,6 +255,35 @@ def merge_command(caches, out):
                   else "; sample ids kept"))
 
 
+@main.command("export")
+@click.option("--format", "fmt", required=True, type=click.Choice(["axolotl", "distillkit"]),
+              help="Target tool (its offline-KD dataset format; what each loses: see kdcache/interop.py).")
+@click.argument("cache")
+@click.argument("out", type=click.Path(path_type=Path))
+def export_command(fmt, cache, out):
+    """Write CACHE's top-k targets to OUT as a `datasets.save_to_disk` dataset in FORMAT."""
+    from .interop import export_cache
+    rows = export_cache(cache, out, fmt)
+    click.echo(f"wrote {out}: {rows} rows in {fmt} format")
+
+
+@main.command("import")
+@click.option("--format", "fmt", required=True, type=click.Choice(["axolotl", "distillkit"]),
+              help="Source format (its offline-KD dataset format; what each loses: see kdcache/interop.py).")
+@click.option("--tokenizer", required=True, help="The tokenizer whose ids the dataset holds (directory or hub id).")
+@click.option("--teacher", default=None, help="Name of the teacher that produced the targets, for the manifest.")
+@click.option("--split", default="train", show_default=True, help="Split of SOURCE to import.")
+@click.argument("source")
+@click.argument("out", type=click.Path(path_type=Path))
+def import_command(fmt, tokenizer, teacher, split, source, out):
+    """Make a cache in OUT from SOURCE, an axolotl or DistillKit dataset (anything `datasets` loads)."""
+    from .interop import import_dataset
+    manifest = import_dataset(source, out, fmt, tokenizer=tokenizer, teacher=teacher, split=split)
+    skipped = manifest.stats["skipped_sample_ids"]
+    click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, top-{manifest.top_k}"
+               + (f"; skipped {len(skipped)} rows without a target at every position" if skipped else ""))
+
+
 @main.command("train-student")
 @click.option("--cache", required=True, help="Cache directory or fsspec URL (s3://, gs://, hf://, http(s)://).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the trained student.")

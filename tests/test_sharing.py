@@ -19,6 +19,7 @@ from pathlib import Path
 
 import boto3
 import datasets
+import numpy as np
 import pytest
 import s3fs
 from click.testing import CliRunner
@@ -290,3 +291,31 @@ def test_merge_refuses_caches_of_different_teachers_and_leaves_nothing(cache_dir
     assert error_line(result).startswith("Error: cannot merge caches of different teachers, tokenizers or target "
                                          "settings: they differ in teacher weights (weights_sha256)")
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("fmt", ["distillkit", "axolotl"])
+def test_export_and_import_round_trip(cache_dir, tmp_path, fmt):
+    source = Manifest.load(cache_dir)
+    exported = invoke("export", "--format", fmt, cache_dir, tmp_path / fmt)
+    assert exported.returncode == 0, exported.stderr
+    rows = datasets.load_from_disk(str(tmp_path / fmt))
+    ids_column, logprobs_column = ("token_ids", "top_values") if fmt == "distillkit" else (
+        "target_token_ids", "target_logprobs")
+    assert rows.num_rows == source.total_rows
+    assert {"input_ids", ids_column, logprobs_column} <= set(rows.column_names)
+
+    imported = invoke("import", "--format", fmt, "--tokenizer", cache_dir / "tokenizer", tmp_path / fmt,
+                      tmp_path / "back")
+    assert imported.returncode == 0, imported.stderr
+    back = Manifest.load(tmp_path / "back")
+    verify_cache(tmp_path / "back", back, progress=False)
+    assert back.tokenizer["hash"] == source.tokenizer["hash"] and back.top_k == source.top_k
+    for before, after in zip(iter_sequences(cache_dir, source), iter_sequences(tmp_path / "back", back)):
+        assert (before.input_ids == after.input_ids).all() and (before.topk_ids == after.topk_ids).all()
+        logprobs = before.topk_logprobs.astype(np.float32)
+        if fmt == "distillkit":  # full-vocabulary log-probs: the values and the tail survive
+            assert (after.topk_logprobs == logprobs).all()
+            np.testing.assert_allclose(np.exp(after.tail_logprob), np.exp(before.tail_logprob), atol=2e-3)
+        else:  # axolotl renormalises the top-k: the tail is lost
+            np.testing.assert_allclose(np.exp(after.topk_logprobs).sum(axis=1), 1, atol=1e-5)
+            assert np.isneginf(after.tail_logprob).all()
