@@ -26,6 +26,10 @@ _EXPORTS = {
     "Cache": ".cache.cache",
     "open_cache": ".cache.cache",
     "KDCacheError": ".errors",
+    "copy_cache": ".cache.transfer",
+    "merge_caches": ".cache.merge",
+    "export_cache": ".interop",
+    "import_dataset": ".interop",
     "SparseTargets": ".losses",
     "dense_kd_loss": ".losses",
     "hidden_loss": ".losses",
@@ -51,7 +55,10 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:  # what static tools and IDEs see
     from .cache.cache import Cache, open_cache
+    from .cache.merge import merge_caches
+    from .cache.transfer import copy_cache
     from .errors import KDCacheError
+    from .interop import export_cache, import_dataset
     from .losses import SparseTargets, dense_kd_loss, hidden_loss, kd_loss, next_token_ce
     from .student import TrainHooks, TrainSettings, evaluate, init_student, train_student
     from .student.batching import Batch, collate

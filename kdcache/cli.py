@@ -182,20 +182,24 @@ def _fidelity_lines(manifest: Manifest) -> list[str]:
 
 
 @main.command("info")
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def info_command(cache, as_json):
-    """Summarise the cache at CACHE."""
-    manifest = Manifest.load(cache)
+    """Summarise the cache at CACHE (a directory or URL): reads its manifest and card only, no shard."""
+    from .cache.card import CARD_NAME
+    from .cache.store import CacheStore
+    store = CacheStore(cache)
+    manifest = store.load_manifest()
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
+    parameters = manifest.teacher.get("num_parameters")
     mass = manifest.stats.get("captured_mass", {})
     lines = [
         f"cache        {cache}  (format {manifest.format_version}, kdcache {manifest.kdcache_version}, {manifest.created_at})",
         f"task         {manifest.task}",
-        f"teacher      {manifest.teacher['name_or_path']}  ({manifest.teacher['model_type']}, "
-        f"{manifest.teacher['num_parameters']:,} parameters)",
+        f"teacher      {manifest.teacher['name_or_path']}  ({manifest.teacher.get('model_type')}, "
+        + (f"{parameters:,} parameters)" if parameters else "parameters not recorded)"),
         f"tokenizer    {manifest.tokenizer['class']}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
         f"data         {manifest.dataset['source']} [{manifest.dataset['split']}], "
         f"{manifest.dataset['rows_dumped']} of {manifest.dataset['num_rows']} rows",
@@ -208,6 +212,9 @@ def info_command(cache, as_json):
         f"teacher NLL  {manifest.stats.get('teacher_nll')} "
         + ("nats/target (on gold labels)" if manifest.labels else "nats/token"),
         *_fidelity_lines(manifest),
+        *([f"sources      made from {len(manifest.sources)} other cache(s): "
+           + ", ".join(str(source.get("location")) for source in manifest.sources)] if manifest.sources else []),
+        f"card         {CARD_NAME if store.size(CARD_NAME) is not None else 'none'}",
     ]
     if manifest.labels:
         lines[1] += f"  (labels: {', '.join(manifest.labels)})"
@@ -222,14 +229,98 @@ def _describe_targets(manifest: Manifest) -> str:
 
 
 @main.command("verify")
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 def verify_command(cache):
-    """Re-hash every shard of CACHE and check schema and counts against the manifest."""
+    """Re-hash every shard of CACHE (a directory or URL) and check schema and counts against the manifest."""
     from .cache.cache import open_cache
     opened = open_cache(cache)
     opened.verify(progress=_progress())
     manifest = opened.manifest
     click.echo(f"ok: {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens")
+
+
+def _sample_id_file(ctx, param, value: Path | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in re.split(r"[\s,]+", value.read_text().strip()) if part]
+    except ValueError:
+        raise click.BadParameter(f"{value} must hold integers separated by spaces, commas or newlines") from None
+
+
+@main.command("copy")
+@click.argument("source")
+@click.argument("destination")
+@click.option("--shards", callback=_int_list, default=None, metavar="I,J,...",
+              help="Copy only these shards (numbers as listed by `kdcache info --json`).")
+@click.option("--rows", type=int, default=None, help="Copy only the first N sequences (in shard order).")
+@click.option("--sample-ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              callback=_sample_id_file, help="Copy only the sequences whose sample ids this file lists.")
+@click.option("--workers", type=int, default=8, show_default=True, help="Shards transferred in parallel.")
+def copy_command(source, destination, shards, rows, sample_ids, workers):
+    """Copy the cache at SOURCE to DESTINATION: push (DIR → URL), pull (URL → DIR) or select a subset.
+
+    Either side may be a directory or an fsspec URL (s3://, gs://, hf://datasets/..., file://; http(s)
+    as a source). Every shard is checked against the manifest on arrival, the manifest is written
+    last, and rerunning an interrupted copy skips what already arrived.
+    """
+    from .cache.transfer import copy_cache
+    report = copy_cache(source, destination, shards=shards or None, rows=rows, sample_ids=sample_ids,
+                        workers=workers)
+    manifest = report.manifest
+    click.echo(f"copied {len(report.copied)} shards ({report.bytes_copied:,} bytes), "
+               f"{len(report.skipped)} already there and intact")
+    click.echo(f"{report.destination}: {len(manifest.shards)} shards, {manifest.total_rows} sequences, "
+               f"{manifest.total_tokens} tokens" + (" (a subset: see `sources` in its manifest)"
+                                                     if manifest.sources and manifest.sources[0].get("selection")
+                                                     else ""))
+
+
+@main.command("merge")
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the merged cache.")
+def merge_command(caches, out):
+    """Merge CACHES (directories or URLs) of the same teacher, tokenizer and target settings into one cache.
+
+    Shards are hard-linked or copied, never re-encoded; when sample ids collide, each source's ids are
+    shifted (its shards rewritten with the new ids) and the manifest's `sources` records the offsets.
+    """
+    from .cache.merge import merge_caches
+    manifest = merge_caches(list(caches), out)
+    shifted = [source for source in manifest.sources if source["id_offset"]]
+    click.echo(f"wrote {out}: {len(manifest.shards)} shards, {manifest.total_rows} sequences, "
+               f"{manifest.total_tokens} tokens from {len(caches)} caches"
+               + (f"; sample ids of {len(shifted)} source(s) shifted (see `sources` in the manifest)" if shifted
+                  else "; sample ids kept"))
+
+
+@main.command("export")
+@click.option("--format", "fmt", required=True, type=click.Choice(["axolotl", "distillkit"]),
+              help="Target tool (its offline-KD dataset format; what each loses: see kdcache/interop.py).")
+@click.argument("cache")
+@click.argument("out", type=click.Path(path_type=Path))
+def export_command(fmt, cache, out):
+    """Write CACHE's top-k targets to OUT as a `datasets.save_to_disk` dataset in FORMAT."""
+    from .interop import export_cache
+    rows = export_cache(cache, out, fmt)
+    click.echo(f"wrote {out}: {rows} rows in {fmt} format")
+
+
+@main.command("import")
+@click.option("--format", "fmt", required=True, type=click.Choice(["axolotl", "distillkit"]),
+              help="Source format (its offline-KD dataset format; what each loses: see kdcache/interop.py).")
+@click.option("--tokenizer", required=True, help="The tokenizer whose ids the dataset holds (directory or hub id).")
+@click.option("--teacher", default=None, help="Name of the teacher that produced the targets, for the manifest.")
+@click.option("--split", default="train", show_default=True, help="Split of SOURCE to import.")
+@click.argument("source")
+@click.argument("out", type=click.Path(path_type=Path))
+def import_command(fmt, tokenizer, teacher, split, source, out):
+    """Make a cache in OUT from SOURCE, an axolotl or DistillKit dataset (anything `datasets` loads)."""
+    from .interop import import_dataset
+    manifest = import_dataset(source, out, fmt, tokenizer=tokenizer, teacher=teacher, split=split)
+    skipped = manifest.stats["skipped_sample_ids"]
+    click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, top-{manifest.top_k}"
+               + (f"; skipped {len(skipped)} rows without a target at every position" if skipped else ""))
 
 
 @main.command("train-student")

@@ -84,7 +84,7 @@ class Cache:
         self.check_files()
         schema = expected_schema(self.manifest)
         for shard in tqdm(self.manifest.shards, desc="verify", unit="shard", disable=not progress):
-            verify_shard(self.store, shard, schema)
+            verify_shard(self.store, shard, schema, self.manifest.shard_fingerprints)
 
     def sample_ids(self) -> np.ndarray:
         """Every sample id of this cache (or subset), in shard order."""

@@ -196,6 +196,8 @@ class Manifest:
     kdcache_version: str = ""
     created_at: str = ""
     labels: list[str] = dataclasses.field(default_factory=list)  # class names by id (classification tasks)
+    # caches this one was cut from or merged from (`kdcache copy --rows`, `kdcache merge`): where each row came from
+    sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def vocab_size(self) -> int:
@@ -230,6 +232,13 @@ class Manifest:
     @property
     def hidden_sizes(self) -> dict[int, int]:
         return {int(layer): int(size) for layer, size in self.columns.get("hidden_sizes", {}).items()}
+
+    @property
+    def shard_fingerprints(self) -> set[str]:
+        """Dump fingerprints a shard's schema metadata may carry: this cache's, or (merged caches keep
+        their sources' shards as they are) that of the dump a source shard came from."""
+        return {self.dump_fingerprint, *(fingerprint for source in self.sources
+                                         for fingerprint in source.get("shard_fingerprints", []))}
 
     @property
     def total_rows(self) -> int:

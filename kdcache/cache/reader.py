@@ -32,12 +32,15 @@ def expected_schema(manifest: Manifest) -> pa.Schema:
                         optional_columns=manifest.optional_columns, pooled_size=manifest.pooled_size)
 
 
-def verify_shard(store: CacheStore, shard: ShardInfo, schema: pa.Schema) -> None:
-    """Re-hash one shard and check its schema and counts against the manifest's record of it."""
+def verify_shard(store: CacheStore, shard: ShardInfo, schema: pa.Schema, fingerprints: set[str]) -> None:
+    """Re-hash one shard and check its schema and counts against the manifest's record of it; the shard's
+    dump fingerprint must be one of `fingerprints` (a merged cache holds shards of several dumps)."""
     if store.sha256(shard.file) != shard.sha256:
         raise KDCacheError(f"shard {shard.file} fails its sha256 check: the file was modified or corrupted")
     reader = store.open_shard(shard.file)
-    if not reader.schema.equals(schema, check_metadata=True):
+    fingerprint = (reader.schema.metadata or {}).get(b"kdcache.dump_fingerprint", b"")
+    expected = schema.with_metadata({**schema.metadata, b"kdcache.dump_fingerprint": fingerprint})
+    if fingerprint.decode() not in fingerprints or not reader.schema.equals(expected, check_metadata=True):
         raise KDCacheError(f"shard {shard.file} has schema {reader.schema.names} that does not match the manifest")
     rows = tokens = 0
     for index in range(reader.num_record_batches):

@@ -20,6 +20,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -103,7 +104,7 @@ class CacheStore:
             text = self.fs.cat_file(self._url(MANIFEST_NAME)).decode()
         except FileNotFoundError:
             raise KDCacheError(f"not a kdcache cache (no {MANIFEST_NAME}): {self.location}") from None
-        except self.read_errors as error:
+        except Exception as error:  # noqa: BLE001 - first contact: credentials, endpoint, network (any library's type)
             raise KDCacheError(f"cannot read cache {self.location}: {first_line(error)}") from None
         return Manifest.from_json(text, self._url(MANIFEST_NAME))
 
@@ -131,6 +132,12 @@ class CacheStore:
                     digest.update(chunk)
         self._guard(read, relative)
         return digest.hexdigest()
+
+    def open_file(self, relative: str) -> BinaryIO:
+        """The raw bytes of one cache file, to copy it elsewhere (`kdcache copy`)."""
+        if not self.remote:
+            return self._guard(lambda: open(Path(self.location) / relative, "rb"), relative)
+        return self._guard(lambda: self.fs.open(self._url(relative), "rb", block_size=REMOTE_BLOCK_SIZE), relative)
 
     def open_shard(self, relative: str, fields: list[int] | None = None) -> pa.RecordBatchFileReader:
         """An Arrow IPC reader: memory-mapped when the shard is local, ranged reads when remote.

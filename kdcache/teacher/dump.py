@@ -29,6 +29,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..cache.card import write_card
 from ..cache.format import (
     STORED_TYPES,
     TOKENIZER_DIR,
@@ -40,6 +41,7 @@ from ..cache.format import (
     tokenizer_fingerprint,
 )
 from ..cache.reader import content_sha256
+from ..cache.stats import StreamingSummary, shard_stats
 from ..errors import KDCacheError
 from ..models import load_model, load_tokenizer
 from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, Annotation, Task, pooler, resolve_task
@@ -49,7 +51,6 @@ from .fingerprint import teacher_fingerprint
 from .hooks import DumpHooks
 from .progress import DumpLock, claim_output, finish, load_records, resume_state
 from .settings import DumpSettings
-from .stats import StreamingSummary
 from .targets import sampled_targets, sampling_uniforms, topk_targets
 from .windows import RowSource, optional_columns, pad_batch, plan_shards, windows
 from .writer import BackgroundShardWriter, HostBatch, start_host_copy
@@ -323,10 +324,13 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
                "content_sha256": content_sha256(out, shards),
                "nonfinite_positions": nonfinite_positions, "skipped_sample_ids": nonfinite_ids,
                "num_processes": num_processes, "resumed_shards": len(finished_before),
-               "seconds": round(elapsed, 3), "tokens_per_second": round(new_tokens / max(elapsed, 1e-9), 1)},
+               "seconds": round(elapsed, 3), "tokens_per_second": round(new_tokens / max(elapsed, 1e-9), 1),
+               "shard_stats": {record.shard.file: shard_stats(record.fidelity, record.nll_sum, record.nll_count)
+                               for record in ordered if record.shard is not None}},
         kdcache_version=__version__,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         labels=classes,
     )
+    write_card(out, manifest)
     manifest.save(out)
     return manifest

@@ -27,30 +27,25 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
+from ..cache.stats import FidelitySums
 from .targets import SampledTargets, TopKTargets
 
 
-class FidelityCard:
-    """Accumulates the per-position figures over a dump; `summary()` gives the manifest entry.
+class FidelityCard(FidelitySums):
+    """Measures the per-position figures on the device; the sums are kept by `FidelitySums`.
 
     `figures()` runs on the device inside the dump's per-batch step; the per-position figures then
     travel to the host with the batch, so the shard writer can `add()` only the rows it writes
-    (non-finite rows are dropped) and keep one card per shard. `state()`/`merge()` let per-shard
+    (non-finite rows are dropped) and keep one card per shard. `state()`/`merge_state()` let per-shard
     cards survive a resume and combine across processes into the cache's card.
     """
 
     def __init__(self, vocab_size: int, target_types: tuple[str, ...], *, top_k: int, draws: int | None,
                  every: int = 1):
+        super().__init__(target_types, top_k=top_k, draws=draws, every=every)
         self.vocab_size = vocab_size
-        self.every = every
-        self.target_types = target_types
-        self.top_k = top_k
-        self.draws = draws
-        self.positions = 0
-        self.sums: dict[str, dict[str, float]] = {kind: {} for kind in target_types}
 
     def figures(self, logits: torch.Tensor, topk: TopKTargets, sampled: SampledTargets | None,
                 chunk_size: int = 1024) -> dict[str, torch.Tensor]:
@@ -76,15 +71,6 @@ class FidelityCard:
         every_position = topk.ids.shape[0]
         return {name: torch.full((every_position,), torch.nan, dtype=torch.float64, device=measured.device)
                 .index_copy_(0, measured, torch.cat(values)) for name, values in parts.items()}
-
-    def add(self, figures: dict[str, np.ndarray]) -> None:
-        """Sum the per-position `figures` (as made by `figures()`, any subset of their positions); NaN
-        marks a position that was not measured."""
-        for key, values in figures.items():
-            _, kind, name = key.split(".")
-            self.sums[kind][name] = self.sums[kind].get(name, 0.0) + float(np.nansum(values, dtype=np.float64))
-        first = next(iter(figures.values()), np.zeros(0))
-        self.positions += int(np.count_nonzero(~np.isnan(first)))
 
     def _topk_figures(self, logp: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor) -> dict[str, torch.Tensor]:
         p = logp.exp()
@@ -114,24 +100,6 @@ class FidelityCard:
                 "sampled.kl_on_support": torch.zeros_like(mass).index_add_(0, row, kl).clamp(min=0),
                 "sampled.tv": 0.5 * (torch.zeros_like(mass).index_add_(0, row, deviation) + 1 - mass),
                 "sampled.distinct_ids": lengths}
-
-    def state(self) -> dict:
-        """JSON-able accumulators, so a finished shard's card survives a restart of the dump."""
-        return {"positions": self.positions, "sums": self.sums}
-
-    def merge_state(self, state: dict) -> None:
-        """Add the accumulators of another card's `state()`: per-shard cards combine into the cache's."""
-        for kind, sums in state["sums"].items():
-            for name, total in sums.items():
-                self.sums[kind][name] = self.sums[kind].get(name, 0.0) + total
-        self.positions += int(state["positions"])
-
-    def summary(self) -> dict:
-        card = {"positions": self.positions, "every": self.every}
-        for kind, sums in self.sums.items():
-            means = {name: round(total / max(self.positions, 1), 6) for name, total in sums.items()}
-            card[kind] = {"top_k": self.top_k} | means if kind == "topk" else {"draws": self.draws} | means
-        return card
 
 
 def _select_positions(sampled: SampledTargets, positions: torch.Tensor) -> SampledTargets:

@@ -23,12 +23,12 @@ import pyarrow as pa
 import torch
 
 from ..cache.format import hidden_column
+from ..cache.stats import StreamingSummary
 from ..cache.writer import CachedSequence, Ragged, ShardWriter, open_for_writing
 from ..errors import KDCacheError
 from ..tasks import Annotation
 from .fidelity import FidelityCard
 from .progress import ShardRecord, write_record
-from .stats import StreamingSummary
 
 RESUME_HINT = "the finished shards are kept: fix the cause (e.g. free disk space) and rerun the same command to resume"
 
