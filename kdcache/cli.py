@@ -18,7 +18,6 @@ from .cache.format import MANIFEST_NAME, Manifest
 from .errors import KDCacheError
 from .runtime import configure_threads, quiet_libraries
 from .student.settings import TrainSettings
-from .tasks import CAUSAL_LM
 from .tasks import TASKS as TASK_NAMES
 from .teacher.settings import DumpSettings
 
@@ -257,30 +256,35 @@ def train_student_command(cache, out, student, student_config, resume, resume_fr
 
 
 @main.command("eval")
-@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache holding the evaluation targets.")
-@click.option("--student", required=True, help="Student directory or hub id.")
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--cache", required=True, help="Cache holding the evaluation targets (directory or fsspec URL).")
+@click.option("--student", "students", required=True, multiple=True,
+              help="Student directory or hub id; repeat to compare several in one table.")
+@click.option("--batch-size", default=16, show_default=True, help="Sequences per forward pass.")
 @click.option("--split-fraction", type=float, default=None,
               help="Score only the held-out fraction of CACHE (the rows train-student --val-fraction holds out).")
-@click.option("--json", "as_json", is_flag=True)
-def eval_command(cache, student, batch_size, split_fraction, as_json):
-    """Score STUDENT against the teacher targets in CACHE."""
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Re-hash every shard before scoring (off: check shard sizes only).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list of results, one object per student (its name under 'student').")
+def eval_command(cache, students, batch_size, split_fraction, verify, as_json):
+    """Score each STUDENT against the teacher targets in CACHE; print one table comparing them."""
     from .cache.cache import open_cache
     from .student import evaluate
+    from .student.comparison import comparison_table
     from .student.loading import load_pretrained_student
     opened = open_cache(cache)
+    if verify:
+        opened.verify(progress=_progress())
+    else:
+        opened.check_files()
     heldout = None if split_fraction is None else opened.split(split_fraction, setting="split_fraction").heldout
-    model = load_pretrained_student(student, opened.manifest)
-    result = evaluate(model, opened, batch_size=batch_size, sample_ids=heldout)
+    scored = opened if heldout is None else opened.subset(heldout)
+    results = {student: evaluate(load_pretrained_student(student, opened.manifest), scored, batch_size=batch_size)
+               for student in students}
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps([{"student": student, **result} for student, result in results.items()], indent=2))
         return
-    if result.get("task", CAUSAL_LM) != CAUSAL_LM:
-        from .student.classification_eval import format_table
-        click.echo(format_table(result))
-        return
-    for name, value in result.items():
-        click.echo(f"{name:16s} {value:.4f}" if isinstance(value, float) else f"{name:16s} {value}")
+    click.echo(comparison_table(results))
 
 
 @main.command("init-student")

@@ -106,7 +106,7 @@ def test_sampled_targets_on_a_topk_only_cache_is_a_one_line_error(cache_dir, stu
 @pytest.mark.parametrize("flags, fragment", [
     (["--loss", "reverse_kl"], "divergence 'reverse_kl' cannot be estimated from sampled targets"),
     (["--temperature", "2"], "cannot be re-tempered"),
-    (["--tail", "renormalize"], "tail='renormalize' with sampled targets"),
+    (["--tail", "renormalize"], "the 'renormalize' tail with sampled targets"),
 ])
 def test_invalid_sampled_loss_combinations_are_one_line_errors(tmp_path, teacher_dir, corpus, student_config, flags,
                                                                 fragment):
@@ -115,6 +115,7 @@ def test_invalid_sampled_loss_combinations_are_one_line_errors(tmp_path, teacher
     result = run("train-student", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "s",
                  "--targets", "sampled", *flags)
     assert_one_line_error(result, fragment)
+    assert "--loss" in result.output and "tail_logprob" not in result.output, "names flags, not internal variables"
     assert not (tmp_path / "s.partial").exists()
 
 

@@ -62,7 +62,7 @@ def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
     resolved = []
     for layer in layers:
         if not -count <= layer < count:
-            raise KDCacheError(f"hidden layer {layer} out of range: the teacher has hidden_states "
+            raise KDCacheError(f"hidden layer {layer} out of range: the teacher has hidden states "
                                f"0..{num_layers} (or -{count}..-1)")
         resolved.append(layer % count)
     return sorted(set(resolved))
