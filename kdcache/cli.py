@@ -155,10 +155,23 @@ def dump_teacher_command(teacher, data, out, **values):
         return
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
                f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token")
-    click.echo("\n".join(_fidelity_lines(manifest)))
-    if manifest.stats["skipped_sample_ids"]:
-        click.echo(f"skipped {len(manifest.stats['skipped_sample_ids'])} sequences with NaN/inf targets "
-                   f"({manifest.stats['nonfinite_positions']} positions); their ids are in the manifest")
+    click.echo("\n".join(_fidelity_lines(manifest) + _dropped_lines(manifest)))
+
+
+def _dropped_lines(manifest: Manifest) -> list[str]:
+    """Why the cache holds fewer rows than the data: `limit`, rows with nothing to target, NaN/inf targets."""
+    lines = []
+    limit = manifest.settings.get("limit")
+    if limit is not None and limit < manifest.dataset["num_rows"]:
+        lines.append(f"dropped      the rows after the first {limit} (--limit)")
+    for reason, entry in manifest.stats.get("dropped_rows", {}).items():
+        shown = ", ".join(map(str, entry["sample_ids"][:5])) + (", ..." if entry["count"] > 5 else "")
+        lines.append(f"dropped      {entry['count']} rows: {reason} (sample ids {shown})")
+    skipped = manifest.stats.get("skipped_sample_ids", [])
+    if skipped:
+        lines.append(f"dropped      {len(skipped)} rows with NaN/inf targets ({manifest.stats['nonfinite_positions']} "
+                     f"positions; --skip-nonfinite)")
+    return lines
 
 
 def _fidelity_lines(manifest: Manifest) -> list[str]:
@@ -207,6 +220,7 @@ def info_command(cache, as_json):
         f"teacher NLL  {manifest.stats.get('teacher_nll')} "
         + ("nats/target (on gold labels)" if manifest.labels else "nats/token"),
         *_fidelity_lines(manifest),
+        *_dropped_lines(manifest),
     ]
     if manifest.labels:
         lines[1] += f"  (labels: {', '.join(manifest.labels)})"
