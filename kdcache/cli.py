@@ -196,9 +196,15 @@ def _fidelity_lines(manifest: Manifest) -> list[str]:
 @main.command("info")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def info_command(cache, as_json):
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Also write a picture of the cache to this .html (self-contained) or .png file: captured-mass "
+                   "histogram and profile by position, fidelity card, bytes per column (needs kdcache[plots]).")
+def info_command(cache, as_json, plot):
     """Summarise the cache at CACHE."""
     manifest = Manifest.load(cache)
+    if plot is not None:
+        from .plots import write_cache_report
+        write_cache_report(cache, plot)
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
@@ -225,6 +231,8 @@ def info_command(cache, as_json):
     if manifest.labels:
         lines[1] += f"  (labels: {', '.join(manifest.labels)})"
     click.echo("\n".join(lines))
+    if plot is not None:
+        click.echo(f"report       {plot}")
 
 
 def _describe_targets(manifest: Manifest) -> str:
@@ -262,6 +270,9 @@ def train_student_command(cache, out, student, student_config, resume, resume_fr
                             overwrite=overwrite, progress=_progress())
     click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
                f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
+    from .plots import CURVES_FILE, PLOTS_HINT
+    click.echo(f"curves: {out / CURVES_FILE}" if (out / CURVES_FILE).is_file()
+               else f"no {CURVES_FILE}: plots need matplotlib ({PLOTS_HINT})")
     if "validation" in summary:
         validation = summary["validation"]
         click.echo(f"kept the state of step {validation['best_step']} (held-out KL "

@@ -58,6 +58,9 @@ T = TypeVar("T")
 # The manifest lists at most this many sample ids per reason a row was dropped (the count is exact):
 # enough to look at the rows, and a corpus with a million blank lines keeps a small manifest.
 LISTED_DROPPED = 1000
+# The manifest keeps the captured-mass histogram (for `kdcache info --plot`) in this many bins of
+# the dump's 1000: a picture needs no finer grain, and the manifest stays small.
+HISTOGRAM_BINS = 100
 
 
 def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
@@ -325,7 +328,9 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
         dump_fingerprint=fingerprint,
         shards=shards,
         stats={"tokens": captured.count, "fidelity": fidelity.summary(),
-               **({"captured_mass": captured.summary()} if "topk" in settings.target_types else {}),
+               **({"captured_mass": captured.summary()
+                   | {"histogram": captured.counts.reshape(HISTOGRAM_BINS, -1).sum(axis=1).tolist()}}
+                  if "topk" in settings.target_types else {}),
                "teacher_nll": round(nll_sum / nll_count, 6) if nll_count else None,
                "content_sha256": content_sha256(out, shards),
                "nonfinite_positions": nonfinite_positions, "skipped_sample_ids": nonfinite_ids,
