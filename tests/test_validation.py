@@ -134,8 +134,8 @@ def test_eval_split_fraction_scores_only_the_heldout_rows(cache_dir, student_con
     student = tmp_path / "student"
     assert run("train-student", "--cache", cache_dir, "--student-config", student_config, "--out", student,
                "--max-steps", 2, "--batch-size", 4, "--val-fraction", 0.25).exit_code == 0
-    whole = json.loads(run("eval", "--cache", cache_dir, "--student", student, "--json").stdout)
-    heldout = json.loads(run("eval", "--cache", cache_dir, "--student", student, "--json",
+    [whole] = json.loads(run("eval", "--cache", cache_dir, "--student", student, "--json").stdout)
+    [heldout] = json.loads(run("eval", "--cache", cache_dir, "--student", student, "--json",
                              "--split-fraction", 0.25).stdout)
     manifest = Manifest.load(cache_dir)
     assert whole["positions"] == manifest.total_tokens
