@@ -18,7 +18,6 @@ from .cache.format import MANIFEST_NAME, Manifest
 from .errors import KDCacheError
 from .runtime import configure_threads, quiet_libraries
 from .student.settings import TrainSettings
-from .tasks import CAUSAL_LM
 from .tasks import TASKS as TASK_NAMES
 from .teacher.settings import DumpSettings
 
@@ -156,10 +155,23 @@ def dump_teacher_command(teacher, data, out, **values):
         return
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
                f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token")
-    click.echo("\n".join(_fidelity_lines(manifest)))
-    if manifest.stats["skipped_sample_ids"]:
-        click.echo(f"skipped {len(manifest.stats['skipped_sample_ids'])} sequences with NaN/inf targets "
-                   f"({manifest.stats['nonfinite_positions']} positions); their ids are in the manifest")
+    click.echo("\n".join(_fidelity_lines(manifest) + _dropped_lines(manifest)))
+
+
+def _dropped_lines(manifest: Manifest) -> list[str]:
+    """Why the cache holds fewer rows than the data: `limit`, rows with nothing to target, NaN/inf targets."""
+    lines = []
+    limit = manifest.settings.get("limit")
+    if limit is not None and limit < manifest.dataset["num_rows"]:
+        lines.append(f"dropped      the rows after the first {limit} (--limit)")
+    for reason, entry in manifest.stats.get("dropped_rows", {}).items():
+        shown = ", ".join(map(str, entry["sample_ids"][:5])) + (", ..." if entry["count"] > 5 else "")
+        lines.append(f"dropped      {entry['count']} rows: {reason} (sample ids {shown})")
+    skipped = manifest.stats.get("skipped_sample_ids", [])
+    if skipped:
+        lines.append(f"dropped      {len(skipped)} rows with NaN/inf targets ({manifest.stats['nonfinite_positions']} "
+                     f"positions; --skip-nonfinite)")
+    return lines
 
 
 def _fidelity_lines(manifest: Manifest) -> list[str]:
@@ -184,12 +196,18 @@ def _fidelity_lines(manifest: Manifest) -> list[str]:
 @main.command("info")
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def info_command(cache, as_json):
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Also write a picture of the cache to this .html (self-contained) or .png file: captured-mass "
+                   "histogram and profile by position, fidelity card, bytes per column (needs kdcache[plots]).")
+def info_command(cache, as_json, plot):
     """Summarise the cache at CACHE (a directory or URL): reads its manifest and card only, no shard."""
     from .cache.card import CARD_NAME
     from .cache.store import CacheStore
     store = CacheStore(cache)
     manifest = store.load_manifest()
+    if plot is not None:
+        from .plots import write_cache_report
+        write_cache_report(cache, plot)
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
@@ -212,6 +230,7 @@ def info_command(cache, as_json):
         f"teacher NLL  {manifest.stats.get('teacher_nll')} "
         + ("nats/target (on gold labels)" if manifest.labels else "nats/token"),
         *_fidelity_lines(manifest),
+        *_dropped_lines(manifest),
         *([f"sources      made from {len(manifest.sources)} other cache(s): "
            + ", ".join(str(source.get("location")) for source in manifest.sources)] if manifest.sources else []),
         f"card         {CARD_NAME if store.size(CARD_NAME) is not None else 'none'}",
@@ -219,6 +238,8 @@ def info_command(cache, as_json):
     if manifest.labels:
         lines[1] += f"  (labels: {', '.join(manifest.labels)})"
     click.echo("\n".join(lines))
+    if plot is not None:
+        click.echo(f"report       {plot}")
 
 
 def _describe_targets(manifest: Manifest) -> str:
@@ -340,6 +361,9 @@ def train_student_command(cache, out, student, student_config, resume, resume_fr
                             overwrite=overwrite, progress=_progress())
     click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
                f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
+    from .plots import CURVES_FILE, PLOTS_HINT
+    click.echo(f"curves: {out / CURVES_FILE}" if (out / CURVES_FILE).is_file()
+               else f"no {CURVES_FILE}: plots need matplotlib ({PLOTS_HINT})")
     if "validation" in summary:
         validation = summary["validation"]
         click.echo(f"kept the state of step {validation['best_step']} (held-out KL "
@@ -348,30 +372,35 @@ def train_student_command(cache, out, student, student_config, resume, resume_fr
 
 
 @main.command("eval")
-@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache holding the evaluation targets.")
-@click.option("--student", required=True, help="Student directory or hub id.")
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--cache", required=True, help="Cache holding the evaluation targets (directory or fsspec URL).")
+@click.option("--student", "students", required=True, multiple=True,
+              help="Student directory or hub id; repeat to compare several in one table.")
+@click.option("--batch-size", default=16, show_default=True, help="Sequences per forward pass.")
 @click.option("--split-fraction", type=float, default=None,
               help="Score only the held-out fraction of CACHE (the rows train-student --val-fraction holds out).")
-@click.option("--json", "as_json", is_flag=True)
-def eval_command(cache, student, batch_size, split_fraction, as_json):
-    """Score STUDENT against the teacher targets in CACHE."""
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Re-hash every shard before scoring (off: check shard sizes only).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list of results, one object per student (its name under 'student').")
+def eval_command(cache, students, batch_size, split_fraction, verify, as_json):
+    """Score each STUDENT against the teacher targets in CACHE; print one table comparing them."""
     from .cache.cache import open_cache
     from .student import evaluate
+    from .student.comparison import comparison_table
     from .student.loading import load_pretrained_student
     opened = open_cache(cache)
+    if verify:
+        opened.verify(progress=_progress())
+    else:
+        opened.check_files()
     heldout = None if split_fraction is None else opened.split(split_fraction, setting="split_fraction").heldout
-    model = load_pretrained_student(student, opened.manifest)
-    result = evaluate(model, opened, batch_size=batch_size, sample_ids=heldout)
+    scored = opened if heldout is None else opened.subset(heldout)
+    results = {student: evaluate(load_pretrained_student(student, opened.manifest), scored, batch_size=batch_size)
+               for student in students}
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps([{"student": student, **result} for student, result in results.items()], indent=2))
         return
-    if result.get("task", CAUSAL_LM) != CAUSAL_LM:
-        from .student.classification_eval import format_table
-        click.echo(format_table(result))
-        return
-    for name, value in result.items():
-        click.echo(f"{name:16s} {value:.4f}" if isinstance(value, float) else f"{name:16s} {value}")
+    click.echo(comparison_table(results))
 
 
 @main.command("init-student")

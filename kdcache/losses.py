@@ -260,19 +260,19 @@ def _check_sampled(divergence: str, tail: str, temperature: float) -> None:
     """Refuse sampled-target combinations that have no unbiased meaning (module docstring)."""
     if divergence not in _SAMPLED_DIVERGENCES:
         raise ValueError(
-            f"divergence {divergence!r} cannot be estimated from sampled targets (tail_logprob=None): "
+            f"divergence {divergence!r} cannot be estimated from sampled targets: "
             f"it is non-linear in the teacher probabilities or needs them where nothing was drawn; "
             f"use one of {_SAMPLED_DIVERGENCES} or a top-k cache"
         )
     if tail == "renormalize":
         raise ValueError(
-            "tail='renormalize' with sampled targets biases the gradient (the student would be "
+            "the 'renormalize' tail with sampled targets biases the gradient (the student would be "
             "renormalised over the randomly drawn ids); use 'rest-bucket' or 'ignore', which coincide here"
         )
     if temperature != 1.0 and divergence != "hard":
         raise ValueError(
             f"sampled targets are draws from the teacher at T=1 and cannot be re-tempered without bias; "
-            f"got temperature={temperature}"
+            f"got temperature {temperature}"
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import click
 import pytest
 from click.testing import CliRunner
 from conftest import write_jsonl
@@ -40,7 +41,7 @@ def test_dump_info_verify_train_eval(tmp_path, teacher_dir, corpus, student_conf
     result = run("train-student", "--cache", cache, "--student-config", student_config, "--out", student,
                  "--max-steps", 2, "--batch-size", 4, "--hidden-weight", 0.5, "--layer-map", "1:-1")
     assert result.exit_code == 0, result.output
-    scores = json.loads(run("eval", "--cache", cache, "--student", student, "--json").stdout)
+    [scores] = json.loads(run("eval", "--cache", cache, "--student", student, "--json").stdout)
     assert 0 <= scores["top1_agreement"] <= 1 and scores["kl_to_teacher"] > 0
 
 
@@ -121,3 +122,9 @@ def test_train_bad_input(tmp_path, cache_dir, student_config):
 
 def test_info_on_a_directory_that_is_not_a_cache(tmp_path):
     assert_user_error(run("info", tmp_path), "not a kdcache cache")
+
+
+def test_every_option_of_every_command_has_help():
+    missing = [f"{name} {param.opts[0]}" for name, command in main.commands.items() for param in command.params
+               if isinstance(param, click.Option) and not (param.help or "").strip()]
+    assert not missing, missing

@@ -45,4 +45,4 @@ def test_the_quickstart_runs_as_written(tmp_path, monkeypatch):
     assert "wrote cache" in outputs[0] and "bytes/token" in outputs[0]
     assert "top-32" in outputs[1]
     assert all((tmp_path / name / "config.json").is_file() for name in ("student", "carved", "carved-student"))
-    assert "kl_to_teacher" in outputs[-1]
+    assert "KL(T‖S)" in outputs[-1] and "./student " in outputs[-1] and "./carved-student " in outputs[-1]

@@ -109,6 +109,15 @@ def test_truncation_drops_the_targets_of_cut_words(tmp_path, ner_teacher):
     assert sequence.target_positions.max() < 7
 
 
+def test_rows_without_words_are_dropped_and_listed(tmp_path, ner_teacher):
+    rows = [{"tokens": ["Ouagadougou"], "ner_tags": [3]}, {"tokens": [], "ner_tags": []},
+            {"tokens": ["x", "y"], "ner_tags": [0, 0]}, {"tokens": [], "ner_tags": []}]
+    manifest = dump_teacher(str(ner_teacher), str(write_rows(tmp_path / "rows.jsonl", rows)), tmp_path / "cache",
+                            DumpSettings(), progress=False)
+    assert manifest.total_rows == 2
+    assert manifest.stats["dropped_rows"] == {"no word to classify": {"count": 2, "sample_ids": [1, 3]}}
+
+
 @pytest.mark.parametrize("case, fragment", [
     ("unknown-label", "label 'B-ORG' in column 'ner_tags' is not one of the teacher's labels"),
     ("label-count", "3 words but 2 labels"),
@@ -297,7 +306,8 @@ def test_ner_from_the_command_line(tmp_path, ner_teacher, ner_data):
     run("init-student", "--teacher", ner_teacher, "--layers", "1", "--out", student)
     run("train-student", "--cache", cache, "--student", student, "--out", tmp_path / "trained", "--max-steps", 2,
         "--ce-weight", 0.5, "--hidden-weight", 1, "--hidden-loss", "cosine", "--layer-map", "1:2")
-    table = run("eval", "--cache", cache, "--student", tmp_path / "trained")
-    assert "entity f1" in table and "student vs teacher" in table and "teacher vs gold" in table
-    scores = json.loads(run("eval", "--cache", cache, "--student", tmp_path / "trained", "--json"))
+    header, columns, teacher, trained = run("eval", "--cache", cache, "--student", tmp_path / "trained").splitlines()
+    assert "ent F1 vs T" in columns and "ent F1 vs gold" in columns
+    assert teacher.startswith("teacher (cached)") and trained.startswith(str(tmp_path / "trained"))
+    [scores] = json.loads(run("eval", "--cache", cache, "--student", tmp_path / "trained", "--json"))
     assert 0 <= scores["student_vs_gold"]["entity_f1"] <= 1

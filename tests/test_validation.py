@@ -101,7 +101,7 @@ def test_sampled_targets_on_a_topk_only_cache_is_a_one_line_error(cache_dir, stu
 @pytest.mark.parametrize("flags, fragment", [
     (["--loss", "reverse_kl"], "divergence 'reverse_kl' cannot be estimated from sampled targets"),
     (["--temperature", "2"], "cannot be re-tempered"),
-    (["--tail", "renormalize"], "tail='renormalize' with sampled targets"),
+    (["--tail", "renormalize"], "the 'renormalize' tail with sampled targets"),
 ])
 def test_invalid_sampled_loss_combinations_are_one_line_errors(tmp_path, teacher_dir, corpus, student_config, flags,
                                                                 fragment):
@@ -110,6 +110,7 @@ def test_invalid_sampled_loss_combinations_are_one_line_errors(tmp_path, teacher
     result = run("train-student", "--cache", cache, "--student-config", student_config, "--out", tmp_path / "s",
                  "--targets", "sampled", *flags)
     assert_one_line_error(result, fragment)
+    assert "--loss" in result.output and "tail_logprob" not in result.output, "names flags, not internal variables"
     assert not (tmp_path / "s.partial").exists()
 
 
@@ -128,8 +129,8 @@ def test_eval_split_fraction_scores_only_the_heldout_rows(cache_dir, student_con
     student = tmp_path / "student"
     assert run("train-student", "--cache", cache_dir, "--student-config", student_config, "--out", student,
                "--max-steps", 2, "--batch-size", 4, "--val-fraction", 0.25).exit_code == 0
-    whole = json.loads(run("eval", "--cache", cache_dir, "--student", student, "--json").stdout)
-    heldout = json.loads(run("eval", "--cache", cache_dir, "--student", student, "--json",
+    [whole] = json.loads(run("eval", "--cache", cache_dir, "--student", student, "--json").stdout)
+    [heldout] = json.loads(run("eval", "--cache", cache_dir, "--student", student, "--json",
                              "--split-fraction", 0.25).stdout)
     manifest = Manifest.load(cache_dir)
     assert whole["positions"] == manifest.total_tokens

@@ -66,7 +66,7 @@ def bare_forward(model, data, settings: DumpSettings) -> tuple[int, float]:
         source = RowSource(task=get_task(CAUSAL_LM), rows=data, tokenizer=None, classes=[],
                        source="bench")
         for shard in plan_shards(len(data), settings.shard_rows):
-            for batches, _ in windows(source, shard, settings):
+            for batches, _, _ in windows(source, shard, settings):
                 for _, token_lists, _ in batches:
                     input_ids, mask = pad_batch(token_lists, "cpu")
                     model(input_ids=input_ids, attention_mask=mask)

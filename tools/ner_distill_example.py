@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from kdcache import DumpSettings, TrainSettings, dump_teacher, evaluate, init_student, train_student
-from kdcache.student.classification_eval import format_table
+from kdcache.student.comparison import comparison_table
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
 NAMES = {
@@ -128,10 +128,8 @@ def main() -> None:
         train_student(work / "cache", work / name, student=str(work / "carved"), settings=settings, progress=False)
     print(f"teacher: all-MiniLM-L6-v2 + token-classification head, {args.teacher_steps} fine-tuning steps; "
           f"students: layers 0,5 carved from it, {args.student_steps} steps each")
-    for name in ("carved", *runs):
-        print(f"\n[{name}]")
-        model = AutoModelForTokenClassification.from_pretrained(work / name)
-        print(format_table(evaluate(model, work / "test-cache")))
+    print(comparison_table({name: evaluate(AutoModelForTokenClassification.from_pretrained(work / name),
+                                           work / "test-cache") for name in ("carved", *runs)}))
 
 
 if __name__ == "__main__":

@@ -51,9 +51,12 @@ class StreamingSummary:
         rank = np.searchsorted(np.cumsum(self.counts), q / 100 * self.count, side="left")
         return (rank + 0.5) / len(self.counts)
 
-    def summary(self) -> dict[str, float]:
+    def summary(self, histogram_bins: int = 100) -> dict:
+        """Mean, percentiles and the histogram in `histogram_bins` bins (for `kdcache info --plot`: a
+        picture needs no finer grain than 100, and the manifest stays small)."""
         mean = self.total / self.count if self.count else float("nan")
-        return {"mean": round(mean, 6), **{f"p{q}": round(self.percentile(q), 4) for q in (1, 5, 50, 95)}}
+        return {"mean": round(mean, 6), **{f"p{q}": round(self.percentile(q), 4) for q in (1, 5, 50, 95)},
+                "histogram": self.counts.reshape(histogram_bins, -1).sum(axis=1).tolist()}
 
 
 class FidelitySums:

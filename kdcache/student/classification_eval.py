@@ -66,16 +66,3 @@ def evaluate_classifier(model, cache: Cache, *, batch_size: int = 16, device=Non
             result[name] = _agreement(rows[truth], rows[predicted], entities)
     return result
 
-
-def format_table(result: dict) -> str:
-    """The comparisons side by side, one line each, for the terminal."""
-    columns = list(result["student_vs_teacher"])
-    lines = [f"{result['task']}: {result['rows']} rows, {result['targets']} targets, "
-             f"KL(teacher ‖ student) {result['kl_to_teacher']:.4f}",
-             f"{'':20s}" + "".join(f"{column.replace('entity_', 'entity '):>18s}" for column in columns)]
-    for name in COMPARISONS:
-        if name in result:
-            lines.append(f"{name.replace('_', ' '):20s}" + "".join(
-                f"{result[name][column]:18d}" if isinstance(result[name][column], int) else f"{result[name][column]:18.4f}"
-                for column in columns))
-    return "\n".join(lines)

@@ -63,6 +63,6 @@ def evaluate(model, cache: Cache | Path | str, *, batch_size: int = 16, device: 
         score(sequences)
     model.train(was_training)
     nll = nll_sum / max(labelled, 1)
-    return {"kl_to_teacher": kl_sum / positions, "top1_agreement": agree / positions, "nll": nll,
+    return {"task": CAUSAL_LM, "kl_to_teacher": kl_sum / positions, "top1_agreement": agree / positions, "nll": nll,
             "perplexity": math.exp(nll), "teacher_nll": manifest.stats.get("teacher_nll"),
             "positions": int(positions), "targets": kind}

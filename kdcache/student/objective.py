@@ -42,7 +42,8 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> None:
         kd_loss(torch.zeros(0, manifest.num_classes), probe, divergence=settings.loss, tail=settings.tail,
                 temperature=settings.temperature)
     except ValueError as error:
-        raise KDCacheError(f"`targets` {settings.targets}: {error}") from None
+        raise KDCacheError(f"`loss` {settings.loss}, `tail` {settings.tail}, `temperature` {settings.temperature:g} "
+                           f"with `targets` {settings.targets}: {error}") from None
 
 
 class DistillationLoss:

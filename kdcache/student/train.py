@@ -26,6 +26,7 @@ from ..cache.cache import Cache, open_cache
 from ..cache.format import Manifest
 from ..errors import KDCacheError
 from ..models import load_tokenizer
+from ..plots import CURVES_FILE, plots_available, write_training_curves
 from .batching import Batch
 from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, save_checkpoint
 from .feed import CacheBatches, prefetched
@@ -191,6 +192,8 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
                   "student": student or student_config, "settings": dataclasses.asdict(settings),
                   "layer_map": {str(s): t for s, t in loss_of.layer_map.items()}, "summary": summary}
         (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if plots_available():  # an optional extra: a run never fails for a missing picture (the CLI says so)
+            write_training_curves(staging / METRICS_FILE, staging / CURVES_FILE)
         publish(staging, out)
     return summary
 

@@ -81,6 +81,8 @@ class Task:
         """Tokenize `rows_range` in batches of `settings.batch_size`; rows with no token are skipped.
 
         A causal LM reads a text column, or an `input_ids` column when the data is pre-tokenized.
+        Blank text (a `.txt` corpus's empty lines) is skipped too, whether or not the tokenizer adds a
+        BOS token: such a row would only repeat the teacher's guess of a first token.
         """
         column = _text_or_ids_column(rows, settings.text_column, source)
         for start in range(rows_range.start, rows_range.stop, settings.batch_size):
@@ -93,9 +95,17 @@ class Task:
                     raise KDCacheError(f"column '{column}' must hold strings; row {start} onwards has "
                                        f"{type(next(t for t in chunk if not isinstance(t, str))).__name__}")
                 token_lists = tokenizer(chunk, truncation=True, max_length=settings.max_length)["input_ids"]
-            kept = [(sample_id, ids) for sample_id, ids in zip(range(start, stop), token_lists) if len(ids) > 0]
+            blank = [column != "input_ids" and not text.strip() for text in chunk]
+            kept = [(sample_id, ids) for sample_id, ids, is_blank in zip(range(start, stop), token_lists, blank)
+                    if len(ids) > 0 and not is_blank]
             if kept:
                 yield [sample_id for sample_id, _ in kept], [ids for _, ids in kept], None
+
+    def drop_reason(self, row: dict, settings) -> str:
+        """Why `batches` skipped `row` (the dataset row, a dict): the manifest lists dropped rows by reason."""
+        if "input_ids" in row:
+            return "empty input_ids"
+        return "blank text" if not row[settings.text_column].strip() else "no token after tokenization"
 
     # ---- the teacher's and the student's logits ------------------------------------------------
     def target_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor,

@@ -131,6 +131,9 @@ class TokenClassification(_Classification):
             if sample_ids:
                 yield sample_ids, token_lists, annotations
 
+    def drop_reason(self, row: dict, settings) -> str:
+        return "no word to classify" if not row[settings.tokens_column] else "no word left after tokenization"
+
 
 class SequenceClassification(_Classification):
     name = SEQUENCE_CLASSIFICATION

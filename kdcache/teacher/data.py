@@ -10,6 +10,7 @@ from pathlib import Path
 
 import datasets
 
+from ..cache.format import sha256_file
 from ..errors import KDCacheError
 
 _BUILDER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
@@ -52,6 +53,29 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
 
 
 def describe(rows: datasets.Dataset, source: str, split: str, text_column: str) -> dict:
-    """What the manifest records about the data: enough to find it again and notice a change."""
-    return {"source": source, "split": split, "text_column": text_column, "num_rows": len(rows),
-            "fingerprint": getattr(rows, "_fingerprint", None)}
+    """What the manifest records about the data: enough for the team that receives the cache to find
+    the same data again and notice a change.
+
+    Never the path typed on the dumping machine (`../corpus/transfer.jsonl` means nothing elsewhere):
+    local data is named by its file or directory name and identified by the name, size and sha256
+    of each file; hub data by its id, config and the `datasets` fingerprint.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(
+            file for file in path.rglob("*") if file.is_file()
+            and not any(part.startswith(".") for part in file.relative_to(path).parts))
+        origin = {"source": portable_name(source), "location": "local",
+                  "files": [{"name": file.name if file == path else str(file.relative_to(path)),
+                             "bytes": file.stat().st_size, "sha256": sha256_file(file)} for file in files]}
+    else:
+        origin = {"source": source, "location": "hub", "config_name": rows.info.config_name}
+    return origin | {"split": split, "text_column": text_column, "num_rows": len(rows),
+                     "fingerprint": getattr(rows, "_fingerprint", None)}
+
+
+def portable_name(name_or_path: str) -> str:
+    """A hub id as it is; a local file or directory by its own name (`./teacher/` -> `teacher`), the part
+    of its path that still means something on another machine."""
+    path = Path(name_or_path).expanduser()
+    return path.resolve().name if path.exists() else name_or_path

@@ -57,6 +57,10 @@ from .writer import BackgroundShardWriter, HostBatch, start_host_copy
 
 T = TypeVar("T")
 
+# The manifest lists at most this many sample ids per reason a row was dropped (the count is exact):
+# enough to look at the rows, and a corpus with a million blank lines keeps a small manifest.
+LISTED_DROPPED = 1000
+
 
 def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
     """Map HF `hidden_states` indices (negatives allowed) to 0..num_layers; reject the rest."""
@@ -64,7 +68,7 @@ def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
     resolved = []
     for layer in layers:
         if not -count <= layer < count:
-            raise KDCacheError(f"hidden layer {layer} out of range: the teacher has hidden_states "
+            raise KDCacheError(f"hidden layer {layer} out of range: the teacher has hidden states "
                                f"0..{num_layers} (or -{count}..-1)")
         resolved.append(layer % count)
     return sorted(set(resolved))
@@ -262,13 +266,13 @@ def _compute_shards(model, source: RowSource, settings: DumpSettings, shards: li
     started, tokens = time.perf_counter(), 0
     for index, shard in shards:
         writer.begin_shard(index)
-        for batches, covered in windows(source, shard, settings):
+        for batches, covered, dropped in windows(source, shard, settings):
             for sample_ids, token_lists, annotations in batches:
                 writer.submit(_teacher_targets(model, input_device, sample_ids, token_lists, annotations,
                                                task=source.task, vocab_size=vocab_size, layers=layers, pool=pool,
                                                logprob_dtype=logprob_dtype, card=card, settings=settings))
                 tokens += sum(len(ids) for ids in token_lists)
-            writer.end_window()
+            writer.end_window(dropped)
             bar.update(covered)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         writer.end_shard()
@@ -293,9 +297,14 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
                            f"{len(nonfinite_ids)} sequences (sample ids {nonfinite_ids[:5]}); no cache was "
                            f"committed: rerun with `skip_nonfinite` to commit it without them, or try "
                            f"`dtype` float32 with another `out`")
+    dropped: dict[str, list[int]] = {}
+    for record in ordered:
+        for reason, sample_ids in record.dropped.items():
+            dropped.setdefault(reason, []).extend(sample_ids)
     shards = [record.shard for record in ordered if record.shard is not None]
     if not shards:
-        raise KDCacheError(f"dataset {dataset['source']} produced no tokens (every row is empty)")
+        reasons = ", ".join(f"{len(ids)} {reason}" for reason, ids in dropped.items())
+        raise KDCacheError(f"dataset {dataset['source']} produced no tokens: every row was dropped ({reasons})")
     captured = StreamingSummary()
     for record in ordered:
         captured.merge(StreamingSummary.from_state(record.captured))
@@ -323,6 +332,8 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
                "teacher_nll": round(nll_sum / nll_count, 6) if nll_count else None,
                "content_sha256": content_sha256(out, shards),
                "nonfinite_positions": nonfinite_positions, "skipped_sample_ids": nonfinite_ids,
+               "dropped_rows": {reason: {"count": len(ids), "sample_ids": sorted(ids)[:LISTED_DROPPED]}
+                                for reason, ids in sorted(dropped.items())},
                "num_processes": num_processes, "resumed_shards": len(finished_before),
                "seconds": round(elapsed, 3), "tokens_per_second": round(new_tokens / max(elapsed, 1e-9), 1),
                "shard_stats": {record.shard.file: shard_stats(record.fidelity, record.nll_sum, record.nll_count)

@@ -6,13 +6,16 @@ import hashlib
 from typing import Any
 
 from ..cache.format import sha256_bytes
+from .data import portable_name
 
 
 def teacher_fingerprint(model, name_or_path: str) -> dict[str, Any]:
     """Identify the teacher's architecture and weights without hashing every byte.
 
     The weights hash covers each tensor's name, shape, dtype and a strided sample of up to
-    4096 of its values: enough to tell checkpoints apart, cheap for a 70B model.
+    4096 of its values: enough to tell checkpoints apart, cheap for a 70B model. `name_or_path` is kept
+    as another team can use it: a hub id (with the revision loaded, when the hub reported one) or
+    the local directory's name, not its path on this machine.
     """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -22,8 +25,10 @@ def teacher_fingerprint(model, name_or_path: str) -> dict[str, Any]:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(sample.tobytes())
     config = model.config
+    revision = getattr(config, "_commit_hash", None)
     return {
-        "name_or_path": name_or_path,
+        "name_or_path": portable_name(name_or_path),
+        **({"revision": revision} if revision else {}),
         "model_type": config.model_type,
         "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
         "num_parameters": sum(p.numel() for p in model.parameters()),

@@ -54,6 +54,7 @@ class ShardRecord:
     nll_count: int
     nonfinite_positions: int = 0
     nonfinite_sample_ids: list[int] = dataclasses.field(default_factory=list)
+    dropped: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # reason -> sample ids with nothing to target
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardRecord:

@@ -44,8 +44,9 @@ class RowSource:
 
 
 def window_items(source: RowSource, start: int, stop: int, settings: DumpSettings
-                 ) -> list[tuple[int, list[int], Annotation | None]]:
-    """(sample id, token ids, annotation) of rows [start, stop) that have something to target.
+                 ) -> tuple[list[tuple[int, list[int], Annotation | None]], dict[str, list[int]]]:
+    """(sample id, token ids, annotation) of rows [start, stop) that have something to target, and the
+    sample ids of the other rows by the reason they were dropped (blank text, ...).
 
     The task tokenizes the whole window as one of its batches.
     """
@@ -54,11 +55,18 @@ def window_items(source: RowSource, start: int, stop: int, settings: DumpSetting
     for sample_ids, token_lists, annotations in source.task.batches(
             source.rows, range(start, stop), source.tokenizer, source.classes, window, source.source):
         items += zip(sample_ids, token_lists, annotations or [None] * len(sample_ids))
-    return items
+    kept = {sample_id for sample_id, _, _ in items}
+    dropped: dict[str, list[int]] = {}
+    for sample_id in range(start, stop):
+        if sample_id not in kept:
+            dropped.setdefault(source.task.drop_reason(source.rows[sample_id], settings), []).append(sample_id)
+    return items, dropped
 
 
-def windows(source: RowSource, shard: range, settings: DumpSettings) -> Iterator[tuple[list[Batch], int]]:
-    """Yield (batches, rows covered) per window of a planned shard; tokenization happens here, lazily.
+def windows(source: RowSource, shard: range, settings: DumpSettings
+            ) -> Iterator[tuple[list[Batch], int, dict[str, list[int]]]]:
+    """Yield (batches, rows covered, dropped rows by reason) per window of a planned shard; tokenization
+    happens here, lazily.
 
     Within a window, rows with a target are sorted longest first (ties by sample id) and cut into
     batches: little padding, the out-of-memory case shows on the first batch, and the batches
@@ -67,12 +75,13 @@ def windows(source: RowSource, shard: range, settings: DumpSettings) -> Iterator
     window_rows = settings.batch_size * WINDOW_BATCHES
     for start in range(shard.start, shard.stop, window_rows):
         stop = min(start + window_rows, shard.stop)
-        kept = sorted(window_items(source, start, stop, settings), key=lambda item: (-len(item[1]), item[0]))
+        items, dropped = window_items(source, start, stop, settings)
+        kept = sorted(items, key=lambda item: (-len(item[1]), item[0]))
         batches = []
         for first in range(0, len(kept), settings.batch_size):
             sample_ids, token_lists, annotations = map(list, zip(*kept[first:first + settings.batch_size]))
             batches.append((sample_ids, token_lists, None if annotations[0] is None else annotations))
-        yield batches, stop - start
+        yield batches, stop - start, dropped
 
 
 def optional_columns(source: RowSource, settings: DumpSettings) -> tuple[str, ...]:
@@ -85,7 +94,7 @@ def optional_columns(source: RowSource, settings: DumpSettings) -> tuple[str, ..
         return ()
     window_rows = settings.batch_size * WINDOW_BATCHES
     for start in range(0, len(source.rows), window_rows):
-        items = window_items(source, start, min(start + window_rows, len(source.rows)), settings)
+        items, _ = window_items(source, start, min(start + window_rows, len(source.rows)), settings)
         if items:
             return tuple(name for name in OPTIONAL_COLUMNS if getattr(items[0][2], name) is not None)
     raise KDCacheError(f"dataset {source.source} has no row with anything to classify")

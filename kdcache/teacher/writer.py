@@ -78,13 +78,14 @@ class _OpenShard:
     nll_count: int = 0
     nonfinite_positions: int = 0
     nonfinite_sample_ids: list[int] = dataclasses.field(default_factory=list)
+    dropped: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 class BackgroundShardWriter:
     """Turns `HostBatch`es into planned shards and their resume records, on its own thread.
 
     Lifecycle, from the dump loop: for each planned shard `begin_shard(i)`, then `submit()` its
-    batches with `end_window()` after each window, then `end_shard()`; finally `close()` (waits,
+    batches with `end_window(dropped)` after each window, then `end_shard()`; finally `close()` (waits,
     re-raises any write error) or, when the loop fails, `abort()` (drops the shard in progress).
     """
 
@@ -114,8 +115,9 @@ class BackgroundShardWriter:
     def submit(self, batch: HostBatch) -> None:
         self._put("batch", batch)
 
-    def end_window(self) -> None:
-        self._put("end_window", None)
+    def end_window(self, dropped: dict[str, list[int]]) -> None:
+        """The window's batches are all submitted; `dropped` lists its rows that had nothing to target."""
+        self._put("end_window", dropped)
 
     def end_shard(self) -> None:
         self._put("end_shard", None)
@@ -214,10 +216,12 @@ class BackgroundShardWriter:
                 pooled=host["pooled"][row][None] if "pooled" in host else None,
                 **({} if annotation is None else vars(annotation))))
 
-    def _on_end_window(self, _) -> None:
+    def _on_end_window(self, dropped: dict[str, list[int]]) -> None:
         """Rows were computed longest first; they are written in sample-id order."""
         self._shard.writer.write(sorted(self._shard.window, key=lambda sequence: sequence.sample_id))
         self._shard.window = []
+        for reason, sample_ids in dropped.items():
+            self._shard.dropped.setdefault(reason, []).extend(sample_ids)
 
     def _on_end_shard(self, _) -> None:
         shard = self._shard
@@ -226,5 +230,5 @@ class BackgroundShardWriter:
                                            captured=shard.captured.state(), fidelity=shard.fidelity.state(),
                                            nll_sum=shard.nll_sum,
                                            nll_count=shard.nll_count, nonfinite_positions=shard.nonfinite_positions,
-                                           nonfinite_sample_ids=shard.nonfinite_sample_ids))
+                                           nonfinite_sample_ids=shard.nonfinite_sample_ids, dropped=shard.dropped))
         self._shard = None
