@@ -76,10 +76,10 @@ def fail_second_shard_with_disk_full(monkeypatch) -> None:
     """Make the second Arrow shard a dump opens fail with ENOSPC (undo with `monkeypatch.undo()`)."""
     real_new_file, calls = pa.ipc.new_file, []
 
-    def disk_full_on_second_shard(sink, schema):
+    def disk_full_on_second_shard(sink, schema, **options):
         calls.append(sink)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_new_file(sink, schema)
+        return real_new_file(sink, schema, **options)
 
     monkeypatch.setattr(pa.ipc, "new_file", disk_full_on_second_shard)

@@ -64,8 +64,8 @@ def test_only_rows_still_to_come_are_decoded(cache_dir, monkeypatch):
     from kdcache.cache import reader
     decoded_rows = []
     decode = reader._DecodedBatch
-    monkeypatch.setattr(reader, "_DecodedBatch", lambda batch, layers: decoded_rows.append(batch.num_rows)
-                        or decode(batch, layers))
+    monkeypatch.setattr(reader, "_DecodedBatch", lambda batch, *rest: decoded_rows.append(batch.num_rows)
+                        or decode(batch, *rest))
     manifest = Manifest.load(cache_dir)
     assert len(list(iter_sequences(cache_dir, manifest))) == 48 and sum(decoded_rows) == 48
     decoded_rows.clear()

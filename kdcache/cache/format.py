@@ -17,9 +17,11 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import KDCacheError
+from .codecs import Codec, compact_fields
 
-FORMAT_VERSION = 1
-TARGET_TYPES = ("topk", "sampled")
+FORMAT_VERSION = 2  # the newest this kdcache reads; a cache records the lowest that reads it (Codec.format_version)
+# "head-tail": the exact top-k head and tail mass (topk columns) plus draws from the renormalised tail (sampled columns).
+TARGET_TYPES = ("topk", "sampled", "head-tail")
 MAX_SAMPLES = 2**16 - 1  # sampled counts are uint16
 MANIFEST_NAME = "kdcache.json"
 TOKENIZER_DIR = "tokenizer"
@@ -31,6 +33,12 @@ PARTIAL_SUFFIX = ".partial"
 def token_id_type(vocab_size: int) -> pa.DataType:
     """The narrowest unsigned type holding every id: uint16 halves the id bytes of most vocabularies."""
     return pa.uint16() if vocab_size <= 2**16 else pa.uint32()
+
+
+def column_groups(target_types: tuple[str, ...]) -> tuple[str, ...]:
+    """Which groups of target columns the shards hold: head-tail caches hold both the top-k and the sampled ones."""
+    return tuple(group for group in ("topk", "sampled")
+                 if group in target_types or "head-tail" in target_types)
 
 
 def hidden_column(layer: int) -> str:
@@ -50,27 +58,32 @@ POOLED_COLUMN = "pooled"
 
 def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_sizes: dict[int, int],
                  dump_fingerprint: str, target_types: tuple[str, ...] = ("topk",),
-                 optional_columns: tuple[str, ...] = (), pooled_size: int | None = None) -> pa.Schema:
+                 optional_columns: tuple[str, ...] = (), pooled_size: int | None = None,
+                 codec: Codec = Codec(), draws: int | None = None) -> pa.Schema:
     """The Arrow schema of every shard of one cache.
 
     `vocab_size` is the number of classes the targets range over (the tokenizer's vocabulary for
     a causal LM, the label set for classification); it picks the id type. The dump fingerprint is also stored in each shard's schema metadata, so a shard that strays
     into another cache directory can be recognised (Megatron's logits saver does the same).
-    Sampled targets have a variable number of distinct ids per position, hence list<list<...>>.
+    Plain sampled targets have a variable number of distinct ids per position, hence list<list<...>>;
+    the compact codec's target columns (kdcache/cache/codecs.py) replace the plain ones.
     """
-    logprob_type = {"float16": pa.float16(), "float32": pa.float32()}[logprob_dtype]
     id_type = token_id_type(vocab_size)
+    groups = column_groups(target_types)
     fields = [
         pa.field("sample_id", pa.int64(), nullable=False),
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
     ]
-    if "topk" in target_types:
+    if codec.layout == "compact":
+        fields += compact_fields(id_type=id_type, groups=groups, codec=codec, top_k=top_k, draws=draws)
+    elif "topk" in groups:
+        logprob_type = {"float16": pa.float16(), "float32": pa.float32()}[logprob_dtype]
         fields += [
             pa.field("topk_ids", pa.list_(pa.list_(id_type, top_k)), nullable=False),
             pa.field("topk_logprobs", pa.list_(pa.list_(logprob_type, top_k)), nullable=False),
             pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False),
         ]
-    if "sampled" in target_types:
+    if "sampled" in groups and codec.layout == "plain":
         fields += [
             pa.field("sampled_ids", pa.list_(pa.list_(id_type)), nullable=False),
             pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False),
@@ -81,7 +94,7 @@ def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_size
                for layer, size in sorted(hidden_sizes.items())]
     if pooled_size is not None:  # an encoder's pooled output: one [d] vector per row
         fields.append(pa.field(POOLED_COLUMN, pa.list_(pa.list_(pa.float16(), pooled_size)), nullable=False))
-    metadata = {"kdcache.format_version": str(FORMAT_VERSION), "kdcache.dump_fingerprint": dump_fingerprint}
+    metadata = {"kdcache.format_version": str(codec.format_version), "kdcache.dump_fingerprint": dump_fingerprint}
     return pa.schema(fields, metadata=metadata)
 
 
@@ -169,6 +182,15 @@ class Manifest:
     def target_types(self) -> tuple[str, ...]:
         """Which target columns the shards hold; caches from before sampled targets hold top-k only."""
         return tuple(self.columns.get("targets", ["topk"]))
+
+    @property
+    def codec(self) -> Codec:
+        return Codec.from_manifest(self.columns, self.settings)
+
+    @property
+    def draws(self) -> int | None:
+        """Draws per position of the sampled columns, if the cache holds any."""
+        return int(self.settings["samples"]) if "sampled" in column_groups(self.target_types) else None
 
     @property
     def hidden_layers(self) -> list[int]:

@@ -18,6 +18,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ..errors import KDCacheError
+from .codecs import Limits, decode_targets
 from .format import Manifest, ShardInfo, shard_schema
 from .sharding import BufferedShuffle, RowSpan, process_spans
 from .store import CacheStore, as_store
@@ -29,7 +30,8 @@ def expected_schema(manifest: Manifest) -> pa.Schema:
     return shard_schema(top_k=manifest.top_k, vocab_size=manifest.num_classes,
                         logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
                         dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types,
-                        optional_columns=manifest.optional_columns, pooled_size=manifest.pooled_size)
+                        optional_columns=manifest.optional_columns, pooled_size=manifest.pooled_size,
+                        codec=manifest.codec, draws=manifest.draws)
 
 
 def check_shard_files(cache: CacheStore | str | Path, manifest: Manifest) -> None:
@@ -107,10 +109,19 @@ class _DecodedBatch:
                "target_positions", "labels", "pooled")
     RAGGED_COLUMNS = ("sampled_ids", "sampled_counts")
 
-    def __init__(self, batch: pa.RecordBatch, hidden_layers: list[int]):
+    def __init__(self, batch: pa.RecordBatch, hidden_layers: list[int], manifest: Manifest, file: str):
+        codec = manifest.codec
+        if codec.layout == "compact":  # the target columns go through the codec, which validates them
+            decoded, self.ragged = decode_targets(batch, codec, Limits(manifest.num_classes, manifest.top_k,
+                                                                       manifest.draws), file)
+            batch = batch.select([name for name in batch.schema.names if name not in decoded
+                                  and not name.startswith(("topk_", "sampled_"))])
+        else:
+            decoded = {}
+            self.ragged = {name: self._per_position(batch, name) for name in self.RAGGED_COLUMNS
+                           if name in batch.schema.names}
         names = set(batch.schema.names)
-        self.columns = {name: self._per_row(batch, name) for name in self.COLUMNS if name in names}
-        self.ragged = {name: self._per_position(batch, name) for name in self.RAGGED_COLUMNS if name in names}
+        self.columns = decoded | {name: self._per_row(batch, name) for name in self.COLUMNS if name in names}
         self.hidden = {layer: self._per_row(batch, f"hidden_{layer}") for layer in hidden_layers}
         self.sample_ids = batch.column("sample_id").to_numpy()
 
@@ -195,7 +206,8 @@ def _read_spans(store: CacheStore, manifest: Manifest, spans: list[RowSpan], kep
             end_row = first_row + batch.num_rows
             inside = rows[np.searchsorted(rows, first_row):np.searchsorted(rows, end_row)]
             needed = [wanted(position + offset) for offset in range(len(inside))]
-            decoded = _DecodedBatch(batch, hidden_layers) if any(needed) else None
+            file = manifest.shards[span.shard].file
+            decoded = _DecodedBatch(batch, hidden_layers, manifest, file) if any(needed) else None
             for row, need in zip(inside.tolist(), needed):
                 yield position, decoded.row(row - first_row) if need else None
                 position += 1

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..cache.codecs import Codec
 from ..cache.format import hidden_column
 from ..cache.writer import CachedSequence, Ragged, ShardWriter
 from ..errors import KDCacheError
@@ -88,8 +89,10 @@ class BackgroundShardWriter:
     """
 
     def __init__(self, out: Path, schema: pa.Schema, *, shard_rows: int, rank: int, id_dtype, logprob_dtype,
-                 hidden_layers: list[int], new_card: Callable[[], FidelityCard], queue_size: int = 8):
+                 hidden_layers: list[int], new_card: Callable[[], FidelityCard], codec: Codec = Codec(),
+                 queue_size: int = 8):
         self.out = Path(out)
+        self.codec = codec
         self.schema = schema
         self.shard_rows = shard_rows
         self.prefix = f"shard-{rank:05d}"
@@ -160,7 +163,8 @@ class BackgroundShardWriter:
 
     def _on_begin_shard(self, index: int) -> None:
         self._shard = _OpenShard(index, ShardWriter(self.out, self.schema, shard_rows=self.shard_rows,
-                                                     prefix=self.prefix, start_index=index), self.new_card())
+                                                     prefix=self.prefix, start_index=index, codec=self.codec),
+                                   self.new_card())
 
     def _on_batch(self, batch: HostBatch) -> None:
         if batch.ready is not None:
