@@ -184,6 +184,11 @@ class Manifest:
         return tuple(self.columns.get("targets", ["topk"]))
 
     @property
+    def default_targets(self) -> str:
+        """The target type a student trains on unless told otherwise: the one the cache was dumped for."""
+        return "topk" if "topk" in self.target_types else self.target_types[0]
+
+    @property
     def codec(self) -> Codec:
         return Codec.from_manifest(self.columns, self.settings)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cache.format import column_groups
 from ..cache.reader import iter_sequences, select_rows
 from ..cache.store import CacheStore, as_store
 from ..losses import kd_loss
@@ -36,7 +37,7 @@ def evaluate_student(model, cache: CacheStore | Path | str, *, batch_size: int =
     kept_rows = None if sample_ids is None else select_rows(store, manifest, sample_ids)
     if manifest.task != CAUSAL_LM:
         return evaluate_classifier(model, store, manifest, batch_size=batch_size, device=device, kept_rows=kept_rows)
-    kind = "topk" if "topk" in manifest.target_types else "sampled"
+    kind = "topk" if "topk" in column_groups(manifest.target_types) else "sampled"
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

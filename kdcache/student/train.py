@@ -48,26 +48,30 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLE_LOG_ENV = "KDCACHE_SAMPLE_LOG"  # debug: each process appends "epoch sample_id" lines to <value>.rank<N>
 
 
-def check_targets(settings: TrainSettings, manifest: Manifest, cache: CacheStore) -> None:
-    """Refuse, before any training, a target type the cache lacks or a loss it cannot estimate.
+def check_targets(settings: TrainSettings, manifest: Manifest, cache: CacheStore) -> str:
+    """The target type to train on (`targets`, default the cache's own); refuse, before any training, a
+    type the cache lacks or a loss it cannot estimate.
 
-    The loss rules live in `kd_loss`; it is asked on zero positions, so they are stated once.
+    The loss rules live in `kd_loss`; it is asked on zero positions, so they are stated once. A head-tail
+    cache also serves as a top-k cache: its head and exact tail are one.
     """
-    if settings.targets not in manifest.target_types:
-        remedy = (f"dump with `targets` {settings.targets} or both" if manifest.task == CAUSAL_LM
+    targets = settings.targets or manifest.default_targets
+    available = manifest.target_types + (("topk",) if "head-tail" in manifest.target_types else ())
+    if targets not in available:
+        remedy = (f"dump with `targets` {targets} or both" if manifest.task == CAUSAL_LM
                   else "classification caches hold top-k targets only")
-        raise KDCacheError(f"`targets` {settings.targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
+        raise KDCacheError(f"`targets` {targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
                            f"targets ({remedy})")
     if not settings.kd_weight:
-        return
-    sampled = settings.targets == "sampled"
+        return targets
     probe = SparseTargets(ids=torch.zeros(0, 1, dtype=torch.long), logprobs=torch.zeros(0, 1),
-                          tail_logprob=None if sampled else torch.zeros(0))
+                          tail_logprob=None if targets != "topk" else torch.zeros(0))
     try:
         kd_loss(torch.zeros(0, manifest.num_classes), probe, divergence=settings.loss, tail=settings.tail,
                 temperature=settings.temperature)
     except ValueError as error:
-        raise KDCacheError(f"`targets` {settings.targets}: {error}") from None
+        raise KDCacheError(f"`targets` {targets}: {error}") from None
+    return targets
 
 
 def _batches(store: CacheStore, manifest: Manifest, settings: TrainSettings, accelerator: Accelerator,
@@ -107,7 +111,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     store, out = CacheStore(cache, settings.read_through), Path(out)
     manifest = store.load_manifest()
     checkpoint = checkpoint_to_resume(out, resume, resume_from)
-    check_targets(settings, manifest, store)
+    targets = check_targets(settings, manifest, store)
     task = get_task(manifest.task)
     if settings.ce_weight:
         task.check_gold_labels(manifest)
@@ -177,7 +181,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
             if settings.ce_weight:
                 terms["ce"] = next_token_ce(logits, task.gold_labels(batch))
             if settings.kd_weight:
-                terms["kd"] = kd_loss(logits, batch.sparse_targets(settings.targets), divergence=settings.loss,
+                terms["kd"] = kd_loss(logits, batch.sparse_targets(targets), divergence=settings.loss,
                                       tail=settings.tail, temperature=settings.temperature)
             if layer_map or student_pooler is not None:
                 pooled = student_pooler(output.hidden_states[-1]) if student_pooler is not None else None
