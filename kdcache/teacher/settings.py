@@ -108,4 +108,22 @@ class DumpSettings:
         return settings
 
 
+@dataclasses.dataclass
+class RecodeSettings:
+    """The codec to recode into; None keeps the source's value."""
+
+    targets: str | None = setting(None, "Target type to keep: topk, sampled, head-tail or both (default: the "
+                                        "source's).", choices=("topk", "sampled", "both", "head-tail"))
+    top_k: int | None = setting(None, "Keep at most this many ids per position (at most the source's k).",
+                                positive=True)
+    top_p: float | None = setting(None, "Mass-adaptive head: keep ids only until their mass reaches this.",
+                                  positive=True)
+    logprob_dtype: str = setting("uint8", "Storage type of the log-probs.", choices=LOGPROB_TYPES)
+    codec: str = setting("compact", "Target layout.", choices=LAYOUTS)
+    compression: str = setting("zstd", "Arrow IPC buffer compression.", choices=COMPRESSIONS)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
 _CLASSIFICATION_SETTINGS = ("task", "tokens_column", "labels_column", "label_column", "text_pair_column", "pooled")
