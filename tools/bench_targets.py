@@ -8,6 +8,9 @@ same order) for the same steps on each, and brackets them with two references on
   CE only    next-token cross-entropy on the text: the floor
   online KD  teacher in the loop, full-vocabulary forward KL (dense_kd_loss): the ceiling
 
+Modes whose decoded targets are identical (they differ only in layout or compression) share one
+trained student. With `--workdir`, a rerun reuses the teacher, caches and students already there.
+
 Each student is scored by its exact full-vocabulary KL(teacher ‖ student) on held-out text, computed
 with the teacher loaded (no cache, so a 49k vocabulary costs no k = V dump). "gap closed" =
 (KL_CE − KL) / (KL_CE − KL_online). B/token = every shard byte (input ids and all target columns
@@ -28,6 +31,7 @@ Usage: python tools/bench_targets.py --teacher trained [--steps 300] [--sequence
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -48,23 +52,23 @@ from kdcache.student import TrainSettings, train_student
 from kdcache.student.batching import chunked, collate
 from kdcache.teacher import DumpSettings, dump_teacher
 
+PLAIN = {"codec": "plain", "logprob_dtype": "float16", "compression": "none"}
 COMPACT = {"codec": "compact", "logprob_dtype": "uint8", "compression": "zstd"}
-MODES = {
-    "top-16 plain f16": {"top_k": 16},
-    "top-64 plain f16": {"top_k": 64},
-    "top-64 compact f16": {"top_k": 64, "codec": "compact", "logprob_dtype": "float16"},
-    "top-64 compact u8": {"top_k": 64, "codec": "compact", "logprob_dtype": "uint8"},
-    "top-64 u8 zstd": {"top_k": 64, **COMPACT},
-    "top-p .99 k<=64 u8 zstd": {"top_k": 64, "top_p": 0.99, **COMPACT},
-    "top-p .9 k<=16 u8 zstd": {"top_k": 16, "top_p": 0.9, **COMPACT},
-    "sampled 12 plain": {"targets": "sampled", "samples": 12},
-    "sampled 12 compact": {"targets": "sampled", "samples": 12, "codec": "compact"},
+MODES = {  # every mode spells out its codec, so the table does not move when dump-teacher's default does
+    "top-16 plain f16": {"targets": "topk", "top_k": 16, **PLAIN},
+    "top-64 plain f16": {"targets": "topk", "top_k": 64, **PLAIN},
+    "top-64 compact f16": {"targets": "topk", "top_k": 64, **PLAIN, "codec": "compact"},
+    "top-64 compact u8": {"targets": "topk", "top_k": 64, **COMPACT, "compression": "none"},
+    "top-64 u8 zstd": {"targets": "topk", "top_k": 64, **COMPACT},
+    "top-p .99 k<=64 u8 zstd": {"targets": "topk", "top_k": 64, "top_p": 0.99, **COMPACT},
+    "top-p .9 k<=16 u8 zstd": {"targets": "topk", "top_k": 16, "top_p": 0.9, **COMPACT},
+    "sampled 12 plain": {"targets": "sampled", "samples": 12, **PLAIN},
+    "sampled 12 compact": {"targets": "sampled", "samples": 12, **PLAIN, "codec": "compact"},
     "sampled 12 zstd": {"targets": "sampled", "samples": 12, **COMPACT},
     "sampled 24 zstd": {"targets": "sampled", "samples": 24, **COMPACT},
     "sampled 50 zstd": {"targets": "sampled", "samples": 50, **COMPACT},
     "head 2 + tail 16 u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 16, **COMPACT},
-    "head 4 + tail 16 u8": {"targets": "head-tail", "top_k": 4, "samples": 16, "codec": "compact",
-                            "logprob_dtype": "uint8"},
+    "head 4 + tail 16 u8": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT, "compression": "none"},
     "head 4 + tail 16 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT},
     "head 4 + tail 32 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 32, **COMPACT},
     "head 8 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 8, "samples": 24, **COMPACT},
@@ -90,7 +94,8 @@ def trained_teacher(root: Path, args) -> tuple[list[str], list[str], dict]:
     language = SyntheticLanguage()
     tokenizer = build_word_tokenizer(language.words)
     tokenizer.padding_side = "right"
-    _train_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), args.teacher_steps)
+    if not (root / "teacher").is_dir():
+        _train_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), args.teacher_steps)
     return language.sentences(args.sequences, seed=2), language.sentences(args.heldout, seed=3), STUDENT_SHAPE
 
 
@@ -101,6 +106,8 @@ def flat_teacher(root: Path, args) -> tuple[list[str], list[str], dict]:
     texts = shakespeare(40, 4000 + args.sequences + args.heldout, seed=0)
     torch.manual_seed(0)
     shape = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4}
+    if (root / "teacher").is_dir():
+        return texts[4000:4000 + args.sequences], texts[4000 + args.sequences:], STUDENT_SHAPE
     model = AutoModelForCausalLM.from_config(llama_config(len(tokenizer), shape))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     for step in range(args.teacher_steps):
@@ -217,25 +224,37 @@ def main() -> None:
         transfer = _write_jsonl(root / "transfer.jsonl", transfer_texts)
         common = {"batch_size": 16, "shard_rows": 256, "max_length": args.max_length}
         teacher_dir = str(root / "teacher")
-        dump_teacher(teacher_dir, str(_write_jsonl(root / "heldout.jsonl", heldout_texts)), root / "heldout",
-                     DumpSettings(top_k=1, **common), progress=False)
+        if not (root / "heldout" / "kdcache.json").is_file():
+            dump_teacher(teacher_dir, str(_write_jsonl(root / "heldout.jsonl", heldout_texts)), root / "heldout",
+                         DumpSettings(top_k=1, **common), progress=False)
         manifests = {}
         for name, changes in modes.items():
-            manifests[name] = dump_teacher(teacher_dir, str(transfer), root / "caches" / _slug(name),
-                                           DumpSettings(**{**common, **changes}), progress=False)
+            cache = root / "caches" / _slug(name)
+            manifests[name] = (Manifest.load(cache) if (cache / "kdcache.json").is_file() else
+                               dump_teacher(teacher_dir, str(transfer), cache, DumpSettings(**{**common, **changes}),
+                                            progress=False))
         config_file = root / "student.json"
         vocab = next(iter(manifests.values())).vocab_size
         config_file.write_text(llama_config(vocab, shape).to_json_string())
         base = TrainSettings(max_steps=args.steps, batch_size=16, lr=3e-3, log_every=50, verify=False)
         reference_cache = root / "caches" / _slug(next(iter(modes)))
-        students = {"online full KD": train_online(root, reference_cache, root / "teacher", shape, base)}
+        online = root / "students" / "online"
+        students = {"online full KD": online if online.is_dir() else
+                    train_online(root, reference_cache, root / "teacher", shape, base)}
         runs = {name: (root / "caches" / _slug(name), {}) for name in modes}
         runs["CE only"] = (reference_cache, {"kd_weight": 0.0, "ce_weight": 1.0})
+        trained = {}  # decoded targets -> student
         for name, (cache, changes) in runs.items():
-            out = root / "students" / _slug(name)
-            train_student(cache, out, student_config=str(config_file), progress=False,
-                          settings=TrainSettings(**{**base.__dict__, **changes}))
-            students[name] = out
+            dumped = dataclasses.asdict(DumpSettings(**{**common, **modes.get(name, {})}))
+            unused = ("codec", "compression") + (("logprob_dtype", "top_k", "top_p") if dumped["targets"] == "sampled"
+                                                 else ())
+            same_targets = json.dumps({key: value for key, value in {**dumped, **changes}.items()
+                                       if key not in unused}, sort_keys=True)
+            out = trained.get(same_targets, root / "students" / _slug(name))
+            if not out.is_dir():
+                train_student(cache, out, student_config=str(config_file), progress=False,
+                              settings=TrainSettings(**{**base.__dict__, **changes}))
+            students[name] = trained[same_targets] = out
         teacher = load_causal_lm(teacher_dir, "teacher", "float32").eval()
         kl = {name: heldout_kl(path, teacher, root / "heldout") for name, path in students.items()}
         floor, ceiling = kl["CE only"], kl["online full KD"]
