@@ -20,7 +20,7 @@ from kdcache.teacher import DumpSettings, dump_teacher
 
 
 def dump(teacher_dir, corpus, out, **settings):
-    dump_teacher(str(teacher_dir), str(corpus), out, DumpSettings(**{"top_k": 8, "limit": 12, **settings}),
+    dump_teacher(str(teacher_dir), str(corpus), out, DumpSettings(**{"top_k": 8, "limit": 12, "codec": "plain", **settings}),
                  progress=False)
     return out
 

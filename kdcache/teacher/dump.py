@@ -164,6 +164,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
 
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")
     task, config = resolve_task(settings.task, teacher)
+    settings = settings.resolved(task.supports_sampled_targets)
     if not task.supports_sampled_targets and settings.targets != "topk":
         raise KDCacheError(f"`targets` {settings.targets} is for causal LMs: a {task.name} cache stores the teacher's "
                            f"label distribution as top-k (every label, up to {FULL_DISTRIBUTION_MAX_LABELS}); "
@@ -326,7 +327,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
         dump_fingerprint=fingerprint,
         shards=shards,
         stats={"tokens": captured.count, "fidelity": fidelity.summary(),
-               **({"captured_mass": captured.summary()} if "topk" in settings.target_types else {}),
+               **({"captured_mass": captured.summary()} if "topk" in column_groups(settings.target_types) else {}),
                "teacher_nll": round(nll_sum / nll_count, 6) if nll_count else None,
                "content_sha256": content_sha256(out, shards),
                "nonfinite_positions": nonfinite_positions, "skipped_sample_ids": nonfinite_ids,
