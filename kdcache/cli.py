@@ -19,7 +19,7 @@ from .errors import KDCacheError
 from .runtime import configure_threads, quiet_libraries
 from .student.settings import TrainSettings
 from .tasks import TASKS as TASK_NAMES
-from .teacher.settings import DumpSettings
+from .teacher.settings import DumpSettings, RecodeSettings
 
 
 class _Command(click.Command):
@@ -193,6 +193,19 @@ def _fidelity_lines(manifest: Manifest) -> list[str]:
     return [line + f"  ({card['positions']} positions)" for line in lines]
 
 
+@main.command("recode")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory of the new cache.")
+@settings_options(RecodeSettings)
+def recode_command(cache, out, **values):
+    """Rewrite CACHE into another codec (smaller k, 8-bit log-probs, compact layout, zstd) without the teacher."""
+    from .teacher.recode import recode_cache
+    manifest = recode_cache(cache, out, settings_from(RecodeSettings, values))
+    source = Manifest.load(cache)
+    click.echo(f"wrote {out}: {_describe_targets(manifest)}; {manifest.total_bytes / manifest.total_tokens:.1f} "
+               f"bytes/token (was {source.total_bytes / source.total_tokens:.1f})")
+
+
 @main.command("info")
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
@@ -243,10 +256,15 @@ def info_command(cache, as_json, plot):
 
 
 def _describe_targets(manifest: Manifest) -> str:
-    kinds = {"topk": f"top-{manifest.top_k} {manifest.settings['logprob_dtype']} log-probs + exact tail",
-             "sampled": f"ids sampled with counts ({manifest.settings.get('samples')} draws/position at T=1, "
-                        f"seed {manifest.settings.get('seed')})"}
-    return " and ".join(kinds[kind] for kind in manifest.target_types)
+    settings = manifest.settings
+    head = (f"top-{manifest.top_k}" + (f" (mass-adaptive, p {settings['top_p']})" if settings.get("top_p") else "")
+            + f" {settings['logprob_dtype']} log-probs + exact tail")
+    draws = f"{settings.get('samples')} draws/position at T=1, seed {settings.get('seed')}"
+    kinds = {"topk": head, "sampled": f"ids sampled with counts ({draws})",
+             "head-tail": f"{head} + ids sampled from the tail ({draws})"}
+    codec = manifest.codec
+    return (" and ".join(kinds[kind] for kind in manifest.target_types)
+            + f"; {codec.layout} codec" + (f", {codec.compression}" if codec.compression != "none" else ""))
 
 
 @main.command("verify")

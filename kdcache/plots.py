@@ -128,7 +128,7 @@ def _draw_cache(data: dict):
     per_token = [size / max(data["tokens"], 1) for _, size in columns]
     bars = bytes_axes.barh([name for name, _ in columns], per_token, color="#55a868")
     bytes_axes.bar_label(bars, labels=[f"{value:.1f}" for value in per_token], padding=2)
-    bytes_axes.set(title=f"bytes per token by column (file: {data['file_bytes'] / max(data['tokens'], 1):.1f})",
+    bytes_axes.set(title=f"decoded bytes per token by column (on disk: {data['file_bytes'] / max(data['tokens'], 1):.1f})",
                    xlabel="bytes per token")
     bytes_axes.margins(x=0.2)
     figure.suptitle(f"{data['cache']}: {data['task']}, teacher {data['teacher']}, {data['sequences']} sequences, "

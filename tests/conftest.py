@@ -65,10 +65,10 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory, teacher_dir, corpus) -> Path:
-    """A finished cache: top-8, the last hidden layer, several shards. Tests must not modify it."""
+    """A finished format-1 (plain) cache: top-8, the last hidden layer, several shards. Tests must not modify it."""
     out = tmp_path_factory.mktemp("caches") / "cache"
     dump_teacher(str(teacher_dir), str(corpus), out,
-                 DumpSettings(top_k=8, batch_size=8, shard_rows=16, hidden_layers=(-1,)), progress=False)
+                 DumpSettings(top_k=8, batch_size=8, shard_rows=16, hidden_layers=(-1,), codec="plain"), progress=False)
     return out
 
 

@@ -211,7 +211,7 @@ def test_train_student_refuses_sampled_targets_on_a_classification_cache(tmp_pat
 
 
 def test_classification_fidelity_card_is_exact(ner_cache):
-    """Five labels are stored in full, so the card reports nothing lost, over every target (not token)."""
+    """Five labels are stored in full, so the card reports nothing lost but float16 rounding, over every target."""
     manifest = Manifest.load(ner_cache)
     card = manifest.stats["fidelity"]
     assert set(card) == {"positions", "every", "topk"} and card["topk"]["top_k"] == manifest.top_k == 5
@@ -221,7 +221,8 @@ def test_classification_fidelity_card_is_exact(ner_cache):
     assert card["every"] == 8 and targets / 8 <= card["positions"] <= targets / 8 + len(sequences)
     assert targets < manifest.total_tokens
     assert card["topk"]["captured_mass"] == pytest.approx(1.0, abs=1e-6)
-    assert card["topk"]["kl_rest_bucket"] == 0 and card["topk"]["tv_rest_bucket"] == pytest.approx(0, abs=1e-6)
+    assert card["topk"]["kl_rest_bucket"] == pytest.approx(0, abs=1e-5)
+    assert card["topk"]["tv_rest_bucket"] == pytest.approx(0, abs=1e-3)
 
 
 def test_an_interrupted_token_classification_dump_resumes_to_the_same_cache(tmp_path, ner_cache, ner_teacher,

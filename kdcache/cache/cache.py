@@ -119,7 +119,7 @@ class Cache:
         `sample_ids` reads only those rows (a one-off `subset`).
         """
         cache = self if sample_ids is None else self.subset(sample_ids)
-        return stream_sequences(self.store, self.manifest.shards, cache.kept_rows, hidden_layers=hidden_layers or [],
+        return stream_sequences(self.store, self.manifest, cache.kept_rows, hidden_layers=hidden_layers or [],
                                 shuffle=shuffle, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
                                 process_index=process_index, num_processes=num_processes, start=start)
 

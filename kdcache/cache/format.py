@@ -19,9 +19,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import KDCacheError
+from .codecs import Codec, compact_fields
 
-FORMAT_VERSION = 1
-TARGET_TYPES = ("topk", "sampled")
+FORMAT_VERSION = 2  # the newest this kdcache reads; a cache records the lowest that reads it (Codec.format_version)
+# "head-tail": the exact top-k head and tail mass (topk columns) plus draws from the renormalised tail (sampled columns).
+TARGET_TYPES = ("topk", "sampled", "head-tail")
 MAX_SAMPLES = 2**16 - 1  # sampled counts are uint16
 MANIFEST_NAME = "kdcache.json"
 TOKENIZER_DIR = "tokenizer"
@@ -90,6 +92,12 @@ def token_id_type(vocab_size: int) -> pa.DataType:
     return STORED_TYPES["uint16" if vocab_size <= 2**16 else "uint32"].arrow
 
 
+def column_groups(target_types: tuple[str, ...]) -> tuple[str, ...]:
+    """Which groups of target columns the shards hold: head-tail caches hold both the top-k and the sampled ones."""
+    return tuple(group for group in ("topk", "sampled")
+                 if group in target_types or "head-tail" in target_types)
+
+
 def hidden_column(layer: int) -> str:
     """Column name of hidden layer `layer` (non-negative, Hugging Face `hidden_states` index)."""
     return f"{HIDDEN_PREFIX}{layer}"
@@ -103,27 +111,32 @@ OPTIONAL_COLUMNS = {name: pa.list_(arrow_type(name)) for name in ("token_type_id
 
 def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_sizes: dict[int, int],
                  dump_fingerprint: str, target_types: tuple[str, ...] = ("topk",),
-                 optional_columns: tuple[str, ...] = (), pooled_size: int | None = None) -> pa.Schema:
+                 optional_columns: tuple[str, ...] = (), pooled_size: int | None = None,
+                 codec: Codec = Codec(), draws: int | None = None) -> pa.Schema:
     """The Arrow schema of every shard of one cache.
 
     `vocab_size` is the number of classes the targets range over (the tokenizer's vocabulary for
     a causal LM, the label set for classification); it picks the id type. The dump fingerprint is also stored in each shard's schema metadata, so a shard that strays
     into another cache directory can be recognised (Megatron's logits saver does the same).
-    Sampled targets have a variable number of distinct ids per position, hence list<list<...>>.
+    Plain sampled targets have a variable number of distinct ids per position, hence list<list<...>>;
+    the compact codec's target columns (kdcache/cache/codecs.py) replace the plain ones.
     """
-    logprob_type = STORED_TYPES[logprob_dtype].arrow
     id_type = token_id_type(vocab_size)
+    groups = column_groups(target_types)
     fields = [
         pa.field("sample_id", arrow_type("sample_id"), nullable=False),
         pa.field("input_ids", pa.list_(arrow_type("input_ids")), nullable=False),
     ]
-    if "topk" in target_types:
+    if codec.layout == "compact":
+        fields += compact_fields(id_type=id_type, groups=groups, codec=codec, top_k=top_k, draws=draws)
+    elif "topk" in groups:
+        logprob_type = STORED_TYPES[logprob_dtype].arrow
         fields += [
             pa.field("topk_ids", pa.list_(pa.list_(id_type, top_k)), nullable=False),
             pa.field("topk_logprobs", pa.list_(pa.list_(logprob_type, top_k)), nullable=False),
             pa.field("tail_logprob", pa.list_(arrow_type("tail_logprob")), nullable=False),
         ]
-    if "sampled" in target_types:
+    if "sampled" in groups and codec.layout == "plain":
         fields += [
             pa.field("sampled_ids", pa.list_(pa.list_(id_type)), nullable=False),
             pa.field("sampled_counts", pa.list_(pa.list_(arrow_type("sampled_counts"))), nullable=False),
@@ -134,7 +147,7 @@ def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_size
                for layer, size in sorted(hidden_sizes.items())]
     if pooled_size is not None:  # an encoder's pooled output: one [d] vector per row
         fields.append(pa.field(POOLED_COLUMN, pa.list_(pa.list_(arrow_type(POOLED_COLUMN), pooled_size)), nullable=False))
-    metadata = {"kdcache.format_version": str(FORMAT_VERSION), "kdcache.dump_fingerprint": dump_fingerprint}
+    metadata = {"kdcache.format_version": str(codec.format_version), "kdcache.dump_fingerprint": dump_fingerprint}
     return pa.schema(fields, metadata=metadata)
 
 
@@ -224,6 +237,20 @@ class Manifest:
     def target_types(self) -> tuple[str, ...]:
         """Which target columns the shards hold; caches from before sampled targets hold top-k only."""
         return tuple(self.columns.get("targets", ["topk"]))
+
+    @property
+    def default_targets(self) -> str:
+        """The target type a student trains on unless told otherwise: the one the cache was dumped for."""
+        return "topk" if "topk" in self.target_types else self.target_types[0]
+
+    @property
+    def codec(self) -> Codec:
+        return Codec.from_manifest(self.columns, self.settings)
+
+    @property
+    def draws(self) -> int | None:
+        """Draws per position of the sampled columns, if the cache holds any."""
+        return int(self.settings["samples"]) if "sampled" in column_groups(self.target_types) else None
 
     @property
     def hidden_layers(self) -> list[int]:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import KDCacheError
+from .codecs import Limits, decode_targets
 from .format import COLUMNS as FORMAT_COLUMNS
 from .format import HIDDEN_PREFIX, Manifest, ShardInfo, hidden_column, shard_schema
 from .sharding import BufferedShuffle, RowSpan, process_spans
@@ -29,7 +30,8 @@ def expected_schema(manifest: Manifest) -> pa.Schema:
     return shard_schema(top_k=manifest.top_k, vocab_size=manifest.num_classes,
                         logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
                         dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types,
-                        optional_columns=manifest.optional_columns, pooled_size=manifest.pooled_size)
+                        optional_columns=manifest.optional_columns, pooled_size=manifest.pooled_size,
+                        codec=manifest.codec, draws=manifest.draws)
 
 
 def verify_shard(store: CacheStore, shard: ShardInfo, schema: pa.Schema, fingerprints: set[str]) -> None:
@@ -89,11 +91,19 @@ class _DecodedBatch:
     except for classification caches, and `pooled` one per row.
     """
 
-
-    def __init__(self, batch: pa.RecordBatch, hidden_layers: list[int]):
+    def __init__(self, batch: pa.RecordBatch, hidden_layers: list[int], manifest: Manifest, file: str):
+        codec = manifest.codec
+        if codec.layout == "compact":  # the target columns go through the codec, which validates them
+            decoded, self.ragged = decode_targets(batch, codec, Limits(manifest.num_classes, manifest.top_k,
+                                                                       manifest.draws), file)
+            batch = batch.select([name for name in batch.schema.names if name not in decoded
+                                  and not name.startswith(("topk_", "sampled_"))])
+        else:
+            decoded = {}
+            self.ragged = {name: self._per_position(batch, name) for name in RAGGED_COLUMNS
+                           if name in batch.schema.names}
         names = set(batch.schema.names)
-        self.columns = {name: self._per_row(batch, name) for name in LIST_COLUMNS if name in names}
-        self.ragged = {name: self._per_position(batch, name) for name in RAGGED_COLUMNS if name in names}
+        self.columns = decoded | {name: self._per_row(batch, name) for name in LIST_COLUMNS if name in names}
         self.hidden = {layer: self._per_row(batch, hidden_column(layer)) for layer in hidden_layers}
         self.sample_ids = batch.column("sample_id").to_numpy()
 
@@ -145,7 +155,7 @@ def shard_sample_ids(store: CacheStore, shards: list[ShardInfo]) -> list[np.ndar
     return ids
 
 
-def read_spans(store: CacheStore, shards: list[ShardInfo], spans: list[RowSpan], kept_rows: list[np.ndarray],
+def read_spans(store: CacheStore, manifest: Manifest, spans: list[RowSpan], kept_rows: list[np.ndarray],
                hidden_layers: list[int], wanted) -> Iterator[tuple[int, CachedSequence | None]]:
     """Yield (position, row) along the spans; rows `wanted(position)` rejects are not decoded (None).
 
@@ -155,7 +165,8 @@ def read_spans(store: CacheStore, shards: list[ShardInfo], spans: list[RowSpan],
     position = 0
     for span in spans:
         rows = kept_rows[span.shard][span.start:span.stop]  # ascending, never empty
-        reader = store.open_shard(shards[span.shard].file)
+        file = manifest.shards[span.shard].file
+        reader = store.open_shard(file)
         first_row = 0
         for batch_index in range(reader.num_record_batches):
             if first_row > rows[-1]:
@@ -164,7 +175,7 @@ def read_spans(store: CacheStore, shards: list[ShardInfo], spans: list[RowSpan],
             end_row = first_row + batch.num_rows
             inside = rows[np.searchsorted(rows, first_row):np.searchsorted(rows, end_row)]
             needed = [wanted(position + offset) for offset in range(len(inside))]
-            decoded = _DecodedBatch(batch, hidden_layers) if any(needed) else None
+            decoded = _DecodedBatch(batch, hidden_layers, manifest, file) if any(needed) else None
             for row, need in zip(inside.tolist(), needed):
                 yield position, decoded.row(row - first_row) if need else None
                 position += 1
@@ -172,7 +183,7 @@ def read_spans(store: CacheStore, shards: list[ShardInfo], spans: list[RowSpan],
         del reader
 
 
-def stream_sequences(store: CacheStore, shards: list[ShardInfo], kept_rows: list[np.ndarray], *,
+def stream_sequences(store: CacheStore, manifest: Manifest, kept_rows: list[np.ndarray], *,
                      hidden_layers: list[int], shuffle: bool, seed: int, epoch: int, shuffle_buffer: int,
                      process_index: int, num_processes: int, start: int) -> Iterator[CachedSequence]:
     """Stream this process's sequences of one epoch, optionally shuffled, from the `start`-th on.
@@ -198,7 +209,7 @@ def stream_sequences(store: CacheStore, shards: list[ShardInfo], kept_rows: list
     for _ in zip(range(start), positions):
         pass
     still_buffered, first_unread = set(order.buffer), order.next_input
-    rows = read_spans(store, shards, spans, kept_rows, hidden_layers,
+    rows = read_spans(store, manifest, spans, kept_rows, hidden_layers,
                       lambda position: position >= first_unread or position in still_buffered)
     pending: dict[int, CachedSequence] = {}
     for position in positions:

@@ -98,7 +98,9 @@ class FidelitySums:
         card = {"positions": self.positions, "every": self.every}
         for kind, sums in self.sums.items():
             means = {name: round(total / max(self.positions, 1), 6) for name, total in sums.items()}
-            card[kind] = {"top_k": self.top_k} | means if kind == "topk" else {"draws": self.draws} | means
+            shape = {"topk": {"top_k": self.top_k}, "sampled": {"draws": self.draws},
+                     "head-tail": {"top_k": self.top_k, "draws": self.draws}}[kind]
+            card[kind] = shape | means
         return card
 
 

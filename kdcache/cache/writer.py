@@ -16,26 +16,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import KDCacheError
+from .codecs import Codec, Ragged, encode_row
 from .format import DATA_DIR, HIDDEN_PREFIX, PARTIAL_SUFFIX, SHARD_SUFFIX, ShardInfo, sha256_file
 
-
-@dataclasses.dataclass
-class Ragged:
-    """A variable-length list per token position: position t holds `values[offsets[t]:offsets[t + 1]]`."""
-
-    values: np.ndarray
-    offsets: np.ndarray  # int [L + 1], offsets[0] = 0
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def positions(self, span: slice) -> Ragged:
-        """The lists of positions `span` (step 1), re-based to start at offset 0."""
-        offsets = self.offsets[span.start:span.stop + 1]
-        return Ragged(values=self.values[offsets[0]:offsets[-1]], offsets=offsets - offsets[0])
+__all__ = ["CachedSequence", "Ragged", "ShardWriter", "to_record_batch"]
 
 
 @dataclasses.dataclass
@@ -44,13 +28,15 @@ class CachedSequence:
 
     Target arrays have one entry per target position: L of them for a causal LM, fewer for
     classification tasks, which say where they are in `target_positions` (kdcache/tasks.py).
-    Target columns the cache does not hold (see `Manifest.target_types`) are None.
+    Target columns the cache does not hold (see `Manifest.target_types`) are None. This is the
+    decoded view whatever the codec (kdcache/cache/codecs.py): top-k rows may end in empty slots
+    (log-prob -inf) when positions list different numbers of ids.
     """
 
     sample_id: int
     input_ids: np.ndarray                  # int32 [L]
-    topk_ids: np.ndarray | None = None     # uint16/uint32 [L, k]
-    topk_logprobs: np.ndarray | None = None  # float16/float32 [L, k]
+    topk_ids: np.ndarray | None = None     # integer [L, k]
+    topk_logprobs: np.ndarray | None = None  # float16/float32 [L, k], -inf in empty slots
     tail_logprob: np.ndarray | None = None   # float32 [L]
     hidden: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # layer -> float16 [L, d]
     sampled_ids: Ragged | None = None      # uint16/uint32, distinct drawn ids per position, ascending
@@ -83,10 +69,12 @@ def _ragged(values: list[np.ndarray | Ragged], list_type: pa.ListType) -> pa.Arr
     return pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(inner, flat.shape[1]))
 
 
-def to_record_batch(rows: list[CachedSequence], schema: pa.Schema) -> pa.RecordBatch:
-    """Pack rows into one record batch of `schema` without per-value Python work."""
+def to_record_batch(rows: list[CachedSequence], schema: pa.Schema, codec: Codec = Codec()) -> pa.RecordBatch:
+    """Pack rows into one record batch of `schema`, targets encoded by `codec`, without per-value Python work."""
+    encoded = [encode_row(row, codec) if codec.layout == "compact" else {} for row in rows]
     columns = [pa.array([row.sample_id for row in rows], type=schema.field("sample_id").type)]
-    columns += [_ragged([row.column(field.name) for row in rows], field.type)
+    columns += [_ragged([stored[field.name] if field.name in stored else row.column(field.name)
+                         for row, stored in zip(rows, encoded)], field.type)
                 for field in list(schema)[1:]]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
@@ -106,10 +94,12 @@ class ShardWriter:
     """
 
     def __init__(self, cache_dir: Path, schema: pa.Schema, *, shard_rows: int, prefix: str = "shard-00000",
-                 start_index: int = 0, open_file: Callable[[Path], BinaryIO] = open_for_writing):
+                 start_index: int = 0, codec: Codec = Codec(),
+                 open_file: Callable[[Path], BinaryIO] = open_for_writing):
         self.cache_dir = Path(cache_dir)
         self.open_file = open_file
         self.schema = schema
+        self.codec = codec
         self.shard_rows = shard_rows
         self.prefix = prefix
         self.start_index = start_index
@@ -129,11 +119,11 @@ class ShardWriter:
     def write(self, rows: list[CachedSequence]) -> None:
         if not rows:
             return
-        batch = to_record_batch(rows, self.schema)
+        batch = to_record_batch(rows, self.schema, self.codec)
         try:
             if self._writer is None:
                 self._sink = self.open_file(self._partial_path())
-                self._writer = pa.ipc.new_file(self._sink, self.schema)
+                self._writer = pa.ipc.new_file(self._sink, self.schema, options=self.codec.write_options())
             self._writer.write_batch(batch)
         except OSError as error:
             self.abort()

@@ -70,10 +70,18 @@ class Batch:
         return inputs
 
     def sparse_targets(self, kind: str = "topk") -> SparseTargets:
-        """The loss's view of one target type: top-k with its exact tail, or sampled (no tail)."""
+        """The loss's view of one target type: top-k with its exact tail, sampled (no tail), or head-tail.
+
+        Head-tail is an unbiased estimate of the whole distribution, so it takes the sampled form: the
+        head as stored, and r · count / draws on the ids drawn from the tail (r = the exact tail mass).
+        """
         valid = self.targets_at
         if kind == "sampled":
             return SparseTargets(ids=self.sampled_ids[valid], logprobs=self.sampled_logprobs[valid], tail_logprob=None)
+        if kind == "head-tail":
+            drawn = self.tail_logprob[valid].unsqueeze(-1) + self.sampled_logprobs[valid]
+            return SparseTargets(ids=torch.cat([self.topk_ids[valid], self.sampled_ids[valid]], -1),
+                                 logprobs=torch.cat([self.topk_logprobs[valid], drawn], -1), tail_logprob=None)
         return SparseTargets(ids=self.topk_ids[valid], logprobs=self.topk_logprobs[valid],
                              tail_logprob=self.tail_logprob[valid])
 
@@ -102,7 +110,8 @@ def _stack_ragged(ids: list[Ragged], counts: list[Ragged], length: int) -> tuple
     """Sampled targets as [B, L, S] ids and log(count / draws), padded slots at id 0 with log-prob -inf.
 
     Only causal-LM caches hold sampled targets (classification refuses them at dump time), so
-    their positions are the tokens themselves.
+    their positions are the tokens themselves. A position may hold no draws (a head-tail position
+    whose head lists every id).
     """
     width = max(int(row.lengths().max(initial=0)) for row in ids)
     out_ids = torch.zeros(len(ids), length, width, dtype=torch.long)
@@ -112,7 +121,7 @@ def _stack_ragged(ids: list[Ragged], counts: list[Ragged], length: int) -> tuple
         position = np.repeat(np.arange(len(lengths)), lengths)
         slot = np.arange(len(row_ids.values)) - np.repeat(row_ids.offsets[:-1], lengths)
         count = row_counts.values.astype(np.float64)
-        draws = np.add.reduceat(count, row_counts.offsets[:-1]) if len(count) else count
+        draws = np.bincount(position, weights=count, minlength=len(lengths))
         out_ids[row, position, slot] = torch.from_numpy(row_ids.values.astype(np.int64))
         out_logprobs[row, position, slot] = torch.from_numpy(np.log(count / draws[position]).astype(np.float32))
     return out_ids, out_logprobs

@@ -49,7 +49,8 @@ def evaluate_classifier(model, cache: Cache, *, batch_size: int = 16, device=Non
         logits = task.student_logits(model(**batch.model_inputs()).logits, batch, manifest.num_classes).float()
         kl_sum += float(kd_loss(logits, batch.sparse_targets(), divergence="forward_kl", tail="rest-bucket")) * len(logits)
         targets += len(logits)
-        flat = {"student": logits.argmax(-1), "teacher": batch.sparse_targets().ids[:, 0]}
+        sparse = batch.sparse_targets()  # listed in the codec's order (ascending ids when compact): take the argmax
+        flat = {"student": logits.argmax(-1), "teacher": sparse.ids.gather(1, sparse.logprobs.argmax(-1, keepdim=True))[:, 0]}
         if batch.labels is not None:
             flat["gold"] = task.gold_labels(batch)
         counts = batch.targets_at.sum(dim=1).tolist()

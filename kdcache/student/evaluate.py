@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.cache import Cache, as_cache
+from ..cache.format import column_groups
 from ..losses import kd_loss
 from ..tasks import CAUSAL_LM
 from .batching import chunked, collate
@@ -38,7 +39,7 @@ def evaluate(model, cache: Cache | Path | str, *, batch_size: int = 16, device: 
     manifest = cache.manifest
     if manifest.task != CAUSAL_LM:
         return evaluate_classifier(model, cache, batch_size=batch_size, device=device)
-    kind = "topk" if "topk" in manifest.target_types else "sampled"
+    kind = "topk" if "topk" in column_groups(manifest.target_types) else "sampled"
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

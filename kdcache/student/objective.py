@@ -18,32 +18,36 @@ from .projections import FeatureProjections, parse_layer_map
 from .settings import TrainSettings
 
 
-def check_loss_settings(settings: TrainSettings, cache: Cache) -> None:
-    """Refuse, before any training, a target type the cache lacks or a loss it cannot compute.
+def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
+    """The target type to train on (`targets`, default the cache's own); refuse, before any training, a
+    type the cache lacks or a loss it cannot compute.
 
     The divergence/tail rules live in `kd_loss`; it is asked on zero positions, so they are stated once.
+    A head-tail cache also serves as a top-k cache: its head and exact tail are one.
     """
     manifest = cache.manifest
-    if settings.targets not in manifest.target_types:
-        remedy = (f"dump with `targets` {settings.targets} or both" if manifest.task == CAUSAL_LM
+    targets = settings.targets or manifest.default_targets
+    available = manifest.target_types + (("topk",) if "head-tail" in manifest.target_types else ())
+    if targets not in available:
+        remedy = (f"dump with `targets` {targets} or both" if manifest.task == CAUSAL_LM
                   else "classification caches hold top-k targets only")
-        raise KDCacheError(f"`targets` {settings.targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
+        raise KDCacheError(f"`targets` {targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
                            f"targets ({remedy})")
     if settings.ce_weight:
         get_task(manifest.task).check_gold_labels(manifest)
     if settings.pooled_weight and manifest.pooled_size is None:
         raise KDCacheError("`pooled_weight` > 0 but the cache holds no pooled output (dump with `pooled`)")
     if not settings.kd_weight:
-        return
-    sampled = settings.targets == "sampled"
+        return targets
     probe = SparseTargets(ids=torch.zeros(0, 1, dtype=torch.long), logprobs=torch.zeros(0, 1),
-                          tail_logprob=None if sampled else torch.zeros(0))
+                          tail_logprob=torch.zeros(0) if targets == "topk" else None)
     try:
         kd_loss(torch.zeros(0, manifest.num_classes), probe, divergence=settings.loss, tail=settings.tail,
                 temperature=settings.temperature)
     except ValueError as error:
         raise KDCacheError(f"`loss` {settings.loss}, `tail` {settings.tail}, `temperature` {settings.temperature:g} "
-                           f"with `targets` {settings.targets}: {error}") from None
+                           f"with `targets` {targets}: {error}") from None
+    return targets
 
 
 class DistillationLoss:
@@ -55,7 +59,7 @@ class DistillationLoss:
     """
 
     def __init__(self, settings: TrainSettings, cache: Cache, model: torch.nn.Module):
-        check_loss_settings(settings, cache)
+        self.targets = check_loss_settings(settings, cache)
         manifest = cache.manifest
         self.settings = settings
         self.task = get_task(manifest.task)
@@ -87,7 +91,7 @@ class DistillationLoss:
         if settings.ce_weight:
             terms["ce"] = next_token_ce(logits, self.task.gold_labels(batch))
         if settings.kd_weight:
-            terms["kd"] = kd_loss(logits, batch.sparse_targets(settings.targets), divergence=settings.loss,
+            terms["kd"] = kd_loss(logits, batch.sparse_targets(self.targets), divergence=settings.loss,
                                   tail=settings.tail, temperature=settings.temperature)
         if self.matches_features:
             pooled = self.pooler(output.hidden_states[-1]) if self.pooler is not None else None

@@ -48,7 +48,8 @@ class TrainSettings:
     shuffle_buffer: int = setting(1024, "Sequences in the streaming shuffle buffer.", positive=True)
     log_every: int = setting(10, "Write a metrics line every N steps.", positive=True)
     verify: bool = setting(True, "Re-hash every shard before training (off: check shard sizes only).")
-    targets: str = setting("topk", "Which cached target type feeds the KD loss.", choices=TARGET_TYPES)
+    targets: str | None = setting(None, "Which cached target type feeds the KD loss (default: the cache's own; "
+                                        "top-k when it holds top-k and sampled).", choices=TARGET_TYPES)
     val_fraction: float = setting(0.0, "Hold out this fraction of the cache (by sample id) for validation; never "
                                        "trained on.", non_negative=True, below=1)
     eval_every: int | None = setting(None, "Score the held-out split every N steps (and at the end).", positive=True)

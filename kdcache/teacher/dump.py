@@ -30,10 +30,12 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..cache.card import write_card
+from ..cache.codecs import round_logprobs
 from ..cache.format import (
     STORED_TYPES,
     TOKENIZER_DIR,
     Manifest,
+    column_groups,
     hidden_column,
     sha256_json,
     shard_schema,
@@ -51,7 +53,7 @@ from .fingerprint import teacher_fingerprint
 from .hooks import DumpHooks
 from .progress import DumpLock, claim_output, finish, load_records, resume_state
 from .settings import DumpSettings
-from .targets import sampled_targets, sampling_uniforms, topk_targets
+from .targets import sampled_targets, sampling_uniforms, select_head, topk_targets
 from .windows import RowSource, optional_columns, pad_batch, plan_shards, windows
 from .writer import BackgroundShardWriter, HostBatch, start_host_copy
 
@@ -96,13 +98,18 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
         logits, gold = task.target_logits(output.logits, input_ids.to(output.logits.device),
                                           valid.to(output.logits.device), annotations)
         targets = topk_targets(logits, gold, vocab_size=vocab_size, top_k=settings.top_k)
+        finite = torch.isfinite(targets.logprobs).all(dim=1)
+        if settings.codec == "compact":  # a mass-adaptive head; empty slots are dropped by the codec
+            targets = select_head(targets, top_k=settings.top_k, top_p=settings.top_p)
         sampled = None
-        if "sampled" in settings.target_types:  # causal LMs only: targets are the tokens themselves
+        groups = column_groups(settings.target_types)
+        if "sampled" in groups:  # causal LMs only: targets are the tokens themselves
             uniforms = sampling_uniforms(sample_ids, [len(ids) for ids in token_lists], settings.samples, settings.seed)
-            sampled = sampled_targets(logits, uniforms, vocab_size=vocab_size)
-        tensors = {"finite": torch.isfinite(targets.logprobs).all(dim=1), "tail": targets.tail_logprob,
+            sampled = sampled_targets(logits, uniforms, vocab_size=vocab_size,
+                                      exclude=targets if settings.targets == "head-tail" else None)
+        tensors = {"finite": finite, "tail": targets.tail_logprob,
                    "next_logprob": targets.next_logprob, **card.figures(logits, targets, sampled)}
-        if "topk" in settings.target_types:
+        if "topk" in groups:
             tensors |= {"ids": targets.ids.to(torch.int32), "logprobs": targets.logprobs.to(logprob_dtype)}
         if sampled is not None:
             tensors |= {"sampled_ids": sampled.ids.to(torch.int32), "sampled_counts": sampled.counts.to(torch.int32),
@@ -113,6 +120,15 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
         if pool is not None:
             tensors["pooled"] = pool(output.hidden_states[-1]).to(torch.float16).to(output.logits.device)
         return start_host_copy(sample_ids, token_lists, tensors, annotations)
+
+
+def _stored_logprobs(settings: DumpSettings):
+    """What a log-prob reads back as from the cache, for the fidelity card: the codec's rounding."""
+    if settings.logprob_dtype == "uint8":
+        return round_logprobs
+    if settings.logprob_dtype == "float16":
+        return lambda logprobs: logprobs.half()
+    return lambda logprobs: logprobs
 
 
 def _on_main_process(accelerator: Accelerator, step: Callable[[], T]) -> T:
@@ -157,6 +173,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
 
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")
     task, config = resolve_task(settings.task, teacher)
+    settings = settings.resolved(task.supports_sampled_targets)
     if not task.supports_sampled_targets and settings.targets != "topk":
         raise KDCacheError(f"`targets` {settings.targets} is for causal LMs: a {task.name} cache stores the teacher's "
                            f"label distribution as top-k (every label, up to {FULL_DISTRIBUTION_MAX_LABELS}); "
@@ -194,9 +211,10 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     fingerprint = sha256_json({"teacher": teacher_info, "tokenizer": tokenizer_info, "dataset": dataset_info,
                                "settings": settings.content_settings()})
     plan = plan_shards(len(rows), settings.shard_rows)
+    codec = settings.stored_codec
+    draws = settings.samples if "sampled" in column_groups(settings.target_types) else None
     new_card = functools.partial(FidelityCard, num_classes, settings.target_types, top_k=settings.top_k,
-                                 draws=settings.samples if "sampled" in settings.target_types else None,
-                                 every=settings.fidelity_every)
+                                 draws=draws, every=settings.fidelity_every, stored=_stored_logprobs(settings))
     lock: DumpLock | None = None
 
     def claim() -> list[int] | None:
@@ -216,15 +234,17 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
         schema = shard_schema(top_k=settings.top_k, vocab_size=num_classes, logprob_dtype=settings.logprob_dtype,
                               hidden_sizes=hidden_sizes, dump_fingerprint=fingerprint,
                               target_types=settings.target_types, optional_columns=optional,
-                              pooled_size=pooled_size)
+                              pooled_size=pooled_size, codec=codec, draws=draws)
         mine = [index for index in range(len(plan))
                 if index % accelerator.num_processes == accelerator.process_index and index not in finished_before]
         started = time.perf_counter()
         writer = BackgroundShardWriter(
             out, schema, shard_rows=settings.shard_rows, rank=accelerator.process_index,
             id_dtype=STORED_TYPES[str(token_id_type(num_classes))].numpy,
-            logprob_dtype=STORED_TYPES[settings.logprob_dtype].numpy, hidden_layers=layers,
-            new_card=new_card, open_shard=hooks.open_shard)
+            # uint8 log-probs are coded from float32 on the host
+            logprob_dtype=STORED_TYPES["float16" if settings.logprob_dtype == "float16" else "float32"].numpy,
+            hidden_layers=layers,
+            new_card=new_card, codec=codec, open_shard=hooks.open_shard)
         bar = tqdm(total=sum(len(plan[index]) for index in mine), desc="dump-teacher", unit="seq",
                    disable=not (progress and accelerator.is_local_main_process))
         try:
@@ -262,7 +282,7 @@ def _compute_shards(model, source: RowSource, settings: DumpSettings, shards: li
                     card: FidelityCard) -> None:
     """This process's share of the work: the teacher runs here, everything after it in `writer`."""
     input_device = model.get_input_embeddings().weight.device
-    logprob_dtype = getattr(torch, settings.logprob_dtype)  # the stored type: float16 or float32
+    logprob_dtype = torch.float16 if settings.logprob_dtype == "float16" else torch.float32  # uint8: coded on the host
     started, tokens = time.perf_counter(), 0
     for index, shard in shards:
         writer.begin_shard(index)
@@ -320,6 +340,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
         dataset={**dataset, "rows_dumped": sum(shard.rows for shard in shards)},
         settings=dataclasses.asdict(settings) | {"hidden_layers": layers},
         columns={"targets": list(settings.target_types),
+                 **({"codec": settings.stored_codec.to_manifest()} if settings.codec == "compact" else {}),
                  "topk_ids": str(token_id_type(num_classes)), "topk_logprobs": settings.logprob_dtype,
                  "hidden_sizes": {str(layer): size for layer, size in hidden_sizes.items()},
                  "hidden_columns": [hidden_column(layer) for layer in layers]}
@@ -328,7 +349,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
         dump_fingerprint=fingerprint,
         shards=shards,
         stats={"tokens": captured.count, "fidelity": fidelity.summary(),
-               **({"captured_mass": captured.summary()} if "topk" in settings.target_types else {}),
+               **({"captured_mass": captured.summary()} if "topk" in column_groups(settings.target_types) else {}),
                "teacher_nll": round(nll_sum / nll_count, 6) if nll_count else None,
                "content_sha256": content_sha256(out, shards),
                "nonfinite_positions": nonfinite_positions, "skipped_sample_ids": nonfinite_ids,
@@ -341,6 +362,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
         kdcache_version=__version__,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         labels=classes,
+        format_version=settings.stored_codec.format_version,
     )
     write_card(out, manifest)
     manifest.save(out)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..cache.format import MAX_SAMPLES, TARGET_TYPES
+from ..cache.codecs import COMPRESSIONS, LAYOUTS, LOGPROB_TYPES, Codec
+from ..cache.format import MAX_SAMPLES
 from ..errors import KDCacheError
 from ..settings import check_fields, setting
 from ..tasks import CAUSAL_LM, TASKS
@@ -19,8 +20,11 @@ class DumpSettings:
     NaN/inf) never change a written row, so a dump may be resumed with other values of them.
     """
 
-    top_k: int = setting(64, "Teacher log-probs kept per position (classification: every label up to 256).",
-                         positive=True)
+    top_k: int | None = setting(None, "Teacher log-probs kept per position, at most (classification: every label up "
+                                      "to 256); with `targets` head-tail, the size of the exact head (default: 4 "
+                                      "for head-tail, else 64).", positive=True)
+    top_p: float | None = setting(None, "Mass-adaptive head: keep ids per position only until their mass reaches "
+                                        "this (at least one, at most `top_k`); compact codec only.", positive=True)
     max_length: int = setting(1024, "Truncate sequences to this many tokens.", positive=True)
     batch_size: int = setting(8, "Sequences per teacher forward pass.", positive=True)
     hidden_layers: tuple[int, ...] = setting((), "Hidden states to cache, HF indexing (0 = embeddings, -1 = last), "
@@ -28,7 +32,13 @@ class DumpSettings:
     limit: int | None = setting(None, "Dump only the first N rows.", positive=True)
     dtype: str = setting("auto", "Teacher weights' dtype ('auto': the checkpoint's own).",
                          choices=("auto", "float32", "bfloat16", "float16"))
-    logprob_dtype: str = setting("float16", "Storage type of the cached log-probs.", choices=("float16", "float32"))
+    logprob_dtype: str | None = setting(None, "Storage type of the cached log-probs (uint8: 8-bit codes in the log "
+                                              "domain, 1/16 nat steps; compact codec only; default: uint8 when "
+                                              "compact, else float16).", choices=LOGPROB_TYPES)
+    codec: str = setting("compact", "Target layout: compact (format 2: flat ids as gaps, per-position lengths, "
+                                  "narrow counts) or plain (format 1, readable by older kdcache).", choices=LAYOUTS)
+    compression: str = setting("zstd", "Arrow IPC buffer compression of the shards (pyarrow and datasets read "
+                                       "it transparently).", choices=COMPRESSIONS)
     shard_rows: int = setting(10_000, "Sequences per shard file; also the unit of work lost when a dump is killed "
                                       "and resumed.", positive=True)
     split: str = setting("train", "Split of the dataset to dump.")
@@ -38,10 +48,14 @@ class DumpSettings:
                                            "e.g. 'auto' (one process).")
     skip_nonfinite: bool = setting(False, "Commit the cache without the sequences whose targets are NaN/inf "
                                           "(listed in the manifest).")
-    targets: str = setting("topk", "Top-k log-probs + exact tail, ids sampled from the teacher with counts, or both "
-                                   "(causal LM only: classification caches store every label's probability).",
-                           choices=("topk", "sampled", "both"))
-    samples: int = setting(50, "Draws per position for sampled targets (T=1).")
+    targets: str | None = setting(None, "Top-k log-probs + exact tail, ids sampled from the teacher with counts, both, "
+                                        "or head-tail: the exact top-k head and tail mass plus `samples` draws from "
+                                        "the renormalised tail (sampling is for causal LMs: classification caches "
+                                        "store every label's probability). Default: head-tail for a causal LM (the "
+                                        "best gap closed per byte, docs/frontier.md), topk when `top_k` or `top_p` "
+                                        "is given or for a classifier.", choices=("topk", "sampled", "both", "head-tail"))
+    samples: int | None = setting(None, "Draws per position for sampled targets (T=1), or from the tail for head-tail "
+                                        "(default: 32 for head-tail, else 50).")
     fidelity_every: int = setting(8, "The fidelity card measures every N-th target position of each batch "
                                      "(1 = all; costs dump speed).", positive=True)
     seed: int = setting(0, "Seed of the draws (combined with each sample id).")
@@ -56,20 +70,51 @@ class DumpSettings:
 
     def __post_init__(self):
         check_fields(self)
-        if not 0 < self.samples <= MAX_SAMPLES:
+        if self.samples is not None and not 0 < self.samples <= MAX_SAMPLES:
             raise KDCacheError(f"`samples` must be between 1 and {MAX_SAMPLES}, got {self.samples}")
+        if self.top_p is not None and self.top_p > 1:
+            raise KDCacheError(f"`top_p` is a probability mass, at most 1, got {self.top_p}")
+        if self.codec == "plain":
+            compact_only = [f"`{name}` {value}" for name, value, plain in (
+                ("logprob_dtype", self.logprob_dtype, self.logprob_dtype != "uint8"),
+                ("top_p", self.top_p, self.top_p is None), ("targets", self.targets, self.targets != "head-tail"))
+                if not plain]
+            if compact_only:
+                raise KDCacheError(f"{', '.join(compact_only)} needs `codec` compact (the plain format-1 layout "
+                                   f"stores a fixed k of float log-probs)")
+
+    def resolved(self, sampling_possible: bool) -> DumpSettings:
+        """These settings with every default filled in; `sampling_possible` is False for classifiers.
+
+        The causal-LM defaults are the best point of the measured frontier (docs/frontier.md). A classifier
+        stores every label's probability in float16: a handful of labels costs little next to its
+        input ids, and the frontier was not measured on classifiers.
+        """
+        targets = self.targets or ("head-tail" if sampling_possible and self.top_k is None and self.top_p is None
+                                   else "topk")
+        return dataclasses.replace(
+            self, targets=targets, top_k=self.top_k or (4 if targets == "head-tail" else 64),
+            samples=self.samples or (32 if targets == "head-tail" else 50),
+            logprob_dtype=self.logprob_dtype or ("uint8" if self.codec == "compact" and sampling_possible else "float16"))
 
     @property
     def target_types(self) -> tuple[str, ...]:
-        return TARGET_TYPES if self.targets == "both" else (self.targets,)
+        return ("topk", "sampled") if self.targets == "both" else (self.targets,)
+
+    @property
+    def stored_codec(self) -> Codec:
+        return Codec(layout=self.codec, logprobs=self.logprob_dtype, compression=self.compression,
+                     draws_from="tail" if self.targets == "head-tail" else "teacher")
 
     def content_settings(self) -> dict[str, Any]:
         """Settings that change the cache's bytes; the sampling ones only when something is sampled,
         so a top-k dump keeps the fingerprint it had before sampled targets existed."""
         settings = self.resume_settings()
         del settings["batch_size"], settings["shard_rows"], settings["fidelity_every"]
-        if "sampled" not in self.target_types:
+        if not {"sampled", "head-tail"} & set(self.target_types):
             del settings["targets"], settings["samples"], settings["seed"]
+        if (self.codec, self.compression, self.top_p) == ("plain", "none", None):  # as before codecs existed
+            del settings["codec"], settings["compression"], settings["top_p"]
         if self.task in (None, CAUSAL_LM):  # causal-LM fingerprints stay what they were before tasks existed
             for name in _CLASSIFICATION_SETTINGS:
                 del settings[name]
@@ -80,6 +125,24 @@ class DumpSettings:
         settings = dataclasses.asdict(self)
         del settings["device_map"], settings["skip_nonfinite"]
         return settings
+
+
+@dataclasses.dataclass
+class RecodeSettings:
+    """The codec to recode into; None keeps the source's value."""
+
+    targets: str | None = setting(None, "Target type to keep: topk, sampled, head-tail or both (default: the "
+                                        "source's).", choices=("topk", "sampled", "both", "head-tail"))
+    top_k: int | None = setting(None, "Keep at most this many ids per position (at most the source's k).",
+                                positive=True)
+    top_p: float | None = setting(None, "Mass-adaptive head: keep ids only until their mass reaches this.",
+                                  positive=True)
+    logprob_dtype: str = setting("uint8", "Storage type of the log-probs.", choices=LOGPROB_TYPES)
+    codec: str = setting("compact", "Target layout.", choices=LAYOUTS)
+    compression: str = setting("zstd", "Arrow IPC buffer compression.", choices=COMPRESSIONS)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 _CLASSIFICATION_SETTINGS = ("task", "tokens_column", "labels_column", "label_column", "text_pair_column", "pooled")

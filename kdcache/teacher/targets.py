@@ -1,5 +1,6 @@
-"""Turning teacher logits into cached targets: top-k log-probabilities plus the exact tail, and
-sampled targets (ids drawn from the teacher, with counts).
+"""Turning teacher logits into cached targets: top-k log-probabilities plus the exact tail (a fixed
+k or a mass-adaptive head), sampled targets (ids drawn from the teacher, with counts), and draws
+from the tail that a head leaves (head + sampled tail).
 
 Works on [N, V] logits of valid positions only (padding already dropped), a chunk of positions at
 a time, so at most a few float32 [chunk × V] tensors exist however large the batch or vocabulary.
@@ -94,27 +95,57 @@ def sampling_uniforms(sample_ids: list[int], lengths: list[int], num_samples: in
     return torch.cat(parts)
 
 
+def select_head(targets: TopKTargets, *, top_k: int, top_p: float | None) -> TopKTargets:
+    """Keep, per position, the most probable ids up to `top_k`, and with `top_p` only until their mass
+    reaches it (at least one id): peaked positions list a few ids, flat ones up to `top_k`.
+
+    Dropped entries become empty slots (log-prob -inf) and their mass joins the tail, which stays
+    exact: a log-sum over the old tail and the dropped log-probs, never `1 - Σ kept`.
+    """
+    order = targets.logprobs.argsort(dim=1, descending=True, stable=True)
+    logprobs = targets.logprobs.gather(1, order)
+    ids = targets.ids.gather(1, order)
+    probs = logprobs.exp()
+    keep = torch.arange(logprobs.shape[1], device=logprobs.device) < top_k
+    if top_p is not None:
+        keep = keep & (probs.cumsum(1) - probs < top_p)
+    keep = keep & (logprobs > float("-inf"))
+    dropped = torch.logsumexp(logprobs.masked_fill(keep, float("-inf")), dim=1)
+    width = max(int(keep.sum(1).max()), 1) if keep.numel() else min(top_k, logprobs.shape[1])
+    return dataclasses.replace(targets, ids=ids[:, :width], logprobs=logprobs.masked_fill(~keep, float("-inf"))[:, :width],
+                               tail_logprob=torch.logaddexp(targets.tail_logprob, dropped))
+
+
 def sampled_targets(logits: torch.Tensor, uniforms: torch.Tensor, *, vocab_size: int,
-                    chunk_size: int = 512) -> SampledTargets:
-    """Draw `uniforms.shape[1]` ids per row of `logits` from softmax(logits[:, :vocab_size]) at T=1.
+                    exclude: TopKTargets | None = None, chunk_size: int = 512) -> SampledTargets:
+    """Draw `uniforms.shape[1]` ids per row of `logits` from softmax(logits[:, :vocab_size]) at T=1,
+    or, with `exclude`, from the teacher's tail: the distribution renormalised without its listed ids.
 
     Inverse-CDF sampling: the draw for u is the first id whose cumulative probability exceeds
     u · total, so ids of zero probability are never drawn. The cumulative sum is float64, so its
     rounding (~1e-16 per step) does not bias the draws even over 10^5 ids; hence the smaller
-    default chunk (one float64 [512 × V] tensor at a time).
+    default chunk (one float64 [512 × V] tensor at a time). A row with nothing left to draw from
+    (the head lists every id) gets no draws.
     """
     ids, counts, unique_per_row = [], [], []
     for start in range(0, logits.shape[0], chunk_size):
-        cdf = torch.softmax(logits[start:start + chunk_size, :vocab_size], dim=-1, dtype=torch.float64).cumsum_(dim=-1)
-        u = uniforms[start:start + chunk_size].to(cdf.device) * cdf[:, -1:]
-        draws = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab_size - 1).sort(dim=-1).values
+        rows = slice(start, start + chunk_size)
+        chunk = logits[rows, :vocab_size]
+        if exclude is not None:  # empty head slots repeat the first id, so masking them changes nothing
+            listed = exclude.logprobs[rows] > float("-inf")
+            head = torch.where(listed, exclude.ids[rows], exclude.ids[rows, :1])
+            chunk = chunk.float().scatter(1, head.to(chunk.device), float("-inf"))
+        cdf = torch.softmax(chunk, dim=-1, dtype=torch.float64).cumsum_(dim=-1)
+        drawable = cdf[:, -1] > 0  # False for NaN: a row whose every logit was masked
+        u = uniforms[rows].to(cdf.device)[drawable] * cdf[drawable, -1:]
+        draws = torch.searchsorted(cdf[drawable], u, right=True).clamp_(max=vocab_size - 1).sort(dim=-1).values
         first = torch.ones_like(draws, dtype=torch.bool)
         first[:, 1:] = draws[:, 1:] != draws[:, :-1]
         starts = first.reshape(-1).nonzero().squeeze(1)
         ends = torch.cat([starts[1:], starts.new_tensor([draws.numel()])])
         ids.append(draws.reshape(-1)[starts])
         counts.append(ends - starts)
-        unique_per_row.append(first.sum(dim=-1))
+        unique_per_row.append(torch.zeros_like(drawable, dtype=torch.long).masked_scatter_(drawable, first.sum(dim=-1)))
     unique = torch.cat(unique_per_row)
     offsets = torch.cat([unique.new_zeros(1), unique.cumsum(0)])
     return SampledTargets(ids=torch.cat(ids), counts=torch.cat(counts), offsets=offsets)

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..cache.codecs import Codec
 from ..cache.format import hidden_column
 from ..cache.stats import StreamingSummary
 from ..cache.writer import CachedSequence, Ragged, ShardWriter, open_for_writing
@@ -90,9 +91,10 @@ class BackgroundShardWriter:
     """
 
     def __init__(self, out: Path, schema: pa.Schema, *, shard_rows: int, rank: int, id_dtype, logprob_dtype,
-                 hidden_layers: list[int], new_card: Callable[[], FidelityCard], queue_size: int = 8,
-                 open_shard: Callable[[Path], BinaryIO] = open_for_writing):
+                 hidden_layers: list[int], new_card: Callable[[], FidelityCard], codec: Codec = Codec(),
+                 queue_size: int = 8, open_shard: Callable[[Path], BinaryIO] = open_for_writing):
         self.out = Path(out)
+        self.codec = codec
         self.open_shard = open_shard
         self.schema = schema
         self.shard_rows = shard_rows
@@ -165,7 +167,7 @@ class BackgroundShardWriter:
 
     def _on_begin_shard(self, index: int) -> None:
         self._shard = _OpenShard(index, ShardWriter(self.out, self.schema, shard_rows=self.shard_rows,
-                                                     prefix=self.prefix, start_index=index,
+                                                     prefix=self.prefix, start_index=index, codec=self.codec,
                                                      open_file=self.open_shard), self.new_card())
 
     def _on_batch(self, batch: HostBatch) -> None:

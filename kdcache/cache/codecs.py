@@ -1,0 +1,276 @@
+"""Target codecs: how a cache stores its targets, and how they are encoded and decoded (format 2).
+
+A cache's *decoded view* is the same whatever the codec (`CachedSequence`): per target position a
+padded row of listed ids with their log-probs (-inf marks an empty slot), the exact tail log-mass,
+and ragged sampled ids with counts. The codec only decides the bytes on disk:
+
+* ``plain`` (format 1): top-k as list<fixed_size_list<id>[k]> and float16/float32 log-probs,
+  sampled targets as list<list<...>> with uint16 counts. Kept so that caches stay readable by
+  every kdcache that reads format 1.
+* ``compact`` (format 2): every target column is one flat list per row plus a per-position length
+  column (no per-position offsets); ids within a position are ascending and stored as *gaps*
+  (the first id, then differences), which entropy coders like zstd shrink far better than raw ids;
+  log-probs may be 8-bit codes in the log domain (``lp = -code * logprob_step``); counts are uint8
+  when the draws fit. The exact tail stays float32. docs/format.md ("Format version 2") is the byte-level spec.
+
+Shards of either codec may use Arrow IPC buffer compression (zstd), which pyarrow and `datasets`
+undo transparently. Everything read from a shard is validated before use: lengths bounded by the
+manifest, lengths consistent with the flat columns, ids below the vocabulary, finite values.
+Only numpy and pyarrow here: a cache is readable without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import KDCacheError
+
+LAYOUTS = ("compact", "plain")
+LOGPROB_TYPES = ("uint8", "float16", "float32")
+COMPRESSIONS = ("zstd", "none")
+# 8-bit codes cover log-probs in [-255/16, 0] = [-15.94, 0] nats with a rounding error of at most
+# 1/32 nat (3% of a probability); anything smaller is stored as e^-15.94, a mass of < 1.2e-7.
+LOGPROB_STEP = 1.0 / 16
+MAX_CODE = 255
+_NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass
+class Ragged:
+    """A variable-length list per token position: position t holds `values[offsets[t]:offsets[t + 1]]`."""
+
+    values: np.ndarray
+    offsets: np.ndarray  # int [L + 1], offsets[0] = 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def positions(self, span: slice) -> Ragged:
+        """The lists of positions `span` (step 1), re-based to start at offset 0."""
+        offsets = self.offsets[span.start:span.stop + 1]
+        return Ragged(values=self.values[offsets[0]:offsets[-1]], offsets=offsets - offsets[0])
+
+    @classmethod
+    def from_lengths(cls, values: np.ndarray, lengths: np.ndarray) -> Ragged:
+        return cls(values=values, offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """How one cache stores its targets; recorded in the manifest's `columns.codec` (format 2)."""
+
+    layout: str = "plain"
+    logprobs: str = "float16"        # uint8 (log-domain codes), float16 or float32
+    compression: str = "none"        # Arrow IPC buffer compression of the shard files
+    draws_from: str = "teacher"      # sampled ids drawn from the whole distribution, or from the tail
+
+    @property
+    def format_version(self) -> int:
+        """The lowest format version that can read the cache: plain caches stay readable by format-1 readers."""
+        return 2 if self.layout == "compact" else 1
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"layout": self.layout, "logprobs": self.logprobs, "compression": self.compression,
+                "draws_from": self.draws_from, "ids": "gaps" if self.layout == "compact" else "plain",
+                **({"logprob_step": LOGPROB_STEP} if self.logprobs == "uint8" else {})}
+
+    @classmethod
+    def from_manifest(cls, columns: dict[str, Any], settings: dict[str, Any]) -> Codec:
+        """A format-1 manifest has no codec entry: plain, with the dump's `logprob_dtype`."""
+        stored = columns.get("codec")
+        if stored is None:
+            return cls(logprobs=settings.get("logprob_dtype", "float16"))
+        codec = cls(layout=stored["layout"], logprobs=stored["logprobs"], compression=stored["compression"],
+                    draws_from=stored.get("draws_from", "teacher"))
+        if (codec.layout not in LAYOUTS or codec.logprobs not in LOGPROB_TYPES or codec.compression not in COMPRESSIONS
+                or codec.draws_from not in ("teacher", "tail")
+                or (codec.logprobs == "uint8" and stored.get("logprob_step") != LOGPROB_STEP)
+                or (codec.layout == "plain" and codec.logprobs == "uint8")):
+            raise KDCacheError(f"unsupported target codec in the manifest: {stored}")
+        return codec
+
+    def write_options(self) -> pa.ipc.IpcWriteOptions | None:
+        return pa.ipc.IpcWriteOptions(compression="zstd") if self.compression == "zstd" else None
+
+
+def round_logprobs(logprobs, step: float = LOGPROB_STEP):
+    """What an 8-bit log-domain code decodes to: ``-round(-lp / step) * step``, clipped to the code range.
+
+    Written on array methods only, so the dump applies it to torch tensors on the device (for the
+    fidelity card) and the encoder to numpy arrays, with one rule. -inf (an empty slot) maps to the
+    smallest code; callers keep empty slots out by their lengths.
+    """
+    return -(-logprobs / step).round().clip(0, MAX_CODE) * step
+
+
+def narrowest_uint(largest: int) -> pa.DataType:
+    return pa.uint8() if largest <= 2**8 - 1 else pa.uint16() if largest <= 2**16 - 1 else pa.uint32()
+
+
+def compact_fields(*, id_type: pa.DataType, groups: tuple[str, ...], codec: Codec, top_k: int,
+                   draws: int | None) -> list[pa.Field]:
+    """The compact target columns, in schema order (see docs/format.md, "Format version 2")."""
+    logprob_type = {"uint8": pa.uint8(), "float16": pa.float16(), "float32": pa.float32()}[codec.logprobs]
+    fields = []
+    if "topk" in groups:
+        fields += [pa.field("topk_lengths", pa.list_(narrowest_uint(top_k)), nullable=False),
+                   pa.field("topk_ids", pa.list_(id_type), nullable=False),
+                   pa.field("topk_logprobs", pa.list_(logprob_type), nullable=False),
+                   pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False)]
+    if "sampled" in groups:
+        count_type = narrowest_uint(draws)
+        fields += [pa.field("sampled_lengths", pa.list_(count_type), nullable=False),
+                   pa.field("sampled_ids", pa.list_(id_type), nullable=False),
+                   pa.field("sampled_counts", pa.list_(count_type), nullable=False)]
+    return fields
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _gaps(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Ascending ids per position → the first id, then differences (int64)."""
+    gaps = ids.astype(np.int64)
+    gaps[1:] -= gaps[:-1].copy()
+    starts = np.cumsum(lengths) - lengths
+    starts = starts[lengths > 0]
+    gaps[starts] = ids[starts]
+    return gaps
+
+
+def _ungap(gaps: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Inverse of `_gaps`: a running sum restarted at every position (int64)."""
+    total = np.cumsum(gaps, dtype=np.int64)
+    before = np.concatenate([[0], total])[np.cumsum(lengths) - lengths]
+    return total - np.repeat(before, lengths)
+
+
+def encode_head(ids: np.ndarray, logprobs: np.ndarray, codec: Codec) -> dict[str, np.ndarray]:
+    """Compact top-k columns of one row from its decoded [L, k] ids and log-probs (-inf = empty slot)."""
+    listed = logprobs > _NEG_INF
+    order = np.argsort(np.where(listed, ids.astype(np.int64), np.iinfo(np.int64).max), axis=1, kind="stable")
+    ids, logprobs = np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
+    listed = np.take_along_axis(listed, order, 1)
+    lengths = listed.sum(1)
+    values = logprobs[listed]
+    if codec.logprobs == "uint8":
+        values = (-values.astype(np.float32) / LOGPROB_STEP).round().clip(0, MAX_CODE).astype(np.uint8)
+    return {"topk_lengths": lengths, "topk_ids": _gaps(ids[listed], lengths), "topk_logprobs": values}
+
+
+def encode_row(row, codec: Codec) -> dict[str, np.ndarray]:
+    """The compact target columns of one decoded row (`CachedSequence`); its other columns are stored as is."""
+    encoded = {}
+    if row.topk_ids is not None:
+        encoded |= encode_head(row.topk_ids, row.topk_logprobs, codec)
+    if row.sampled_ids is not None:
+        lengths = row.sampled_ids.lengths()
+        encoded |= {"sampled_lengths": lengths, "sampled_ids": _gaps(row.sampled_ids.values, lengths),
+                    "sampled_counts": row.sampled_counts.values}
+    return encoded
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What the manifest promises about every target position; a shard that breaks it is refused."""
+
+    vocab_size: int
+    top_k: int
+    draws: int | None
+
+
+def _flat(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(row offsets re-based to 0, flat values) of a list<primitive> column."""
+    column = batch.column(name)
+    offsets = column.offsets.to_numpy()
+    return offsets - offsets[0], column.flatten().to_numpy(zero_copy_only=False)
+
+
+def _lengths_and_entries(batch: pa.RecordBatch, prefix: str, value_columns: tuple[str, ...], limit: int,
+                         file: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Per-position lengths (bounded by `limit`) and the flat entry columns, checked to agree row by row."""
+    position_offsets, lengths = _flat(batch, f"{prefix}_lengths")
+    lengths = lengths.astype(np.int64)
+    if len(lengths) and lengths.max() > limit:
+        raise KDCacheError(f"{file}: a position lists {lengths.max()} {prefix} entries, the manifest allows {limit}")
+    entry_offsets = np.concatenate([[0], np.cumsum(lengths)])[position_offsets]
+    entries = {}
+    for name in value_columns:
+        offsets, values = _flat(batch, name)
+        if not np.array_equal(offsets, entry_offsets):
+            raise KDCacheError(f"{file}: column {name} does not hold the entries its {prefix}_lengths announce")
+        entries[name] = values
+    return position_offsets, lengths, entries
+
+
+def _checked_ids(gaps: np.ndarray, lengths: np.ndarray, vocab_size: int, name: str, file: str) -> np.ndarray:
+    gaps = gaps.astype(np.int64)
+    starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+    later = np.ones(len(gaps), dtype=bool)
+    later[starts] = False
+    if (gaps[later] <= 0).any():
+        raise KDCacheError(f"{file}: {name} are not strictly ascending within a position")
+    ids = _ungap(gaps, lengths)
+    if len(ids) and ids.max() >= vocab_size:
+        raise KDCacheError(f"{file}: {name} holds id {ids.max()}, outside the vocabulary of {vocab_size}")
+    return ids
+
+
+def _padded(values: np.ndarray, lengths: np.ndarray, fill, dtype) -> np.ndarray:
+    """Flat entries → [P, max length] rows, `fill` in the empty slots."""
+    width = int(lengths.max(initial=0))
+    if len(values) == width * len(lengths):
+        return values.astype(dtype, copy=False).reshape(len(lengths), width)
+    out = np.full((len(lengths), width), fill, dtype=dtype)
+    out[np.arange(width)[None, :] < lengths[:, None]] = values
+    return out
+
+
+def decode_targets(batch: pa.RecordBatch, codec: Codec, limits: Limits, file: str
+                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, Ragged]]]:
+    """The decoded target columns of one compact record batch, over every position of the batch.
+
+    Returns (per-row columns, ragged columns) in the reader's forms: `name -> (row offsets over
+    positions, values)`, with top-k as [P, k] ids (int64) and float32 log-probs (-inf = empty slot),
+    and sampled ids/counts as `Ragged` over the positions.
+    """
+    names = set(batch.schema.names)
+    columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    ragged: dict[str, tuple[np.ndarray, Ragged]] = {}
+    if "topk_lengths" in names:
+        rows, lengths, entries = _lengths_and_entries(batch, "topk", ("topk_ids", "topk_logprobs"), limits.top_k, file)
+        ids = _checked_ids(entries["topk_ids"], lengths, limits.vocab_size, "topk_ids", file)
+        logprobs = entries["topk_logprobs"]
+        logprobs = (-LOGPROB_STEP * logprobs.astype(np.float32) if codec.logprobs == "uint8"
+                    else logprobs.astype(np.float32))
+        if not (logprobs <= 0).all():
+            raise KDCacheError(f"{file}: topk_logprobs holds values that are not finite log-probabilities")
+        tail_offsets, tail = _flat(batch, "tail_logprob")
+        if not np.array_equal(tail_offsets, rows) or np.isnan(tail).any() or (tail > 0).any():
+            raise KDCacheError(f"{file}: tail_logprob is not one log-mass ≤ 0 per target position")
+        columns |= {"topk_ids": (rows, _padded(ids, lengths, 0, np.int64)),
+                    "topk_logprobs": (rows, _padded(logprobs, lengths, _NEG_INF, np.float32)),
+                    "tail_logprob": (rows, tail)}
+    if "sampled_lengths" in names:
+        rows, lengths, entries = _lengths_and_entries(batch, "sampled", ("sampled_ids", "sampled_counts"),
+                                                      limits.draws, file)
+        ids = _checked_ids(entries["sampled_ids"], lengths, limits.vocab_size, "sampled_ids", file)
+        counts = entries["sampled_counts"].astype(np.int64)
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        per_position = np.bincount(owner, weights=counts, minlength=len(lengths))
+        allowed = (per_position == limits.draws) | ((per_position == 0) & (codec.draws_from == "tail"))
+        if not allowed.all() or (counts <= 0).any():
+            raise KDCacheError(f"{file}: sampled_counts do not add up to {limits.draws} draws at every position")
+        ragged |= {"sampled_ids": (rows, Ragged.from_lengths(ids, lengths)),
+                   "sampled_counts": (rows, Ragged.from_lengths(counts, lengths))}
+    return columns, ragged

@@ -1,0 +1,312 @@
+"""The compact codec (format 2): exact round trips, the 8-bit bound carried into the loss, head + sampled
+tail unbiasedness, readability by pyarrow/datasets, the committed format-1 fixture, and refusal of bad bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from kdcache.cache.codecs import LOGPROB_STEP, Codec, Limits, Ragged, decode_targets
+from kdcache.cache.format import FORMAT_VERSION, Manifest, shard_schema
+from kdcache import open_cache
+from kdcache.cache.writer import CachedSequence, to_record_batch
+from kdcache.errors import KDCacheError
+from kdcache.losses import SparseTargets, kd_loss
+from kdcache.student import TrainSettings, train_student
+from kdcache.student.batching import collate
+from kdcache.teacher import DumpSettings, dump_teacher
+from kdcache.teacher.targets import TopKTargets, sampled_targets, sampling_uniforms, select_head
+
+FIXTURE = Path(__file__).parent / "fixtures"
+
+
+def random_rows(vocab: int, k: int, lengths: list[int], draws: int, seed: int = 0) -> list[CachedSequence]:
+    """Rows of decoded targets as a dump makes them: k distinct ids per position with their log-probs
+    (normalised with the tail), and distinct ascending sampled ids with counts summing to `draws`."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for sample_id, length in enumerate(lengths):
+        logits = rng.normal(size=(length, min(vocab, 4096))) * 3
+        ids = np.stack([rng.choice(vocab, size=k, replace=False) for _ in range(length)]) if length else \
+            np.zeros((0, k), np.int64)
+        logprobs = (logits[:, :k] - np.logaddexp.reduce(logits, axis=1, keepdims=True)).astype(np.float32)
+        tail = np.log1p(-np.minimum(np.exp(logprobs).sum(1), 1 - 1e-6)).astype(np.float32)
+        if k == vocab:
+            tail[:] = -np.inf
+        sampled_ids, counts = [], []
+        for _ in range(length):
+            drawn = rng.choice(vocab, size=draws, replace=True)
+            unique, count = np.unique(drawn, return_counts=True)
+            sampled_ids.append(unique)
+            counts.append(count)
+        sizes = np.array([len(u) for u in sampled_ids], dtype=np.int64)
+        rows.append(CachedSequence(
+            sample_id=sample_id, input_ids=rng.integers(0, vocab, length).astype(np.int32),
+            topk_ids=ids, topk_logprobs=logprobs, tail_logprob=tail,
+            sampled_ids=Ragged.from_lengths(np.concatenate(sampled_ids) if length else np.zeros(0, np.int64), sizes),
+            sampled_counts=Ragged.from_lengths(np.concatenate(counts) if length else np.zeros(0, np.int64), sizes)))
+    return rows
+
+
+def round_trip(rows, vocab: int, k: int, draws: int, codec: Codec) -> list[dict]:
+    schema = shard_schema(top_k=k, vocab_size=vocab, logprob_dtype="float32", hidden_sizes={}, dump_fingerprint="x",
+                          target_types=("topk", "sampled"), codec=codec, draws=draws)
+    batch = to_record_batch(rows, schema, codec)
+    columns, ragged = decode_targets(batch, codec, Limits(vocab, k, draws), "test")
+    decoded = []
+    for index in range(len(rows)):
+        row = {}
+        for name, (offsets, values) in columns.items():
+            row[name] = values[offsets[index]:offsets[index + 1]]
+        for name, (offsets, values) in ragged.items():
+            row[name] = values.positions(slice(offsets[index], offsets[index + 1]))
+        decoded.append(row)
+    return decoded
+
+
+def dense(ids: np.ndarray, logprobs: np.ndarray, vocab: int) -> np.ndarray:
+    """[L, V] probabilities listed by (ids, logprobs); empty slots (-inf) add nothing."""
+    out = np.zeros((len(ids), vocab))
+    rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+    np.add.at(out, (rows, ids.reshape(-1).astype(np.int64)), np.exp(logprobs.reshape(-1).astype(np.float64)))
+    return out
+
+
+@pytest.mark.parametrize("vocab, k", [(300, 1), (300, 300), (70_000, 8), (70_000, 1)])
+@pytest.mark.parametrize("logprobs", ["float32", "float16", "uint8"])
+def test_compact_round_trip(vocab, k, logprobs):
+    """Ids, tail, sampled ids and counts come back exactly; log-probs within the stated error of their type."""
+    lengths = [0, 1, 7, 0, 3]  # empty and one-token rows among others
+    rows = random_rows(vocab, k, lengths, draws=20)
+    codec = Codec(layout="compact", logprobs=logprobs)
+    bound = {"float32": 0.0, "float16": 2.0**-11, "uint8": LOGPROB_STEP / 2}[logprobs]
+    for row, back in zip(rows, round_trip(rows, vocab, k, 20, codec)):
+        listed = back["topk_logprobs"] > -np.inf
+        assert listed.sum() == row.topk_ids.size
+        want = dense(row.topk_ids, row.topk_logprobs, vocab)
+        got = dense(back["topk_ids"], back["topk_logprobs"], vocab)
+        assert np.array_equal(want > 0, got > 0), "the same ids at every position"
+        if logprobs == "uint8":  # codes cover [-255/16, 0]: below it a log-prob decodes to the floor
+            clipped = np.maximum(row.topk_logprobs, -255 * LOGPROB_STEP)
+            want = dense(row.topk_ids, clipped, vocab)
+        nonzero = want > 0
+        error = np.abs(np.log(got[nonzero]) - np.log(want[nonzero]))
+        assert error.max(initial=0) <= bound * max(1, np.abs(np.log(want[nonzero])).max(initial=0)) + 1e-6
+        np.testing.assert_array_equal(back["tail_logprob"], row.tail_logprob)
+        np.testing.assert_array_equal(back["sampled_ids"].values, row.sampled_ids.values)
+        np.testing.assert_array_equal(back["sampled_ids"].offsets, row.sampled_ids.offsets)
+        np.testing.assert_array_equal(back["sampled_counts"].values, row.sampled_counts.values)
+
+
+def test_ids_above_65535_are_uint32_and_counts_uint8():
+    schema = shard_schema(top_k=4, vocab_size=70_000, logprob_dtype="float32", hidden_sizes={}, dump_fingerprint="x",
+                          target_types=("head-tail",), codec=Codec(layout="compact", logprobs="uint8"), draws=200)
+    assert schema.field("topk_ids").type == pa.list_(pa.uint32())
+    assert schema.field("sampled_counts").type == pa.list_(pa.uint8())
+    assert schema.field("topk_logprobs").type == pa.list_(pa.uint8())
+    assert schema.metadata[b"kdcache.format_version"] == b"2"
+
+
+def test_loss_on_a_decoded_cache_is_within_the_quantisation_bound():
+    """Each stored log-prob is off by at most δ = step/2, so the renormalised (k+1)-categorical moves by at
+    most 2δ in log space, and forward KL moves by at most 2δ + (e^{2δ} - 1)·max|log p - log q|."""
+    vocab, k = 500, 16
+    rows = random_rows(vocab, k, [40, 25], draws=10, seed=3)
+    decoded = round_trip(rows, vocab, k, 10, Codec(layout="compact", logprobs="uint8"))
+    exact = round_trip(rows, vocab, k, 10, Codec(layout="compact", logprobs="float32"))
+    student = torch.randn(65, vocab, dtype=torch.float64) * 2
+
+    def targets(parts):
+        return SparseTargets(ids=torch.from_numpy(np.concatenate([p["topk_ids"] for p in parts])),
+                             logprobs=torch.from_numpy(np.concatenate([p["topk_logprobs"] for p in parts])).double(),
+                             tail_logprob=torch.from_numpy(np.concatenate([p["tail_logprob"] for p in parts])).double())
+    reference = torch.from_numpy(np.concatenate([r.topk_logprobs for r in rows])).double()
+    float_targets = targets(exact)
+    assert torch.equal(float_targets.logprobs.sort(-1).values, reference.sort(-1).values)
+    loss_exact = kd_loss(student, float_targets)
+    loss_coded = kd_loss(student, targets(decoded))
+    delta = 2 * (LOGPROB_STEP / 2)
+    log_q = torch.log_softmax(student, -1)
+    spread = float((reference - log_q.gather(1, float_targets.ids)).abs().max()) + delta + 20
+    assert 0 < abs(float(loss_coded - loss_exact)) <= delta + math.expm1(delta) * spread
+
+
+def head_of(logprobs: torch.Tensor, k: int) -> TopKTargets:
+    """The top-k of [N, V] log-probs with the exact log-mass of the rest."""
+    values, ids = logprobs.topk(k, dim=-1)
+    tail = torch.logsumexp(logprobs.scatter(1, ids, float("-inf")), -1)
+    return TopKTargets(ids=ids, logprobs=values, tail_logprob=tail, next_logprob=torch.zeros(len(ids)))
+
+
+def test_mass_adaptive_head_keeps_the_fewest_ids_and_an_exact_tail():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 200) * torch.linspace(0.2, 6, 50)[:, None]  # flat to peaked positions
+    head = select_head(head_of(torch.log_softmax(logits, -1), 64), top_k=64, top_p=0.9)
+    listed = head.logprobs > float("-inf")
+    mass = head.logprobs.double().exp().nan_to_num(0).sum(-1)
+    kept = listed.sum(-1)
+    assert kept.min() >= 1 and kept.max() <= 64 and kept[0] > kept[-1], "flat positions keep more ids"
+    reached = mass >= 0.9 - 1e-6
+    assert (reached | (kept == 64)).all(), "the mass reaches top_p unless max k stops it"
+    without_last = mass - head.logprobs.double().exp().masked_fill(~listed, 1.0).min(-1).values
+    assert (without_last < 0.9 + 1e-6).all(), "one id fewer would not reach it"
+    np.testing.assert_allclose((mass + head.tail_logprob.double().exp()).numpy(), 1.0, atol=1e-5)
+
+
+def test_head_plus_sampled_tail_is_unbiased():
+    """E[head as stored + r · count / N on the tail draws] = p, over seeds; the head ids are never drawn."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40) * 2
+    p = torch.softmax(logits.double(), -1)
+    lp = torch.log_softmax(logits, -1)
+    head = head_of(lp, 4)
+    ids, values, tail = head.ids, head.logprobs, head.tail_logprob
+    total, seeds = torch.zeros_like(p), 400
+    for seed in range(seeds):
+        drawn = sampled_targets(logits, sampling_uniforms([7], [3], 8, seed), vocab_size=40, exclude=head)
+        rows = torch.repeat_interleave(torch.arange(3), drawn.offsets.diff())
+        assert not (drawn.ids[:, None] == ids[rows]).any()
+        estimate = torch.zeros_like(p).scatter(1, ids, values.double().exp())
+        estimate.index_put_((rows, drawn.ids), drawn.counts.double() / 8 * tail.double().exp()[rows], accumulate=True)
+        total += estimate
+    assert torch.allclose(total / seeds, p, atol=0.01)
+    none = sampled_targets(logits, sampling_uniforms([7], [3], 8, 0), vocab_size=40, exclude=head_of(lp, 40))
+    assert none.ids.numel() == 0 and (none.offsets == 0).all(), "k = V leaves nothing to draw"
+
+
+@pytest.fixture(scope="module")
+def head_tail_cache(tmp_path_factory, teacher_dir, corpus):
+    out = tmp_path_factory.mktemp("codec") / "head-tail"
+    dump_teacher(str(teacher_dir), str(corpus), out,
+                 DumpSettings(targets="head-tail", top_k=4, samples=16, codec="compact", logprob_dtype="uint8",
+                              compression="zstd", limit=12, batch_size=5, shard_rows=6, fidelity_every=1),
+                 progress=False)
+    return out
+
+
+def test_compact_cache_is_format_2_and_readable_by_pyarrow_and_datasets(head_tail_cache):
+    manifest = Manifest.load(head_tail_cache)
+    open_cache(head_tail_cache).verify(progress=False)
+    assert manifest.format_version == 2 and manifest.codec.compression == "zstd"
+    table = pa.ipc.open_file(str(head_tail_cache / manifest.shards[0].file)).read_all()
+    assert table.schema.field("sampled_counts").type == pa.list_(pa.uint8())
+    rows = datasets.load_dataset("arrow", data_files=[str(head_tail_cache / s.file) for s in manifest.shards],
+                                 split="train")
+    sequences = {s.sample_id: s for s in open_cache(head_tail_cache).sequences()}
+    assert len(rows) == 12
+    for row in rows:
+        sequence = sequences[row["sample_id"]]
+        assert row["input_ids"] == sequence.input_ids.tolist()
+        assert sum(row["topk_lengths"]) == len(row["topk_ids"]) == int((sequence.topk_logprobs > -np.inf).sum())
+        assert sum(row["sampled_counts"]) == 16 * len(row["input_ids"])
+    card = manifest.stats["fidelity"]["head-tail"]
+    assert card["top_k"] == 4 and card["draws"] == 16 and 4 < card["distinct_ids"] <= 20
+
+
+def test_an_older_reader_refuses_a_newer_format(head_tail_cache):
+    text = (head_tail_cache / "kdcache.json").read_text()
+    newer = json.loads(text) | {"format_version": FORMAT_VERSION + 1}
+    with pytest.raises(KDCacheError, match="newer than this kdcache supports"):
+        Manifest.from_json(json.dumps(newer), "kdcache.json")
+
+
+def test_training_picks_the_head_tail_loss_from_the_cache(head_tail_cache, student_config, tmp_path):
+    """No `targets` flag: the head-tail estimate (forward KL on head + r·c/N) is what train-student optimises."""
+    summary = train_student(head_tail_cache, tmp_path / "student", student_config=str(student_config),
+                            settings=TrainSettings(max_steps=2, batch_size=4), progress=False)
+    assert summary["steps"] == 2 and summary["final"]["kd"] > 0
+    batch = collate(list(open_cache(head_tail_cache).sequences()))
+    targets = batch.sparse_targets("head-tail")
+    assert targets.tail_logprob is None
+    np.testing.assert_allclose(targets.logprobs.double().exp().sum(-1).numpy(), 1.0, atol=0.05)
+
+
+def test_format_1_fixture_reads_as_it_was_written():
+    cache = FIXTURE / "v1_cache"
+    manifest = Manifest.load(cache)
+    assert manifest.format_version == 1 and manifest.codec == Codec(logprobs="float16")
+    open_cache(cache).verify(progress=False)
+    expected = json.loads((FIXTURE / "v1_cache_expected.json").read_text())
+    sequences = list(open_cache(cache).sequences())
+    assert sorted(str(s.sample_id) for s in sequences) == sorted(expected)
+    for sequence in sequences:
+        want = expected[str(sequence.sample_id)]
+        assert sequence.input_ids.tolist() == want["input_ids"] and sequence.topk_ids.tolist() == want["topk_ids"]
+        np.testing.assert_array_equal(sequence.topk_logprobs.astype(float), want["topk_logprobs"])
+        np.testing.assert_array_equal(sequence.tail_logprob.astype(float), want["tail_logprob"])
+        assert sequence.sampled_ids.values.tolist() == want["sampled_ids"]
+        assert sequence.sampled_counts.values.tolist() == want["sampled_counts"]
+
+
+def tampered(rows, vocab, k, draws, column, change):
+    codec = Codec(layout="compact", logprobs="uint8")
+    schema = shard_schema(top_k=k, vocab_size=vocab, logprob_dtype="float32", hidden_sizes={}, dump_fingerprint="x",
+                          target_types=("topk", "sampled"), codec=codec, draws=draws)
+    batch = to_record_batch(rows, schema, codec)
+    index = schema.get_field_index(column)
+    array = batch.column(index)
+    values = array.flatten().to_numpy(zero_copy_only=False).copy()
+    change(values)
+    replaced = pa.ListArray.from_arrays(array.offsets, pa.array(values, type=array.type.value_type))
+    return decode_targets(batch.set_column(index, schema.field(index), replaced), codec, Limits(vocab, k, draws), "bad")
+
+
+@pytest.mark.parametrize("column, change, message", [
+    ("topk_ids", lambda v: v.__setitem__(0, 299), "outside the vocabulary"),
+    ("topk_ids", lambda v: v.__setitem__(1, 0), "not strictly ascending"),
+    ("topk_lengths", lambda v: v.__setitem__(0, 9), "manifest allows 4"),
+    ("sampled_counts", lambda v: v.__setitem__(0, v[0] + 1), "do not add up"),
+])
+def test_bad_bytes_are_refused(column, change, message):
+    rows = random_rows(200, 4, [5, 3], draws=10)
+    with pytest.raises(KDCacheError, match=message):
+        tampered(rows, 200, 4, 10, column, change)
+
+
+def test_recode_shrinks_k_and_quantises_without_the_teacher(cache_dir, tmp_path):
+    """top-8 float16 → top-4 8-bit compact zstd: the 4 most probable ids, their log-probs within the code
+    step, the dropped mass added to the exact tail; verified, same rows, a fingerprint of its own."""
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+    out = tmp_path / "recoded"
+    result = CliRunner().invoke(main, ["recode", str(cache_dir), "--out", str(out), "--top-k", "4"])
+    assert result.exit_code == 0, result.output
+    source, recoded = Manifest.load(cache_dir), Manifest.load(out)
+    open_cache(out).verify(progress=False)
+    assert recoded.format_version == 2 and recoded.top_k == 4 and recoded.hidden_layers == source.hidden_layers
+    assert recoded.dump_fingerprint != source.dump_fingerprint
+    assert recoded.stats["content_sha256"] == source.stats["content_sha256"]
+    assert recoded.total_bytes < source.total_bytes  # the hidden states (kept as they are) dominate here
+    before = {s.sample_id: s for s in open_cache(cache_dir).sequences(hidden_layers=source.hidden_layers)}
+    for after in open_cache(out).sequences(hidden_layers=recoded.hidden_layers):
+        original = before[after.sample_id]
+        order = np.argsort(-original.topk_logprobs.astype(np.float32), axis=1, kind="stable")[:, :4]
+        kept_ids = np.take_along_axis(original.topk_ids.astype(np.int64), order, 1)
+        kept = np.take_along_axis(original.topk_logprobs.astype(np.float32), order, 1)
+        np.testing.assert_array_equal(np.sort(after.topk_ids, 1), np.sort(kept_ids, 1))
+        by_id = np.take_along_axis(kept, np.argsort(kept_ids, 1), 1)
+        assert np.abs(after.topk_logprobs - np.maximum(by_id, -255 * LOGPROB_STEP)).max() <= LOGPROB_STEP / 2 + 1e-6
+        dropped = np.logaddexp.reduce(np.sort(original.topk_logprobs.astype(np.float64), 1)[:, :4], axis=1)
+        np.testing.assert_allclose(after.tail_logprob, np.logaddexp(original.tail_logprob, dropped), rtol=1e-5)
+        layer = source.hidden_layers[0]
+        np.testing.assert_array_equal(after.hidden[layer], original.hidden[layer])
+
+
+def test_recode_refuses_what_needs_the_teacher(cache_dir, head_tail_cache, tmp_path):
+    from kdcache.teacher.recode import RecodeSettings, recode_cache
+    with pytest.raises(KDCacheError, match="sampled draws cannot be made from a topk cache"):
+        recode_cache(cache_dir, tmp_path / "a", RecodeSettings(targets="sampled"), progress=False)
+    with pytest.raises(KDCacheError, match="more than the source's 8"):
+        recode_cache(cache_dir, tmp_path / "b", RecodeSettings(top_k=9), progress=False)
+    with pytest.raises(KDCacheError, match="a head cannot grow"):
+        recode_cache(head_tail_cache, tmp_path / "c", RecodeSettings(top_k=2), progress=False)
+    head_only = recode_cache(head_tail_cache, tmp_path / "d", RecodeSettings(targets="topk"), progress=False)
+    assert head_only.target_types == ("topk",) and head_only.draws is None
