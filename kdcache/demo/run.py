@@ -8,6 +8,7 @@ cache. Teacher training is the one place kdcache trains without a cache, so it i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -86,7 +87,10 @@ def run_demo(workdir: Path | None = None, *, teacher_steps: int = 400, student_s
         heldout = write_jsonl(root / "heldout.jsonl", language.sentences(300, seed=3))
         settings = DumpSettings(top_k=16, batch_size=32, shard_rows=256)
         manifest = dump_teacher(str(root / "teacher"), str(transfer), root / "cache", settings, progress=progress)
-        dump_teacher(str(root / "teacher"), str(heldout), root / "cache-heldout", settings, progress=progress)
+        # The held-out cache scores the students: exact float16 log-probs, so the teacher's argmax is not
+        # blurred by ties between 8-bit codes (the transfer cache keeps the compact default).
+        dump_teacher(str(root / "teacher"), str(heldout), root / "cache-heldout",
+                     dataclasses.replace(settings, codec="plain", logprob_dtype="float16"), progress=progress)
         timings["dump teacher (2 caches)"] = time.perf_counter() - started
 
         config_file = root / "student-config.json"
