@@ -14,6 +14,8 @@ from pathlib import Path
 import click
 
 from .cache.format import Manifest
+from .cache.safety import printable
+from .cache.store import CacheStore
 from .errors import KDCacheError
 from .student.settings import TrainSettings
 from .tasks import CAUSAL_LM
@@ -127,6 +129,13 @@ def _fidelity_lines(manifest: Manifest) -> list[str]:
     card = manifest.stats.get("fidelity")
     if card is None:
         return ["fidelity     not recorded (cache dumped before fidelity cards)"]
+    try:
+        return _card_lines(card)
+    except (KeyError, TypeError, ValueError):
+        return ["fidelity     unreadable (malformed statistics in the manifest)"]
+
+
+def _card_lines(card: dict) -> list[str]:
     lines = []
     if "topk" in card:
         topk = card["topk"]
@@ -142,23 +151,28 @@ def _fidelity_lines(manifest: Manifest) -> list[str]:
 
 
 @main.command("info")
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def info_command(cache, as_json):
-    """Summarise the cache at CACHE."""
-    manifest = Manifest.load(cache)
+    """Summarise the cache at CACHE (a directory or a URL, as for train-student).
+
+    The manifest comes from elsewhere: its text is printed with control characters escaped.
+    """
+    manifest = CacheStore(cache).load_manifest()
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
     mass = manifest.stats.get("captured_mass", {})
+    teacher, dataset = manifest.teacher, manifest.dataset
+    parameters = teacher.get("num_parameters")
     lines = [
         f"cache        {cache}  (format {manifest.format_version}, kdcache {manifest.kdcache_version}, {manifest.created_at})",
         f"task         {manifest.task}",
-        f"teacher      {manifest.teacher['name_or_path']}  ({manifest.teacher['model_type']}, "
-        f"{manifest.teacher['num_parameters']:,} parameters)",
-        f"tokenizer    {manifest.tokenizer['class']}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
-        f"data         {manifest.dataset['source']} [{manifest.dataset['split']}], "
-        f"{manifest.dataset['rows_dumped']} of {manifest.dataset['num_rows']} rows",
+        f"teacher      {teacher.get('name_or_path')}  ({teacher.get('model_type')}, "
+        f"{f'{parameters:,}' if isinstance(parameters, int) else parameters} parameters)",
+        f"tokenizer    {manifest.tokenizer.get('class')}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
+        f"data         {dataset.get('source')} [{dataset.get('split')}], "
+        f"{dataset.get('rows_dumped')} of {dataset.get('num_rows')} rows",
         f"targets      {_describe_targets(manifest)}; "
         f"hidden layers: {', '.join(map(str, manifest.hidden_layers)) or 'none'}",
         f"size         {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
@@ -171,7 +185,7 @@ def info_command(cache, as_json):
     ]
     if manifest.labels:
         lines[1] += f"  (labels: {', '.join(manifest.labels)})"
-    click.echo("\n".join(lines))
+    click.echo("\n".join(printable(line) for line in lines))
 
 
 def _describe_targets(manifest: Manifest) -> str:
@@ -182,12 +196,13 @@ def _describe_targets(manifest: Manifest) -> str:
 
 
 @main.command("verify")
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 def verify_command(cache):
-    """Re-hash every shard of CACHE and check schema and counts against the manifest."""
+    """Re-hash every shard and tokenizer file of CACHE (a directory or a URL) and check every value."""
     from .cache.reader import verify_cache
-    manifest = Manifest.load(cache)
-    verify_cache(cache, manifest)
+    store = CacheStore(cache)
+    manifest = store.load_manifest()
+    verify_cache(store, manifest)
     click.echo(f"ok: {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens")
 
 

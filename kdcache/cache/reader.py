@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 
 from ..errors import KDCacheError
 from .format import Manifest, ShardInfo, shard_schema
+from .safety import check_tokenizer_files
 from .sharding import BufferedShuffle, RowSpan, process_spans
 from .store import CacheStore, as_store
+from .validate import check_unique_sample_ids, open_checked
 from .writer import CachedSequence, Ragged
 
 
@@ -46,29 +48,38 @@ def check_shard_files(cache: CacheStore | str | Path, manifest: Manifest) -> Non
                                f"the manifest says {shard.bytes}: the shard was modified or truncated")
 
 
-def _verify_shard(store: CacheStore, shard: ShardInfo, schema: pa.Schema) -> None:
-    if store.sha256(shard.file) != shard.sha256:
+def _verify_shard(store: CacheStore, manifest: Manifest, shard: ShardInfo, schema: pa.Schema) -> np.ndarray:
+    """Check one shard in full and return its sample ids."""
+    if store.sha256(shard) != shard.sha256:
         raise KDCacheError(f"shard {shard.file} fails its sha256 check: the file was modified or corrupted")
-    reader = store.open_shard(shard.file)
+    reader = open_checked(store, manifest, shard, full=True)
     if not reader.schema.equals(schema, check_metadata=True):
         raise KDCacheError(f"shard {shard.file} has schema {reader.schema.names} that does not match the manifest")
     rows = tokens = 0
+    ids = []
     for index in range(reader.num_record_batches):
         batch = reader.get_batch(index)
         rows += batch.num_rows
         tokens += len(batch.column("input_ids").flatten())
+        ids.append(batch.column("sample_id").to_numpy())
     if (rows, tokens) != (shard.rows, shard.tokens):
         raise KDCacheError(f"shard {shard.file} holds {rows} rows / {tokens} tokens, "
                            f"the manifest says {shard.rows} / {shard.tokens}")
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
 def verify_cache(cache: CacheStore | str | Path, manifest: Manifest, *, progress: bool = True) -> None:
-    """Re-hash every shard and check its schema and counts; raise naming the first bad shard."""
+    """Re-hash every shard, check its schema, counts, batch hashes and every value (kdcache/cache/validate.py),
+    and that sample ids are unique; raise naming the first bad shard."""
     store = as_store(cache)
+    files = manifest.tokenizer.get("files", {})
+    check_tokenizer_files(store.tokenizer_dir(files), files)
     check_shard_files(store, manifest)
     schema = expected_schema(manifest)
+    ids = []
     for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
-        _verify_shard(store, shard, schema)
+        ids.append(_verify_shard(store, manifest, shard, schema))
+    check_unique_sample_ids(ids, manifest)
 
 
 def content_sha256(cache: CacheStore | str | Path, shards: list[ShardInfo]) -> str:
@@ -80,7 +91,7 @@ def content_sha256(cache: CacheStore | str | Path, shards: list[ShardInfo]) -> s
     store = as_store(cache)
     digest = hashlib.sha256()
     for shard in shards:
-        reader = store.open_shard(shard.file)
+        reader = pa.ipc.open_file(store.source(shard)[0])  # the dump's own, just-written shards
         for index in range(reader.num_record_batches):
             batch = reader.get_batch(index)
             tokens = batch.column("input_ids")
@@ -157,7 +168,7 @@ def shard_sample_ids(cache: CacheStore | str | Path, manifest: Manifest) -> list
     store = as_store(cache)
     ids = []
     for shard in manifest.shards:
-        reader = store.open_shard(shard.file, fields=[0])
+        reader = open_checked(store, manifest, shard, fields=[0])
         batches = [reader.get_batch(index).column("sample_id").to_numpy() for index in range(reader.num_record_batches)]
         ids.append(np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64))
     return ids
@@ -166,6 +177,7 @@ def shard_sample_ids(cache: CacheStore | str | Path, manifest: Manifest) -> list
 def read_sample_ids(cache: CacheStore | str | Path, manifest: Manifest) -> np.ndarray:
     """Every sample id in the cache, in shard order."""
     ids = shard_sample_ids(cache, manifest)
+    check_unique_sample_ids(ids, manifest)
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
@@ -186,7 +198,7 @@ def _read_spans(store: CacheStore, manifest: Manifest, spans: list[RowSpan], kep
     position = 0
     for span in spans:
         rows = kept_rows[span.shard][span.start:span.stop]  # ascending, never empty
-        reader = store.open_shard(manifest.shards[span.shard].file)
+        reader = open_checked(store, manifest, manifest.shards[span.shard], hidden_layers=hidden_layers)
         first_row = 0
         for batch_index in range(reader.num_record_batches):
             if first_row > rows[-1]:

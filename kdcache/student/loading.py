@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..cache.format import Manifest, tokenizer_fingerprint
+from ..cache.safety import check_tokenizer_files
+from ..cache.store import CacheStore
 from ..errors import KDCacheError
 from ..models import load_model, load_tokenizer, model_from_config
 from ..tasks import get_task
@@ -19,6 +21,21 @@ def check_student_matches_cache(model, student_tokenizer, manifest: Manifest) ->
         if fingerprint["hash"] != manifest.tokenizer["hash"]:
             raise KDCacheError(f"student tokenizer ({fingerprint['vocab_size']} tokens) differs from the cache's "
                                f"tokenizer ({vocab} tokens): ids would not line up with the cached targets")
+
+
+def load_cache_tokenizer(store: CacheStore, manifest: Manifest):
+    """The cache's tokenizer, its files checked against the manifest's fingerprints before transformers reads
+    them, and the loaded vocabulary checked against the manifest's vocabulary hash, naming any difference."""
+    expected = manifest.tokenizer.get("files", {})
+    directory = store.tokenizer_dir(expected)
+    check_tokenizer_files(directory, expected)
+    tokenizer = load_tokenizer(str(directory), "cache tokenizer", local=True)
+    loaded = tokenizer_fingerprint(tokenizer)
+    differences = [f"{name} {manifest.tokenizer[name]} in the manifest, {loaded[name]} loaded"
+                   for name in ("vocab_size", "hash") if loaded[name] != manifest.tokenizer[name]]
+    if differences:
+        raise KDCacheError(f"the cache's tokenizer does not match its manifest: {'; '.join(differences)}")
+    return tokenizer
 
 
 def load_student(student: str | None, student_config: str | None, manifest: Manifest, cache: Path):

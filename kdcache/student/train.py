@@ -29,14 +29,13 @@ from ..cache.reader import check_shard_files, select_rows, verify_cache
 from ..cache.store import CacheStore
 from ..errors import KDCacheError
 from ..losses import SparseTargets, kd_loss, next_token_ce
-from ..models import load_tokenizer
 from ..tasks import CAUSAL_LM, get_task, pooler
 from .batching import Batch
-from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, save_checkpoint
+from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, load_checkpoint, register_safe_state, save_checkpoint
 from .feed import CacheBatches, prefetched
-from .loading import load_student
+from .loading import load_cache_tokenizer, load_student
 from .metrics import LOG_DIR, RUN_NAME, MetricsLog, tracker_config, trackers
-from .output import checkpoint_to_resume, prepare_output, staging_dir
+from .output import checkpoint_to_resume, commit_output, prepare_output, staging_dir
 from .projections import FeatureProjections, parse_layer_map
 from .settings import OPERATIONAL_SETTINGS, TrainSettings
 from .validation import setup_validation
@@ -104,7 +103,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     """Train a student on the cache at `cache` (a directory or an fsspec URL), save it to `out`; return the
     final metrics. With `resume`, continue from the latest checkpoint in `<out>.partial/checkpoints` if
     there is one; `resume_from` names a checkpoint directory explicitly."""
-    store, out = CacheStore(cache, settings.read_through), Path(out)
+    store, out = CacheStore(cache, settings.read_through, settings.transfer_timeout), Path(out)
     manifest = store.load_manifest()
     checkpoint = checkpoint_to_resume(out, resume, resume_from)
     check_targets(settings, manifest, store)
@@ -117,7 +116,7 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
         verify_cache(store, manifest, progress=progress)
     else:
         check_shard_files(store, manifest)
-    tokenizer = load_tokenizer(str(store.tokenizer_dir()), "cache tokenizer")
+    tokenizer = load_cache_tokenizer(store, manifest)
     train_ids, validation = setup_validation(store, manifest, fraction=settings.val_fraction,
                                              every=settings.eval_every, patience=settings.early_stopping,
                                              batch_size=settings.batch_size)
@@ -158,11 +157,10 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     metrics = MetricsLog(staging / METRICS_FILE if accelerator.is_main_process else None, accelerator.num_processes,
                          tracker=(lambda values, step: accelerator.log(values, step=step)) if report_to else None)
     state = TrainingProgress(_run_identity(manifest, settings, accelerator.num_processes))
-    accelerator.register_for_checkpointing(state)
-    if validation:  # its best score, patience counter and best-state snapshot are part of each checkpoint
-        accelerator.register_for_checkpointing(validation)
+    # the validation's best score, patience counter and best-state snapshot are part of each checkpoint
+    register_safe_state(accelerator, {"progress": state, **({"validation": validation} if validation else {})})
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint)
         metrics.load_state_dict(state.metrics)
     sample_log = _open_sample_log(accelerator.process_index)
     bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step",
@@ -231,17 +229,17 @@ def train_student(cache: Path | str, out: Path | str, *, student: str | None = N
     accelerator.end_training()  # closes the trackers' files before the output directory is renamed
     if accelerator.is_main_process:
         metrics.close()
-        accelerator.unwrap_model(model).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if layer_map or student_pooler is not None:
-            torch.save(accelerator.unwrap_model(projections).state_dict(), staging / PROJECTIONS_FILE)
-        record = {"cache": str(store), "dump_fingerprint": manifest.dump_fingerprint,
-                  "student": student or student_config, "settings": dataclasses.asdict(settings),
-                  "layer_map": {str(s): t for s, t in layer_map.items()}, "summary": summary}
-        (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+
+        def save(staging: Path) -> None:
+            accelerator.unwrap_model(model).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            if layer_map or student_pooler is not None:
+                torch.save(accelerator.unwrap_model(projections).state_dict(), staging / PROJECTIONS_FILE)
+            record = {"cache": str(store), "dump_fingerprint": manifest.dump_fingerprint,
+                      "student": student or student_config, "settings": dataclasses.asdict(settings),
+                      "layer_map": {str(s): t for s, t in layer_map.items()}, "summary": summary}
+            (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        commit_output(out, save)
     return summary
 
 
