@@ -18,20 +18,12 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ..errors import KDCacheError
-from .format import Manifest, ShardInfo, shard_schema
+from .format import Manifest, ShardInfo
 from .safety import check_tokenizer_files
 from .sharding import BufferedShuffle, RowSpan, process_spans
 from .store import CacheStore, as_store
 from .validate import check_unique_sample_ids, open_checked
 from .writer import CachedSequence, Ragged
-
-
-def expected_schema(manifest: Manifest) -> pa.Schema:
-    settings = manifest.settings
-    return shard_schema(top_k=manifest.top_k, vocab_size=manifest.num_classes,
-                        logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
-                        dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types,
-                        optional_columns=manifest.optional_columns, pooled_size=manifest.pooled_size)
 
 
 def check_shard_files(cache: CacheStore | str | Path, manifest: Manifest) -> None:
@@ -48,13 +40,11 @@ def check_shard_files(cache: CacheStore | str | Path, manifest: Manifest) -> Non
                                f"the manifest says {shard.bytes}: the shard was modified or truncated")
 
 
-def _verify_shard(store: CacheStore, manifest: Manifest, shard: ShardInfo, schema: pa.Schema) -> np.ndarray:
+def _verify_shard(store: CacheStore, manifest: Manifest, shard: ShardInfo) -> np.ndarray:
     """Check one shard in full and return its sample ids."""
     if store.sha256(shard) != shard.sha256:
         raise KDCacheError(f"shard {shard.file} fails its sha256 check: the file was modified or corrupted")
     reader = open_checked(store, manifest, shard, full=True)
-    if not reader.schema.equals(schema, check_metadata=True):
-        raise KDCacheError(f"shard {shard.file} has schema {reader.schema.names} that does not match the manifest")
     rows = tokens = 0
     ids = []
     for index in range(reader.num_record_batches):
@@ -75,10 +65,9 @@ def verify_cache(cache: CacheStore | str | Path, manifest: Manifest, *, progress
     files = manifest.tokenizer.get("files", {})
     check_tokenizer_files(store.tokenizer_dir(files), files)
     check_shard_files(store, manifest)
-    schema = expected_schema(manifest)
     ids = []
     for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
-        ids.append(_verify_shard(store, manifest, shard, schema))
+        ids.append(_verify_shard(store, manifest, shard))
     check_unique_sample_ids(ids, manifest)
 
 

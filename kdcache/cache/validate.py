@@ -2,7 +2,8 @@
 
 A shard is opened through `open_checked`, whose `get_batch` does, for each record batch:
 
-1. Before anything is decoded, read the batch's IPC message header (a few hundred bytes, parsed
+1. Check the schema against the manifest's (so a value is never read as another type). Before
+   anything is decoded, read the batch's IPC message header (a few hundred bytes, parsed
    here from the Arrow flatbuffers: pyarrow exposes no block table) and refuse a compressed body,
    dictionary batches, or more rows than the manifest gives the shard. Uncompressed buffers are
    slices of the file, so nothing larger than the file is ever allocated: a 7 KB zstd shard that
@@ -26,11 +27,19 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import KDCacheError
-from .format import Manifest, ShardInfo
+from .format import Manifest, ShardInfo, shard_schema
 
 LOGPROB_TOLERANCE = 1e-3  # float16 rounding of log-probs just below 0
 IGNORE_LABEL = -100  # gold label of positions without one (kdcache/tasks/base.py)
 _RECORD_BATCH = 3  # flatbuffers MessageHeader union tag
+
+
+def expected_schema(manifest: Manifest) -> pa.Schema:
+    settings = manifest.settings
+    return shard_schema(top_k=manifest.top_k, vocab_size=manifest.num_classes,
+                        logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
+                        dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types,
+                        optional_columns=manifest.optional_columns, pooled_size=manifest.pooled_size)
 
 
 def batch_digest(batch: pa.RecordBatch) -> str:
@@ -117,6 +126,11 @@ class CheckedShard:
             raise self._error(f"is not a readable Arrow IPC file ({error})") from None
         if len(self.blocks) != self.reader.num_record_batches:
             raise self._error("has an inconsistent record batch table")
+        expected = expected_schema(manifest)
+        if options.included_fields:
+            expected = pa.schema([expected.field(index) for index in fields], metadata=expected.metadata)
+        if not self.reader.schema.equals(expected, check_metadata=True):
+            raise self._error(f"has schema {self.reader.schema.names} that does not match the manifest")
         if self.expected_digests and len(self.expected_digests) != len(self.blocks):
             raise self._error(f"has {len(self.blocks)} record batches, the manifest hashes "
                               f"{len(self.expected_digests)}")
@@ -192,6 +206,28 @@ def _values(column: pa.Array, depth: int) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
+_FLOAT16_EXPONENT = 0x7C00  # all exponent bits set: inf or NaN
+_FLOAT16_SIGN = 0x8000
+
+
+def _suspicious(values: np.ndarray, log_prob: bool, tail: bool) -> bool:
+    """Whether `values` may hold NaN, inf (-inf is fine for a `tail`) or, for a `log_prob`, a value above the
+    tolerance. The fast path of `check_batch`, which runs on every batch read: float32 needs a min and a max
+    (NaN propagates into both); float16, which numpy handles slowly, is checked on its bit patterns.
+    """
+    if values.dtype == np.float16:
+        bits = values.view(np.uint16)
+        if not log_prob:
+            return bool(((bits & _FLOAT16_EXPONENT) == _FLOAT16_EXPONENT).any())
+        # valid: +0 .. +tolerance, and every finite negative (-0 .. the largest negative float16 below -inf)
+        tolerance = np.float16(LOGPROB_TOLERANCE).view(np.uint16)
+        return bool(((bits > tolerance) & (bits < _FLOAT16_SIGN)).any()
+                    or (bits >= _FLOAT16_SIGN | _FLOAT16_EXPONENT).any())
+    low, high = values.min(), values.max()
+    upper_ok = high <= LOGPROB_TOLERANCE if log_prob else high < np.inf
+    return not (upper_ok and (low > -np.inf or (tail and not np.isnan(low))))
+
+
 def check_batch(batch: pa.RecordBatch, manifest: Manifest, error, floats: set[int] | None = None) -> None:
     """Raise `error(message)` unless every value a student consumes is in range and every list length agrees.
 
@@ -213,10 +249,12 @@ def check_batch(batch: pa.RecordBatch, manifest: Manifest, error, floats: set[in
         if name not in columns:
             return
         values = _values(columns[name], depth)
+        if not values.size or low <= values.min() and values.max() < high:  # two reductions, no mask
+            return
         bad = (values < low) | (values >= high)
         if allowed is not None:
             bad &= values != allowed
-        if values.size and bad.any():
+        if bad.any():
             raise error(f"`{name}` holds {int(values[bad][0])}, outside [{low}, {high})")
 
     def finite(name: str, depth: int, log_prob: bool = False, tail: bool = False) -> None:
@@ -224,13 +262,14 @@ def check_batch(batch: pa.RecordBatch, manifest: Manifest, error, floats: set[in
         if name not in columns:
             return
         values = _values(columns[name], depth)
+        if not values.size or not _suspicious(values, log_prob, tail):
+            return
         bad = np.isnan(values) | (values == np.inf)
         if not tail:
             bad |= values == -np.inf
         if log_prob:
             bad |= values > LOGPROB_TOLERANCE
-        if values.size and bad.any():
-            raise error(f"`{name}` holds {values[bad][0]}" + (", not a log-probability" if log_prob else ""))
+        raise error(f"`{name}` holds {values[bad][0]}" + (", not a log-probability" if log_prob else ""))
 
     in_range("input_ids", 1, 0, manifest.vocab_size)
     lengths("token_type_ids", tokens, "token")
