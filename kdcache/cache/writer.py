@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from ..errors import KDCacheError
 from .format import DATA_DIR, HIDDEN_PREFIX, PARTIAL_SUFFIX, SHARD_SUFFIX, ShardInfo, sha256_file
+from .validate import batch_digests
 
 
 @dataclasses.dataclass
@@ -156,7 +157,8 @@ class ShardWriter:
             self.abort()
             raise KDCacheError(f"cannot finish shard {final}: {error.strerror or error}") from None
         self.finished.append(ShardInfo(file=self._relative_name(), rows=self._rows, tokens=self._tokens,
-                                       bytes=final.stat().st_size, sha256=sha256_file(final)))
+                                       bytes=final.stat().st_size, sha256=sha256_file(final),
+                                       batch_sha256=batch_digests(final)))
         self._writer = self._sink = None
         self._rows = self._tokens = 0
 
