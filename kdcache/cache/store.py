@@ -170,7 +170,7 @@ class CacheStore:
         for attempt in range(1, ATTEMPTS + 1):
             timeout = _timeout(max(0.01, give_up - time.monotonic())) if self.http else None
 
-            async def get() -> None:  # fsspec's sync wrapper would take `timeout=` as its own argument
+            async def get(timeout=timeout) -> None:  # fsspec's sync wrapper would take `timeout=` as its own
                 await self.fs._get_file(url, str(local), timeout=timeout)
             try:
                 fsspec.asyn.sync(self.fs.loop, get) if self.http else self.fs.get_file(url, str(local))

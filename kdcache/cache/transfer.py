@@ -220,8 +220,9 @@ def fetch_shard(store: CacheStore, shard: ShardInfo, target: Path, bar: tqdm) ->
                            f"the source is corrupt or was modified; nothing was kept")
 
 
-def rewrite_shard(whole: Path, target: Path, relative: str, edit: Callable[[pa.RecordBatch, int], pa.RecordBatch | None],
-                  manifest: Manifest, shard: ShardInfo) -> ShardInfo:
+def rewrite_shard(whole: Path, target: Path, relative: str,
+                  edit: Callable[[pa.RecordBatch, int], pa.RecordBatch | None], manifest: Manifest,
+                  shard: ShardInfo) -> ShardInfo:
     """Write the shard file `whole` to `target` batch by batch through `edit(batch, first_row)` (None
     drops the batch), with the same schema and metadata: the stored values are copied as they are, so
     a subset or an id change never re-encodes the targets."""
