@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .cache.format import MANIFEST_NAME, Manifest
+from .cache.safety import printable
 from .errors import KDCacheError
 from .runtime import configure_threads, quiet_libraries
 from .student.settings import TrainSettings
@@ -179,6 +180,13 @@ def _fidelity_lines(manifest: Manifest) -> list[str]:
     card = manifest.stats.get("fidelity")
     if card is None:
         return ["fidelity     not recorded (cache dumped before fidelity cards)"]
+    try:
+        return _card_lines(card)
+    except (KeyError, TypeError, ValueError):
+        return ["fidelity     unreadable (malformed statistics in the manifest)"]
+
+
+def _card_lines(card: dict) -> list[str]:
     lines = []
     if "topk" in card:
         topk = card["topk"]
@@ -213,7 +221,10 @@ def recode_command(cache, out, **values):
               help="Also write a picture of the cache to this .html (self-contained) or .png file: captured-mass "
                    "histogram and profile by position, fidelity card, bytes per column (needs kdcache[plots]).")
 def info_command(cache, as_json, plot):
-    """Summarise the cache at CACHE (a directory or URL): reads its manifest and card only, no shard."""
+    """Summarise the cache at CACHE (a directory or URL): reads its manifest and card only, no shard.
+
+    The manifest comes from elsewhere: its text is printed with control characters escaped.
+    """
     from .cache.card import CARD_NAME
     from .cache.store import CacheStore
     store = CacheStore(cache)
@@ -224,16 +235,18 @@ def info_command(cache, as_json, plot):
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
-    parameters = manifest.teacher.get("num_parameters")
     mass = manifest.stats.get("captured_mass", {})
+    teacher, dataset = manifest.teacher, manifest.dataset
+    parameters = teacher.get("num_parameters")
     lines = [
         f"cache        {cache}  (format {manifest.format_version}, kdcache {manifest.kdcache_version}, {manifest.created_at})",
         f"task         {manifest.task}",
-        f"teacher      {manifest.teacher['name_or_path']}  ({manifest.teacher.get('model_type')}, "
-        + (f"{parameters:,} parameters)" if parameters else "parameters not recorded)"),
-        f"tokenizer    {manifest.tokenizer['class']}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
-        f"data         {manifest.dataset['source']} [{manifest.dataset['split']}], "
-        f"{manifest.dataset['rows_dumped']} of {manifest.dataset['num_rows']} rows",
+        f"teacher      {teacher.get('name_or_path')}  ({teacher.get('model_type')}, "
+        + (f"{parameters:,} parameters)" if isinstance(parameters, int) else
+           f"{parameters} parameters)" if parameters else "parameters not recorded)"),
+        f"tokenizer    {manifest.tokenizer.get('class')}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
+        f"data         {dataset.get('source')} [{dataset.get('split')}], "
+        f"{dataset.get('rows_dumped')} of {dataset.get('num_rows')} rows",
         f"targets      {_describe_targets(manifest)}; "
         f"hidden layers: {', '.join(map(str, manifest.hidden_layers)) or 'none'}",
         f"size         {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
@@ -250,9 +263,9 @@ def info_command(cache, as_json, plot):
     ]
     if manifest.labels:
         lines[1] += f"  (labels: {', '.join(manifest.labels)})"
-    click.echo("\n".join(lines))
+    click.echo("\n".join(printable(line) for line in lines))
     if plot is not None:
-        click.echo(f"report       {plot}")
+        click.echo(f"report       {printable(plot)}")
 
 
 def _describe_targets(manifest: Manifest) -> str:
@@ -270,7 +283,7 @@ def _describe_targets(manifest: Manifest) -> str:
 @main.command("verify")
 @click.argument("cache")
 def verify_command(cache):
-    """Re-hash every shard of CACHE (a directory or URL) and check schema and counts against the manifest."""
+    """Re-hash every shard and tokenizer file of CACHE (a directory or URL) and check every value against the manifest."""
     from .cache.cache import open_cache
     opened = open_cache(cache)
     opened.verify(progress=_progress())

@@ -2,6 +2,11 @@
 
 transformers raises long multi-line OSErrors for a wrong path or id; these helpers turn them into
 one line naming what could not be loaded.
+
+Models, tokenizers and caches come from other teams, so nothing they ship is ever run: every load
+passes `trust_remote_code=False`, and a local directory whose config asks for its own code
+(`auto_map`) is refused up front, naming the file, rather than left to transformers (which would
+prompt on a terminal, or run the code once someone answers yes).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,24 +29,39 @@ from .errors import KDCacheError, first_line
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _check_exists(name_or_path: str, what: str) -> None:
-    """A local-looking path that does not exist is a typo, not a hub id to try online."""
-    if not Path(name_or_path).expanduser().exists() and name_or_path.startswith((".", "/", "~")):
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+NO_CODE = {"trust_remote_code": False}
+
+
+def _check_exists(name_or_path: str, what: str, local: bool = False) -> None:
+    """A local-looking path that does not exist is a typo, not a hub id to try online (`local`: no hub at all).
+    A local directory asking for its own Python code is refused (see the module docstring)."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and (local or name_or_path.startswith((".", "/", "~"))):
         raise KDCacheError(f"{what} path not found: {name_or_path}")
+    for name in REMOTE_CODE_FILES if path.is_dir() else ():
+        try:
+            asks_for_code = "auto_map" in json.loads((path / name).read_bytes())
+        except (OSError, ValueError, TypeError):
+            continue  # absent or unreadable: transformers reports it
+        if asks_for_code:
+            raise KDCacheError(f"{what} {name_or_path}/{name} asks to run its own code (auto_map): refused, "
+                               f"kdcache never runs code shipped with a model, tokenizer or cache")
 
 
-def load_tokenizer(name_or_path: str, what: str = "tokenizer"):
-    _check_exists(name_or_path, what)
+def load_tokenizer(name_or_path: str, what: str = "tokenizer", local: bool = False):
+    """`local`: `name_or_path` is a directory kdcache found (a cache's tokenizer), never a hub id."""
+    _check_exists(name_or_path, what, local)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError, KeyError) as error:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local, **NO_CODE)
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
 
 def load_config(name_or_path: str, what: str) -> PretrainedConfig:
     _check_exists(name_or_path, what)
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path, **NO_CODE)
     except (OSError, ValueError, KeyError) as error:
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
@@ -55,8 +76,8 @@ def load_model(name_or_path: str, what: str, dtype: str = "auto", auto_class=Aut
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     placement = {} if device_map is None else {"device_map": device_map}
     try:
-        return auto_class.from_pretrained(name_or_path, dtype=torch_dtype, **placement)
-    except (OSError, ValueError, KeyError) as error:
+        return auto_class.from_pretrained(name_or_path, dtype=torch_dtype, **placement, **NO_CODE)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
 
@@ -85,7 +106,7 @@ def model_from_config(config_file: str, vocab_size: int, auto_class=AutoModelFor
     values.update(overrides)
     try:
         config = AutoConfig.for_model(model_type, **values)
-        return auto_class.from_config(config)
+        return auto_class.from_config(config, **NO_CODE)
     except (ValueError, KeyError, TypeError) as error:
         raise KDCacheError(f"cannot build a {auto_class.__name__.removeprefix('AutoModelFor')} model from "
                            f"{config_file}: {first_line(error)}") from None

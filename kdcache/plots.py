@@ -69,7 +69,7 @@ def cache_report_data(cache: Cache | str | Path) -> dict:
     manifest = cache.manifest
     column_bytes: dict[str, int] = {}
     for shard in manifest.shards:
-        table = cache.store.open_shard(shard.file).read_all()
+        table = cache.open_shard(shard).read_all()
         for name, column in zip(table.column_names, table.columns):
             column_bytes[name] = column_bytes.get(name, 0) + column.nbytes
     return {"cache": cache.location, "task": manifest.task, "teacher": manifest.teacher.get("name_or_path"),

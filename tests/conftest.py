@@ -68,7 +68,7 @@ def cache_dir(tmp_path_factory, teacher_dir, corpus) -> Path:
     """A finished format-1 (plain) cache: top-8, the last hidden layer, several shards. Tests must not modify it."""
     out = tmp_path_factory.mktemp("caches") / "cache"
     dump_teacher(str(teacher_dir), str(corpus), out,
-                 DumpSettings(top_k=8, batch_size=8, shard_rows=16, hidden_layers=(-1,), codec="plain"), progress=False)
+                 DumpSettings(top_k=8, batch_size=8, shard_rows=16, hidden_layers=(-1,), codec="plain", compression="none"), progress=False)
     return out
 
 

@@ -27,7 +27,7 @@ from kdcache.teacher.targets import topk_targets
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 ENV = {**os.environ, "PYTHONPATH": REPO_ROOT}
-FIXTURE_SETTINGS = dict(top_k=8, batch_size=8, shard_rows=16, hidden_layers=(-1,), codec="plain")  # `cache_dir`'s
+FIXTURE_SETTINGS = dict(top_k=8, batch_size=8, shard_rows=16, hidden_layers=(-1,), codec="plain", compression="none")  # `cache_dir`'s
 
 
 def _rows(cache: Path) -> list:
@@ -167,7 +167,7 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path, teacher_dir, corpus
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), "-m", "kdcache", "dump-teacher",
-               "--teacher", str(teacher_dir), "--data", str(corpus), "--out", str(out), "--top-k", "8", "--codec", "plain",
+               "--teacher", str(teacher_dir), "--data", str(corpus), "--out", str(out), "--top-k", "8", "--codec", "plain", "--compression", "none",
                "--batch-size", "8", "--shard-rows", "16", "--hidden-layers", "-1"]
     result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
                             timeout=240)

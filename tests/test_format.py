@@ -16,7 +16,7 @@ def innermost(data_type: pa.DataType) -> pa.DataType:
 
 def test_every_stored_column_is_in_the_table_with_its_arrow_type(cache_dir):
     cache = kdcache.open_cache(cache_dir)
-    schema = cache.store.open_shard(cache.manifest.shards[0].file).schema
+    schema = cache.open_shard(cache.manifest.shards[0]).schema
     for field in schema:
         name = HIDDEN_PREFIX if field.name.startswith(HIDDEN_PREFIX) else field.name
         assert name in COLUMNS, f"column {field.name} is missing from the format table"

@@ -265,7 +265,7 @@ def test_merging_parts_of_one_dump_links_shards_and_reproduces_its_statistics(ca
 def test_merging_dumps_of_different_data_shifts_colliding_ids(cache_dir, teacher_dir, tmp_path):
     corpus = write_jsonl(tmp_path / "other.jsonl", LANGUAGE.sentences(20, min_words=4, max_words=12, seed=9))
     other = dump_teacher(str(teacher_dir), str(corpus), tmp_path / "other",
-                         DumpSettings(top_k=8, batch_size=8, shard_rows=16, hidden_layers=(-1,), codec="plain"), progress=False)
+                         DumpSettings(top_k=8, batch_size=8, shard_rows=16, hidden_layers=(-1,), codec="plain", compression="none"), progress=False)
     first = Manifest.load(cache_dir)
     merged = merge_caches([cache_dir, tmp_path / "other"], tmp_path / "merged", progress=False)
     open_cache(tmp_path / "merged").verify(progress=False)

@@ -64,8 +64,8 @@ def test_reading_from_a_position_continues_the_same_order(cache_dir, start):
 
 def test_only_rows_still_to_come_are_decoded(cache_dir, tmp_path):
     """Reading from a position decodes only the record batches holding rows still to come. The first two
-    shards are rewritten without their hidden-state column: decoding any of their rows with hidden states
-    fails, so reading from the start does, while reading the last rows does not."""
+    shards are rewritten without their hidden-state column: reading any of their rows fails (the checked
+    reader refuses their schema), so reading from the start does, while reading the last rows does not."""
     damaged = tmp_path / "damaged"
     shutil.copytree(cache_dir, damaged)
     manifest = Manifest.load(damaged)
@@ -74,7 +74,7 @@ def test_only_rows_still_to_come_are_decoded(cache_dir, tmp_path):
         table = pa.ipc.open_file(cache_dir / shard.file).read_all().drop_columns([f"hidden_{manifest.hidden_layers[0]}"])
         with pa.ipc.new_file(damaged / shard.file, table.schema) as writer:
             writer.write_table(table)
-    with pytest.raises(KeyError, match="hidden_"):
+    with pytest.raises(KDCacheError, match="does not match the manifest"):
         list(open_cache(damaged).sequences(**hidden))
     tail = list(open_cache(damaged).sequences(start=44, **hidden))
     # the dump writes a record batch per window of batches: here the whole 16-row last shard

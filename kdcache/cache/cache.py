@@ -15,20 +15,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import KDCacheError
-from .format import Manifest
-from .reader import expected_schema, shard_sample_ids, stream_sequences, verify_shard
+from .format import Manifest, ShardInfo
+from .reader import shard_sample_ids, stream_sequences, verify_shard
+from .safety import check_tokenizer_files
 from .split import CacheSplit, split_sample_ids
-from .store import CacheStore
+from .store import TRANSFER_TIMEOUT, CacheStore
+from .validate import CheckedShard, check_unique_sample_ids, open_checked
 from .writer import CachedSequence
 
 
-def open_cache(path_or_url: str | Path, read_through: str | Path | None = None) -> Cache:
+def open_cache(path_or_url: str | Path, read_through: str | Path | None = None, *,
+               transfer_timeout: float = TRANSFER_TIMEOUT) -> Cache:
     """Open the cache at a directory or an fsspec URL (`s3://`, `gs://`, `hf://`, `http(s)://`, ...).
 
-    Reads only the manifest; shards are opened as they are read. For a remote cache,
-    `read_through` names a local directory where each shard is downloaded once and memory-mapped.
+    Reads only the manifest (every field checked: a received cache is untrusted input); shards are
+    opened as they are read, each record batch checked (kdcache/cache/validate.py). For a remote cache,
+    `read_through` names a local directory where each shard is downloaded once, checked and
+    memory-mapped, and `transfer_timeout` bounds each transfer in seconds.
     """
-    store = CacheStore(path_or_url, read_through)
+    store = CacheStore(path_or_url, read_through, transfer_timeout)
     return Cache(store, store.load_manifest())
 
 
@@ -77,19 +82,37 @@ class Cache:
                                    f"the manifest says {shard.bytes}: the shard was modified or truncated")
 
     def verify(self, *, progress: bool = True) -> None:
-        """Re-hash every shard and check its schema and counts; raise naming the first bad shard.
+        """Check the tokenizer files against their sha256, re-hash every shard, check its schema, counts,
+        batch hashes and every value (kdcache/cache/validate.py), and that sample ids are unique; raise
+        naming the first bad file.
 
         Integrity belongs to the files, so a subset verifies the whole cache.
         """
+        self.tokenizer_dir()
         self.check_files()
-        schema = expected_schema(self.manifest)
+        ids = []
         for shard in tqdm(self.manifest.shards, desc="verify", unit="shard", disable=not progress):
-            verify_shard(self.store, shard, schema, self.manifest.shard_fingerprints)
+            ids.append(verify_shard(self.store, self.manifest, shard))
+        check_unique_sample_ids(ids, self.manifest)
+
+    def open_shard(self, shard: ShardInfo, *, full: bool = False, hidden_layers: list[int] | None = None,
+                   fields: list[int] | None = None) -> CheckedShard:
+        """One shard of this cache for reading, each record batch checked as it is decoded (`validate.open_checked`)."""
+        return open_checked(self.store, self.manifest, shard, full=full, hidden_layers=hidden_layers, fields=fields)
+
+    def _shard_ids(self) -> list[np.ndarray]:
+        """Each shard's sample ids in row order, refused if any id appears twice or a shard holds another
+        number of rows than the manifest says (row numbers index them)."""
+        ids = shard_sample_ids(self.store, self.manifest)
+        for shard, shard_ids in zip(self.manifest.shards, ids):
+            if len(shard_ids) != shard.rows:
+                raise KDCacheError(f"shard {shard.file} holds {len(shard_ids)} rows, the manifest says {shard.rows}")
+        check_unique_sample_ids(ids, self.manifest)
+        return ids
 
     def sample_ids(self) -> np.ndarray:
         """Every sample id of this cache (or subset), in shard order."""
-        ids = [shard_ids[rows] for shard_ids, rows in zip(shard_sample_ids(self.store, self.manifest.shards),
-                                                          self.kept_rows)]
+        ids = [shard_ids[rows] for shard_ids, rows in zip(self._shard_ids(), self.kept_rows)]
         return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
     def subset(self, sample_ids: Iterable[int]) -> Cache:
@@ -100,7 +123,7 @@ class Cache:
         """
         wanted = np.fromiter(sample_ids, dtype=np.int64)
         kept = [rows[np.isin(ids[rows], wanted)]
-                for ids, rows in zip(shard_sample_ids(self.store, self.manifest.shards), self.kept_rows)]
+                for ids, rows in zip(self._shard_ids(), self.kept_rows)]
         return Cache(self.store, self.manifest, kept)
 
     def split(self, fraction: float, *, setting: str = "val_fraction") -> CacheSplit:
@@ -124,8 +147,13 @@ class Cache:
                                 process_index=process_index, num_processes=num_processes, start=start)
 
     def tokenizer_dir(self) -> Path:
-        """A local directory holding the teacher's tokenizer (downloaded once when the cache is remote)."""
-        return self.store.tokenizer_dir()
+        """A local directory holding the teacher's tokenizer (downloaded once when the cache is remote), once
+        its files match the manifest's sha256 of each (`safety.check_tokenizer_files`): a student is built
+        with and ships these files."""
+        files = self.manifest.tokenizer.get("files", {})
+        directory = self.store.tokenizer_dir(files)
+        check_tokenizer_files(directory, files)
+        return directory
 
     def to_dataset(self, **load_dataset_options):
         """The shards as a Hugging Face `datasets.Dataset`, one row per sequence, every column as stored.

@@ -87,7 +87,9 @@ class Codec:
         stored = columns.get("codec")
         if stored is None:
             return cls(logprobs=settings.get("logprob_dtype", "float16"))
-        codec = cls(layout=stored["layout"], logprobs=stored["logprobs"], compression=stored["compression"],
+        if not isinstance(stored, dict):
+            raise KDCacheError(f"unsupported target codec in the manifest: {stored!r}")
+        codec = cls(layout=stored.get("layout"), logprobs=stored.get("logprobs"), compression=stored.get("compression"),
                     draws_from=stored.get("draws_from", "teacher"))
         if (codec.layout not in LAYOUTS or codec.logprobs not in LOGPROB_TYPES or codec.compression not in COMPRESSIONS
                 or codec.draws_from not in ("teacher", "tail")

@@ -20,14 +20,13 @@ from .format import Manifest, ShardInfo
 from .reader import content_sha256
 from .stats import FidelitySums, StreamingSummary
 from .store import CacheStore
+from .validate import expected_schema, open_checked
 
 
 def _target_counts(store: CacheStore, shard: ShardInfo, manifest: Manifest, captured: StreamingSummary) -> int:
     """Add the shard's captured masses to `captured` (top-k caches); return its number of target positions."""
     column = "tail_logprob" if "topk" in manifest.target_types else "sampled_counts"
-    reader = store.open_shard(shard.file)
-    field = reader.schema.get_field_index(column)
-    reader = store.open_shard(shard.file, fields=[field])
+    reader = open_checked(store, manifest, shard, fields=[expected_schema(manifest).get_field_index(column)])
     count = 0
     for index in range(reader.num_record_batches):
         values = reader.get_batch(index).column(column).flatten()

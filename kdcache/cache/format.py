@@ -183,6 +183,11 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
     }
 
 
+def tokenizer_file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file of a saved tokenizer, by name: the bytes a student will load and ship."""
+    return {path.name: sha256_file(path) for path in sorted(Path(directory).iterdir()) if path.is_file()}
+
+
 @dataclasses.dataclass
 class ShardInfo:
     file: str  # relative to the cache directory, e.g. "data/shard-00000-00000.arrow"
@@ -190,6 +195,9 @@ class ShardInfo:
     tokens: int
     bytes: int
     sha256: str
+    # sha256 of each record batch's decoded buffers (`batch_digest`), so a remote shard streamed with
+    # ranged reads is checked batch by batch as it is consumed, not only when `verify` hashed it.
+    batch_sha256: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -300,19 +308,23 @@ class Manifest:
             raise KDCacheError(f"cache directory not found: {cache_dir}")
         if not path.is_file():
             raise KDCacheError(f"not a kdcache cache (no {MANIFEST_NAME}): {cache_dir}")
-        return cls.from_json(path.read_text(), str(path))
+        try:
+            text = path.read_bytes()
+        except OSError as error:
+            raise KDCacheError(f"cannot read manifest {path}: {error.strerror or error}") from None
+        return cls.from_json(text, str(path))
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> Manifest:
-        """Parse manifest text read from `source` (a path or URL, named in errors) and check its version."""
+    def from_json(cls, text: str | bytes, source: str) -> Manifest:
+        """Parse manifest text read from `source` (a path or URL, named in errors), checking every field
+        (kdcache/cache/safety.py) before any is used: a received manifest is untrusted."""
+        from .safety import check_manifest, printable
         try:
-            manifest = cls.from_dict(json.loads(text))
-        except (ValueError, TypeError) as error:
-            raise KDCacheError(f"unreadable manifest {source}: {error}") from None
-        if manifest.format_version > FORMAT_VERSION:
-            raise KDCacheError(f"cache format version {manifest.format_version} is newer than this "
-                               f"kdcache supports ({FORMAT_VERSION}); upgrade kdcache")
-        return manifest
+            data = json.loads(text)
+        except ValueError as error:
+            raise KDCacheError(f"unreadable manifest {printable(source)}: {error}") from None
+        check_manifest(data, printable(source))
+        return cls.from_dict(data)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -39,8 +39,9 @@ from .card import CARD_NAME, render_card
 from .combine import derived_stats
 from .format import DATA_DIR, TOKENIZER_DIR, Manifest, ShardInfo, sha256_file, sha256_json
 from .reader import shard_sample_ids
+from .safety import check_relative, contained_file
 from .store import CacheStore
-from .transfer import Destination, checked_relative, fetch_shard, rewrite_shard
+from .transfer import Destination, fetch_shard, rewrite_shard, tokenizer_files
 
 
 def _compatibility(manifest: Manifest) -> dict[str, object]:
@@ -86,8 +87,8 @@ def _id_offsets(ids: list[np.ndarray]) -> list[int]:
 def _stage(store: CacheStore, shard: ShardInfo, staged: Path, bar: tqdm) -> None:
     """Put a verified copy of a source shard at `staged`: a hard link to a local source, else a download."""
     if not store.remote:
-        path = Path(str(store)) / shard.file
-        if path.is_file() and path.stat().st_size == shard.bytes and sha256_file(path) == shard.sha256:
+        path = contained_file(Path(str(store)), shard.file)
+        if path is not None and path.stat().st_size == shard.bytes and sha256_file(path) == shard.sha256:
             try:
                 os.link(path, staged)
                 bar.update(shard.bytes)
@@ -113,12 +114,12 @@ def merge_caches(locations: list[str | Path], out: Path | str, *, progress: bool
     manifests = [store.load_manifest() for store in stores]
     for manifest in manifests:
         for shard in manifest.shards:
-            checked_relative(shard.file, under=DATA_DIR)
+            check_relative(shard.file, "shard", under=DATA_DIR)
     check_mergeable(locations, manifests)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KDCacheError(f"`out` {out} exists and is not empty")
-    ids = [np.concatenate(shard_sample_ids(store, manifest.shards)) for store, manifest in zip(stores, manifests)]
+    ids = [np.concatenate(shard_sample_ids(store, manifest)) for store, manifest in zip(stores, manifests)]
     offsets = _id_offsets(ids)
     target = Destination(out)
     try:
@@ -142,10 +143,11 @@ def _merge_into(target: Destination, out: Path, locations: list[str], stores: li
                 with target.staging(relative) as staged, target.staging(relative + ".source") as source:
                     _stage(store, shard, source, bar)
                     if offset:
-                        merged = rewrite_shard(source, staged, relative, _shift_ids(offset))
+                        merged = rewrite_shard(source, staged, relative, _shift_ids(offset), manifest, shard)
                     else:
                         os.replace(source, staged)
-                        merged = ShardInfo(relative, shard.rows, shard.tokens, shard.bytes, shard.sha256)
+                        merged = ShardInfo(relative, shard.rows, shard.tokens, shard.bytes, shard.sha256,
+                                           shard.batch_sha256)
                     target.publish(staged, relative)
                 shards.append(merged)
                 names.append(relative)
@@ -159,8 +161,8 @@ def _merge_into(target: Destination, out: Path, locations: list[str], stores: li
                             "sample_ids": [int(ids[index].min()), int(ids[index].max())] if len(ids[index]) else [],
                             "shards": names, "shard_fingerprints": sorted(manifest.shard_fingerprints),
                             "sources": manifest.sources})
-    for path in sorted(path for path in stores[0].tokenizer_dir().glob("*") if path.is_file()):
-        target.put(path, checked_relative(f"{TOKENIZER_DIR}/{path.name}", under=TOKENIZER_DIR))
+    for path in tokenizer_files(stores[0], manifests[0]):
+        target.put(path, check_relative(f"{TOKENIZER_DIR}/{path.name}", "tokenizer file", under=TOKENIZER_DIR))
     base = manifests[0]
     datasets = [manifest.dataset for manifest in manifests]
     merged = Manifest(
@@ -174,9 +176,10 @@ def _merge_into(target: Destination, out: Path, locations: list[str], stores: li
         settings=base.settings, columns=base.columns,
         dump_fingerprint=sha256_json({"merge": [manifest.dump_fingerprint for manifest in manifests],
                                       "id_offsets": offsets}),
-        shards=shards, stats=derived_stats(out, base, shards, shard_stats, skipped), kdcache_version=__version__,
+        shards=shards, kdcache_version=__version__,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         labels=base.labels, sources=sources)
+    merged.stats = derived_stats(out, merged, shards, shard_stats, skipped)  # reads the shards as the merged cache
     target.write_text(CARD_NAME, render_card(merged, str(out)))
     merged.save(out)
     return merged

@@ -1,9 +1,10 @@
 """Reading shards: integrity checks and a lazy, distributed, resumable stream of sequences.
 
-The machinery behind `Cache` (cache.py). Shards are opened through a `CacheStore` (memory-mapped
-when local, ranged reads when remote), one at a time, and only the record batches a process needs
-are decoded, so the resident memory does not grow with the cache. Integrity is checked against
-the manifest before a cache is trusted: a shared cache may have been copied, truncated or edited.
+The machinery behind `Cache` (cache.py). Shards are opened through `open_checked` (validate.py) over
+a `CacheStore` (memory-mapped when local, ranged reads when remote), one at a time, and only the record
+batches a process needs are decoded, so the resident memory does not grow with the cache. Integrity is
+checked against the manifest before a cache is trusted, and every batch read is checked again: a shared
+cache may have been copied, truncated or edited.
 """
 
 from __future__ import annotations
@@ -19,39 +20,31 @@ import pyarrow as pa
 from ..errors import KDCacheError
 from .codecs import Limits, decode_targets
 from .format import COLUMNS as FORMAT_COLUMNS
-from .format import HIDDEN_PREFIX, Manifest, ShardInfo, hidden_column, shard_schema
+from .format import HIDDEN_PREFIX, Manifest, ShardInfo, hidden_column
 from .sharding import BufferedShuffle, RowSpan, process_spans
 from .store import CacheStore, as_store
+from .validate import open_checked
 from .writer import CachedSequence, Ragged
 
 
-def expected_schema(manifest: Manifest) -> pa.Schema:
-    settings = manifest.settings
-    return shard_schema(top_k=manifest.top_k, vocab_size=manifest.num_classes,
-                        logprob_dtype=settings["logprob_dtype"], hidden_sizes=manifest.hidden_sizes,
-                        dump_fingerprint=manifest.dump_fingerprint, target_types=manifest.target_types,
-                        optional_columns=manifest.optional_columns, pooled_size=manifest.pooled_size,
-                        codec=manifest.codec, draws=manifest.draws)
-
-
-def verify_shard(store: CacheStore, shard: ShardInfo, schema: pa.Schema, fingerprints: set[str]) -> None:
-    """Re-hash one shard and check its schema and counts against the manifest's record of it; the shard's
-    dump fingerprint must be one of `fingerprints` (a merged cache holds shards of several dumps)."""
-    if store.sha256(shard.file) != shard.sha256:
+def verify_shard(store: CacheStore, manifest: Manifest, shard: ShardInfo) -> np.ndarray:
+    """Check one shard in full against the manifest's record of it and return its sample ids: its sha256,
+    then, through `open_checked(full=True)`, its schema (its dump fingerprint must be one of the manifest's
+    `shard_fingerprints`: a merged cache holds shards of several dumps), batch hashes and every value."""
+    if store.sha256(shard) != shard.sha256:
         raise KDCacheError(f"shard {shard.file} fails its sha256 check: the file was modified or corrupted")
-    reader = store.open_shard(shard.file)
-    fingerprint = (reader.schema.metadata or {}).get(b"kdcache.dump_fingerprint", b"")
-    expected = schema.with_metadata({**schema.metadata, b"kdcache.dump_fingerprint": fingerprint})
-    if fingerprint.decode() not in fingerprints or not reader.schema.equals(expected, check_metadata=True):
-        raise KDCacheError(f"shard {shard.file} has schema {reader.schema.names} that does not match the manifest")
+    reader = open_checked(store, manifest, shard, full=True)
     rows = tokens = 0
+    ids = []
     for index in range(reader.num_record_batches):
         batch = reader.get_batch(index)
         rows += batch.num_rows
         tokens += len(batch.column("input_ids").flatten())
+        ids.append(batch.column("sample_id").to_numpy())
     if (rows, tokens) != (shard.rows, shard.tokens):
         raise KDCacheError(f"shard {shard.file} holds {rows} rows / {tokens} tokens, "
                            f"the manifest says {shard.rows} / {shard.tokens}")
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
 def content_sha256(cache: CacheStore | str | Path, shards: list[ShardInfo]) -> str:
@@ -63,7 +56,8 @@ def content_sha256(cache: CacheStore | str | Path, shards: list[ShardInfo]) -> s
     store = as_store(cache)
     digest = hashlib.sha256()
     for shard in shards:
-        reader = store.open_shard(shard.file)
+        # the dump's own, just-written shards, or a subset's or merge's, which were read checked to build them
+        reader = pa.ipc.open_file(store.source(shard)[0])
         for index in range(reader.num_record_batches):
             batch = reader.get_batch(index)
             tokens = batch.column("input_ids")
@@ -145,11 +139,11 @@ class _DecodedBatch:
                               hidden={layer: cut(column) for layer, column in self.hidden.items()})
 
 
-def shard_sample_ids(store: CacheStore, shards: list[ShardInfo]) -> list[np.ndarray]:
+def shard_sample_ids(store: CacheStore, manifest: Manifest) -> list[np.ndarray]:
     """Each shard's sample ids in row order; loads only the `sample_id` column (schema field 0)."""
     ids = []
-    for shard in shards:
-        reader = store.open_shard(shard.file, fields=[0])
+    for shard in manifest.shards:
+        reader = open_checked(store, manifest, shard, fields=[0])
         batches = [reader.get_batch(index).column("sample_id").to_numpy() for index in range(reader.num_record_batches)]
         ids.append(np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64))
     return ids
@@ -160,22 +154,27 @@ def read_spans(store: CacheStore, manifest: Manifest, spans: list[RowSpan], kept
     """Yield (position, row) along the spans; rows `wanted(position)` rejects are not decoded (None).
 
     A span counts kept rows: span `start:stop` of shard s is rows `kept_rows[s][start:stop]`.
-    Record batches holding none of those rows are never decoded; a shard is opened only while it is read.
+    Record batches holding none of those rows are neither read nor checked nor decoded (their row
+    counts come from their headers), and a shard none of whose rows are wanted (a resumed stream's
+    past) is never opened; a shard is opened only while it is read.
     """
     position = 0
     for span in spans:
         rows = kept_rows[span.shard][span.start:span.stop]  # ascending, never empty
-        file = manifest.shards[span.shard].file
-        reader = store.open_shard(file)
+        if not any(wanted(position + offset) for offset in range(len(rows))):
+            yield from ((position + offset, None) for offset in range(len(rows)))
+            position += len(rows)
+            continue
+        reader = open_checked(store, manifest, manifest.shards[span.shard], hidden_layers=hidden_layers)
         first_row = 0
         for batch_index in range(reader.num_record_batches):
             if first_row > rows[-1]:
                 break
-            batch = reader.get_batch(batch_index)
-            end_row = first_row + batch.num_rows
+            end_row = first_row + reader.batch_rows(batch_index)
             inside = rows[np.searchsorted(rows, first_row):np.searchsorted(rows, end_row)]
             needed = [wanted(position + offset) for offset in range(len(inside))]
-            decoded = _DecodedBatch(batch, hidden_layers, manifest, file) if any(needed) else None
+            decoded = (_DecodedBatch(reader.get_batch(batch_index), hidden_layers, manifest,
+                                     manifest.shards[span.shard].file) if any(needed) else None)
             for row, need in zip(inside.tolist(), needed):
                 yield position, decoded.row(row - first_row) if need else None
                 position += 1

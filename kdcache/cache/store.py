@@ -10,56 +10,122 @@ server. `CacheStore` reads the manifest, the tokenizer and the shards from eithe
   127.0.0.1, it streamed at 276 vs 129 MiB/s and downloaded read-through copies at 244-446 vs
   103-122 MiB/s; neither can stream from a server without Range support (`python -m http.server`),
   where a read-through directory works with both;
-- a URL plus a read-through directory: each shard is downloaded once (atomically, size-checked)
-  and memory-mapped from there on, which suits repeated epochs over the same remote cache.
+- a URL plus a read-through directory: each shard is downloaded once and memory-mapped from there
+  on, which suits repeated epochs over the same remote cache. The copy is named by its sha256 and
+  renamed into place only after its size and sha256 match the manifest, so no name from the manifest
+  reaches the local filesystem and a file at its final name is always a verified one.
+
+Every path comes from the manifest, which is untrusted: local paths go through `contained_file`
+(kdcache/cache/safety.py), which refuses anything outside the cache directory, and URLs are built
+from `check_relative` paths only.
+
+The server is untrusted too. Every HTTP request (a HEAD, a ranged read, a whole-file download) has
+one overall deadline, `transfer_timeout` (aiohttp's `total` timeout, which covers reading the body),
+so a server that trickles a byte every few seconds is given up on; a whole-file download is retried
+up to `ATTEMPTS` times within that same deadline. A body shorter than announced is one line ("broke
+off after ..."), and a lying or truncated body never trains: read-through copies are checked for size
+and sha256 before they are renamed into place, and streamed record batches against the manifest's
+per-batch hashes (kdcache/cache/validate.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 
 import fsspec
+import fsspec.asyn
 import pyarrow as pa
 
 from ..errors import KDCacheError, first_line
-from .format import MANIFEST_NAME, PARTIAL_SUFFIX, TOKENIZER_DIR, Manifest, sha256_file
+from .format import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_SUFFIX, TOKENIZER_DIR, Manifest, ShardInfo, sha256_file
+from .safety import check_relative, contained_file
 
 REMOTE_BLOCK_SIZE = 1 << 22
+TRANSFER_TIMEOUT = 600.0  # seconds one HTTP transfer may take (TrainSettings.transfer_timeout's default)
+SOCKET_READ_TIMEOUT = 60.0  # the longest wait for one socket read, within the transfer's deadline
+ATTEMPTS = 3  # tries of one whole-file download, all within one `transfer_timeout`
+STREAM_HINT = "; a read-through directory downloads whole shards instead"
 
 
 def is_url(location: str | Path) -> bool:
     return "://" in str(location)
 
 
-def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, tuple[type[Exception], ...]]:
+def _filesystem(url: str, transfer_timeout: float) -> tuple[fsspec.AbstractFileSystem, tuple[type[BaseException], ...]]:
     """The fsspec filesystem for `url`, and the exceptions its failed reads raise.
 
-    Most raise OSError; fsspec's http raises ValueError for a server that ignores Range requests and
-    aiohttp's ClientError for an HTTP error status other than 404.
+    Most raise OSError; fsspec's http raises ValueError for a server that ignores Range requests,
+    aiohttp's ClientError for an HTTP error status other than 404 or a body that broke off, and
+    asyncio's TimeoutError when a request outlives its deadline.
     """
     protocol = url.split("://", 1)[0]
-    try:
-        fs = fsspec.filesystem(protocol)
-    except (ImportError, ValueError) as error:
-        raise KDCacheError(f"cannot open {url}: {error}") from None
     if protocol not in ("http", "https"):
-        return fs, (OSError,)
+        try:
+            return fsspec.filesystem(protocol), (OSError,)
+        except (ImportError, ValueError) as error:
+            raise KDCacheError(f"cannot open {url}: {error}") from None
     import aiohttp  # fsspec's http needs it, so it is there; imported here to keep local reads light
-    return fs, (OSError, ValueError, aiohttp.ClientError)
+    fs = fsspec.filesystem(protocol, client_kwargs={"timeout": _timeout(transfer_timeout)})
+    return fs, (OSError, ValueError, aiohttp.ClientError, asyncio.TimeoutError)
+
+
+def _timeout(seconds: float):
+    import aiohttp
+    return aiohttp.ClientTimeout(total=seconds, sock_read=min(SOCKET_READ_TIMEOUT, seconds))
+
+
+def _retryable(error: BaseException) -> bool:
+    """A failure worth another attempt: no connection, a 5xx, a body that broke off (not a timeout: the
+    deadline covers every attempt)."""
+    import aiohttp
+    if isinstance(error, aiohttp.ClientResponseError):
+        return error.status >= 500
+    return isinstance(error, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)) and \
+        not isinstance(error, asyncio.TimeoutError)
+
+
+class _GuardedFile:
+    """A remote file (for pyarrow, or copied) whose failed reads are one-line KDCacheErrors (pyarrow passes them on)."""
+
+    def __init__(self, handle, guard):
+        self._handle, self._guard = handle, guard
+
+    def read(self, size: int = -1) -> bytes:
+        return self._guard(lambda: self._handle.read(size))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._guard(lambda: self._handle.seek(offset, whence))
+
+    def __enter__(self) -> _GuardedFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
 
 
 class CacheStore:
-    """Read access to one cache directory, local or remote; cheap to copy into loader workers."""
+    """Read access to one cache directory, local or remote; cheap to copy into loader workers.
 
-    def __init__(self, location: str | Path, read_through: str | Path | None = None):
+    `transfer_timeout`: seconds one remote transfer may take (see the module docstring).
+    """
+
+    def __init__(self, location: str | Path, read_through: str | Path | None = None,
+                 transfer_timeout: float = TRANSFER_TIMEOUT):
         self.location = str(location).rstrip("/")
         self.remote = is_url(location)
+        self.http = self.remote and self.location.split("://", 1)[0] in ("http", "https")
         self.read_through = Path(read_through) if read_through and self.remote else None
-        self.fs, self.read_errors = _filesystem(self.location) if self.remote else (None, (OSError,))
+        self.transfer_timeout = transfer_timeout
+        self.fs, self.read_errors = _filesystem(self.location, transfer_timeout) if self.remote else (None, (OSError,))
         self._tokenizer_copy: tempfile.TemporaryDirectory | None = None
 
     def __str__(self) -> str:
@@ -71,100 +137,151 @@ class CacheStore:
         return state
 
     def _url(self, relative: str) -> str:
-        return f"{self.location}/{relative}"
+        return f"{self.location}/{check_relative(relative)}"
 
-    def _local_path(self, relative: str) -> Path | None:
+    def _local_path(self, shard: ShardInfo) -> Path | None:
         """The local file to memory-map, fetching it into the read-through directory if needed."""
         if not self.remote:
-            return Path(self.location) / relative
+            path = contained_file(Path(self.location), shard.file)
+            if path is None:
+                raise KDCacheError(f"shard {shard.file} is missing from cache {self.location}")
+            return path
         if self.read_through is None:
             return None
-        digest = hashlib.sha256(self.location.encode()).hexdigest()[:16]
-        path = self.read_through / digest / relative
-        expected = self.size(relative)
-        if not path.is_file() or path.stat().st_size != expected:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.read_through / f"{shard.sha256}{SHARD_SUFFIX}"
+        if not path.is_file():
+            self._guard(lambda: self.read_through.mkdir(parents=True, exist_ok=True), shard.file)
             partial = path.with_name(path.name + f"{PARTIAL_SUFFIX}-{os.getpid()}")
-            self._guard(lambda: self.fs.get_file(self._url(relative), str(partial)), relative)
-            os.replace(partial, path)
+            try:
+                self._download(shard.file, partial)
+                if partial.stat().st_size != shard.bytes or sha256_file(partial) != shard.sha256:
+                    raise KDCacheError(f"shard {shard.file} fails its sha256 check: the downloaded file differs "
+                                       f"from the manifest's size or hash")
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
         return path
 
-    def _guard(self, action, relative: str):
+    def _download(self, relative: str, local: Path) -> None:
+        """Download one whole file with plain GETs (so a read-through copy works where ranges are
+        unsupported); over HTTP, transient failures are retried, all within one `transfer_timeout`
+        (object stores: their client's own timeouts and retries)."""
+        url, give_up = self._url(relative), time.monotonic() + self.transfer_timeout
+        for attempt in range(1, ATTEMPTS + 1):
+            timeout = _timeout(max(0.01, give_up - time.monotonic())) if self.http else None
+
+            async def get(timeout=timeout) -> None:  # fsspec's sync wrapper would take `timeout=` as its own
+                await self.fs._get_file(url, str(local), timeout=timeout)
+            try:
+                fsspec.asyn.sync(self.fs.loop, get) if self.http else self.fs.get_file(url, str(local))
+                return
+            except FileNotFoundError:
+                raise KDCacheError(f"{relative} is missing from cache {self.location}") from None
+            except self.read_errors as error:
+                if not (self.http and _retryable(error)) or attempt == ATTEMPTS or time.monotonic() >= give_up:
+                    raise self._failure(error, relative) from None
+            time.sleep(min(0.2 * 2**attempt, max(0.0, give_up - time.monotonic())))
+
+    def _describe(self, error: BaseException) -> str:
+        if self.http:
+            import aiohttp
+            if isinstance(error, asyncio.TimeoutError):
+                return f"gave up after the {self.transfer_timeout:g}s `transfer_timeout`"
+            if isinstance(error, aiohttp.ClientPayloadError):
+                return f"the server's response broke off after fewer bytes than it announced ({first_line(error)})"
+        return first_line(error)
+
+    def _failure(self, error: BaseException, relative: str, hint: str = "") -> KDCacheError:
+        message = self._describe(error) if self.remote else (getattr(error, "strerror", None) or error)
+        return KDCacheError(f"cannot read {relative} from cache {self.location}: {message}{hint}")
+
+    def _guard(self, action, relative: str, hint: str = ""):
         try:
             return action()
         except FileNotFoundError:
             raise KDCacheError(f"{relative} is missing from cache {self.location}") from None
         except self.read_errors as error:
-            raise KDCacheError(f"cannot read {relative} from cache {self.location}: {first_line(error)}") from None
+            raise self._failure(error, relative, hint) from None
 
     def load_manifest(self) -> Manifest:
         if not self.remote:
             return Manifest.load(Path(self.location))
         try:
-            text = self.fs.cat_file(self._url(MANIFEST_NAME)).decode()
+            text = self.fs.cat_file(self._url(MANIFEST_NAME))
         except FileNotFoundError:
             raise KDCacheError(f"not a kdcache cache (no {MANIFEST_NAME}): {self.location}") from None
         except Exception as error:  # noqa: BLE001 - first contact: credentials, endpoint, network (any library's type)
-            raise KDCacheError(f"cannot read cache {self.location}: {first_line(error)}") from None
+            reason = self._describe(error) if isinstance(error, self.read_errors) else first_line(error)
+            raise KDCacheError(f"cannot read cache {self.location}: {reason}") from None
         return Manifest.from_json(text, self._url(MANIFEST_NAME))
 
     def size(self, relative: str) -> int | None:
         """The file's size in bytes, or None when it does not exist."""
         if not self.remote:
-            path = Path(self.location) / relative
-            return path.stat().st_size if path.is_file() else None
+            path = contained_file(Path(self.location), relative)
+            return None if path is None else path.stat().st_size
         try:
             return self.fs.info(self._url(relative))["size"]
         except FileNotFoundError:
             return None
         except self.read_errors as error:
-            raise KDCacheError(f"cannot read {relative} from cache {self.location}: {first_line(error)}") from None
+            raise self._failure(error, relative) from None
 
-    def sha256(self, relative: str) -> str:
-        local = self._local_path(relative)
+    def sha256(self, shard: ShardInfo) -> str:
+        local = self._local_path(shard)
         if local is not None:
             return sha256_file(local)
         digest = hashlib.sha256()
 
         def read() -> None:
-            with self.fs.open(self._url(relative), "rb", block_size=REMOTE_BLOCK_SIZE) as handle:
+            with self.fs.open(self._url(shard.file), "rb", block_size=REMOTE_BLOCK_SIZE) as handle:
                 while chunk := handle.read(REMOTE_BLOCK_SIZE):
                     digest.update(chunk)
-        self._guard(read, relative)
+        self._guard(read, shard.file)
         return digest.hexdigest()
 
     def open_file(self, relative: str) -> BinaryIO:
         """The raw bytes of one cache file, to copy it elsewhere (`kdcache copy`)."""
         if not self.remote:
-            return self._guard(lambda: open(Path(self.location) / relative, "rb"), relative)
-        return self._guard(lambda: self.fs.open(self._url(relative), "rb", block_size=REMOTE_BLOCK_SIZE), relative)
+            path = contained_file(Path(self.location), relative)
+            if path is None:
+                raise KDCacheError(f"{relative} is missing from cache {self.location}")
+            return self._guard(lambda: open(path, "rb"), relative)
+        handle = self._guard(lambda: self.fs.open(self._url(relative), "rb", block_size=REMOTE_BLOCK_SIZE), relative)
+        return _GuardedFile(handle, lambda action: self._guard(action, relative))
 
-    def open_shard(self, relative: str, fields: list[int] | None = None) -> pa.RecordBatchFileReader:
-        """An Arrow IPC reader: memory-mapped when the shard is local, ranged reads when remote.
+    def source(self, shard: ShardInfo) -> tuple[pa.NativeFile, bool]:
+        """The shard's bytes for pyarrow, and whether they are streamed from the remote store (ranged
+        reads, checked batch by batch) rather than memory-mapped from a local, whole-file-verified copy.
 
-        `fields` (schema positions) limits what a record batch loads, e.g. only the sample ids.
+        Read it through `validate.open_checked` (or `Cache.open_shard`), never with `pa.ipc` directly.
         """
-        local = self._local_path(relative)
-        options = pa.ipc.IpcReadOptions(included_fields=fields) if fields is not None else None
-        try:
-            if local is not None:
-                return pa.ipc.open_file(pa.memory_map(str(local), "r"), options=options)
-            handle = self.fs.open(self._url(relative), "rb", block_size=REMOTE_BLOCK_SIZE)
-            return pa.ipc.open_file(pa.PythonFile(handle, mode="r"), options=options)
-        except (*self.read_errors, pa.ArrowInvalid) as error:
-            hint = "; a read-through directory downloads whole shards instead" if self.remote and not local else ""
-            raise KDCacheError(f"cannot read shard {self._url(relative)}: {first_line(error)}{hint}") from None
+        local = self._local_path(shard)
+        if local is not None:
+            try:
+                return pa.memory_map(str(local), "r"), False
+            except OSError as error:
+                raise KDCacheError(f"cannot read shard {shard.file} in {self.location}: {first_line(error)}") from None
+        handle = self._guard(lambda: self.fs.open(self._url(shard.file), "rb", block_size=REMOTE_BLOCK_SIZE),
+                             shard.file, STREAM_HINT)
+        return pa.PythonFile(_GuardedFile(handle, lambda action: self._guard(action, shard.file, STREAM_HINT)),
+                             mode="r"), True
 
-    def tokenizer_dir(self) -> Path:
-        """A local directory holding the cache's tokenizer (downloaded once when the cache is remote)."""
+    def tokenizer_dir(self, files: dict[str, str]) -> Path:
+        """A local directory holding the cache's tokenizer (downloaded once when the cache is remote).
+
+        `files` (the manifest's tokenizer fingerprints) names what to download; only caches from
+        before tokenizer fingerprints, which list no files, fall back to listing the remote directory.
+        """
         if not self.remote:
             return Path(self.location) / TOKENIZER_DIR
         if self._tokenizer_copy is None:
             copy = tempfile.TemporaryDirectory(prefix="kdcache-tokenizer-")
-            files = self._guard(lambda: self.fs.ls(self._url(TOKENIZER_DIR), detail=False), TOKENIZER_DIR)
-            for url in files:
-                name = url.rstrip("/").rsplit("/", 1)[-1]
-                self._guard(lambda: self.fs.get_file(url, str(Path(copy.name) / name)), f"{TOKENIZER_DIR}/{name}")
+            names = list(files) or [url.rstrip("/").rsplit("/", 1)[-1] for url in self._guard(
+                lambda: self.fs.ls(self._url(TOKENIZER_DIR), detail=False), TOKENIZER_DIR)]
+            for name in names:
+                relative = check_relative(f"{TOKENIZER_DIR}/{name}", "tokenizer file")
+                self._download(relative, Path(copy.name) / name)
             self._tokenizer_copy = copy
         return Path(self._tokenizer_copy.name)
 

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import KDCacheError
+from .cache import Cache
 from .card import CARD_NAME, render_card
 from .combine import derived_stats
 from .format import (
@@ -58,24 +59,12 @@ from .format import (
     sha256_json,
 )
 from .reader import shard_sample_ids
+from .safety import check_relative
 from .store import CacheStore, is_url
+from .validate import CheckedShard, batch_digests
 
 COPY_MARKER = "kdcache.copy.json"
 CHUNK_SIZE = 1 << 22
-
-
-def checked_relative(path: str, *, under: str) -> str:
-    """`path` if it names a file inside the cache's `under` directory; a KDCacheError otherwise.
-
-    Manifests come from elsewhere: an absolute path, a `..`, a backslash or a non-normalised path
-    could make a copy read or write outside the cache.
-    """
-    if (not isinstance(path, str) or not path or path.startswith("/") or "\\" in path or "\0" in path
-            or posixpath.normpath(path) != path or ".." in path.split("/")
-            or not path.startswith(under + "/") or path == under + "/"):
-        raise KDCacheError(f"the manifest names the file {path!r}, which is not inside the cache's {under}/ "
-                           f"directory: refusing to copy this cache")
-    return path
 
 
 class Destination:
@@ -198,13 +187,13 @@ def _plan(store: CacheStore, manifest: Manifest, shards: Sequence[int] | None, r
     if sample_ids is not None:
         wanted_ids = np.unique(np.fromiter(sample_ids, dtype=np.int64))
         plan, found = [], 0
-        for shard, ids in zip(manifest.shards, shard_sample_ids(store, manifest.shards)):
+        for shard, ids in zip(manifest.shards, shard_sample_ids(store, manifest)):
             kept = np.flatnonzero(np.isin(ids, wanted_ids))
             found += len(kept)
             if len(kept):
                 plan.append(_Planned(shard, None if len(kept) == shard.rows else kept))
         if found < len(wanted_ids):
-            missing = np.setdiff1d(wanted_ids, np.concatenate(shard_sample_ids(store, manifest.shards)))
+            missing = np.setdiff1d(wanted_ids, np.concatenate(shard_sample_ids(store, manifest)))
             raise KDCacheError(f"{len(missing)} of the `sample_ids` are not in cache {store} "
                                f"(first: {missing[:5].tolist()})")
         return plan, {"sample_ids_sha256": sha256_json(wanted_ids.tolist()), "sample_ids": len(wanted_ids)}
@@ -232,11 +221,13 @@ def fetch_shard(store: CacheStore, shard: ShardInfo, target: Path, bar: tqdm) ->
 
 
 def rewrite_shard(whole: Path, target: Path, relative: str,
-                  edit: Callable[[pa.RecordBatch, int], pa.RecordBatch | None]) -> ShardInfo:
+                  edit: Callable[[pa.RecordBatch, int], pa.RecordBatch | None], manifest: Manifest,
+                  shard: ShardInfo) -> ShardInfo:
     """Write the shard file `whole` to `target` batch by batch through `edit(batch, first_row)` (None
     drops the batch), with the same schema and metadata: the stored values are copied as they are, so
     a subset or an id change never re-encodes the targets."""
-    reader = pa.ipc.open_file(pa.memory_map(str(whole), "r"))
+    # `whole` is `shard` of the cache `manifest` describes (fetched, its sha256 checked): read it checked
+    reader = CheckedShard(pa.memory_map(str(whole), "r"), manifest, shard, remote=False)
     rows = tokens = first = 0
     with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
         for index in range(reader.num_record_batches):
@@ -247,7 +238,8 @@ def rewrite_shard(whole: Path, target: Path, relative: str,
                 writer.write_batch(edited)
                 rows += edited.num_rows
                 tokens += len(edited.column("input_ids").flatten())
-    return ShardInfo(file=relative, rows=rows, tokens=tokens, bytes=target.stat().st_size, sha256=sha256_file(target))
+    return ShardInfo(file=relative, rows=rows, tokens=tokens, bytes=target.stat().st_size, sha256=sha256_file(target),
+                     batch_sha256=batch_digests(target))
 
 
 def _keep_rows(rows: np.ndarray) -> Callable[[pa.RecordBatch, int], pa.RecordBatch]:
@@ -258,7 +250,7 @@ def _keep_rows(rows: np.ndarray) -> Callable[[pa.RecordBatch, int], pa.RecordBat
 
 
 def _same_shard(store: CacheStore, shard: ShardInfo) -> bool:
-    return store.size(shard.file) == shard.bytes and store.sha256(shard.file) == shard.sha256
+    return store.size(shard.file) == shard.bytes and store.sha256(shard) == shard.sha256
 
 
 def _check_destination(destination: Destination, existing: CacheStore, identity: dict, full_manifest: Manifest,
@@ -301,7 +293,7 @@ def copy_cache(source: str | Path, destination: str | Path, *, shards: Sequence[
     store = CacheStore(source)
     manifest = store.load_manifest()
     for shard in manifest.shards:
-        checked_relative(shard.file, under=DATA_DIR)
+        check_relative(shard.file, "shard", under=DATA_DIR)
     plan, selection = _plan(store, manifest, shards, rows, sample_ids)
     subset = selection is not None
     identity = {"dump_fingerprint": manifest.dump_fingerprint,
@@ -341,7 +333,7 @@ def copy_cache(source: str | Path, destination: str | Path, *, shards: Sequence[
                 with tempfile.TemporaryDirectory(prefix="kdcache-cut-") as directory:
                     whole = Path(directory) / "whole"
                     fetch_shard(store, shard, whole, bar)
-                    result = rewrite_shard(whole, staged, shard.file, _keep_rows(item.rows))
+                    result = rewrite_shard(whole, staged, shard.file, _keep_rows(item.rows), manifest, shard)
             target.publish(staged, shard.file)
         copied.append(shard.file)
         notify(shard.file)
@@ -358,8 +350,8 @@ def copy_cache(source: str | Path, destination: str | Path, *, shards: Sequence[
     finally:
         bar.close()
 
-    for path in sorted(path for path in store.tokenizer_dir().glob("*") if path.is_file()):
-        relative = checked_relative(f"{TOKENIZER_DIR}/{path.name}", under=TOKENIZER_DIR)
+    for path in tokenizer_files(store, manifest):
+        relative = check_relative(f"{TOKENIZER_DIR}/{path.name}", "tokenizer file", under=TOKENIZER_DIR)
         target.put(path, relative)
         notify(relative)
     if subset:
@@ -376,6 +368,12 @@ def copy_cache(source: str | Path, destination: str | Path, *, shards: Sequence[
     target.remove(COPY_MARKER)
     return CopyReport(destination=str(target), manifest=published, copied=sorted(copied), skipped=sorted(skipped),
                       bytes_copied=sum(shard.bytes for shard in new_shards if shard.file in copied))
+
+
+def tokenizer_files(store: CacheStore, manifest: Manifest) -> list[Path]:
+    """The cache's tokenizer files (local copies), checked against the manifest's sha256 of each."""
+    directory = Cache(store, manifest).tokenizer_dir()
+    return sorted(path for path in directory.iterdir() if path.is_file())
 
 
 def _read_text(store: CacheStore, relative: str) -> str:

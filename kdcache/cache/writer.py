@@ -18,6 +18,7 @@ import pyarrow as pa
 from ..errors import KDCacheError
 from .codecs import Codec, Ragged, encode_row
 from .format import DATA_DIR, HIDDEN_PREFIX, PARTIAL_SUFFIX, SHARD_SUFFIX, ShardInfo, sha256_file
+from .validate import batch_digests
 
 __all__ = ["CachedSequence", "Ragged", "ShardWriter", "to_record_batch"]
 
@@ -146,7 +147,8 @@ class ShardWriter:
             self.abort()
             raise KDCacheError(f"cannot finish shard {final}: {error.strerror or error}") from None
         self.finished.append(ShardInfo(file=self._relative_name(), rows=self._rows, tokens=self._tokens,
-                                       bytes=final.stat().st_size, sha256=sha256_file(final)))
+                                       bytes=final.stat().st_size, sha256=sha256_file(final),
+                                       batch_sha256=batch_digests(final)))
         self._writer = self._sink = None
         self._rows = self._tokens = 0
 

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import KDCacheError
 from ..models import load_config, load_model, load_tokenizer
 from ..tasks import get_task, infer_task
-from .output import INIT_RECORD, prepare_output, publish
+from .output import INIT_RECORD, commit_output, prepare_output
 
 
 def _model_class(config, task: str | None):
@@ -109,12 +109,14 @@ def init_student(teacher: str, out: Path | str, layers: list[int], *, hidden_siz
     else:
         torch.manual_seed(0)
         student = _fresh_model(model_class, student_config)
-    staging = prepare_output(out, resuming=False)
-    student.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    prepare_output(out, resuming=False)
     record = {"teacher": teacher, "class": type(student).__name__, "layers": layers,
               "mode": "carve" if hidden_size is None else "narrow", "hidden_size": student_config.hidden_size,
               "num_parameters": sum(p.numel() for p in student.parameters())}
-    (staging / INIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    publish(staging, out)
+
+    def save(staging: Path) -> None:
+        student.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / INIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    commit_output(out, save)
     return record

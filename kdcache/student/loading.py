@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..cache.cache import Cache
 from ..cache.format import Manifest, tokenizer_fingerprint
 from ..errors import KDCacheError
 from ..models import load_model, load_tokenizer, model_from_config
@@ -19,6 +20,20 @@ def check_student_matches_cache(model, student_tokenizer, manifest: Manifest) ->
         if fingerprint["hash"] != manifest.tokenizer["hash"]:
             raise KDCacheError(f"student tokenizer ({fingerprint['vocab_size']} tokens) differs from the cache's "
                                f"tokenizer ({vocab} tokens): ids would not line up with the cached targets")
+
+
+def load_cache_tokenizer(cache: Cache):
+    """The cache's tokenizer, its files checked against the manifest's fingerprints before transformers reads
+    them (`Cache.tokenizer_dir`), and the loaded vocabulary checked against the manifest's vocabulary hash,
+    naming any difference."""
+    manifest = cache.manifest
+    tokenizer = load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer", local=True)
+    loaded = tokenizer_fingerprint(tokenizer)
+    differences = [f"{name} {manifest.tokenizer[name]} in the manifest, {loaded[name]} loaded"
+                   for name in ("vocab_size", "hash") if loaded[name] != manifest.tokenizer[name]]
+    if differences:
+        raise KDCacheError(f"the cache's tokenizer does not match its manifest: {'; '.join(differences)}")
+    return tokenizer
 
 
 def load_student(student: str | None, student_config: str | None, manifest: Manifest):

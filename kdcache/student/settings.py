@@ -11,7 +11,7 @@ from ..settings import check_fields, setting
 
 # Settings that do not change what is computed: they may differ between a run and its resumption.
 OPERATIONAL_SETTINGS = ("log_every", "verify", "save_every", "keep_checkpoints", "prefetch", "read_through",
-                        "report_to")
+                        "transfer_timeout", "report_to")
 
 
 @dataclasses.dataclass
@@ -62,6 +62,9 @@ class TrainSettings:
                                          "(default: 4 on an accelerator, 0 on CPU).", non_negative=True)
     read_through: str | None = setting(None, "For a remote cache: download each shard once to this directory and "
                                              "memory-map it.")
+    transfer_timeout: float = setting(600.0, "For a remote cache: give up on one transfer (the manifest, a shard, "
+                                             "a ranged read) after this many seconds, retries included.",
+                                      positive=True)
     report_to: str | None = setting(None, "Also log every loss term, the learning rate and held-out scores to these "
                                           "trackers through Accelerate, comma-separated (tensorboard, trackio, wandb, "
                                           "mlflow, ...); files go to OUT/logs. metrics.jsonl is always written.")

@@ -25,16 +25,15 @@ from transformers import get_cosine_schedule_with_warmup
 from ..cache.cache import Cache, open_cache
 from ..cache.format import Manifest
 from ..errors import KDCacheError
-from ..models import load_tokenizer
 from ..plots import CURVES_FILE, plots_available, write_training_curves
 from .batching import Batch
-from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, save_checkpoint
+from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, load_checkpoint, register_safe_state, save_checkpoint
 from .feed import CacheBatches, prefetched
 from .hooks import TrainHooks
-from .loading import load_student
+from .loading import load_cache_tokenizer, load_student
 from .metrics import LOG_DIR, RUN_NAME, MetricsLog, tracker_config, trackers
 from .objective import DistillationLoss, check_loss_settings
-from .output import TRAINING_RECORD, check_output, checkpoint_to_resume, prepare_output, publish, staging_dir
+from .output import TRAINING_RECORD, check_output, checkpoint_to_resume, commit_output, prepare_output, staging_dir
 from .settings import OPERATIONAL_SETTINGS, TrainSettings
 from .validation import setup_validation
 
@@ -77,7 +76,8 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     final metrics. With `resume`, continue from the latest checkpoint in `<out>.partial/checkpoints` if
     there is one; `resume_from` names a checkpoint directory explicitly. With `overwrite`, a student kdcache
     wrote to `out` earlier is replaced once the new one is complete. `hooks` watch or stop the loop."""
-    cache = cache if isinstance(cache, Cache) else open_cache(cache, settings.read_through)
+    cache = cache if isinstance(cache, Cache) else open_cache(cache, settings.read_through,
+                                                              transfer_timeout=settings.transfer_timeout)
     out = Path(out)
     manifest = cache.manifest
     checkpoint = checkpoint_to_resume(out, resume, resume_from)
@@ -88,7 +88,7 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
         cache.verify(progress=progress)
     else:
         cache.check_files()
-    tokenizer = load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer")
+    tokenizer = load_cache_tokenizer(cache)
     train_ids, validation = setup_validation(cache, fraction=settings.val_fraction, every=settings.eval_every,
                                              patience=settings.early_stopping, batch_size=settings.batch_size,
                                              evaluate=hooks.evaluate)
@@ -123,11 +123,10 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     metrics = MetricsLog(staging / METRICS_FILE if accelerator.is_main_process else None, accelerator.num_processes,
                          tracker=(lambda values, step: accelerator.log(values, step=step)) if report_to else None)
     state = TrainingProgress(_run_identity(manifest, settings, accelerator.num_processes))
-    accelerator.register_for_checkpointing(state)
-    if validation:  # its best score, patience counter and best-state snapshot are part of each checkpoint
-        accelerator.register_for_checkpointing(validation)
+    # the validation's best score, patience counter and best-state snapshot are part of each checkpoint
+    register_safe_state(accelerator, {"progress": state, **({"validation": validation} if validation else {})})
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint)
         metrics.load_state_dict(state.metrics)
     bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step",
                disable=not (progress and accelerator.is_main_process))
@@ -184,17 +183,19 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     accelerator.end_training()  # closes the trackers' files before the output directory is renamed
     if accelerator.is_main_process:
         metrics.close()
-        accelerator.unwrap_model(model).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if loss_of.matches_features:
-            torch.save(accelerator.unwrap_model(loss_of.projections).state_dict(), staging / PROJECTIONS_FILE)
-        record = {"cache": str(cache), "dump_fingerprint": manifest.dump_fingerprint,
-                  "student": student or student_config, "settings": dataclasses.asdict(settings),
-                  "layer_map": {str(s): t for s, t in loss_of.layer_map.items()}, "summary": summary}
-        (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if plots_available():  # an optional extra: a run never fails for a missing picture (the CLI says so)
-            write_training_curves(staging / METRICS_FILE, staging / CURVES_FILE)
-        publish(staging, out)
+
+        def save(staging: Path) -> None:
+            accelerator.unwrap_model(model).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            if loss_of.matches_features:
+                torch.save(accelerator.unwrap_model(loss_of.projections).state_dict(), staging / PROJECTIONS_FILE)
+            record = {"cache": str(cache), "dump_fingerprint": manifest.dump_fingerprint,
+                      "student": student or student_config, "settings": dataclasses.asdict(settings),
+                      "layer_map": {str(s): t for s, t in loss_of.layer_map.items()}, "summary": summary}
+            (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            if plots_available():  # an optional extra: a run never fails for a missing picture (the CLI says so)
+                write_training_curves(staging / METRICS_FILE, staging / CURVES_FILE)
+        commit_output(out, save)
     return summary
 
 

@@ -39,7 +39,9 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
             if builder is None:
                 raise KDCacheError(f"unsupported data file type '{path.suffix}' for {source} "
                                    f"(use one of {', '.join(sorted(_BUILDER_BY_SUFFIX))})")
-            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+            loaded = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+            loaded.data.table.validate(full=True)  # e.g. text that is not UTF-8: refused now, not mid-dump
+            return loaded
         if path.is_dir():
             return datasets.load_dataset(str(path), split=split)
         if _looks_like_path(source):
