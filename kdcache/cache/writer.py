@@ -56,6 +56,8 @@ class CachedSequence:
     token_type_ids: np.ndarray | None = None     # int8 [L], text pairs only
     target_positions: np.ndarray | None = None   # int32 [T], ascending; None = every position
     labels: np.ndarray | None = None             # int32 [T], gold class per target
+    token_offsets: np.ndarray | None = None      # int32 [L, 2], each token's [start, end) in `text`
+    text: str | None = None                      # the text the tokens cover (see tasks/spans.py)
     pooled: np.ndarray | None = None             # float16 [1, d], an encoder's pooled output
 
     def column(self, name: str) -> np.ndarray:
@@ -84,7 +86,8 @@ def _ragged(values: list[np.ndarray | Ragged], list_type: pa.ListType) -> pa.Arr
 def to_record_batch(rows: list[CachedSequence], schema: pa.Schema) -> pa.RecordBatch:
     """Pack rows into one record batch of `schema` without per-value Python work."""
     columns = [pa.array([row.sample_id for row in rows], type=schema.field("sample_id").type)]
-    columns += [_ragged([row.column(field.name) for row in rows], field.type)
+    columns += [_ragged([row.column(field.name) for row in rows], field.type) if pa.types.is_list(field.type)
+                else pa.array([row.column(field.name) for row in rows], type=field.type)  # one value per row: text
                 for field in list(schema)[1:]]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
