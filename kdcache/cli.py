@@ -181,10 +181,22 @@ def _fidelity_lines(manifest: Manifest) -> list[str]:
     return [line + f"  ({card['positions']} positions)" for line in lines]
 
 
+def _alignment_line(report: dict) -> str:
+    """Cross-tokenizer alignment statistics (student/crosstok.py `CrossTokenizer.report`) in one line."""
+    return (f"alignment    {report['aligned_share']:.1%} of student positions aligned "
+            f"({report['skipped_share']:.1%} skipped), {report['exact_mass_share']:.1%} of the teacher's mass maps "
+            f"exactly, {report['mapped_vocabulary_share']:.1%} of its vocabulary  ({report['rows']} rows, "
+            f"{report['student_positions']} positions)")
+
+
 @main.command("info")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def info_command(cache, as_json):
+@click.option("--student-tokenizer", default=None,
+              help="Also report how a student with this tokenizer aligns to the cache (cross-tokenizer training).")
+@click.option("--rows", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="With --student-tokenizer: measure on the first ROWS rows.")
+def info_command(cache, as_json, student_tokenizer, rows):
     """Summarise the cache at CACHE."""
     manifest = Manifest.load(cache)
     if as_json:
@@ -211,6 +223,14 @@ def info_command(cache, as_json):
     ]
     if manifest.labels:
         lines[1] += f"  (labels: {', '.join(manifest.labels)})"
+    if student_tokenizer:
+        import itertools
+
+        from .cache.cache import open_cache
+        from .student.crosstok import CrossTokenizer
+        opened = open_cache(cache)
+        report = CrossTokenizer.from_path(opened, student_tokenizer).report(itertools.islice(opened.sequences(), rows))
+        lines.append(_alignment_line(report) + f" for {student_tokenizer}")
     click.echo("\n".join(lines))
 
 
@@ -249,6 +269,8 @@ def train_student_command(cache, out, student, student_config, resume, resume_fr
                             overwrite=overwrite, progress=_progress())
     click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
                f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
+    if "cross_tokenizer" in summary:
+        click.echo(_alignment_line(summary["cross_tokenizer"]))
     if "validation" in summary:
         validation = summary["validation"]
         click.echo(f"kept the state of step {validation['best_step']} (held-out KL "
