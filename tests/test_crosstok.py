@@ -249,3 +249,13 @@ def test_a_different_tokenizer_needs_the_setting_and_a_cache_with_offsets(tmp_pa
         train_student(pretokenized, tmp_path / "b", student=str(pretrained), progress=False,
                       settings=TrainSettings(max_steps=1, student_tokenizer=str(pretrained)))
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+
+
+def test_the_trainer_integration_refuses_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from kdcache.student.integration import DistillationTrainer
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(64, hidden=16, layers=1))
+    with pytest.raises(KDCacheError, match="not yet by DistillationTrainer"):
+        DistillationTrainer(model, TrainingArguments(str(tmp_path), max_steps=1, report_to=[]), cache=cache_dir,
+                            settings=TrainSettings(student_tokenizer=str(student_tokenizer_dir)))

@@ -203,9 +203,10 @@ class CrossTokenizer:
             rows, boundary_count, aligned = rows + 1, boundary_count + count, aligned + len(row.target_positions)
             probabilities = np.exp(row.topk_logprobs.astype(np.float64))
             mapped_mass += float((probabilities * (self.vocabulary_map[row.topk_ids] >= 0)).sum())
+        aligned_share = aligned / boundary_count if boundary_count else 0.0
         return {"rows": rows, "student_positions": boundary_count, "aligned_positions": aligned,
-                "aligned_share": round(aligned / max(boundary_count, 1), 4),
-                "skipped_share": round(1 - aligned / max(boundary_count, 1), 4) if boundary_count else 0.0,
+                "aligned_share": round(aligned_share, 4),
+                "skipped_share": round(1 - aligned_share, 4) if boundary_count else 0.0,
                 "exact_mass_share": round(mapped_mass / max(aligned, 1), 4),
                 "mapped_vocabulary_share": round(float((self.vocabulary_map >= 0).mean()), 4)}
 
