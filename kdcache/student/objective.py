@@ -1,8 +1,9 @@
 """The loss of one batch: the single definition `train-student` and the Trainer integration share.
 
 `loss = ce_weight·CE + kd_weight·KD + hidden_weight·hidden + pooled_weight·pooled` (plus
-`uld_weight·ULD` across tokenizers, see crosstok.py), with no other term; KD is already scaled by T² inside `kd_loss`. Keeping it in one place is what makes a
-Hugging Face `Trainer` run (integration.py) compute exactly what `train-student` computes.
+`uld_weight·ULD` across tokenizers, see crosstok.py), with no other term; KD is already scaled by
+T² inside `kd_loss`. Keeping it in one place is what makes a Hugging Face `Trainer` run
+(integration.py) compute exactly what `train-student` computes.
 """
 
 from __future__ import annotations
