@@ -235,8 +235,9 @@ def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, kind
 def map_targets(targets: SparseTargets, vocabulary_map: torch.Tensor) -> SparseTargets:
     """Top-k teacher targets re-expressed over a student's vocabulary: the exact part of cross-tokenizer KD.
 
-    ``vocabulary_map`` [V_teacher] gives, for each teacher id, the student id of the token with the
-    same text, or -1.  Listed ids that map keep their probability (several teacher ids mapping to one
+    ``vocabulary_map`` gives, for each teacher id, the student id of the token with the same text, or
+    -1 (any length covering the ids: cross-tokenizer batches index a second copy for tokens read
+    after whitespace, see student/crosstok.py).  Listed ids that map keep their probability (several teacher ids mapping to one
     student id, e.g. " The" and " the" for an uncased student, are summed into one slot); everything
     else — unmapped listed ids and the teacher's tail — joins the rest bucket.  So
     ``kd_loss(student_logits, map_targets(targets, map))`` is the divergence on the categorical

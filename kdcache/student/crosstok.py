@@ -7,9 +7,12 @@ student side needs no teacher:
 2. **Align** by character boundaries. Position t of a causal LM predicts what follows the text up to
    the end of token t. A position is a *boundary* when its next token covers text and starts at or
    after that end (not inside a character that byte-level BPE split over several tokens). A student
-   boundary takes the targets of the teacher boundary that ends at the same character: both
-   distributions then predict the text after the same prefix. When several teacher boundaries end
-   there (zero-width tokens), the last one, which has seen the most tokens, is used. Where the spans
+   boundary takes the targets of the *last teacher boundary between the end of the student's token
+   and the start of its next one*: both distributions then predict the student's next piece of text
+   after the same prefix. Mostly that teacher boundary ends at the same character; when the student
+   skips whitespace (WordPiece drops it), it is the teacher boundary after the whitespace, where the
+   teacher predicts the next word rather than a line break; among boundaries ending at one character
+   (zero-width tokens) the last, which has seen the most tokens, is used. Where the spans
    do not line up one-to-one the rule *skips*: a student boundary inside a teacher token (a word
    the student splits 1→3) has no target; teacher boundaries inside a student token (3→1) are not
    used. Student positions that are not boundaries (before [SEP], inside a split character) have
@@ -59,6 +62,12 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(stand_in): byte for byte, stand_in in zip(printable, stand_ins)}
 
 
+def drops_whitespace(tokenizer) -> bool:
+    """Whether the tokenizer's tokens leave whitespace out (WordPiece, word-level): its word-initial pieces
+    then stand for the word after a space, whatever whitespace it was."""
+    return json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"] in ("WordPiece", "WordLevel")
+
+
 def token_texts(tokenizer) -> list[bytes | str | None]:
     """Per id, the text the token stands for (bytes), "special:<name>" for special tokens, None if unknown.
 
@@ -69,7 +78,7 @@ def token_texts(tokenizer) -> list[bytes | str | None]:
     conventions = json.dumps([state.get("pre_tokenizer"), state.get("decoder")])
     byte_level = '"ByteLevel"' in conventions
     metaspace = '"Metaspace"' in conventions
-    drops_spaces = model["type"] in ("WordPiece", "WordLevel")  # word-initial pieces follow a space
+    drops_spaces = drops_whitespace(tokenizer)
     prefix = model.get("continuing_subword_prefix") or None
     decoder = _byte_decoder()
     added = tokenizer.added_tokens_decoder
@@ -96,10 +105,14 @@ def token_texts(tokenizer) -> list[bytes | str | None]:
 
 
 def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
-    """int64 [V_teacher]: the student id of the token with the same text as each teacher id, or -1.
+    """int64 [2·V_teacher]: the student id of the token with the same text as each teacher id, or -1.
 
-    Teacher texts go through the student's normaliser first (lowercasing, accent stripping...), since
-    that is how the student sees the text; bytes that are not whole UTF-8 characters are kept as they are.
+    Entry `V_teacher + i` is teacher id i *after whitespace* the teacher has read (a line break, a
+    double space): to a student that drops whitespace, "And" there starts a word, its " and", where
+    entry i (glued to the text before) would be its continuation "##and". For other students the two
+    halves are equal. Teacher texts go through the student's normaliser first (lowercasing, accent
+    stripping...), since that is how the student sees the text; bytes that are not whole UTF-8
+    characters are kept as they are.
     """
     student: dict[bytes | str, int] = {}
     for index, text in enumerate(token_texts(student_tokenizer)):
@@ -115,8 +128,13 @@ def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
         except UnicodeDecodeError:
             return text
 
-    return np.array([student.get(as_student_sees(text), -1) for text in token_texts(teacher_tokenizer)],
-                    dtype=np.int64)
+    def after_whitespace(text: bytes | str | None) -> bytes | str | None:
+        starts_word = isinstance(text, bytes) and text[:1] and not text[:1].isspace()
+        return b" " + text if starts_word and drops_whitespace(student_tokenizer) else text
+
+    teacher = token_texts(teacher_tokenizer)
+    return np.array([student.get(as_student_sees(text), -1) for text in teacher]
+                    + [student.get(as_student_sees(after_whitespace(text)), -1) for text in teacher], dtype=np.int64)
 
 
 def boundaries(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,11 +148,12 @@ def boundaries(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def align(student_spans: np.ndarray, teacher_spans: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """(student positions, their teacher positions, number of student boundaries): the rule in the module docstring."""
     student_positions, student_ends = boundaries(student_spans)
+    next_starts = student_spans[student_positions + 1, 0]
     teacher_positions, teacher_ends = boundaries(teacher_spans)
-    last = np.append(teacher_ends[1:] != teacher_ends[:-1], True)  # ends ascend: keep the last of equal ones
-    teacher_positions, teacher_ends = teacher_positions[last], teacher_ends[last]
-    index = np.minimum(np.searchsorted(teacher_ends, student_ends), max(len(teacher_ends) - 1, 0))
-    found = teacher_ends[index] == student_ends if len(teacher_ends) else np.zeros(len(student_ends), dtype=bool)
+    # The last teacher boundary in [end, next start]: ends ascend, so the one before the first end past it.
+    index = np.searchsorted(teacher_ends, next_starts, side="right") - 1
+    found = index >= 0
+    found[found] = teacher_ends[index[found]] >= student_ends[found]
     return student_positions[found], teacher_positions[index[found]], len(student_positions)
 
 
@@ -182,8 +201,12 @@ class CrossTokenizer:
                                          return_special_tokens_mask=True)
         spans = token_spans(encoded["offset_mapping"], encoded["special_tokens_mask"])
         student_positions, teacher_positions, boundary_count = align(spans, teacher_spans)
+        # Ids past the teacher's vocabulary: the same token after whitespace (see `vocabulary_map`).
+        ends = teacher_spans[teacher_positions, 1]
+        after_whitespace = np.array([end > 0 and sequence.text[end - 1].isspace() for end in ends], dtype=bool)
         row = CachedSequence(sample_id=sequence.sample_id, input_ids=np.asarray(encoded["input_ids"], dtype=np.int32),
-                             topk_ids=sequence.topk_ids[teacher_positions],
+                             topk_ids=(sequence.topk_ids[teacher_positions].astype(np.int64)
+                                       + len(self.vocabulary_map) // 2 * after_whitespace[:, None]),
                              topk_logprobs=sequence.topk_logprobs[teacher_positions],
                              tail_logprob=sequence.tail_logprob[teacher_positions],
                              target_positions=student_positions.astype(np.int32))
@@ -208,7 +231,8 @@ class CrossTokenizer:
                 "aligned_share": round(aligned_share, 4),
                 "skipped_share": round(1 - aligned_share, 4) if boundary_count else 0.0,
                 "exact_mass_share": round(mapped_mass / max(aligned, 1), 4),
-                "mapped_vocabulary_share": round(float((self.vocabulary_map >= 0).mean()), 4)}
+                "mapped_vocabulary_share": round(float((self.vocabulary_map[:len(self.vocabulary_map) // 2]
+                                                        >= 0).mean()), 4)}
 
 
 class CrossTokenizerLoss:
