@@ -168,7 +168,8 @@ def main() -> None:
 
     student_texts = random.Random(2).sample(train_texts, min(args.student_rows, len(train_texts)))
     data = workdir / "student-train.jsonl"
-    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in student_texts))
+    if not data.is_file():  # rewriting it would change its fingerprint, and the caches would not be reused
+        data.write_text("".join(json.dumps({"text": text}) + "\n" for text in student_texts))
     dump = DumpSettings(top_k=args.top_k, max_length=args.max_length, batch_size=16)
     caches = {name: workdir / f"cache-{name}" for name in teachers}
     for name, teacher in teachers.items():
