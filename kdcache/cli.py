@@ -201,6 +201,14 @@ def _card_lines(card: dict) -> list[str]:
     return [line + f"  ({card['positions']} positions)" for line in lines]
 
 
+def _alignment_line(report: dict) -> str:
+    """Cross-tokenizer alignment statistics (student/crosstok.py `CrossTokenizer.report`) in one line."""
+    return (f"alignment    {report['aligned_share']:.1%} of student positions aligned "
+            f"({report['skipped_share']:.1%} skipped), {report['exact_mass_share']:.1%} of the teacher's mass maps "
+            f"exactly, {report['mapped_vocabulary_share']:.1%} of its vocabulary  ({report['rows']} rows, "
+            f"{report['student_positions']} positions)")
+
+
 @main.command("recode")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory of the new cache.")
@@ -220,8 +228,13 @@ def recode_command(cache, out, **values):
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Also write a picture of the cache to this .html (self-contained) or .png file: captured-mass "
                    "histogram and profile by position, fidelity card, bytes per column (needs kdcache[plots]).")
-def info_command(cache, as_json, plot):
-    """Summarise the cache at CACHE (a directory or URL): reads its manifest and card only, no shard.
+@click.option("--student-tokenizer", default=None,
+              help="Also report how a student with this tokenizer aligns to the cache (cross-tokenizer training).")
+@click.option("--rows", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="With --student-tokenizer: measure on the first ROWS rows.")
+def info_command(cache, as_json, plot, student_tokenizer, rows):
+    """Summarise the cache at CACHE (a directory or URL): reads its manifest and card only, no shard
+    (unless a plot or a student tokenizer's alignment is asked for).
 
     The manifest comes from elsewhere: its text is printed with control characters escaped.
     """
@@ -263,6 +276,14 @@ def info_command(cache, as_json, plot):
     ]
     if manifest.labels:
         lines[1] += f"  (labels: {', '.join(manifest.labels)})"
+    if student_tokenizer:
+        import itertools
+
+        from .cache.cache import open_cache
+        from .student.crosstok import CrossTokenizer
+        opened = open_cache(cache)
+        report = CrossTokenizer.from_path(opened, student_tokenizer).report(itertools.islice(opened.sequences(), rows))
+        lines.append(_alignment_line(report) + f" for {student_tokenizer}")
     click.echo("\n".join(printable(line) for line in lines))
     if plot is not None:
         click.echo(f"report       {printable(plot)}")
@@ -392,6 +413,8 @@ def train_student_command(cache, out, student, student_config, resume, resume_fr
                             overwrite=overwrite, progress=_progress())
     click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
                f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
+    if "cross_tokenizer" in summary:
+        click.echo(_alignment_line(summary["cross_tokenizer"]))
     from .plots import CURVES_FILE, PLOTS_HINT
     click.echo(f"curves: {out / CURVES_FILE}" if (out / CURVES_FILE).is_file()
                else f"no {CURVES_FILE}: plots need matplotlib ({PLOTS_HINT})")

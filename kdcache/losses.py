@@ -58,7 +58,9 @@ __all__ = [
     "dense_kd_loss",
     "hidden_loss",
     "kd_loss",
+    "map_targets",
     "next_token_ce",
+    "uld_loss",
 ]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv", "akl", "hard")
@@ -226,6 +228,77 @@ def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, kind
     if kind == "cosine":
         return _mean(1.0 - F.cosine_similarity(student, teacher, dim=-1))
     raise ValueError(f"unknown hidden loss kind {kind!r}; expected 'mse' or 'cosine'")
+
+
+# --------------------------------------------------------------------------- across vocabularies
+
+
+def map_targets(targets: SparseTargets, vocabulary_map: torch.Tensor) -> SparseTargets:
+    """Top-k teacher targets re-expressed over a student's vocabulary: the exact part of cross-tokenizer KD.
+
+    ``vocabulary_map`` gives, for each teacher id, the student id of the token with the same text, or
+    -1 (any length covering the ids: cross-tokenizer batches index a second copy for tokens read
+    after whitespace, see student/crosstok.py).  Listed ids that map keep their probability (several teacher ids mapping to one
+    student id, e.g. " The" and " the" for an uncased student, are summed into one slot); everything
+    else — unmapped listed ids and the teacher's tail — joins the rest bucket.  So
+    ``kd_loss(student_logits, map_targets(targets, map))`` is the divergence on the categorical
+    [mapped ids, rest]; with an identity map it is exactly ``kd_loss(student_logits, targets)``.
+    The result is sorted descending, like cached top-k.
+    """
+    if targets.tail_logprob is None:
+        raise ValueError("mapping targets to another vocabulary needs top-k targets with their tail, not sampled ones")
+    student_ids, listed, mapped = _mapped_slots(targets, vocabulary_map)
+    same = (student_ids[:, :, None] == student_ids[:, None, :]) & mapped[:, :, None] & mapped[:, None, :]
+    merged = torch.logsumexp(torch.where(same, targets.logprobs[:, None, :], _NEG_INF), dim=-1)
+    earlier = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril(-1)
+    first = mapped & ~(same & earlier).any(-1)  # the first slot of each student id carries the sum
+    logprobs = torch.where(first, merged, _NEG_INF)
+    unmapped = torch.where(listed & ~mapped, targets.logprobs, _NEG_INF)
+    tail = torch.logsumexp(torch.cat([targets.tail_logprob[:, None].to(logprobs.dtype), unmapped], dim=1), dim=1)
+    logprobs, order = logprobs.sort(dim=-1, descending=True, stable=True)
+    return SparseTargets(ids=student_ids.gather(1, order), logprobs=logprobs, tail_logprob=tail)
+
+
+def uld_loss(student_logits: torch.Tensor, targets: SparseTargets, vocabulary_map: torch.Tensor) -> torch.Tensor:
+    """ULD-style distance (Boizard et al. 2024) on the teacher mass that has no counterpart in the student's vocabulary.
+
+    No vocabulary mapping is needed for it: at each position the teacher's m listed probabilities
+    whose ids do not map (``vocabulary_map`` = -1), sorted descending, face the student's m largest
+    probabilities among its tokens that no listed teacher id maps to, sorted descending; the
+    teacher's tail mass faces the student's remaining mass outside the mapped tokens::
+
+        uld = Σ_{i<m} |p_(i) - q_(i)| + |p_tail - (q_unmapped - Σ_{i<m} q_(i))|
+
+    an L1 distance between two (m+1)-vectors of sub-probabilities, averaged over positions.  Taken
+    with :func:`map_targets` (which puts the same mass in one rest bucket) it says how that mass is
+    shaped, not only how much of it there is.  It is 0 when every listed id maps and the student's
+    mass outside them equals the teacher's tail (e.g. student = teacher, same tokenizer).  Computed
+    at T = 1 on float32 probabilities over the full student vocabulary ([N, V] working tensors).
+    """
+    if targets.tail_logprob is None:
+        raise ValueError("uld_loss needs top-k targets with their tail, not sampled ones")
+    _check_targets(student_logits, targets)
+    student_ids, listed, mapped = _mapped_slots(targets, vocabulary_map)
+    unlisted = listed & ~mapped
+    teacher = torch.where(unlisted, targets.logprobs.exp(), 0.0).sort(dim=-1, descending=True).values
+    count = unlisted.sum(-1, keepdim=True)
+    probs = torch.softmax(student_logits.to(_compute_dtype(student_logits)), dim=-1)
+    hit = torch.zeros_like(probs).scatter_add_(1, student_ids, mapped.to(probs.dtype)) > 0
+    free = probs.masked_fill(hit, 0.0)
+    width = min(targets.ids.shape[1], probs.shape[1])
+    slots = torch.arange(width, device=probs.device)
+    student = torch.where(slots < count, free.topk(width, dim=-1).values, 0.0)
+    student_rest = free.sum(-1) - student.sum(-1)
+    per_position = (teacher[:, :width] - student).abs().sum(-1) + (targets.tail_logprob.exp() - student_rest).abs()
+    return _mean(per_position)
+
+
+def _mapped_slots(targets: SparseTargets, vocabulary_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(student ids [N, k] with unmapped slots at 0, listed slots, listed slots whose id maps)."""
+    student_ids = vocabulary_map[targets.ids.long()]
+    listed = targets.logprobs > _NEG_INF
+    mapped = listed & (student_ids >= 0)
+    return student_ids.clamp(min=0), listed, mapped
 
 
 # --------------------------------------------------------------------------- validation

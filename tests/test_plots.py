@@ -46,7 +46,8 @@ def test_html_report_embeds_the_figure_and_its_numbers(tmp_path, cache_dir):
     longest = max(len(sequence.input_ids) for sequence in open_cache(cache_dir).sequences())
     assert profile["sequences"] == manifest.total_rows and len(profile["mean"]) == longest
     assert profile["count"][0] == manifest.total_rows and all(0 < mass < 1 for mass in profile["mean"])
-    assert {"sample_id", "input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "hidden_2"} == set(data["column_bytes"])
+    assert {"sample_id", "input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "hidden_2", "token_offsets",
+            "text"} == set(data["column_bytes"])
     decoded = {}  # the Arrow buffers once read (shards may be zstd-compressed on disk)
     for shard in manifest.shards:
         table = pa.ipc.open_file(cache_dir / shard.file).read_all()

@@ -52,6 +52,7 @@ STORED_TYPES = {
     "uint32": StoredType(pa.uint32(), np.uint32, "int64"),
     "float16": StoredType(pa.float16(), np.float16, "float32"),
     "float32": StoredType(pa.float32(), np.float32, "float32"),
+    "str": StoredType(pa.string(), str, "str"),  # text: read as Python str, never a tensor
 }
 
 HIDDEN_PREFIX = "hidden_"
@@ -71,6 +72,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "token_type_ids": ("int8",),
     "target_positions": ("int32",),
     "labels": ("int32",),
+    "token_offsets": ("int32",),
+    "text": ("str",),
     HIDDEN_PREFIX: ("float16",),  # hidden_<layer>
     POOLED_COLUMN: ("float16",),
 }
@@ -105,8 +108,11 @@ def hidden_column(layer: int) -> str:
 
 # Columns only some tasks write (see kdcache/tasks/), in schema order, after the target columns.
 # `target_positions`: which token each target belongs to (absent = every position, the causal-LM case);
-# `labels`: the gold class of each target; `token_type_ids`: segment ids of text pairs.
+# `labels`: the gold class of each target; `token_type_ids`: segment ids of text pairs;
+# `token_offsets` + `text`: each token's [start, end) character span in the row's text, and that text
+# (causal LM from text with a fast tokenizer), so a student with another tokenizer can be aligned later.
 OPTIONAL_COLUMNS = {name: pa.list_(arrow_type(name)) for name in ("token_type_ids", "target_positions", "labels")}
+OPTIONAL_COLUMNS |= {"token_offsets": pa.list_(pa.list_(arrow_type("token_offsets"), 2)), "text": arrow_type("text")}
 
 
 def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_sizes: dict[int, int],

@@ -70,8 +70,9 @@ def content_sha256(cache: CacheStore | str | Path, shards: list[ShardInfo]) -> s
 
 
 RAGGED_COLUMNS = ("sampled_ids", "sampled_counts")  # list<list<...>>: a variable count per position
-# One entry per token, target or row: every other column but the sample id and the hidden states.
-LIST_COLUMNS = tuple(name for name in FORMAT_COLUMNS if name not in ("sample_id", HIDDEN_PREFIX, *RAGGED_COLUMNS))
+ROW_COLUMNS = ("sample_id", "text")  # one value per row, not a list
+# One entry per token, target or row: every other column but the per-row values and the hidden states.
+LIST_COLUMNS = tuple(name for name in FORMAT_COLUMNS if name not in (*ROW_COLUMNS, HIDDEN_PREFIX, *RAGGED_COLUMNS))
 
 
 class _DecodedBatch:
@@ -100,6 +101,7 @@ class _DecodedBatch:
         self.columns = decoded | {name: self._per_row(batch, name) for name in LIST_COLUMNS if name in names}
         self.hidden = {layer: self._per_row(batch, hidden_column(layer)) for layer in hidden_layers}
         self.sample_ids = batch.column("sample_id").to_numpy()
+        self.texts = batch.column("text").to_pylist() if "text" in names else None
 
     @staticmethod
     def _per_position(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, Ragged]:
@@ -136,7 +138,8 @@ class _DecodedBatch:
         return CachedSequence(sample_id=int(self.sample_ids[index]),
                               **{name: cut(column) for name, column in self.columns.items()},
                               **{name: cut_ragged(column) for name, column in self.ragged.items()},
-                              hidden={layer: cut(column) for layer, column in self.hidden.items()})
+                              hidden={layer: cut(column) for layer, column in self.hidden.items()},
+                              text=None if self.texts is None else self.texts[index])
 
 
 def shard_sample_ids(store: CacheStore, manifest: Manifest) -> list[np.ndarray]:

@@ -45,6 +45,8 @@ class CachedSequence:
     token_type_ids: np.ndarray | None = None     # int8 [L], text pairs only
     target_positions: np.ndarray | None = None   # int32 [T], ascending; None = every position
     labels: np.ndarray | None = None             # int32 [T], gold class per target
+    token_offsets: np.ndarray | None = None      # int32 [L, 2], each token's [start, end) in `text`
+    text: str | None = None                      # the text the tokens cover (see tasks/spans.py)
     pooled: np.ndarray | None = None             # float16 [1, d], an encoder's pooled output
 
     def column(self, name: str) -> np.ndarray:
@@ -75,7 +77,8 @@ def to_record_batch(rows: list[CachedSequence], schema: pa.Schema, codec: Codec 
     encoded = [encode_row(row, codec) if codec.layout == "compact" else {} for row in rows]
     columns = [pa.array([row.sample_id for row in rows], type=schema.field("sample_id").type)]
     columns += [_ragged([stored[field.name] if field.name in stored else row.column(field.name)
-                         for row, stored in zip(rows, encoded)], field.type)
+                         for row, stored in zip(rows, encoded)], field.type) if pa.types.is_list(field.type)
+                else pa.array([row.column(field.name) for row in rows], type=field.type)  # one value per row: text
                 for field in list(schema)[1:]]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 

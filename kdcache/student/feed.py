@@ -7,7 +7,7 @@ it is fixed by `Cache.sequences` (seed, epoch, world size), which is what makes 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -26,12 +26,13 @@ class CacheBatches(IterableDataset):
 
     def __init__(self, cache: Cache, *, batch_size: int, seed: int, shuffle_buffer: int,
                  process_index: int, num_processes: int, hidden_layers: list[int], start_epoch: int = 0,
-                 start_batch: int = 0, epochs: int | None = None):
+                 start_batch: int = 0, epochs: int | None = None, collate: Callable[[list], Batch] = collate):
         self.cache = cache
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.process_index, self.num_processes = process_index, num_processes
         self.hidden_layers = hidden_layers
         self.start_epoch, self.start_batch, self.epochs = start_epoch, start_batch, epochs
+        self.collate = collate  # `CrossTokenizer.collate` across tokenizers
 
     def __iter__(self) -> Iterator[tuple[int, int, Batch]]:
         epoch, skip = self.start_epoch, self.start_batch
@@ -48,10 +49,10 @@ class CacheBatches(IterableDataset):
                                              start=skip * self.batch_size):
             pending.append(sequence)
             if len(pending) == self.batch_size:
-                yield collate(pending)
+                yield self.collate(pending)
                 pending = []
         if pending:
-            yield collate(pending)
+            yield self.collate(pending)
 
 
 def prefetched(batches: CacheBatches, prefetch: int) -> Iterable[tuple[int, int, Batch]]:

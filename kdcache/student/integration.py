@@ -94,6 +94,9 @@ class DistillationTrainer(transformers.Trainer):
     def __init__(self, model: torch.nn.Module, args: transformers.TrainingArguments, *, cache: Cache | str | Path,
                  settings: TrainSettings = TrainSettings(), **kwargs):
         cache = as_cache(cache)
+        if settings.student_tokenizer:
+            raise KDCacheError("`student_tokenizer` (training across tokenizers) is supported by train_student, "
+                               "not yet by DistillationTrainer")
         check_student_matches_cache(model, None, cache.manifest)
         self.distillation_loss = DistillationLoss(settings, cache, model)
         kwargs.setdefault("train_dataset", CacheDataset(cache, hidden_layers=self.distillation_loss.teacher_layers,

@@ -1,8 +1,9 @@
 """The loss of one batch: the single definition `train-student` and the Trainer integration share.
 
-`loss = ce_weight·CE + kd_weight·KD + hidden_weight·hidden + pooled_weight·pooled`, with no other
-term; KD is already scaled by T² inside `kd_loss`. Keeping it in one place is what makes a
-Hugging Face `Trainer` run (integration.py) compute exactly what `train-student` computes.
+`loss = ce_weight·CE + kd_weight·KD + hidden_weight·hidden + pooled_weight·pooled` (plus
+`uld_weight·ULD` across tokenizers, see crosstok.py), with no other term; KD is already scaled by
+T² inside `kd_loss`. Keeping it in one place is what makes a Hugging Face `Trainer` run
+(integration.py) compute exactly what `train-student` computes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ..errors import KDCacheError
 from ..losses import SparseTargets, kd_loss, next_token_ce
 from ..tasks import CAUSAL_LM, get_task, pooler
 from .batching import Batch
+from .crosstok import CrossTokenizer, CrossTokenizerLoss, check_cross_tokenizer_cache
 from .projections import FeatureProjections, parse_layer_map
 from .settings import TrainSettings
 
@@ -37,6 +39,8 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
         get_task(manifest.task).check_gold_labels(manifest)
     if settings.pooled_weight and manifest.pooled_size is None:
         raise KDCacheError("`pooled_weight` > 0 but the cache holds no pooled output (dump with `pooled`)")
+    if settings.student_tokenizer:
+        check_cross_tokenizer_settings(settings, cache, targets)
     if not settings.kd_weight:
         return targets
     probe = SparseTargets(ids=torch.zeros(0, 1, dtype=torch.long), logprobs=torch.zeros(0, 1),
@@ -48,6 +52,19 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
         raise KDCacheError(f"`loss` {settings.loss}, `tail` {settings.tail}, `temperature` {settings.temperature:g} "
                            f"with `targets` {targets}: {error}") from None
     return targets
+
+
+def check_cross_tokenizer_settings(settings: TrainSettings, cache: Cache, targets: str) -> None:
+    """Training across tokenizers aligns next-token targets only: refuse what it cannot align."""
+    if cache.manifest.task != CAUSAL_LM:
+        raise KDCacheError(f"`student_tokenizer` is for causal-LM caches; cache {cache} is {cache.manifest.task}")
+    check_cross_tokenizer_cache(cache)
+    if targets != "topk":
+        raise KDCacheError("`student_tokenizer` needs `targets` topk (the tail is what the unmapped mass joins)")
+    for name in ("hidden_weight", "pooled_weight", "val_fraction"):
+        if getattr(settings, name):
+            raise KDCacheError(f"`{name}` is not supported with `student_tokenizer` (teacher and student "
+                               f"positions differ)")
 
 
 class DistillationLoss:
@@ -71,7 +88,14 @@ class DistillationLoss:
             self.layer_map, model.config.hidden_size, manifest.hidden_sizes, settings.hidden_loss,
             manifest.pooled_size if settings.pooled_weight else None)
         self.weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight,
-                        "pooled": settings.pooled_weight}
+                        "pooled": settings.pooled_weight, "uld": settings.uld_weight}
+        # Across tokenizers: batches come from `cross.collate`, the student's logits range over its own vocabulary.
+        self.cross = (CrossTokenizer.from_path(cache, settings.student_tokenizer,
+                                               getattr(model.config, "max_position_embeddings", None))
+                      if settings.student_tokenizer else None)
+        if self.cross is not None:
+            self.num_classes = self.cross.student_vocab_size
+            self.cross_terms = CrossTokenizerLoss(settings, self.cross)
 
     @property
     def teacher_layers(self) -> list[int]:
@@ -90,7 +114,9 @@ class DistillationLoss:
         terms = {}
         if settings.ce_weight:
             terms["ce"] = next_token_ce(logits, self.task.gold_labels(batch))
-        if settings.kd_weight:
+        if self.cross is not None:
+            terms |= self.cross_terms(output.logits, batch)
+        elif settings.kd_weight:
             terms["kd"] = kd_loss(logits, batch.sparse_targets(self.targets), divergence=settings.loss,
                                   tail=settings.tail, temperature=settings.temperature)
         if self.matches_features:

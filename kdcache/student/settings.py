@@ -27,6 +27,12 @@ class TrainSettings:
     ce_weight: float = setting(0.0, "Weight of the cross-entropy on gold labels (the next token for a causal LM).",
                                non_negative=True)
     kd_weight: float = setting(1.0, "Weight of T²·KD(teacher ‖ student).", non_negative=True)
+    student_tokenizer: str | None = setting(None, "Train across tokenizers: the student's tokenizer (directory or hub "
+                                                   "id) when it is not the cache's. Student positions are aligned to "
+                                                   "the teacher's by character spans (the cache must hold offsets).")
+    uld_weight: float = setting(1.0, "With `student_tokenizer`: weight of the sorted-probability (ULD) distance on "
+                                     "the teacher mass that does not map to the student's vocabulary.",
+                                non_negative=True)
     hidden_weight: float = setting(0.0, "Weight of hidden-state matching.", non_negative=True)
     hidden_loss: str = setting("mse", "Hidden-state matching: mean squared error or 1 - cosine similarity per "
                                       "position.", choices=("mse", "cosine"))

@@ -10,6 +10,7 @@ Accelerate owns device placement, mixed precision and gradient accumulation. The
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -40,16 +41,18 @@ from .validation import setup_validation
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 PROJECTIONS_FILE = "kdcache_projections.pt"
 METRICS_FILE = "metrics.jsonl"
+ALIGNMENT_REPORT_ROWS = 1000  # rows the cross-tokenizer alignment statistics are measured on
 
 
-def _batches(cache: Cache, settings: TrainSettings, accelerator: Accelerator, hidden_layers: list[int],
+def _batches(cache: Cache, settings: TrainSettings, accelerator: Accelerator, loss_of: DistillationLoss,
              start_epoch: int = 0, start_batch: int = 0) -> Iterable[tuple[int, int, Batch]]:
     """(epoch, batches of the epoch consumed so far, batch) forever or for `settings.epochs` epochs,
     starting after `start_batch` batches of `start_epoch` (a resumed run), from `cache` (maybe a subset)."""
     batches = CacheBatches(cache, batch_size=settings.batch_size, seed=settings.seed,
                            shuffle_buffer=settings.shuffle_buffer, process_index=accelerator.process_index,
-                           num_processes=accelerator.num_processes, hidden_layers=hidden_layers,
-                           start_epoch=start_epoch, start_batch=start_batch, epochs=settings.epochs)
+                           num_processes=accelerator.num_processes, hidden_layers=loss_of.teacher_layers,
+                           start_epoch=start_epoch, start_batch=start_batch, epochs=settings.epochs,
+                           **({} if loss_of.cross is None else {"collate": loss_of.cross.collate}))
     return prefetched(batches, _prefetch(settings, accelerator))
 
 
@@ -88,7 +91,6 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
         cache.verify(progress=progress)
     else:
         cache.check_files()
-    tokenizer = load_cache_tokenizer(cache)
     train_ids, validation = setup_validation(cache, fraction=settings.val_fraction, every=settings.eval_every,
                                              patience=settings.early_stopping, batch_size=settings.batch_size,
                                              evaluate=hooks.evaluate)
@@ -99,9 +101,14 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
                               gradient_accumulation_steps=settings.grad_accum, log_with=report_to or None,
                               project_dir=str(staging_dir(out) / LOG_DIR))
     set_seed(settings.seed)
-    model = load_student(student, student_config, manifest)
+    model = load_student(student, student_config, manifest, settings.student_tokenizer)
     model.config.use_cache = False
     loss_of = DistillationLoss(settings, cache, model)
+    # The student ships the tokenizer it was trained with: the cache's, or its own across tokenizers.
+    tokenizer = load_cache_tokenizer(cache) if loss_of.cross is None else loss_of.cross.student_tokenizer
+    # Across tokenizers: the share of student positions that get a target, and of the mass that maps exactly.
+    alignment = (None if loss_of.cross is None
+                 else loss_of.cross.report(itertools.islice(training.sequences(), ALIGNMENT_REPORT_ROWS)))
     staging = staging_dir(out)
     if accelerator.is_main_process:
         prepare_output(out, resuming=checkpoint is not None, overwrite=overwrite)
@@ -134,7 +141,7 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     # What validation scores, snapshots when best and restores before saving.
     trained = {"model": accelerator.unwrap_model(model),
                "projections": accelerator.unwrap_model(loss_of.projections)}
-    for epoch, consumed, batch in _batches(training, settings, accelerator, loss_of.teacher_layers,
+    for epoch, consumed, batch in _batches(training, settings, accelerator, loss_of,
                                            start_epoch=state.epoch, start_batch=state.batches_in_epoch):
         if hooks.on_batch:
             hooks.on_batch(epoch, list(batch.sample_ids))
@@ -179,7 +186,8 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     accelerator.wait_for_everyone()
     summary = {"steps": step, "epochs_started": epoch + 1, "tokens": metrics.tokens,
                "seconds": round(metrics.elapsed(), 3), "final": metrics.last,
-               **({"validation": validation.summary()} if validation else {})}
+               **({"validation": validation.summary()} if validation else {}),
+               **({"cross_tokenizer": alignment} if alignment else {})}
     accelerator.end_training()  # closes the trackers' files before the output directory is renamed
     if accelerator.is_main_process:
         metrics.close()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import KDCacheError
+from .spans import covered_text, token_spans
 
 CAUSAL_LM = "causal-lm"
 TOKEN_CLASSIFICATION = "token-classification"
@@ -36,11 +37,13 @@ TokenizedBatch = tuple[list[int], list[list[int]], list["Annotation"] | None]
 
 @dataclasses.dataclass
 class Annotation:
-    """What a classification row carries beyond its tokens (numpy arrays, as cached)."""
+    """What a row carries beyond its tokens (numpy arrays, as cached; see `OPTIONAL_COLUMNS`)."""
 
-    target_positions: np.ndarray          # int32 [T], ascending
+    target_positions: np.ndarray | None = None  # int32 [T], ascending (classification); None: every token
     labels: np.ndarray | None = None      # int32 [T], gold class per target
     token_type_ids: np.ndarray | None = None  # int8 [L], text pairs only
+    token_offsets: np.ndarray | None = None   # int32 [L, 2], spans in `text` (causal LM, see tasks/spans.py)
+    text: str | None = None                   # the text the tokens cover
 
 
 class Task:
@@ -82,24 +85,33 @@ class Task:
 
         A causal LM reads a text column, or an `input_ids` column when the data is pre-tokenized.
         Blank text (a `.txt` corpus's empty lines) is skipped too, whether or not the tokenizer adds a
-        BOS token: such a row would only repeat the teacher's guess of a first token.
+        BOS token: such a row would only repeat the teacher's guess of a first token. From text with a
+        fast tokenizer, each row also carries its text and token spans, so a student with another
+        tokenizer can be aligned to the cache later (tasks/spans.py); pre-tokenized data and slow
+        tokenizers (no offsets) give caches for students of the same tokenizer only.
         """
         column = _text_or_ids_column(rows, settings.text_column, source)
         for start in range(rows_range.start, rows_range.stop, settings.batch_size):
             stop = min(start + settings.batch_size, rows_range.stop)
             chunk = rows[start:stop][column]
+            annotations = None
             if column == "input_ids":
                 token_lists = [list(ids)[:settings.max_length] for ids in chunk]
             else:
                 if any(not isinstance(text, str) for text in chunk):
                     raise KDCacheError(f"column '{column}' must hold strings; row {start} onwards has "
                                        f"{type(next(t for t in chunk if not isinstance(t, str))).__name__}")
-                token_lists = tokenizer(chunk, truncation=True, max_length=settings.max_length)["input_ids"]
+                spans = {"return_offsets_mapping": True, "return_special_tokens_mask": True} if tokenizer.is_fast else {}
+                encoded = tokenizer(chunk, truncation=True, max_length=settings.max_length, **spans)
+                token_lists = encoded["input_ids"]
+                if spans:
+                    annotations = [text_annotation(text, offsets, special) for text, offsets, special
+                                   in zip(chunk, encoded["offset_mapping"], encoded["special_tokens_mask"])]
             blank = [column != "input_ids" and not text.strip() for text in chunk]
-            kept = [(sample_id, ids) for sample_id, ids, is_blank in zip(range(start, stop), token_lists, blank)
-                    if len(ids) > 0 and not is_blank]
+            kept = [index for index, ids in enumerate(token_lists) if len(ids) > 0 and not blank[index]]
             if kept:
-                yield [sample_id for sample_id, _ in kept], [ids for _, ids in kept], None
+                yield ([start + index for index in kept], [token_lists[index] for index in kept],
+                       None if annotations is None else [annotations[index] for index in kept])
 
     def drop_reason(self, row: dict, settings) -> str:
         """Why `batches` skipped `row` (the dataset row, a dict): the manifest lists dropped rows by reason."""
@@ -142,6 +154,12 @@ class Task:
     def student_config_overrides(self, manifest) -> dict:
         """Config values a fresh student must take from the cache."""
         return {}
+
+
+def text_annotation(text: str, offsets, special_mask) -> Annotation:
+    """A causal-LM row's text and normalised token spans (tasks/spans.py)."""
+    spans = token_spans(offsets, special_mask)
+    return Annotation(token_offsets=spans, text=covered_text(text, spans))
 
 
 def _text_or_ids_column(rows, text_column: str, source: str) -> str:

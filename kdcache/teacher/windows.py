@@ -85,18 +85,20 @@ def windows(source: RowSource, shard: range, settings: DumpSettings
 
 
 def optional_columns(source: RowSource, settings: DumpSettings) -> tuple[str, ...]:
-    """The optional columns (labels, token types, target positions) the task's rows carry.
+    """The optional columns (labels, token types, target positions, token spans and text) the task's rows carry.
 
     Read off the first row with a target, before the output directory is touched, so data errors
     surface early and every process's shards share one schema.
     """
-    if source.task.classes_are_vocabulary:
-        return ()
     window_rows = settings.batch_size * WINDOW_BATCHES
     for start in range(0, len(source.rows), window_rows):
         items, _ = window_items(source, start, min(start + window_rows, len(source.rows)), settings)
         if items:
-            return tuple(name for name in OPTIONAL_COLUMNS if getattr(items[0][2], name) is not None)
+            annotation = items[0][2]
+            return () if annotation is None else tuple(name for name in OPTIONAL_COLUMNS
+                                                       if getattr(annotation, name) is not None)
+    if source.task.classes_are_vocabulary:
+        return ()  # every row is empty: the dump says so once it has looked at all of them
     raise KDCacheError(f"dataset {source.source} has no row with anything to classify")
 
 

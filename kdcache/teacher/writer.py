@@ -48,7 +48,7 @@ class HostBatch:
                                       # sampled_ids, sampled_counts, sampled_offsets (sampled, ragged);
                                       # hidden_<i> per token, pooled per row
     ready: torch.cuda.Event | None    # recorded after the copies; None when already on the host
-    annotations: list[Annotation] | None = None  # classification rows only
+    annotations: list[Annotation] | None = None  # targets positions, labels, spans: see Annotation
 
 
 def start_host_copy(sample_ids: list[int], token_lists: list[list[int]], tensors: dict[str, torch.Tensor],
@@ -176,7 +176,7 @@ class BackgroundShardWriter:
         host = {name: tensor.numpy() for name, tensor in batch.tensors.items()}
         lengths = np.array([len(tokens) for tokens in batch.token_lists])
         token_starts = np.concatenate([[0], np.cumsum(lengths)])
-        if batch.annotations is not None:
+        if batch.annotations is not None and batch.annotations[0].target_positions is not None:
             lengths = np.array([len(annotation.target_positions) for annotation in batch.annotations])
         starts = np.concatenate([[0], np.cumsum(lengths)])
         bad_positions = np.add.reduceat((~host["finite"]).astype(np.int64), starts[:-1])

@@ -1,0 +1,257 @@
+"""Cross-tokenizer distillation: a student whose tokenizer is not the cache's learns from the cache.
+
+The cache keeps each row's text and every teacher token's character span (tasks/spans.py), so the
+student side needs no teacher:
+
+1. **Tokenize** the cached text with the student's tokenizer (offsets, same span normalisation).
+2. **Align** by character boundaries. Position t of a causal LM predicts what follows the text up to
+   the end of token t. A position is a *boundary* when its next token covers text and starts at or
+   after that end (not inside a character that byte-level BPE split over several tokens). A student
+   boundary takes the targets of the *last teacher boundary between the end of the student's token
+   and the start of its next one*: both distributions then predict the student's next piece of text
+   after the same prefix. Mostly that teacher boundary ends at the same character; when the student
+   skips whitespace (WordPiece drops it), it is the teacher boundary after the whitespace, where the
+   teacher predicts the next word rather than a line break; among boundaries ending at one character
+   (zero-width tokens) the last, which has seen the most tokens, is used. Where the spans
+   do not line up one-to-one the rule *skips*: a student boundary inside a teacher token (a word
+   the student splits 1→3) has no target; teacher boundaries inside a student token (3→1) are not
+   used. Student positions that are not boundaries (before [SEP], inside a split character) have
+   no target either. `alignment_report` gives the share skipped.
+3. **Map the vocabulary** once: a teacher id maps to the student id whose token has the same text
+   (`vocabulary_map`), after the student's normaliser (an uncased student maps " The" and " the" to
+   " the"). Token text is read from each tokenizer's conventions: byte-level BPE bytes, "▁" for a
+   space (SentencePiece), "<0xNN>" byte fallback, WordPiece "##" continuations (other word-initial
+   pieces follow a space, punctuation follows directly); special tokens map only to special tokens
+   of the same name. When two student tokens share a text, the lower id is used.
+4. **Loss** (objective.py): `kd` is the chosen divergence on [mapped ids, rest], the rest holding the
+   unmapped listed mass and the tail (`losses.map_targets`); `uld` (weight `uld_weight`) is the
+   ULD-style sorted-probability distance on the mass that does not map, tail included
+   (`losses.uld_loss`). With the same tokenizer on both sides, every position aligns, the map is the
+   identity and `kd` is exactly same-tokenizer KD. The student's own next-token CE is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from ..cache.cache import Cache
+from ..cache.writer import CachedSequence
+from ..errors import KDCacheError
+from ..losses import kd_loss, map_targets, uld_loss
+from ..models import load_tokenizer
+from ..tasks.spans import check_spans, token_spans
+from .batching import Batch, collate
+
+SPAN_COLUMNS = ("token_offsets", "text")
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE writes each byte as a printable stand-in character; this reverses it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins = list(printable)
+    for byte in (byte for byte in range(256) if byte not in set(stand_ins)):
+        printable.append(byte)
+        stand_ins.append(256 + len(stand_ins) - 188)  # 188 bytes are printable as themselves
+    return {chr(stand_in): byte for byte, stand_in in zip(printable, stand_ins)}
+
+
+def drops_whitespace(tokenizer) -> bool:
+    """Whether the tokenizer's tokens leave whitespace out (WordPiece, word-level): its word-initial pieces
+    then stand for the word after a space, whatever whitespace it was."""
+    return json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"] in ("WordPiece", "WordLevel")
+
+
+def token_texts(tokenizer) -> list[bytes | str | None]:
+    """Per id, the text the token stands for (bytes), "special:<name>" for special tokens, None if unknown.
+
+    Needs a fast tokenizer: its backend says which conventions (byte-level, "▁", "##") apply.
+    """
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    conventions = json.dumps([state.get("pre_tokenizer"), state.get("decoder")])
+    byte_level = '"ByteLevel"' in conventions
+    metaspace = '"Metaspace"' in conventions
+    drops_spaces = drops_whitespace(tokenizer)
+    prefix = model.get("continuing_subword_prefix") or None
+    decoder = _byte_decoder()
+    added = tokenizer.added_tokens_decoder
+    special_ids = set(tokenizer.all_special_ids)
+    texts: list[bytes | str | None] = []
+    for index, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if index in special_ids or (index in added and added[index].special):
+            texts.append(f"special:{token}")
+        elif index in added or token is None:  # added tokens are literal text
+            texts.append(None if token is None else token.encode())
+        elif fallback := _BYTE_FALLBACK.fullmatch(token):
+            texts.append(bytes([int(fallback.group(1), 16)]))
+        elif byte_level:
+            texts.append(bytes(decoder[char] for char in token) if all(char in decoder for char in token) else None)
+        elif metaspace:
+            texts.append(token.replace("\u2581", " ").encode())
+        elif drops_spaces and prefix and token.startswith(prefix) and len(token) > len(prefix):
+            texts.append(token[len(prefix):].encode())
+        elif drops_spaces and not all(unicodedata.category(char).startswith("P") for char in token):
+            texts.append((" " + token).encode())
+        else:
+            texts.append(token.encode())
+    return texts
+
+
+def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
+    """int64 [2·V_teacher]: the student id of the token with the same text as each teacher id, or -1.
+
+    Entry `V_teacher + i` is teacher id i *after whitespace* the teacher has read (a line break, a
+    double space): to a student that drops whitespace, "And" there starts a word, its " and", where
+    entry i (glued to the text before) would be its continuation "##and". For other students the two
+    halves are equal. Teacher texts go through the student's normaliser first (lowercasing, accent
+    stripping...), since that is how the student sees the text; bytes that are not whole UTF-8
+    characters are kept as they are.
+    """
+    student: dict[bytes | str, int] = {}
+    for index, text in enumerate(token_texts(student_tokenizer)):
+        if text is not None:
+            student.setdefault(text, index)
+    normalizer = student_tokenizer.backend_tokenizer.normalizer
+
+    def as_student_sees(text: bytes | str | None) -> bytes | str | None:
+        if normalizer is None or not isinstance(text, bytes):
+            return text
+        try:
+            return normalizer.normalize_str(text.decode()).encode()
+        except UnicodeDecodeError:
+            return text
+
+    def after_whitespace(text: bytes | str | None) -> bytes | str | None:
+        starts_word = isinstance(text, bytes) and text[:1] and not text[:1].isspace()
+        return b" " + text if starts_word and drops_whitespace(student_tokenizer) else text
+
+    teacher = token_texts(teacher_tokenizer)
+    return np.array([student.get(as_student_sees(text), -1) for text in teacher]
+                    + [student.get(as_student_sees(after_whitespace(text)), -1) for text in teacher], dtype=np.int64)
+
+
+def boundaries(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, the character each ends at) of the positions whose next token starts clean text."""
+    starts, ends = spans[:, 0], spans[:, 1]
+    clean = (starts[1:] >= ends[:-1]) & (ends[1:] > starts[1:])
+    positions = np.flatnonzero(clean)
+    return positions, ends[positions]
+
+
+def align(student_spans: np.ndarray, teacher_spans: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(student positions, their teacher positions, number of student boundaries): the rule in the module docstring."""
+    student_positions, student_ends = boundaries(student_spans)
+    next_starts = student_spans[student_positions + 1, 0]
+    teacher_positions, teacher_ends = boundaries(teacher_spans)
+    # The last teacher boundary in [end, next start]: ends ascend, so the one before the first end past it.
+    index = np.searchsorted(teacher_ends, next_starts, side="right") - 1
+    found = index >= 0
+    found[found] = teacher_ends[index[found]] >= student_ends[found]
+    return student_positions[found], teacher_positions[index[found]], len(student_positions)
+
+
+def check_cross_tokenizer_cache(cache: Cache) -> None:
+    """Refuse a cache that cannot be aligned to another tokenizer, saying why."""
+    manifest = cache.manifest
+    if not set(SPAN_COLUMNS) <= set(manifest.optional_columns):
+        raise KDCacheError(f"cache {cache} has no token offsets, so a student with another tokenizer cannot be "
+                           f"aligned to it (dumped before kdcache stored them, from pre-tokenized input_ids, or "
+                           f"with a slow tokenizer); dump it again from text with a fast tokenizer")
+    if "topk" not in manifest.target_types:
+        raise KDCacheError(f"cache {cache} holds no top-k targets: training across tokenizers needs top-k "
+                           f"targets with their tail (dump with `targets` topk)")
+
+
+class CrossTokenizer:
+    """A student tokenizer facing a cache: turns cached rows into student batches with aligned targets.
+
+    Picklable (tokenizer and arrays), so a prefetching loader worker can collate with it.
+    """
+
+    def __init__(self, cache: Cache, student_tokenizer, max_length: int | None = None):
+        check_cross_tokenizer_cache(cache)
+        if not getattr(student_tokenizer, "is_fast", False):
+            raise KDCacheError("`student_tokenizer` must be a fast tokenizer (it reports token offsets)")
+        self.student_tokenizer = student_tokenizer
+        self.max_length = max_length
+        self.vocabulary_map = vocabulary_map(load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer"),
+                                             student_tokenizer)
+
+    @classmethod
+    def from_path(cls, cache: Cache, student_tokenizer: str, max_length: int | None = None) -> CrossTokenizer:
+        return cls(cache, load_tokenizer(student_tokenizer, "student tokenizer"), max_length)
+
+    @property
+    def student_vocab_size(self) -> int:
+        return len(self.student_tokenizer)
+
+    def student_row(self, sequence: CachedSequence) -> tuple[CachedSequence, int]:
+        """The row as the student sees it, its targets moved to the aligned student positions; and its number
+        of student boundaries (aligned or skipped)."""
+        teacher_spans = check_spans(sequence.token_offsets, sequence.text, len(sequence.input_ids), sequence.sample_id)
+        encoded = self.student_tokenizer(sequence.text, truncation=self.max_length is not None,
+                                         max_length=self.max_length, return_offsets_mapping=True,
+                                         return_special_tokens_mask=True)
+        spans = token_spans(encoded["offset_mapping"], encoded["special_tokens_mask"])
+        student_positions, teacher_positions, boundary_count = align(spans, teacher_spans)
+        # Ids past the teacher's vocabulary: the same token after whitespace (see `vocabulary_map`).
+        ends = teacher_spans[teacher_positions, 1]
+        after_whitespace = np.array([end > 0 and sequence.text[end - 1].isspace() for end in ends], dtype=bool)
+        row = CachedSequence(sample_id=sequence.sample_id, input_ids=np.asarray(encoded["input_ids"], dtype=np.int32),
+                             topk_ids=(sequence.topk_ids[teacher_positions].astype(np.int64)
+                                       + len(self.vocabulary_map) // 2 * after_whitespace[:, None]),
+                             topk_logprobs=sequence.topk_logprobs[teacher_positions],
+                             tail_logprob=sequence.tail_logprob[teacher_positions],
+                             target_positions=student_positions.astype(np.int32))
+        return row, boundary_count
+
+    def collate(self, sequences: list[CachedSequence]) -> Batch:
+        """Like `batching.collate`, on the student's tokens: targets sit at the aligned positions (`target_mask`)."""
+        return collate([self.student_row(sequence)[0] for sequence in sequences])
+
+    def report(self, sequences: Iterable[CachedSequence]) -> dict:
+        """Alignment statistics: share of student boundaries aligned, share of teacher probability mass
+        (tail included, which never maps) that maps exactly, at the aligned positions."""
+        rows = boundary_count = aligned = 0
+        mapped_mass = 0.0
+        for sequence in sequences:
+            row, count = self.student_row(sequence)
+            rows, boundary_count, aligned = rows + 1, boundary_count + count, aligned + len(row.target_positions)
+            probabilities = np.exp(row.topk_logprobs.astype(np.float64))
+            mapped_mass += float((probabilities * (self.vocabulary_map[row.topk_ids] >= 0)).sum())
+        aligned_share = aligned / boundary_count if boundary_count else 0.0
+        return {"rows": rows, "student_positions": boundary_count, "aligned_positions": aligned,
+                "aligned_share": round(aligned_share, 4),
+                "skipped_share": round(1 - aligned_share, 4) if boundary_count else 0.0,
+                "exact_mass_share": round(mapped_mass / max(aligned, 1), 4),
+                "mapped_vocabulary_share": round(float((self.vocabulary_map[:len(self.vocabulary_map) // 2]
+                                                        >= 0).mean()), 4)}
+
+
+class CrossTokenizerLoss:
+    """The `kd` and `uld` terms of a batch from `CrossTokenizer.collate` (see the module docstring)."""
+
+    def __init__(self, settings, cross: CrossTokenizer):
+        self.settings = settings
+        self.vocabulary_map = torch.from_numpy(cross.vocabulary_map)
+        self.vocab_size = cross.student_vocab_size
+
+    def __call__(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        settings = self.settings
+        student = logits[batch.targets_at][:, :self.vocab_size]
+        targets = batch.sparse_targets("topk")
+        vocabulary_map = self.vocabulary_map.to(student.device)
+        terms = {}
+        if settings.kd_weight:
+            terms["kd"] = kd_loss(student, map_targets(targets, vocabulary_map), divergence=settings.loss,
+                                  tail=settings.tail, temperature=settings.temperature)
+        if settings.uld_weight:
+            terms["uld"] = uld_loss(student, targets, vocabulary_map)
+        return terms

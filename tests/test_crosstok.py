@@ -1,0 +1,273 @@
+"""Cross-tokenizer distillation: spans, alignment, the vocabulary map and the loss against dense references."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import LANGUAGE, tiny_llama_config, write_jsonl
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+import kdcache
+from kdcache.cli import main
+from kdcache.errors import KDCacheError
+from kdcache.losses import SparseTargets, kd_loss, map_targets, uld_loss
+from kdcache.student import TrainSettings, train_student
+from kdcache.student.batching import collate
+from kdcache.student.crosstok import CrossTokenizer, align, token_texts, vocabulary_map
+from kdcache.tasks.spans import check_spans, token_spans
+from kdcache.teacher import DumpSettings, dump_teacher
+
+CORPUS = ["Hello world, the naïve café sold 日本 tea!", "The World is unbelievable; the world is WIDE, the World is old.",
+          "Tush! never tell me; I take it much unkindly"] * 4
+
+
+def byte_level_bpe() -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE (spaces glued to the next word, any byte representable)."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+
+
+def uncased_wordpiece() -> PreTrainedTokenizerFast:
+    """A BERT-style uncased WordPiece ([CLS] ... [SEP], whitespace dropped, "##" continuations)."""
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    backend.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=120,
+                                                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", pad_token="[PAD]")
+
+
+def spans_of(tokenizer, text: str) -> tuple[list[str], np.ndarray]:
+    encoded = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    return (tokenizer.convert_ids_to_tokens(encoded["input_ids"]),
+            token_spans(encoded["offset_mapping"], encoded["special_tokens_mask"]))
+
+
+# ---- spans and alignment ------------------------------------------------------------------------
+
+def test_special_tokens_become_empty_spans_at_the_previous_end():
+    spans = token_spans([(0, 0), (0, 5), (6, 11), (0, 0)], [1, 0, 0, 1])
+    assert spans.tolist() == [[0, 0], [0, 5], [6, 11], [11, 11]]
+
+
+def test_a_word_split_one_to_three_skips_the_inner_student_boundaries():
+    # text "unbelievable tea": teacher [BOS] "unbelievable" " tea"; student "un" "believ" "able" "tea"
+    teacher = np.array([[0, 0], [0, 12], [12, 16]])
+    student = np.array([[0, 2], [2, 8], [8, 12], [13, 16]])
+    student_positions, teacher_positions, boundaries = align(student, teacher)
+    assert boundaries == 3  # after "un", "believ", "able" (the last token predicts nothing)
+    assert student_positions.tolist() == [2] and teacher_positions.tolist() == [1]  # both end at "able"
+
+
+def test_a_word_split_three_to_one_uses_the_teacher_boundary_at_the_word_end():
+    teacher = np.array([[0, 0], [0, 2], [2, 8], [8, 12], [12, 16]])
+    student = np.array([[0, 0], [0, 12], [13, 16], [16, 16]])  # [CLS] "unbelievable" "tea" [SEP]
+    student_positions, teacher_positions, boundaries = align(student, teacher)
+    assert boundaries == 2  # [CLS] -> word, word -> "tea"; "tea" -> [SEP] predicts no text
+    assert student_positions.tolist() == [0, 1] and teacher_positions.tolist() == [0, 3]
+
+
+def test_tokens_splitting_one_character_share_a_boundary_only_after_the_last_of_them():
+    # "aé b": byte fallback splits "é" into two byte tokens that both report the character's span
+    teacher = np.array([[0, 1], [1, 2], [1, 2], [2, 4]])
+    student = np.array([[0, 1], [1, 2], [3, 4]])
+    student_positions, teacher_positions, _ = align(student, teacher)
+    assert student_positions.tolist() == [0, 1] and teacher_positions.tolist() == [0, 2]
+
+
+def test_a_student_that_drops_whitespace_is_aligned_after_the_whitespace_the_teacher_reads():
+    # "thee  \nAnd": teacher "thee" "ĠĠ" "Ċ" "And"; student [CLS] "thee" "and" [SEP]
+    teacher = np.array([[0, 4], [4, 6], [6, 7], [7, 10]])
+    student = np.array([[0, 0], [0, 4], [7, 10], [10, 10]])
+    student_positions, teacher_positions, _ = align(student, teacher)
+    assert student_positions.tolist() == [1] and teacher_positions.tolist() == [2]  # the teacher predicting "And"
+
+
+@pytest.mark.parametrize("text", ["Hello  world, the naïve café sold 日本 tea!\nnever", "The World is WIDE."])
+def test_real_tokenizers_align_at_equal_character_boundaries(text):
+    """Byte-level BPE against uncased WordPiece, whitespace, accents and CJK: every aligned pair predicts
+    the text after the same prefix, and the teacher's next token starts at that boundary."""
+    _, teacher = spans_of(byte_level_bpe(), text)
+    _, student = spans_of(uncased_wordpiece(), text)
+    student_positions, teacher_positions, boundaries = align(student, teacher)
+    assert len(student_positions) >= 0.6 * boundaries > 0
+    # only whitespace lies between the student's and the teacher's prefix
+    for student_end, teacher_end in zip(student[student_positions, 1], teacher[teacher_positions, 1]):
+        assert teacher_end >= student_end and text[student_end:teacher_end].isspace() | (teacher_end == student_end)
+    assert (teacher[teacher_positions + 1, 0] >= teacher[teacher_positions, 1]).all()
+
+
+def test_offsets_outside_the_text_are_refused():
+    with pytest.raises(KDCacheError, match="invalid token offsets"):
+        check_spans(np.array([[0, 3], [3, 9]]), "abcdef", 2, sample_id=7)
+    with pytest.raises(KDCacheError, match="invalid token offsets"):
+        check_spans(np.array([[2, 3], [0, 1]]), "abcdef", 2, sample_id=7)
+
+
+# ---- the vocabulary map -------------------------------------------------------------------------
+
+def test_token_texts_follow_each_tokenizers_conventions():
+    bpe, wordpiece = byte_level_bpe(), uncased_wordpiece()
+    bpe_texts = dict(zip(bpe.convert_ids_to_tokens(list(range(len(bpe)))), token_texts(bpe)))
+    assert bpe_texts["Ġworld"] == b" world" and bpe_texts["<s>"] == "special:<s>"
+    assert bpe_texts["Ã"] == b"\xc3"  # one byte of a two-byte character
+    wordpiece_texts = dict(zip(wordpiece.convert_ids_to_tokens(list(range(len(wordpiece)))), token_texts(wordpiece)))
+    assert wordpiece_texts["world"] == b" world" and wordpiece_texts[","] == b","
+    assert wordpiece_texts["[CLS]"] == "special:[CLS]"
+    assert any(token.startswith("##") and text == token[2:].encode() for token, text in wordpiece_texts.items())
+
+
+def test_an_uncased_student_receives_both_cases_and_a_tokenizer_maps_to_itself():
+    bpe, wordpiece = byte_level_bpe(), uncased_wordpiece()
+    mapping = vocabulary_map(bpe, wordpiece)
+    world = wordpiece.convert_tokens_to_ids("world")
+    assert mapping[bpe.convert_tokens_to_ids("ĠWorld")] == mapping[bpe.convert_tokens_to_ids("Ġworld")] == world
+    # "The" glued to the text before is a continuation; after whitespace it starts the student's word "the"
+    assert mapping[len(bpe) + bpe.convert_tokens_to_ids("The")] == wordpiece.convert_tokens_to_ids("the")
+    assert (vocabulary_map(bpe, bpe) == np.tile(np.arange(len(bpe)), 2)).all()
+
+
+# ---- the loss ------------------------------------------------------------------------------------
+
+def dense_reference(student_logits, teacher_probs, mapping, k):
+    """Forward KL on [mapped, rest] and the ULD distance, position by position in float64 Python."""
+    kl_values, uld_values = [], []
+    for q, p in zip(torch.softmax(student_logits.double(), -1).tolist(), teacher_probs.tolist()):
+        listed = sorted(range(len(p)), key=lambda i: -p[i])[:k]
+        grouped: dict[int, float] = {}
+        for i in listed:
+            if mapping[i] >= 0:
+                grouped[mapping[i]] = grouped.get(mapping[i], 0.0) + p[i]
+        teacher_rest = 1 - sum(grouped.values())
+        student_rest = 1 - sum(q[j] for j in grouped)
+        kl_values.append(sum(v * np.log(v / q[j]) for j, v in grouped.items())
+                         + teacher_rest * np.log(teacher_rest / student_rest))
+        unmapped = sorted((p[i] for i in listed if mapping[i] < 0), reverse=True)
+        free = sorted((q[j] for j in range(len(q)) if j not in grouped), reverse=True)[:len(unmapped)]
+        tail = 1 - sum(p[i] for i in listed)
+        uld_values.append(sum(abs(a - b) for a, b in zip(unmapped, free))
+                          + abs(tail - (sum(q[j] for j in range(len(q)) if j not in grouped) - sum(free))))
+    return np.mean(kl_values), np.mean(uld_values)
+
+
+def test_kd_and_uld_match_a_dense_reference():
+    torch.manual_seed(0)
+    mapping = [1, 1, -1, 3, -1, 0, 2, -1]  # teacher ids 0 and 1 are one student token (" The", " the")
+    teacher_logits, student_logits = torch.randn(5, 8) * 2, torch.randn(5, 6, dtype=torch.float64)
+    k = 5
+    logprobs, ids = torch.log_softmax(teacher_logits.double(), -1).topk(k)
+    tail = torch.log1p(-logprobs.exp().sum(-1))
+    targets = SparseTargets(ids=ids, logprobs=logprobs, tail_logprob=tail)
+    vocabulary = torch.tensor(mapping)
+    kl, uld = dense_reference(student_logits, torch.softmax(teacher_logits.double(), -1), mapping, k)
+    assert kd_loss(student_logits, map_targets(targets, vocabulary)).item() == pytest.approx(kl, rel=1e-9)
+    assert uld_loss(student_logits, targets, vocabulary).item() == pytest.approx(uld, rel=1e-9)
+
+
+def test_with_an_identity_map_the_exact_part_is_same_tokenizer_kd_and_uld_vanishes_at_the_teacher():
+    torch.manual_seed(1)
+    teacher_logits = torch.randn(6, 10, dtype=torch.float64)
+    logprobs, ids = torch.log_softmax(teacher_logits, -1).topk(4)
+    targets = SparseTargets(ids=ids, logprobs=logprobs, tail_logprob=torch.log1p(-logprobs.exp().sum(-1)))
+    identity = torch.arange(10)
+    student_logits = torch.randn(6, 10, dtype=torch.float64)
+    assert torch.equal(kd_loss(student_logits, map_targets(targets, identity)), kd_loss(student_logits, targets))
+    assert uld_loss(teacher_logits, targets, identity).item() == pytest.approx(0, abs=1e-12)
+
+
+# ---- training and info ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def student_tokenizer_dir(tmp_path_factory):
+    """A WordPiece tokenizer trained on the synthetic language: splits its words differently from the cache's."""
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.train_from_iterator(LANGUAGE.sentences(64, seed=3), trainers.WordPieceTrainer(
+        vocab_size=40, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    directory = tmp_path_factory.mktemp("student_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                            pad_token="[PAD]").save_pretrained(directory)
+    return directory
+
+
+def test_the_same_tokenizer_through_the_cross_path_gives_same_tokenizer_targets(cache_dir):
+    """Every position with a next token aligns to itself and every id maps to itself."""
+    cache = kdcache.open_cache(cache_dir)
+    cross = CrossTokenizer.from_path(cache, str(cache.tokenizer_dir()))
+    assert (cross.vocabulary_map == np.tile(np.arange(cache.manifest.vocab_size), 2)).all()
+    sequences = list(cache.sequences(sample_ids=range(6)))
+    same, crossed = collate(sequences), cross.collate(sequences)
+    assert torch.equal(same.input_ids, crossed.input_ids)
+    has_next = same.valid.clone()
+    has_next[torch.arange(len(sequences)), same.valid.sum(1) - 1] = False
+    assert torch.equal(crossed.target_mask, has_next)
+    assert torch.equal(crossed.sparse_targets().logprobs, same.topk_logprobs[has_next])
+    assert cross.report(sequences)["aligned_share"] == 1.0
+
+
+def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
+    student = AutoTokenizer.from_pretrained(student_tokenizer_dir)
+    config = tmp_path / "student.json"
+    config.write_text(tiny_llama_config(len(student), hidden=16, layers=1).to_json_string())
+    out = tmp_path / "student"
+    summary = train_student(cache_dir, out, student_config=str(config), progress=False,
+                            settings=TrainSettings(max_steps=3, batch_size=4, ce_weight=0.5, log_every=1,
+                                                   student_tokenizer=str(student_tokenizer_dir)))
+    alignment = summary["cross_tokenizer"]
+    assert 0 < alignment["aligned_share"] <= 1 and alignment["skipped_share"] == pytest.approx(
+        1 - alignment["aligned_share"], abs=1e-4)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert record["loss"] == pytest.approx(0.5 * record["ce"] + record["kd"] + record["uld"], rel=1e-6)
+    assert len(AutoTokenizer.from_pretrained(out)) == len(student), "the student ships its own tokenizer"
+
+    result = CliRunner().invoke(main, ["info", str(cache_dir), "--student-tokenizer", str(student_tokenizer_dir)])
+    assert result.exit_code == 0 and f"{alignment['aligned_share']:.1%} of student positions aligned" in result.output
+
+
+def test_a_different_tokenizer_needs_the_setting_and_a_cache_with_offsets(tmp_path, teacher_dir, cache_dir,
+                                                                          student_tokenizer_dir, tokenizer):
+    student = AutoTokenizer.from_pretrained(student_tokenizer_dir)
+    pretrained = tmp_path / "pretrained"
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_config(tiny_llama_config(len(student), hidden=16, layers=1)).save_pretrained(pretrained)
+    student.save_pretrained(pretrained)
+    with pytest.raises(KDCacheError, match="set `student_tokenizer`"):
+        train_student(cache_dir, tmp_path / "a", student=str(pretrained), progress=False,
+                      settings=TrainSettings(max_steps=1))
+
+    ids = write_jsonl(tmp_path / "ids.jsonl", [], column="input_ids")
+    ids.write_text("".join(json.dumps({"input_ids": tokenizer(text)["input_ids"]}) + "\n"
+                           for text in LANGUAGE.sentences(8, seed=5)))
+    pretokenized = tmp_path / "pretokenized"
+    dump_teacher(str(teacher_dir), str(ids), pretokenized, DumpSettings(top_k=4), progress=False)
+    with pytest.raises(KDCacheError, match="has no token offsets"):
+        train_student(pretokenized, tmp_path / "b", student=str(pretrained), progress=False,
+                      settings=TrainSettings(max_steps=1, student_tokenizer=str(pretrained)))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+
+
+def test_the_trainer_integration_refuses_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from kdcache.student.integration import DistillationTrainer
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(64, hidden=16, layers=1))
+    with pytest.raises(KDCacheError, match="not yet by DistillationTrainer"):
+        DistillationTrainer(model, TrainingArguments(str(tmp_path), max_steps=1, report_to=[]), cache=cache_dir,
+                            settings=TrainSettings(student_tokenizer=str(student_tokenizer_dir)))
