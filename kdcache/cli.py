@@ -17,7 +17,7 @@ import click
 from .cache.format import MANIFEST_NAME, Manifest
 from .cache.safety import printable
 from .errors import KDCacheError
-from .runtime import configure_threads, quiet_libraries
+from .runtime import configure_threads, quiet_libraries, thread_settings
 from .student.settings import TrainSettings
 from .tasks import TASKS as TASK_NAMES
 from .teacher.settings import DumpSettings, RecodeSettings
@@ -42,12 +42,13 @@ class _Command(click.Command):
             raise click.UsageError("--quiet and --verbose exclude each other")
         if not verbose:
             quiet_libraries()
-        try:
-            ctx.meta["kdcache.threads"] = configure_threads(threads)
-        except KDCacheError as error:
-            raise click.BadParameter(str(error).replace("`threads` ", ""), param_hint="--threads") from None
-        ctx.meta["kdcache.progress"] = not quiet
-        return super().invoke(ctx)
+        with thread_settings():
+            try:
+                ctx.meta["kdcache.threads"] = configure_threads(threads)
+            except KDCacheError as error:
+                raise click.BadParameter(str(error).replace("`threads` ", ""), param_hint="--threads") from None
+            ctx.meta["kdcache.progress"] = not quiet
+            return super().invoke(ctx)
 
 
 class _Group(click.Group):

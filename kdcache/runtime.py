@@ -13,6 +13,7 @@ datasets and huggingface_hub are quieted unless asked for (`verbose`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -42,6 +43,26 @@ def default_threads() -> tuple[int, str]:
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     threads = max(1, (cores - min(busy, cores - 1)) // processes)
     return threads, f"{cores} physical cores, about {min(busy, cores)} busy elsewhere, {processes} process(es)"
+
+
+@contextlib.contextmanager
+def thread_settings():
+    """Restore torch's thread count and OMP_NUM_THREADS on exit: a command run inside another Python
+    process (tests, notebooks) must not change how that process computes afterwards (float reductions
+    differ between thread counts)."""
+    import sys
+    environment = os.environ.get("OMP_NUM_THREADS")
+    threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    try:
+        yield
+    finally:
+        if environment is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = environment
+        if "torch" in sys.modules:
+            torch = sys.modules["torch"]
+            torch.set_num_threads(threads if threads is not None else default_threads()[0])
 
 
 def configure_threads(threads: int | None = None) -> tuple[int, str]:
