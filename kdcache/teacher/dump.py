@@ -41,7 +41,7 @@ from ..cache.format import (
 )
 from ..cache.reader import content_sha256
 from ..errors import KDCacheError
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, with_gguf_file
 from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, Annotation, Task, pooler, resolve_task
 from .data import describe, load_rows
 from .fidelity import FidelityCard
@@ -145,7 +145,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     Under `accelerate launch` every process calls it with the same arguments.
     """
     out = Path(out)
-
+    teacher = with_gguf_file(teacher, settings.gguf_file)
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")
     task, config = resolve_task(settings.task, teacher)
     if not task.supports_sampled_targets and settings.targets != "topk":

@@ -6,13 +6,15 @@ import hashlib
 from typing import Any
 
 from ..cache.format import sha256_bytes
+from ..models import gguf_record
 
 
 def teacher_fingerprint(model, name_or_path: str) -> dict[str, Any]:
     """Identify the teacher's architecture and weights without hashing every byte.
 
     The weights hash covers each tensor's name, shape, dtype and a strided sample of up to
-    4096 of its values: enough to tell checkpoints apart, cheap for a 70B model.
+    4096 of its values: enough to tell checkpoints apart, cheap for a 70B model. A GGUF teacher also
+    gets its file's name, size and full sha256 (`gguf`).
     """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -22,6 +24,7 @@ def teacher_fingerprint(model, name_or_path: str) -> dict[str, Any]:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(sample.tobytes())
     config = model.config
+    gguf = gguf_record(name_or_path)
     return {
         "name_or_path": name_or_path,
         "model_type": config.model_type,
@@ -30,4 +33,5 @@ def teacher_fingerprint(model, name_or_path: str) -> dict[str, Any]:
         "num_hidden_layers": config.num_hidden_layers,
         "config_sha256": sha256_bytes(config.to_json_string(use_diff=False).encode()),
         "weights_sha256": digest.hexdigest(),
+        **({"gguf": gguf} if gguf else {}),
     }
