@@ -40,9 +40,11 @@ def hidden_column(layer: int) -> str:
 
 # Columns only some tasks write (see kdcache/tasks.py), in schema order, after the target columns.
 # `target_positions`: which token each target belongs to (absent = every position, the causal-LM case);
-# `labels`: the gold class of each target; `token_type_ids`: segment ids of text pairs.
+# `labels`: the gold class of each target; `token_type_ids`: segment ids of text pairs;
+# `position_ids`: causal-LM rows packing several documents, positions restarting at 0 at each
+# document's first token (a document sees only itself: see kdcache/tasks/base.py, "Packed documents").
 OPTIONAL_COLUMNS = {"token_type_ids": pa.list_(pa.int8()), "target_positions": pa.list_(pa.int32()),
-                    "labels": pa.list_(pa.int32())}
+                    "labels": pa.list_(pa.int32()), "position_ids": pa.list_(pa.int32())}
 
 
 POOLED_COLUMN = "pooled"

@@ -104,7 +104,7 @@ class _DecodedBatch:
     """
 
     COLUMNS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "token_type_ids",
-               "target_positions", "labels", "pooled")
+               "target_positions", "labels", "pooled", "position_ids")
     RAGGED_COLUMNS = ("sampled_ids", "sampled_counts")
 
     def __init__(self, batch: pa.RecordBatch, hidden_layers: list[int]):

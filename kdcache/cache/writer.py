@@ -56,6 +56,7 @@ class CachedSequence:
     token_type_ids: np.ndarray | None = None     # int8 [L], text pairs only
     target_positions: np.ndarray | None = None   # int32 [T], ascending; None = every position
     labels: np.ndarray | None = None             # int32 [T], gold class per target
+    position_ids: np.ndarray | None = None       # int32 [L], packed documents only
     pooled: np.ndarray | None = None             # float16 [1, d], an encoder's pooled output
 
     def column(self, name: str) -> np.ndarray:

@@ -45,7 +45,7 @@ def evaluate_student(model, cache: CacheStore | Path | str, *, batch_size: int =
     def score(sequences) -> None:
         nonlocal kl_sum, agree, nll_sum, positions, labelled
         batch = collate(sequences).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = model(**batch.model_inputs()).logits
         logits = logits[batch.valid][:, :manifest.vocab_size].float()
         targets = batch.sparse_targets(kind)
         count = logits.shape[0]

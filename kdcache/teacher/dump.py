@@ -84,8 +84,8 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
     segments = {} if annotations is None or annotations[0].token_type_ids is None else {
         "token_type_ids": pad_batch([annotation.token_type_ids for annotation in annotations], input_device)[0]}
     with torch.inference_mode():
-        output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers) or pool is not None,
-                       **segments)
+        output = model(**task.model_inputs(input_ids, mask, annotations),
+                       output_hidden_states=bool(layers) or pool is not None, **segments)
         valid = mask.bool()
         logits, gold = task.target_logits(output.logits, input_ids.to(output.logits.device),
                                           valid.to(output.logits.device), annotations)

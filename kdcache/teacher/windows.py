@@ -81,8 +81,8 @@ def optional_columns(source: RowSource, settings: DumpSettings) -> tuple[str, ..
     Read off the first row with a target, before the output directory is touched, so data errors
     surface early and every process's shards share one schema.
     """
-    if source.task.classes_are_vocabulary:
-        return ()
+    if source.task.classes_are_vocabulary:  # a causal LM: only packed rows carry anything
+        return ("position_ids",) if {"input_ids", "position_ids"} <= set(source.rows.column_names) else ()
     window_rows = settings.batch_size * WINDOW_BATCHES
     for start in range(0, len(source.rows), window_rows):
         items = window_items(source, start, min(start + window_rows, len(source.rows)), settings)

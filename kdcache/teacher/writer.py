@@ -169,7 +169,8 @@ class BackgroundShardWriter:
         lengths = np.array([len(tokens) for tokens in batch.token_lists])
         token_starts = np.concatenate([[0], np.cumsum(lengths)])
         if batch.annotations is not None:
-            lengths = np.array([len(annotation.target_positions) for annotation in batch.annotations])
+            lengths = np.array([len(tokens) if annotation.target_positions is None else len(annotation.target_positions)
+                                for tokens, annotation in zip(batch.token_lists, batch.annotations)])
         starts = np.concatenate([[0], np.cumsum(lengths)])
         bad_positions = np.add.reduceat((~host["finite"]).astype(np.int64), starts[:-1])
         good_rows = bad_positions == 0
