@@ -156,6 +156,8 @@ def info_command(cache, as_json):
         f"task         {manifest.task}",
         f"teacher      {manifest.teacher['name_or_path']}  ({manifest.teacher['model_type']}, "
         f"{manifest.teacher['num_parameters']:,} parameters)",
+        *([f"teacher file {gguf['file']}  ({gguf['bytes']:,} bytes, GGUF, sha256 {gguf['sha256'][:12]})"]
+          if (gguf := manifest.teacher.get("gguf")) else []),
         f"tokenizer    {manifest.tokenizer['class']}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
         f"data         {manifest.dataset['source']} [{manifest.dataset['split']}], "
         f"{manifest.dataset['rows_dumped']} of {manifest.dataset['num_rows']} rows",

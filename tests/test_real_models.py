@@ -160,3 +160,19 @@ def test_conll_files_with_blank_runs_docstart_and_no_final_newline(tmp_path):
     assert read_conll(path) == [{"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", "O"]},
                                 {"tokens": ["Peter", "Blackburn"], "ner_tags": ["B-PER", "I-PER"]},
                                 {"tokens": ["BRUSSELS"], "ner_tags": ["B-LOC"]}]
+
+
+def test_gguf_teacher_from_the_command_line(tmp_path, gguf_teacher, texts):
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+    path, _ = gguf_teacher
+    runner = CliRunner()
+    result = runner.invoke(main, ["dump-teacher", "--teacher", str(path.parent), "--gguf-file", path.name,
+                                  "--data", str(texts), "--out", str(tmp_path / "cache"), "--top-k", "4"])
+    assert result.exit_code == 0, result.output
+    info = runner.invoke(main, ["info", str(tmp_path / "cache")])
+    assert f"teacher file {path.name}  ({path.stat().st_size:,} bytes, GGUF" in info.output
+    result = runner.invoke(main, ["init-student", "--teacher", str(path.parent), "--gguf-file", "nope.gguf",
+                                  "--layers", "0", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "GGUF file not found" in result.output

@@ -16,10 +16,11 @@ Rows are consecutive `--length`-token pieces of the plays' text (pre-tokenized `
 within one play), taken round-robin over the plays. Held-out figures: next-token NLL of the text,
 KL(teacher ‖ student) on the top-64 + rest bucket and top-1 agreement with the teacher.
 
-`--long`: 2,048-token windows. The plays (documents) are concatenated, each followed by the
-tokenizer's end-of-text token, and cut into windows of exactly `--length` tokens, so a window can
-hold the end of one play and the start of the next (GPT-2-style packing). See the README's
-"Long sequences" for what that means for the targets at a boundary.
+`--long`: 2,048-token windows of packed documents. The documents are the plays' scenes (`### ` headings
+start one), each ended by the tokenizer's end-of-text token, concatenated and cut into windows of
+exactly `--length` tokens, with `position_ids` restarting at each scene (kdcache/tasks/base.py,
+"Packed documents"): a window holds several scenes, none of which sees another, and no label crosses
+a boundary. Peak RSS is that of each kdcache child process.
 
     python tools/smollm2_shakespeare.py --workdir /tmp/smol [--train-rows 96] [--length 128] [--steps 48]
     python tools/smollm2_shakespeare.py --workdir /tmp/smol-long --long --length 2048 --train-rows 8 --steps 4
@@ -63,14 +64,28 @@ def pieces(documents: list[list[int]], length: int, count: int) -> list[list[int
     return rows[:count]
 
 
-def packed(documents: list[list[int]], separator: int, length: int, count: int) -> list[list[int]]:
-    """The documents, each ended by `separator`, concatenated and cut into `count` windows of `length`."""
-    stream = [token for ids in documents for token in [*ids, separator]]
-    return [stream[start:start + length] for start in range(0, len(stream) - length + 1, length)][:count]
+def packed(documents: list[list[int]], separator: int, length: int, count: int) -> list[dict]:
+    """The documents, each ended by `separator`, concatenated and cut into `count` windows of `length`,
+    with positions restarting at 0 at each document (a window starting inside one keeps counting)."""
+    ids = [token for document in documents for token in [*document, separator]]
+    positions = [position for document in documents for position in range(len(document) + 1)]
+    return [{"input_ids": ids[start:start + length], "position_ids": positions[start:start + length]}
+            for start in range(0, len(ids) - length + 1, length)][:count]
 
 
-def write_rows(path: Path, rows: list[list[int]]) -> Path:
-    path.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in rows))
+def scenes(text: str) -> list[str]:
+    """A play cut at its scene headings (`### SCENE ...`); the title and act lines go with the next scene."""
+    parts, current = [], []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("### ") and any(not part.startswith("#") and part.strip() for part in current):
+            parts.append("".join(current))
+            current = []
+        current.append(line)
+    return [*parts, "".join(current)]
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row if isinstance(row, dict) else {"input_ids": row}) + "\n" for row in rows))
     return path
 
 
@@ -111,8 +126,13 @@ def main() -> None:
     print(f"{len(texts)} plays, {sum(map(len, documents))} tokens; held out: {', '.join(n for n, _ in texts[-HELD_OUT_PLAYS:])}")
     train_docs, heldout_docs = documents[:-HELD_OUT_PLAYS], documents[-HELD_OUT_PLAYS:]
     if args.long:
-        train = packed(train_docs, tokenizer.eos_token_id, args.length, args.train_rows)
-        heldout = packed(heldout_docs, tokenizer.eos_token_id, args.length, args.heldout_rows)
+        by_scene = [[tokenizer(scene)["input_ids"] for scene in scenes(text)] for _, text in texts]
+        train_scenes = [scene for play in by_scene[:-HELD_OUT_PLAYS] for scene in play]
+        heldout_scenes = [scene for play in by_scene[-HELD_OUT_PLAYS:] for scene in play]
+        print(f"{len(train_scenes) + len(heldout_scenes)} scenes (packed documents), median "
+              f"{sorted(map(len, train_scenes))[len(train_scenes) // 2]} tokens")
+        train = packed(train_scenes, tokenizer.eos_token_id, args.length, args.train_rows)
+        heldout = packed(heldout_scenes, tokenizer.eos_token_id, args.length, args.heldout_rows)
     else:
         train = pieces(train_docs, args.length, args.train_rows)
         heldout = pieces(heldout_docs, args.length, args.heldout_rows)
