@@ -26,7 +26,7 @@ from kdcache.student import TrainSettings, evaluate_student, init_student, train
 from kdcache.teacher import DumpSettings, dump_teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from real_data import read_conll  # noqa: E402
+from real_data import read_conll
 
 gguf = pytest.importorskip("gguf")
 

@@ -34,8 +34,9 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kdcache  # noqa: E402
-from real_data import CONLL, CONLL_LABELS, fetch, read_conll, write_jsonl  # noqa: E402
+from real_data import CONLL, CONLL_LABELS, fetch, read_conll, write_jsonl
+
+import kdcache
 
 TEACHER_LAYERS = 6
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_data import SMOLLM2, fetch, plays  # noqa: E402
+from real_data import SMOLLM2, fetch, plays
 
 HELD_OUT_PLAYS = 2
 
