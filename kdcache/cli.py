@@ -98,7 +98,8 @@ def main():
 
 
 @main.command("dump-teacher")
-@click.option("--teacher", required=True, help="Teacher (causal LM or classifier): local directory, hub id or .gguf file.")
+@click.option("--teacher", required=True,
+              help="Teacher (causal LM or classifier): local directory, hub id or .gguf file.")
 @click.option("--data", required=True, help="Anything `datasets` loads: jsonl/json/csv/parquet/txt, save_to_disk dir, hub id.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to create.")
 @settings_options(DumpSettings)

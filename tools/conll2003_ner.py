@@ -17,7 +17,8 @@ Sentences/s is each model's forward over the test split (batches of 32, tokenize
 this run; size is the saved safetensors file. Every artefact stays in `--workdir`, and a rerun with the
 same workdir skips the stages already done (the teacher's fine-tune takes most of the time).
 
-    python tools/conll2003_ner.py --workdir /tmp/conll [--unlabeled] [--narrow] [--teacher-epochs 1] [--student-epochs 1]
+    python tools/conll2003_ner.py --workdir /tmp/conll [--unlabeled] [--narrow]
+                                  [--teacher-epochs 1] [--student-epochs 1]
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def main() -> None:
         out = work / f"cache-{name}"
         if not (out / "kdcache.json").exists():
             stage(f"kdcache dump-teacher --teacher {teacher} --data {data[source]} --out {out} "
-                  + " ".join(f"--{key.replace('_', '-')} {','.join(map(str, value))}" for key, value in settings.items()))
+                  + " ".join(f"--{key.replace('_', '-')} {','.join(map(str, value))}"
+                             for key, value in settings.items()))
             kdcache.dump_teacher(str(teacher), str(data[source]), out,
                                  kdcache.DumpSettings(batch_size=64, **settings), progress=False)
         return out
@@ -210,7 +212,8 @@ def print_table(results: dict, args) -> None:
     teacher_speed = results["teacher"]["sentences_per_second"]
     print(f"\nCoNLL-2003 test ({results['teacher']['gold']['entities']} entities), entity P/R/F1 vs gold; "
           f"teacher {args.teacher_epochs:g} epoch(s), students {args.student_epochs} epoch(s), seed {args.seed}, "
-          f"α={args.alpha} β={args.beta} T={args.temperature} γ={args.hidden_weight}, {torch.get_num_threads()} threads")
+          f"α={args.alpha} β={args.beta} T={args.temperature} γ={args.hidden_weight}, "
+          f"{torch.get_num_threads()} threads")
     print("| model | layers × width | parameters | size MB | steps | test sent/s | P | R | F1 | F1 / teacher's | "
           "F1 vs teacher's labels |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -123,7 +123,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(teacher.parent, gguf_file=teacher.name)
     texts = plays()
     documents = [tokenizer(text)["input_ids"] for _, text in texts]
-    print(f"{len(texts)} plays, {sum(map(len, documents))} tokens; held out: {', '.join(n for n, _ in texts[-HELD_OUT_PLAYS:])}")
+    print(f"{len(texts)} plays, {sum(map(len, documents))} tokens; "
+          f"held out: {', '.join(name for name, _ in texts[-HELD_OUT_PLAYS:])}")
     train_docs, heldout_docs = documents[:-HELD_OUT_PLAYS], documents[-HELD_OUT_PLAYS:]
     if args.long:
         by_scene = [[tokenizer(scene)["input_ids"] for scene in scenes(text)] for _, text in texts]

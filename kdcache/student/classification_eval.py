@@ -2,7 +2,8 @@
 
 Three comparisons over the same target positions: student vs the teacher's argmax (how well it
 imitates), student vs gold labels and teacher vs gold labels (how good each is), when the cache
-holds gold labels (rows without gold, from partly labelled data, count only against the teacher). Each gives accuracy over targets and, for token classification with IOB2-style
+holds gold labels (rows without gold, from partly labelled data, count only against the teacher).
+Each gives accuracy over targets and, for token classification with IOB2-style
 labels, entity-level precision/recall/F1 over sentences (kdcache/entities.py). The teacher's
 predictions come from the cache, so the teacher is not loaded.
 """

@@ -18,8 +18,8 @@ windows of exactly `max_length` tokens, so no compute goes to padding. Naive pac
 document attend to the one before it in the window, so the teacher's targets for a document
 depend on whatever happened to precede it, and the next-token label at a boundary is the other
 document's first token. A pre-tokenized row may therefore carry `position_ids` next to
-`input_ids`, restarting at 0 at each document's first token (a window that starts inside a document may continue its count). Then, on
-both sides:
+`input_ids`, restarting at 0 at each document's first token (a window that starts inside a
+document may continue its count). Then, on both sides:
 
 - the model gets `position_ids`, no attention mask and `use_cache=False`, from which transformers'
   masking utilities build a block-diagonal causal mask (`find_packed_sequence_indices`; they look for
@@ -90,7 +90,8 @@ class Task:
     def check_rows(self, rows, settings, source: str) -> None:
         """Refuse data that cannot be read (missing columns, packed positions that describe no documents),
         before anything is written."""
-        if _text_or_ids_column(rows, settings.text_column, source) == "input_ids" and "position_ids" in rows.column_names:
+        column = _text_or_ids_column(rows, settings.text_column, source)
+        if column == "input_ids" and "position_ids" in rows.column_names:
             _check_document_positions(rows.data.column("input_ids"), rows.data.column("position_ids"))
 
     def dataset_columns(self, settings) -> dict:
