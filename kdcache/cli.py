@@ -135,7 +135,8 @@ def main():
 
 
 @main.command("dump-teacher")
-@click.option("--teacher", required=True, help="Teacher (causal LM or classifier): local directory or hub id.")
+@click.option("--teacher", required=True,
+              help="Teacher (causal LM or classifier): local directory, hub id or .gguf file.")
 @click.option("--data", required=True, help="Anything `datasets` loads: jsonl/json/csv/parquet/txt, save_to_disk dir, hub id.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to create.")
 @settings_options(DumpSettings)
@@ -258,6 +259,8 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
         f"teacher      {teacher.get('name_or_path')}  ({teacher.get('model_type')}, "
         + (f"{parameters:,} parameters)" if isinstance(parameters, int) else
            f"{parameters} parameters)" if parameters else "parameters not recorded)"),
+        *([f"teacher file {gguf.get('file')}  ({_count(gguf.get('bytes'))} bytes, GGUF, "
+           f"sha256 {str(gguf.get('sha256'))[:12]})"] if isinstance(gguf := teacher.get("gguf"), dict) else []),
         f"tokenizer    {manifest.tokenizer.get('class')}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
         f"data         {dataset.get('source')} [{dataset.get('split')}], "
         f"{dataset.get('rows_dumped')} of {dataset.get('num_rows')} rows",
@@ -288,6 +291,11 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
     click.echo("\n".join(printable(line) for line in lines))
     if plot is not None:
         click.echo(f"report       {printable(plot)}")
+
+
+def _count(value) -> str:
+    """A count from the manifest (untrusted: maybe not a number) with thousands separators when it is one."""
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def _describe_targets(manifest: Manifest) -> str:
@@ -459,17 +467,18 @@ def eval_command(cache, students, batch_size, split_fraction, verify, as_json):
 
 
 @main.command("init-student")
-@click.option("--teacher", required=True, help="Teacher directory or hub id.")
+@click.option("--teacher", required=True, help="Teacher directory, hub id or .gguf file.")
 @click.option("--layers", required=True, callback=_int_list,
               help="Teacher layers to copy, 0-based, e.g. '0,2,4' (with --hidden-size: only their count matters).")
 @click.option("--hidden-size", type=int, default=None, help="Build a fresh, narrower model of this width instead.")
 @click.option("--task", type=click.Choice(list(TASK_NAMES)), default=None,
               help="Model class to build (default: the teacher's own class).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the student.")
-def init_student_command(teacher, layers, hidden_size, task, out):
+@click.option("--gguf-file", default=None, help="A GGUF teacher: the .gguf file inside the --teacher directory.")
+def init_student_command(teacher, layers, hidden_size, task, out, gguf_file):
     """Build a student from TEACHER's layers (DistilBERT style) or a narrower fresh model of its type."""
     from .student import init_student
-    record = init_student(teacher, out, list(layers), hidden_size=hidden_size, task=task)
+    record = init_student(teacher, out, list(layers), hidden_size=hidden_size, task=task, gguf_file=gguf_file)
     click.echo(f"wrote {out}: {record['class']}, {len(record['layers'])} layers, hidden {record['hidden_size']}, "
                f"{record['num_parameters']:,} parameters ({record['mode']})")
 

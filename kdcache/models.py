@@ -7,10 +7,17 @@ Models, tokenizers and caches come from other teams, so nothing they ship is eve
 passes `trust_remote_code=False`, and a local directory whose config asks for its own code
 (`auto_map`) is refused up front, naming the file, rather than left to transformers (which would
 prompt on a terminal, or run the code once someone answers yes).
+
+Every loader also takes a GGUF file (llama.cpp's format, how many LLMs are shared): a path ending
+in `.gguf` is loaded through transformers' GGUF support (`from_pretrained(directory, gguf_file=name)`,
+which dequantizes the weights and converts the tokenizer), so dump-teacher, init-student and
+anything else that loads a teacher or its tokenizer accept one the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -49,19 +56,63 @@ def _check_exists(name_or_path: str, what: str, local: bool = False) -> None:
                                f"kdcache never runs code shipped with a model, tokenizer or cache")
 
 
+def with_gguf_file(name_or_path: str, gguf_file: str | None) -> str:
+    """The one path the loaders take for "a directory plus the GGUF file in it" (`gguf_file` setting)."""
+    if gguf_file is None:
+        return name_or_path
+    if Path(gguf_file).name != gguf_file:
+        raise KDCacheError(f"`gguf_file` must be a file name inside the teacher directory, got {gguf_file}")
+    return str(Path(name_or_path) / gguf_file)
+
+
+def is_gguf(name_or_path: str) -> bool:
+    return Path(name_or_path).suffix.lower() == ".gguf"
+
+
+def _source(name_or_path: str, what: str, local: bool = False) -> tuple[str, dict]:
+    """(what `from_pretrained` takes, its extra keyword arguments): a GGUF file becomes its directory
+    plus `gguf_file`, after checking that the file and the `gguf` package are there."""
+    if not is_gguf(name_or_path):
+        _check_exists(name_or_path, what, local)
+        return name_or_path, {}
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise KDCacheError(f"GGUF file not found: {name_or_path}")
+    if importlib.util.find_spec("gguf") is None:
+        raise KDCacheError(f"{what} {name_or_path} is a GGUF file, which needs the `gguf` package: "
+                           f"pip install 'kdcache[gguf]'")
+    return str(path.parent), {"gguf_file": path.name}
+
+
+def gguf_record(name_or_path: str) -> dict | None:
+    """What the manifest records about a GGUF teacher (file name, bytes, sha256), None for anything else.
+
+    The weights fingerprint only samples the dequantized tensors; the file's own hash names exactly
+    which quantized file a cache came from.
+    """
+    if not is_gguf(name_or_path):
+        return None
+    path = Path(name_or_path).expanduser()
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
 def load_tokenizer(name_or_path: str, what: str = "tokenizer", local: bool = False):
     """`local`: `name_or_path` is a directory kdcache found (a cache's tokenizer), never a hub id."""
-    _check_exists(name_or_path, what, local)
+    source, extra = _source(name_or_path, what, local)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local, **NO_CODE)
+        return AutoTokenizer.from_pretrained(source, local_files_only=local, **extra, **NO_CODE)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
 
 def load_config(name_or_path: str, what: str) -> PretrainedConfig:
-    _check_exists(name_or_path, what)
+    source, extra = _source(name_or_path, what)
     try:
-        return AutoConfig.from_pretrained(name_or_path, **NO_CODE)
+        return AutoConfig.from_pretrained(source, **extra, **NO_CODE)
     except (OSError, ValueError, KeyError) as error:
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
@@ -72,11 +123,11 @@ def load_model(name_or_path: str, what: str, dtype: str = "auto", auto_class=Aut
 
     `device_map` (e.g. "auto") spreads a model too big for one device over all of them (big-model loading).
     """
-    _check_exists(name_or_path, what)
+    source, extra = _source(name_or_path, what)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     placement = {} if device_map is None else {"device_map": device_map}
     try:
-        return auto_class.from_pretrained(name_or_path, dtype=torch_dtype, **placement, **NO_CODE)
+        return auto_class.from_pretrained(source, dtype=torch_dtype, **placement, **extra, **NO_CODE)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 

@@ -312,3 +312,23 @@ def test_ner_from_the_command_line(tmp_path, ner_teacher, ner_data):
     assert teacher.startswith("teacher (cached)") and trained.startswith(str(tmp_path / "trained"))
     [scores] = json.loads(run("eval", "--cache", cache, "--student", tmp_path / "trained", "--json"))
     assert 0 <= scores["student_vs_gold"]["entity_f1"] <= 1
+
+
+def test_partly_labelled_rows_get_teacher_targets_and_no_gold(tmp_path, ner_teacher, student_config_dir):
+    """Gold sentences plus raw text for the teacher to label (null labels), as in the CoNLL --unlabeled run."""
+    rows = ner_rows(6, seed=4)
+    partly = rows[:3] + [{"tokens": row["tokens"], "ner_tags": None} for row in rows[3:]]
+    dump_teacher(str(ner_teacher), str(write_rows(tmp_path / "partly.jsonl", partly)), tmp_path / "cache",
+                 DumpSettings(), progress=False)
+    sequences = {sequence.sample_id: sequence for sequence in open_cache(tmp_path / "cache").sequences()}
+    assert sorted(sequences) == list(range(6))
+    assert [bool((sequences[i].labels == -100).all()) for i in range(6)] == [False] * 3 + [True] * 3
+    summary = train_student(tmp_path / "cache", tmp_path / "s", student_config=str(student_config_dir), progress=False,
+                            settings=TrainSettings(max_steps=2, batch_size=6, ce_weight=1.0))
+    assert np.isfinite(summary["final"]["ce"])
+    dump_teacher(str(ner_teacher), str(write_rows(tmp_path / "gold.jsonl", rows[:3])), tmp_path / "gold",
+                 DumpSettings(), progress=False)
+    student = AutoModelForTokenClassification.from_pretrained(tmp_path / "s")
+    mixed, gold_only = evaluate(student, tmp_path / "cache"), evaluate(student, tmp_path / "gold")
+    assert mixed["student_vs_gold"] == gold_only["student_vs_gold"], "gold scores cover the labelled rows only"
+    assert mixed["rows"] == 6 and gold_only["rows"] == 3

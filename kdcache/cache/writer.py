@@ -47,6 +47,7 @@ class CachedSequence:
     labels: np.ndarray | None = None             # int32 [T], gold class per target
     token_offsets: np.ndarray | None = None      # int32 [L, 2], each token's [start, end) in `text`
     text: str | None = None                      # the text the tokens cover (see tasks/spans.py)
+    position_ids: np.ndarray | None = None       # int32 [L], packed documents only
     pooled: np.ndarray | None = None             # float16 [1, d], an encoder's pooled output
 
     def column(self, name: str) -> np.ndarray:

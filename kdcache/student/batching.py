@@ -16,6 +16,7 @@ import torch
 from ..cache.format import HIDDEN_PREFIX, POOLED_COLUMN, batch_dtype
 from ..cache.writer import CachedSequence, Ragged
 from ..losses import SparseTargets
+from ..tasks import pad_positions
 
 T = TypeVar("T")
 
@@ -36,6 +37,7 @@ class Batch:
     labels: torch.Tensor | None = None          # int64 [B, L]: gold class at target positions, else -100
     token_type_ids: torch.Tensor | None = None  # int64 [B, L], text pairs only
     pooled: torch.Tensor | None = None          # float32 [B, d], the teacher encoder's pooled output
+    position_ids: torch.Tensor | None = None    # int64 [B, L], packed documents (padding: a document of its own)
     sample_ids: list[int] = dataclasses.field(default_factory=list)  # the cache rows, in batch order
 
     def as_dict(self) -> dict[str, Any]:
@@ -63,7 +65,10 @@ class Batch:
         """Where the targets are: every valid position unless the cache says otherwise."""
         return self.valid if self.target_mask is None else self.target_mask
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
+    def model_inputs(self) -> dict:
+        """Packed rows give positions and no mask, so each document sees only itself (tasks/base.py)."""
+        if self.position_ids is not None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.token_type_ids is not None:
             inputs["token_type_ids"] = self.token_type_ids
@@ -86,9 +91,13 @@ class Batch:
                              tail_logprob=self.tail_logprob[valid])
 
     def next_token_labels(self) -> torch.Tensor:
-        """Flat labels for valid positions: the following token, -100 at each sequence's end."""
+        """Flat labels for valid positions: the following token, -100 at each sequence's and each
+        packed document's end."""
+        has_next = self.valid[:, 1:]
+        if self.position_ids is not None:
+            has_next = has_next & (self.position_ids[:, 1:] != 0)
         labels = torch.full_like(self.input_ids, -100)
-        labels[:, :-1] = torch.where(self.valid[:, 1:], self.input_ids[:, 1:], -100)
+        labels[:, :-1] = torch.where(has_next, self.input_ids[:, 1:], -100)
         return labels[self.valid]
 
 
@@ -173,6 +182,8 @@ def collate(sequences: list[CachedSequence]) -> Batch:
                         else _stack_padded([s.token_type_ids for s in sequences], length, _dtype("token_type_ids"))),
         pooled=(None if first.pooled is None
                 else torch.from_numpy(np.concatenate([s.pooled for s in sequences])).to(_dtype(POOLED_COLUMN))),
+        position_ids=(None if first.position_ids is None
+                      else pad_positions([s.position_ids for s in sequences], length, "cpu")),
         sample_ids=[sequence.sample_id for sequence in sequences],
     )
 

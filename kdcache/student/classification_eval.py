@@ -2,7 +2,8 @@
 
 Three comparisons over the same target positions: student vs the teacher's argmax (how well it
 imitates), student vs gold labels and teacher vs gold labels (how good each is), when the cache
-holds gold labels. Each gives accuracy over targets and, for token classification with IOB2-style
+holds gold labels (rows without gold, from partly labelled data, count only against the teacher).
+Each gives accuracy over targets and, for token classification with IOB2-style
 labels, entity-level precision/recall/F1 over sentences (kdcache/entities.py). The teacher's
 predictions come from the cache, so the teacher is not loaded.
 """
@@ -13,7 +14,7 @@ import torch
 
 from ..cache.cache import Cache
 from ..losses import kd_loss
-from ..tasks import TOKEN_CLASSIFICATION, get_task
+from ..tasks import IGNORE_LABEL, TOKEN_CLASSIFICATION, get_task
 from .batching import chunked, collate
 from .entities import entity_scores, is_entity_scheme
 
@@ -21,7 +22,10 @@ COMPARISONS = {"student_vs_teacher": ("student", "teacher"), "student_vs_gold": 
                "teacher_vs_gold": ("teacher", "gold")}
 
 
-def _agreement(truth: list[list[str]], predicted: list[list[str]], entities: bool) -> dict[str, float]:
+def _agreement(truth: list[list[str] | None], predicted: list[list[str]], entities: bool) -> dict[str, float]:
+    """Scores over the rows that have a truth (unlabelled rows of partly labelled data have none)."""
+    labelled = [index for index, row in enumerate(truth) if row is not None]
+    truth, predicted = [truth[index] for index in labelled], [predicted[index] for index in labelled]
     pairs = [(t, p) for true_row, predicted_row in zip(truth, predicted) for t, p in zip(true_row, predicted_row)]
     scores = {"accuracy": sum(t == p for t, p in pairs) / max(len(pairs), 1)}
     if entities:
@@ -55,7 +59,8 @@ def evaluate_classifier(model, cache: Cache, *, batch_size: int = 16, device=Non
             flat["gold"] = task.gold_labels(batch)
         counts = batch.targets_at.sum(dim=1).tolist()
         for source, values in flat.items():
-            rows[source] += [[names[index] for index in part.tolist()] for part in values.split(counts)]
+            rows[source] += [None if (part == IGNORE_LABEL).any() else [names[index] for index in part.tolist()]
+                             for part in values.split(counts)]
 
     for sequences in chunked(cache.sequences(), batch_size):
         score(sequences)
@@ -63,7 +68,7 @@ def evaluate_classifier(model, cache: Cache, *, batch_size: int = 16, device=Non
     entities = task.name == TOKEN_CLASSIFICATION and is_entity_scheme(names)
     result = {"task": task.name, "rows": len(rows["student"]), "targets": targets, "kl_to_teacher": kl_sum / targets}
     for name, (predicted, truth) in COMPARISONS.items():
-        if rows[truth] or truth != "gold":
+        if any(row is not None for row in rows[truth]):
             result[name] = _agreement(rows[truth], rows[predicted], entities)
     return result
 

@@ -48,7 +48,7 @@ def evaluate(model, cache: Cache | Path | str, *, batch_size: int = 16, device: 
     def score(sequences) -> None:
         nonlocal kl_sum, agree, nll_sum, positions, labelled
         batch = collate(sequences).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = model(**batch.model_inputs()).logits
         logits = logits[batch.valid][:, :manifest.vocab_size].float()
         targets = batch.sparse_targets(kind)
         count = logits.shape[0]

@@ -23,7 +23,7 @@ import transformers
 from torch import nn
 
 from ..errors import KDCacheError
-from ..models import load_config, load_model, load_tokenizer
+from ..models import load_config, load_model, load_tokenizer, with_gguf_file
 from ..tasks import get_task, infer_task
 from .output import INIT_RECORD, commit_output, prepare_output
 
@@ -78,9 +78,11 @@ def _student_config(config, layers: list[int], hidden_size: int | None):
 
 
 def init_student(teacher: str, out: Path | str, layers: list[int], *, hidden_size: int | None = None,
-                 task: str | None = None) -> dict:
-    """Write a student built from `teacher` to `out` (model + tokenizer); return what was done."""
+                 task: str | None = None, gguf_file: str | None = None) -> dict:
+    """Write a student built from `teacher` (or the GGUF file `gguf_file` in it) to `out` (model +
+    tokenizer); return what was done. A GGUF teacher's student is saved as safetensors."""
     out = Path(out)
+    teacher = with_gguf_file(teacher, gguf_file)
     config = load_config(teacher, "teacher config")
     count = config.num_hidden_layers
     if not layers:

@@ -14,6 +14,7 @@ from .base import (
     Task,
     TokenizedBatch,
     generic_names,
+    pad_positions,
     pooler,
     target_mask,
 )
@@ -23,7 +24,7 @@ TASKS = {task.name: task for task in (Task(), TokenClassification(), SequenceCla
 
 __all__ = ["CAUSAL_LM", "FULL_DISTRIBUTION_MAX_LABELS", "IGNORE_LABEL", "SEQUENCE_CLASSIFICATION",
            "TOKEN_CLASSIFICATION", "TASKS", "Annotation", "Task", "TokenizedBatch", "generic_names", "get_task",
-           "infer_task", "pooler", "resolve_task", "target_mask"]
+           "infer_task", "pad_positions", "pooler", "resolve_task", "target_mask"]
 
 
 def get_task(name: str) -> Task:

@@ -19,6 +19,7 @@ import torch
 from ..errors import KDCacheError
 from .base import (
     FULL_DISTRIBUTION_MAX_LABELS,
+    IGNORE_LABEL,
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
     Annotation,
@@ -99,7 +100,9 @@ class TokenClassification(_Classification):
         """Batches of `rows_range` from word lists and per-word labels.
 
         Each word's target sits on its first sub-token (`word_ids()` of the fast tokenizer); words
-        cut off by `max_length` get none, and rows with no word left are skipped.
+        cut off by `max_length` get none, and rows with no word left are skipped. A row whose labels
+        are null (partly labelled data: gold sentences plus raw text for the teacher to label) gets
+        the teacher's targets and IGNORE_LABEL as gold, which the CE term and the gold metrics skip.
         """
         if not getattr(tokenizer, "is_fast", False):
             raise KDCacheError("token classification needs a fast tokenizer (word_ids() aligns words and sub-tokens)")
@@ -122,9 +125,12 @@ class TokenClassification(_Classification):
                 labels = None
                 if labels_column:
                     row_labels = chunk[labels_column][offset]
-                    if len(row_labels) != len(row_words):
+                    if row_labels is None:  # an unlabelled row of partly labelled data: targets, no gold
+                        labels = np.full(len(positions), IGNORE_LABEL, dtype=np.int32)
+                    elif len(row_labels) != len(row_words):
                         raise KDCacheError(f"row {start + offset}: {len(row_words)} words but {len(row_labels)} labels")
-                    labels = np.array([encode(row_labels[word_ids[t]]) for t in positions], dtype=np.int32)
+                    else:
+                        labels = np.array([encode(row_labels[word_ids[t]]) for t in positions], dtype=np.int32)
                 sample_ids.append(start + offset)
                 token_lists.append(encoding["input_ids"][offset])
                 annotations.append(Annotation(np.array(positions, dtype=np.int32), labels))

@@ -46,7 +46,7 @@ from ..cache.format import (
 from ..cache.reader import content_sha256
 from ..cache.stats import StreamingSummary, shard_stats
 from ..errors import KDCacheError
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, with_gguf_file
 from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, Annotation, Task, pooler, resolve_task
 from .data import describe, load_rows
 from .fidelity import FidelityCard
@@ -93,8 +93,8 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
     segments = {} if annotations is None or annotations[0].token_type_ids is None else {
         "token_type_ids": pad_batch([annotation.token_type_ids for annotation in annotations], input_device)[0]}
     with torch.inference_mode():
-        output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers) or pool is not None,
-                       **segments)
+        output = model(**task.model_inputs(input_ids, mask, annotations),
+                       output_hidden_states=bool(layers) or pool is not None, **segments)
         valid = mask.bool()
         logits, gold = task.target_logits(output.logits, input_ids.to(output.logits.device),
                                           valid.to(output.logits.device), annotations)
@@ -171,7 +171,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     files.
     """
     out = Path(out)
-
+    teacher = with_gguf_file(teacher, settings.gguf_file)
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")
     task, config = resolve_task(settings.task, teacher)
     settings = settings.resolved(task.supports_sampled_targets)

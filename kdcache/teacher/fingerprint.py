@@ -6,6 +6,7 @@ import hashlib
 from typing import Any
 
 from ..cache.format import sha256_bytes
+from ..models import gguf_record
 from .data import portable_name
 
 
@@ -15,7 +16,8 @@ def teacher_fingerprint(model, name_or_path: str) -> dict[str, Any]:
     The weights hash covers each tensor's name, shape, dtype and a strided sample of up to
     4096 of its values: enough to tell checkpoints apart, cheap for a 70B model. `name_or_path` is kept
     as another team can use it: a hub id (with the revision loaded, when the hub reported one) or
-    the local directory's name, not its path on this machine.
+    the local directory's (or GGUF file's) name, not its path on this machine. A GGUF teacher also
+    gets its file's name, size and full sha256 (`gguf`).
     """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -26,6 +28,7 @@ def teacher_fingerprint(model, name_or_path: str) -> dict[str, Any]:
         digest.update(sample.tobytes())
     config = model.config
     revision = getattr(config, "_commit_hash", None)
+    gguf = gguf_record(name_or_path)
     return {
         "name_or_path": portable_name(name_or_path),
         **({"revision": revision} if revision else {}),
@@ -35,4 +38,5 @@ def teacher_fingerprint(model, name_or_path: str) -> dict[str, Any]:
         "num_hidden_layers": config.num_hidden_layers,
         "config_sha256": sha256_bytes(config.to_json_string(use_diff=False).encode()),
         "weights_sha256": digest.hexdigest(),
+        **({"gguf": gguf} if gguf else {}),
     }

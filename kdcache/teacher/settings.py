@@ -67,6 +67,8 @@ class DumpSettings:
                                              "(default: 'label' if present).")
     text_pair_column: str | None = setting(None, "Sequence classification: the second text of pairs.")
     pooled: bool = setting(False, "Encoders: also cache the pooler's output ('pooled' column).")
+    gguf_file: str | None = setting(None, "A GGUF teacher: the .gguf file inside the `teacher` directory (a path "
+                                          "ending in .gguf may also be given as the teacher itself).")
 
     def __post_init__(self):
         check_fields(self)
@@ -124,6 +126,7 @@ class DumpSettings:
         """What a resumed dump must share with the interrupted one: the same rows, batched the same way."""
         settings = dataclasses.asdict(self)
         del settings["device_map"], settings["skip_nonfinite"]
+        del settings["gguf_file"]  # which teacher: the manifest's teacher record (with the file's sha256) says it
         return settings
 
 

@@ -176,8 +176,9 @@ class BackgroundShardWriter:
         host = {name: tensor.numpy() for name, tensor in batch.tensors.items()}
         lengths = np.array([len(tokens) for tokens in batch.token_lists])
         token_starts = np.concatenate([[0], np.cumsum(lengths)])
-        if batch.annotations is not None and batch.annotations[0].target_positions is not None:
-            lengths = np.array([len(annotation.target_positions) for annotation in batch.annotations])
+        if batch.annotations is not None:
+            lengths = np.array([len(tokens) if annotation.target_positions is None else len(annotation.target_positions)
+                                for tokens, annotation in zip(batch.token_lists, batch.annotations)])
         starts = np.concatenate([[0], np.cumsum(lengths)])
         bad_positions = np.add.reduceat((~host["finite"]).astype(np.int64), starts[:-1])
         good_rows = bad_positions == 0
