@@ -57,3 +57,20 @@ def test_to_dataset_is_the_shards_as_a_datasets_table(cache_dir, tmp_path):
     np.testing.assert_array_equal(np.array(row["topk_ids"]), first.topk_ids)
     heldout = cache.split(0.25).heldout
     assert sorted(cache.subset(heldout).to_dataset(cache_dir=str(tmp_path / "hf"))["sample_id"]) == sorted(heldout)
+
+
+def test_lazily_exported_names_are_never_shadowed_by_submodules():
+    """A package's lazy export must not share its name with one of its submodules: importing the submodule
+    would put the module where the function was (`kdcache.student.evaluate` once named both)."""
+    import importlib
+    import pkgutil
+    import types
+
+    import kdcache
+    for info in pkgutil.walk_packages(kdcache.__path__, "kdcache."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    for package in (kdcache, importlib.import_module("kdcache.student"), importlib.import_module("kdcache.teacher")):
+        for name in package.__all__:
+            if name != "__version__":
+                assert not isinstance(getattr(package, name), types.ModuleType), f"{package.__name__}.{name}"

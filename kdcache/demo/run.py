@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ..models import load_causal_lm
-from ..student.evaluate import evaluate
+from ..student.scoring import evaluate
 from ..student.train import TrainSettings, train_student
 from ..teacher.dump import DumpSettings, dump_teacher
 from .synthetic import SyntheticLanguage, build_word_tokenizer

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..cache.cache import Cache
-from .evaluate import evaluate as kdcache_evaluate
+from .scoring import evaluate as kdcache_evaluate
 
 
 class Validation:
