@@ -18,7 +18,6 @@ from kdcache.cache.format import Manifest
 def test_cached_targets_equal_a_direct_forward(cache_dir, teacher_dir, corpus):
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    manifest = Manifest.load(cache_dir)
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     vocab = len(tokenizer)
     sequences = {s.sample_id: s for s in open_cache(cache_dir).sequences(hidden_layers=[2])}

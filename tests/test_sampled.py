@@ -113,7 +113,6 @@ def test_mean_over_seeds_converges_to_the_teacher():
 
 
 def sampled_columns(cache) -> dict[int, tuple[list, list]]:
-    manifest = Manifest.load(cache)
     return {s.sample_id: (s.sampled_ids.values.tolist(), s.sampled_counts.values.tolist())
             for s in open_cache(cache).sequences()}
 

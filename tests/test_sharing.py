@@ -210,7 +210,6 @@ def test_pulled_subsets_are_valid_caches_with_exact_statistics(cache_dir, tmp_pa
 
     wanted = [int(i) for i in open_cache(cache_dir).sample_ids()[::7]]
     copy_cache(cache_dir, tmp_path / "ids", sample_ids=wanted, progress=False)
-    picked = Manifest.load(tmp_path / "ids")
     open_cache(tmp_path / "ids").verify(progress=False)
     assert sorted(sequence.sample_id for sequence in open_cache(tmp_path / "ids").sequences()) == sorted(wanted)
 

@@ -88,7 +88,7 @@ def test_each_word_targets_its_first_sub_token(tmp_path, ner_teacher, wordpiece)
     words = ["Schwarzenegger", "visited", "Ouagadougou", "unbelievably", "x"]
     tags = ["B-PER", "O", "B-LOC", "O", "O"]
     data = write_rows(tmp_path / "one.jsonl", [{"tokens": words, "ner_tags": tags}])  # string labels
-    manifest = dump_teacher(str(ner_teacher), str(data), tmp_path / "cache", DumpSettings(), progress=False)
+    dump_teacher(str(ner_teacher), str(data), tmp_path / "cache", DumpSettings(), progress=False)
     sequence = next(open_cache(tmp_path / "cache").sequences())
     pieces = wordpiece.convert_ids_to_tokens(sequence.input_ids.tolist())
     assert len(pieces) > len(words) + 2, "the test needs words that split into several pieces"
@@ -102,7 +102,7 @@ def test_each_word_targets_its_first_sub_token(tmp_path, ner_teacher, wordpiece)
 
 def test_truncation_drops_the_targets_of_cut_words(tmp_path, ner_teacher):
     data = write_rows(tmp_path / "long.jsonl", [{"tokens": ["Ouagadougou"] * 6, "ner_tags": [3] * 6}])
-    manifest = dump_teacher(str(ner_teacher), str(data), tmp_path / "cache", DumpSettings(max_length=8),
+    dump_teacher(str(ner_teacher), str(data), tmp_path / "cache", DumpSettings(max_length=8),
                             progress=False)
     sequence = next(open_cache(tmp_path / "cache").sequences())
     assert len(sequence.input_ids) == 8 and len(sequence.labels) == len(sequence.target_positions) >= 1

@@ -16,7 +16,6 @@ from kdcache.cli import main
 
 
 def test_split_is_deterministic_disjoint_and_independent_of_shard_layout(cache_dir, tmp_path, teacher_dir, corpus):
-    manifest = Manifest.load(cache_dir)
     split = open_cache(cache_dir).split(0.25)
     assert split == open_cache(cache_dir).split(0.25)
     assert not split.train & split.heldout
