@@ -16,7 +16,6 @@ anything else that loads a teacher or its tokenizer accept one the same way.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -31,6 +30,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .cache.format import sha256_file
 from .errors import KDCacheError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,11 +93,7 @@ def gguf_record(name_or_path: str) -> dict | None:
     if not is_gguf(name_or_path):
         return None
     path = Path(name_or_path).expanduser()
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def load_tokenizer(name_or_path: str, what: str = "tokenizer", local: bool = False):
