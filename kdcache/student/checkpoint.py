@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import KDCacheError
+from ..errors import KDCacheError, first_line
 
 CHECKPOINTS_DIR = "checkpoints"
 PREFIX = "step-"
@@ -107,7 +107,7 @@ def register_safe_state(accelerator: Accelerator, objects: dict[str, Any]) -> No
                 obj.load_state_dict(state[name])
         except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as error:
             raise KDCacheError(f"checkpoint {directory} has an unreadable {STATE_FILE} / {STATE_TENSORS} "
-                               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+                               f"({type(error).__name__}: {first_line(error)})") from None
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
@@ -123,9 +123,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
         accelerator.load_state(str(path))
     except pickle.UnpicklingError as error:
         raise KDCacheError(f"checkpoint {path} holds pickled objects that would need weights_only=False "
-                           f"({str(error).splitlines()[0]}): refused, loading them could run code") from None
+                           f"({first_line(error)}): refused, loading them could run code") from None
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as error:
-        raise KDCacheError(f"cannot load checkpoint {path}: {str(error).splitlines()[0] if str(error) else error!r}") from None
+        raise KDCacheError(f"cannot load checkpoint {path}: {first_line(error)}") from None
 
 
 def _step_of(path: Path) -> int | None:

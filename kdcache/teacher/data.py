@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 
 from ..cache.format import sha256_file
-from ..errors import KDCacheError
+from ..errors import KDCacheError, first_line
 
 _BUILDER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
                       ".txt": "text", ".arrow": "arrow"}
@@ -50,8 +50,7 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
     except KDCacheError:
         raise
     except Exception as error:  # noqa: BLE001 - any failure of `datasets` on the user's data is a data problem
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise KDCacheError(f"cannot load data {source} (split '{split}'): {first_line}") from None
+        raise KDCacheError(f"cannot load data {source} (split '{split}'): {first_line(error)}") from None
 
 
 def describe(rows: datasets.Dataset, source: str, split: str, text_column: str) -> dict:
