@@ -15,12 +15,12 @@ import html
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .cache.cache import Cache, as_cache
+from .cache.format import write_bytes_atomic
 from .errors import KDCacheError
 
 PLOTS_HINT = "pip install 'kdcache[plots]'"
@@ -49,13 +49,6 @@ def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers see no file or the whole file, never half of one."""
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------------------------------- cache report
@@ -157,7 +150,7 @@ def write_cache_report(cache: Cache | str | Path, out: Path | str) -> dict:
     data = cache_report_data(cache)
     image = _png(_draw_cache(data))
     if out.suffix == ".png":
-        _write_atomic(out, image)
+        write_bytes_atomic(out, image)
         return data
     embedded = json.dumps(data).replace("</", "<\\/")  # no "</script>" can end the block early
     page = f"""<!doctype html>
@@ -172,7 +165,7 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}} img{{max-width:
 <script type="application/json" id="kdcache-report">{embedded}</script>
 </body></html>
 """
-    _write_atomic(out, page.encode())
+    write_bytes_atomic(out, page.encode())
     return data
 
 
@@ -206,4 +199,4 @@ def write_training_curves(metrics_file: Path, out: Path) -> None:
         axes[1].legend(handles=lines, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     for panel in axes:
         panel.xaxis.get_major_locator().set_params(integer=True)
-    _write_atomic(Path(out), _png(figure))
+    write_bytes_atomic(Path(out), _png(figure))

@@ -10,10 +10,9 @@ the manifest, so it never disagrees with the cache; the manifest stays the autho
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from .format import DATA_DIR, MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_SUFFIX, TOKENIZER_DIR, Manifest
+from .format import DATA_DIR, MANIFEST_NAME, SHARD_SUFFIX, TOKENIZER_DIR, Manifest, write_bytes_atomic
 
 CARD_NAME = "README.md"
 # the Hub's task_categories for what each kdcache task's targets teach
@@ -121,7 +120,4 @@ def render_card(manifest: Manifest, location: str) -> str:
 
 def write_card(cache_dir: Path | str, manifest: Manifest) -> None:
     """Write the card of a local cache (before its manifest: the manifest is always written last)."""
-    path = Path(cache_dir) / CARD_NAME
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    partial.write_text(render_card(manifest, str(cache_dir)))
-    os.replace(partial, path)
+    write_bytes_atomic(Path(cache_dir) / CARD_NAME, render_card(manifest, str(cache_dir)).encode())

@@ -337,12 +337,17 @@ class Manifest:
         return cls.from_dict(data)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary sibling, fsync it, then rename it over `path`."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary sibling, fsync it, then rename it over `path`: readers see the old
+    file or the new one, never half of one."""
     temporary = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`data` as indented JSON, written atomically (`write_bytes_atomic`)."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
