@@ -13,8 +13,10 @@ trained student. With `--workdir`, a rerun reuses the teacher, caches and studen
 
 Each student is scored by its exact full-vocabulary KL(teacher ‖ student) on held-out text, computed
 with the teacher loaded (no cache, so a 49k vocabulary costs no k = V dump). "gap closed" =
-(KL_CE − KL) / (KL_CE − KL_online). B/token = every shard byte (input ids and all target columns
-a student reads, plus Arrow framing) / target positions. "fidelity KL" is the dump's card:
+(KL_CE − KL) / (KL_CE − KL_online). B/token = the shard bytes a same-tokenizer student reads (input ids
+and all target columns, plus Arrow framing, in the cache's own compression) / target positions; "file B/token"
+also counts the `text` and `token_offsets` columns every causal-LM cache keeps for students with another
+tokenizer (docs/cross_tokenizer.md), which a same-tokenizer student never reads. "fidelity KL" is the dump's card:
 KL(teacher ‖ decoded cache) for top-k modes; KL on the stored support (the counting noise) for sampled
 and head-tail modes, whose cache is an unbiased estimate rather than a reconstruction.
 
@@ -39,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -195,6 +198,19 @@ def heldout_kl(student_dir: Path, teacher, heldout: Path) -> float:
     return total / positions
 
 
+def student_bytes(cache: Path, manifest: Manifest) -> int:
+    """Shard bytes without the alignment columns: each shard rewritten without them, same compression."""
+    total = 0
+    for shard in manifest.shards:
+        table = pa.ipc.open_file(pa.memory_map(str(cache / shard.file))).read_all()
+        table = table.drop_columns([name for name in ("text", "token_offsets") if name in table.column_names])
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema, options=manifest.codec.write_options()) as writer:
+            writer.write_table(table)
+        total += sink.getvalue().size
+    return total
+
+
 def fidelity_kl(manifest: Manifest) -> float:
     card = manifest.stats["fidelity"]
     kind = manifest.target_types[0]
@@ -260,13 +276,14 @@ def main() -> None:
               f"({heldout_manifest.total_tokens} positions); {len(transfer_texts)} transfer sequences "
               f"≤ {args.max_length} tokens; student {shape}, {args.steps} steps × 16, same seed")
         print(f"KL(teacher ‖ student): CE only {floor:.4f}, online full KD {ceiling:.4f}\n")
-        print("mode, B/token, fidelity KL, gap closed %")
+        print("mode, B/token, fidelity KL, gap closed %, file B/token")
         results = []
         for name, manifest in manifests.items():
             closed = (floor - kl[name]) / (floor - ceiling)
-            size = manifest.total_bytes / manifest.total_tokens
+            size = student_bytes(root / "caches" / _slug(name), manifest) / manifest.total_tokens
             results.append((name, size, closed))
-            print(f"{name}, {size:.1f}, {fidelity_kl(manifest):.4f}, {100 * closed:.1f}")
+            print(f"{name}, {size:.1f}, {fidelity_kl(manifest):.4f}, {100 * closed:.1f}, "
+                  f"{manifest.total_bytes / manifest.total_tokens:.1f}")
         reached = sorted((size, name) for name, size, closed in results if closed >= 0.95)
         print(f"best >= 95%: {reached[0][1]} at {reached[0][0]:.1f} B/token" if reached else
               f"best >= 95%: none (best {max(results, key=lambda r: r[2])[0]} at "
