@@ -128,9 +128,11 @@ def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
         except UnicodeDecodeError:
             return text
 
+    student_drops_whitespace = drops_whitespace(student_tokenizer)  # serialises the tokenizer: once, not per id
+
     def after_whitespace(text: bytes | str | None) -> bytes | str | None:
         starts_word = isinstance(text, bytes) and text[:1] and not text[:1].isspace()
-        return b" " + text if starts_word and drops_whitespace(student_tokenizer) else text
+        return b" " + text if starts_word and student_drops_whitespace else text
 
     teacher = token_texts(teacher_tokenizer)
     return np.array([student.get(as_student_sees(text), -1) for text in teacher]
