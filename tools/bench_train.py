@@ -3,10 +3,15 @@
 Same student, same sequences, same batch size, in one run, tokens/s of
   (a) the student with plain next-token CE on the cached text (the ceiling: the student alone),
   (b) `train_student` from the cache with KD (reader, prefetch worker, collation, sparse loss, Accelerate),
+      the cache in dump-teacher's default codec (head 4 + 32 tail draws, 8-bit log-probs, zstd),
+  (b1) the same from a top-64 cache in the format-1 layout (plain ids, float16 log-probs, no compression),
+      the layout every cache had before the compact codec: the reference for the codec's cost,
+  (b2) the same from a top-64 cache in the compact codec (gap-coded ids, 8-bit log-probs, zstd): same loss
+      as (b1), so b2/b1 is the cost of decoding alone,
   (c) online KD: the teacher (about 3x the student) runs in the loop, full-vocabulary logits, dense_kd_loss,
   (d) TRL's GKDTrainer with lmbda=0 (teacher in the loop, supervised KD), only when `trl` is importable
       (it is a benchmark-only tool, not a kdcache dependency; see `trl_gkd` for how it is made comparable),
-then b/a, b/c (b/d); the reader alone (positions/s) against the rate (b) consumes; and the peak RSS of
+then b/a, b/c (b/d), b/b1 and b2/b1; the reader alone (each cache) (positions/s) against the rate (b) consumes; and the peak RSS of
 a process streaming one epoch of a 1x and of a 10x cache (the 10x cache repeats the 1x shards).
 
 The machine may be shared with other work, so (a)-(d) are measured in interleaved rounds and
@@ -60,9 +65,16 @@ def parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(workdir: Path, rows: int, teacher: str | None) -> tuple[str, Path, Path]:
+CACHES = {  # (b) and its codec references, each spelt out so the bench does not move with dump-teacher's default
+    "b": {},
+    "b1": {"targets": "topk", "top_k": 64, "codec": "plain", "logprob_dtype": "float16", "compression": "none"},
+    "b2": {"targets": "topk", "top_k": 64, "codec": "compact", "logprob_dtype": "uint8", "compression": "zstd"},
+}
+
+
+def build(workdir: Path, rows: int, teacher: str | None) -> tuple[str, dict[str, Path], Path]:
     """A teacher (`teacher`, any local one a dump takes, a .gguf file included; default: a random one
-    ~3x the student), a synthetic corpus, its top-64 cache, and the student config (the teacher's vocabulary)."""
+    ~3x the student), a synthetic corpus, its caches (`CACHES`), and the student config (the teacher's vocabulary)."""
     language = SyntheticLanguage(num_words=5000, num_topics=1, seed=0)
     if teacher is None:
         tokenizer = build_word_tokenizer(language.words)
@@ -72,12 +84,14 @@ def build(workdir: Path, rows: int, teacher: str | None) -> tuple[str, Path, Pat
         teacher = str(workdir / "teacher")
     corpus = workdir / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in language.sentences(rows, seed=1)))
-    manifest = dump_teacher(teacher, str(corpus), workdir / "cache",
-                            DumpSettings(top_k=64, batch_size=32, shard_rows=256, max_length=MAX_LENGTH),
-                            progress=False)
+    caches = {name: workdir / f"cache-{name}" for name in CACHES}
+    for name, codec in CACHES.items():
+        manifest = dump_teacher(teacher, str(corpus), caches[name],
+                                DumpSettings(batch_size=32, shard_rows=256, max_length=MAX_LENGTH, **codec),
+                                progress=False)
     config = workdir / "student.json"
     config.write_text(llama_config(manifest.vocab_size, STUDENT).to_json_string())
-    return teacher, workdir / "cache", config
+    return teacher, caches, config
 
 
 def cache_batches(cache: Path, epochs: int | None) -> CacheBatches:
@@ -271,22 +285,25 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
-    teacher_dir, cache, config = build(workdir, args.rows, args.teacher)
-    manifest = Manifest.load(cache)
+    teacher_dir, caches, config = build(workdir, args.rows, args.teacher)
+    cache = caches["b"]
+    manifest = Manifest.load(caches["b1"])
     teacher_params = manifest.teacher["num_parameters"]
     student_params = parameters(AutoModelForCausalLM.from_config(llama_config(manifest.vocab_size, STUDENT)))
-    print(f"cache: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, top-{manifest.top_k}, "
+    sizes = ", ".join(f"({name}) {Manifest.load(path).total_bytes / manifest.total_tokens:.1f}" for name, path in caches.items())
+    print(f"caches: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, B/token {sizes}, "
           f"vocab {manifest.vocab_size}; student {student_params / 1e6:.2f}M, teacher {teacher_params / 1e6:.2f}M "
           f"({teacher_params / student_params:.1f}x); batch {BATCH_SIZE}, {args.steps} steps x {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")
 
     batches = batches_for(cache, args.steps)
-    rates = {clock: {"a": [], "b": [], "c": [], "d": []} for clock in CLOCKS}
+    rates = {clock: {"a": [], "b": [], "b1": [], "b2": [], "c": [], "d": []} for clock in CLOCKS}
     for round_index in range(args.rounds):
         for clock, rate in plain_ce(config, batches).items():
             rates[clock]["a"].append(rate)
         for clock in CLOCKS:
-            rates[clock]["b"].append(from_cache(config, cache, workdir, args.steps, clock))
+            for name in CACHES:
+                rates[clock][name].append(from_cache(config, caches[name], workdir, args.steps, clock))
         for clock, rate in online_kd(config, teacher_dir, batches).items():
             rates[clock]["c"].append(rate)
         for clock, rate in (trl_gkd(config, teacher_dir, batches, workdir) or {}).items():
@@ -299,7 +316,8 @@ def main() -> None:
     median = {clock: {name: statistics.median(values) for name, values in by_name.items() if values}
               for clock, by_name in rates.items()}
     with_trl = bool(rates["wall"]["d"])
-    for name, label in [("a", "(a) plain CE student"), ("b", "(b) train-student, cache + KD"),
+    for name, label in [("a", "(a) plain CE student"), ("b", "(b) train-student, default cache"),
+                        ("b1", "(b1) top-64 f16 plain (format 1)"), ("b2", "(b2) top-64 u8 zstd"),
                         ("c", "(c) online KD, teacher in the loop"), ("d", "(d) TRL GKDTrainer, lmbda=0")]:
         if name in median["wall"]:
             print(f"{label:34s} {median['wall'][name]:12.0f} {median['cpu'][name]:15.0f}")
@@ -309,12 +327,14 @@ def main() -> None:
         ratio = lambda x, y: statistics.median(p / q for p, q in zip(rates[clock][x], rates[clock][y]))
         versus_trl = f"   b/d = {ratio('b', 'd'):.2f}" if with_trl else ""
         print(f"{clock:5s}: b/a = {ratio('b', 'a'):.3f}   b/c = {ratio('b', 'c'):.2f}{versus_trl}"
-              "   (median of per-round ratios)")
+              f"   b/b1 = {ratio('b', 'b1'):.3f}   b2/b1 = {ratio('b2', 'b1'):.3f}   (median of per-round ratios)")
 
-    reader = [reader_alone(cache) for _ in range(3)]
-    for clock in CLOCKS:
-        rate = statistics.median(r[clock] for r in reader)
-        print(f"reader alone, {clock:4s}: {rate:.0f} positions/s = {rate / median[clock]['b']:.0f}x what (b) consumes")
+    for name in CACHES:
+        reader = [reader_alone(caches[name]) for _ in range(3)]
+        for clock in CLOCKS:
+            rate = statistics.median(r[clock] for r in reader)
+            print(f"reader alone, ({name}) cache, {clock:4s}: {rate:.0f} positions/s = "
+                  f"{rate / median[clock][name]:.0f}x what ({name}) consumes")
     big = repeated_cache(cache, workdir / "cache-10x", 10)
     small_rss, big_rss = peak_rss_mib(cache), peak_rss_mib(big)
     print(f"peak RSS streaming one epoch: 1x {small_rss:.0f} MiB, 10x {big_rss:.0f} MiB "
