@@ -58,9 +58,11 @@ STORED_TYPES = {
 HIDDEN_PREFIX = "hidden_"
 POOLED_COLUMN = "pooled"
 
-# Every column and the element types it may be stored as (docs/format.md says what each holds).
-# Two are chosen per cache: ids by the number of classes (`token_id_type`), log-probs by the dump's
-# `logprob_dtype`; every alternative of a column widens to the same torch dtype.
+# Every column of the plain (format-1) layout and the element types it may be stored as (docs/format.md
+# says what each holds). Two are chosen per cache: ids by the number of classes (`token_id_type`),
+# log-probs by the dump's `logprob_dtype`; every alternative of a column widens to the same torch dtype.
+# The compact layout's target columns (per-position lengths, gap-coded ids, 8-bit codes) are declared
+# with their encoding in codecs.py (`compact_fields`); they decode to these columns' batch dtypes.
 COLUMNS: dict[str, tuple[str, ...]] = {
     "sample_id": ("int64",),
     "input_ids": ("int32",),
