@@ -207,7 +207,8 @@ def _alignment_line(report: dict) -> str:
     """Cross-tokenizer alignment statistics (student/crosstok.py `CrossTokenizer.report`) in one line."""
     return (f"alignment    {report['aligned_share']:.1%} of student positions aligned "
             f"({report['skipped_share']:.1%} skipped), {report['exact_mass_share']:.1%} of the teacher's mass maps "
-            f"exactly, {report['mapped_vocabulary_share']:.1%} of its vocabulary  ({report['rows']} rows, "
+            f"exactly ({report['mapped_mass_share']:.1%} with first tokens), {report['exact_vocabulary_share']:.1%} "
+            f"of its vocabulary ({report['mapped_vocabulary_share']:.1%})  ({report['rows']} rows, "
             f"{report['student_positions']} positions)")
 
 

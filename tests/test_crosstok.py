@@ -18,7 +18,7 @@ from kdcache.errors import KDCacheError
 from kdcache.losses import SparseTargets, kd_loss, map_targets, uld_loss
 from kdcache.student import TrainSettings, train_student
 from kdcache.student.batching import collate
-from kdcache.student.crosstok import CrossTokenizer, align, token_texts, vocabulary_map
+from kdcache.student.crosstok import CrossTokenizer, align, first_token_map, token_texts, vocabulary_map
 from kdcache.tasks.spans import check_spans, token_spans
 from kdcache.teacher import DumpSettings, dump_teacher
 
@@ -26,24 +26,24 @@ CORPUS = ["Hello world, the naïve café sold 日本 tea!", "The World is unbeli
           "Tush! never tell me; I take it much unkindly"] * 4
 
 
-def byte_level_bpe() -> PreTrainedTokenizerFast:
+def byte_level_bpe(corpus: list[str] = CORPUS) -> PreTrainedTokenizerFast:
     """A GPT-2-style byte-level BPE (spaces glued to the next word, any byte representable)."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
 
 
-def uncased_wordpiece() -> PreTrainedTokenizerFast:
+def uncased_wordpiece(corpus: list[str] = CORPUS) -> PreTrainedTokenizerFast:
     """A BERT-style uncased WordPiece ([CLS] ... [SEP], whitespace dropped, "##" continuations)."""
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
-    backend.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=120,
+    backend.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=120,
                                                                   special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
     backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
                                                            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
@@ -139,6 +139,43 @@ def test_an_uncased_student_receives_both_cases_and_a_tokenizer_maps_to_itself()
     # "The" glued to the text before is a continuation; after whitespace it starts the student's word "the"
     assert mapping[len(bpe) + bpe.convert_tokens_to_ids("The")] == wordpiece.convert_tokens_to_ids("the")
     assert (vocabulary_map(bpe, bpe) == np.tile(np.arange(len(bpe)), 2)).all()
+    assert (first_token_map(bpe, bpe, vocabulary_map(bpe, bpe)) == np.tile(np.arange(len(bpe)), 2)).all()
+
+
+def test_punctuation_maps_alike_after_whitespace_and_after_a_word():
+    bpe, wordpiece = byte_level_bpe(), uncased_wordpiece()
+    comma, semicolon = bpe.convert_tokens_to_ids(","), bpe.convert_tokens_to_ids(";")
+    mapping = vocabulary_map(bpe, wordpiece)
+    assert mapping[comma] == mapping[len(bpe) + comma] == wordpiece.convert_tokens_to_ids(",")
+    assert mapping[semicolon] == mapping[len(bpe) + semicolon] == wordpiece.convert_tokens_to_ids(";")
+
+
+PLAY = ["**Hamlet.** To be, or not to be: that is the question.", "**Ophelia.** Good my lord, how does your honour?",
+        "**Hamlet.** I humbly thank you; well, well, well."] * 8
+
+
+def test_first_token_map_gives_a_teacher_token_the_students_first_piece_of_its_text():
+    bpe, wordpiece = byte_level_bpe(PLAY), uncased_wordpiece(PLAY)
+    exact = vocabulary_map(bpe, wordpiece)
+    mapped = first_token_map(bpe, wordpiece, exact)
+    half = len(bpe)
+    assert ((exact < 0) | (mapped == exact)).all(), "exact entries are kept"
+    bold = bpe.convert_tokens_to_ids("**")
+    star = wordpiece.convert_tokens_to_ids("*")
+    assert exact[bold] == exact[half + bold] == -1 and mapped[bold] == mapped[half + bold] == star
+    projected = 0
+    for teacher_id, token in enumerate(bpe.convert_ids_to_tokens(list(range(half)))):
+        if not token.startswith("Ġ") or exact[half + teacher_id] >= 0:
+            continue
+        pieces = wordpiece.tokenize(bpe.convert_tokens_to_string([token]))
+        first = wordpiece.convert_tokens_to_ids(pieces[0]) if pieces else -1  # whitespace alone: nothing to predict
+        assert mapped[half + teacher_id] == first, token
+        projected += 1
+    assert projected > 0
+    # a word's continuation without a same-text student token stays unmapped: its first piece depends on the word
+    glued = [i for i, token in enumerate(bpe.convert_ids_to_tokens(list(range(half))))
+             if token.isalpha() and exact[i] < 0]
+    assert glued and (mapped[glued] == -1).all()
 
 
 # ---- the loss ------------------------------------------------------------------------------------
@@ -239,6 +276,34 @@ def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
 
     result = CliRunner().invoke(main, ["info", str(cache_dir), "--student-tokenizer", str(student_tokenizer_dir)])
     assert result.exit_code == 0 and f"{alignment['aligned_share']:.1%} of student positions aligned" in result.output
+
+
+def test_a_default_cache_trains_across_tokenizers_from_its_head_and_exact_tail(teacher_dir, corpus,
+                                                                                student_tokenizer_dir, tmp_path):
+    """dump-teacher's default (head + sampled tail) serves a student with another tokenizer without flags:
+    its top-k view, the exact head and tail mass, is aligned; the draws are not used."""
+    cache = tmp_path / "cache"
+    dump_teacher(str(teacher_dir), str(corpus), cache, DumpSettings(limit=12), progress=False)
+    opened = kdcache.open_cache(cache)
+    assert opened.manifest.target_types == ("head-tail",)
+    cross = CrossTokenizer.from_path(opened, str(student_tokenizer_dir))
+    sequences = list(opened.sequences())
+    targets = cross.collate(sequences).sparse_targets("topk")
+    head = opened.manifest.top_k
+    assert targets.ids.shape[1] == head and torch.allclose(
+        torch.logsumexp(torch.cat([targets.logprobs, targets.tail_logprob[:, None]], 1), 1), torch.zeros(1), atol=5e-3)
+    student = AutoTokenizer.from_pretrained(student_tokenizer_dir)
+    config = tmp_path / "student.json"
+    config.write_text(tiny_llama_config(len(student), hidden=16, layers=1).to_json_string())
+    train_student(cache, tmp_path / "student", student_config=str(config), progress=False,
+                  settings=TrainSettings(max_steps=2, batch_size=4, log_every=1,
+                                         student_tokenizer=str(student_tokenizer_dir)))
+    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(record["kd"] > 0 for record in records)
+    with pytest.raises(KDCacheError, match="draws are not mapped"):
+        train_student(cache, tmp_path / "sampled", student_config=str(config), progress=False,
+                      settings=TrainSettings(max_steps=1, targets="head-tail",
+                                             student_tokenizer=str(student_tokenizer_dir)))
 
 
 def test_a_different_tokenizer_needs_the_setting_and_a_cache_with_offsets(tmp_path, teacher_dir, cache_dir,

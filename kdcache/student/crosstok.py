@@ -22,7 +22,11 @@ student side needs no teacher:
    " the"). Token text is read from each tokenizer's conventions: byte-level BPE bytes, "▁" for a
    space (SentencePiece), "<0xNN>" byte fallback, WordPiece "##" continuations (other word-initial
    pieces follow a space, punctuation follows directly); special tokens map only to special tokens
-   of the same name. When two student tokens share a text, the lower id is used.
+   of the same name. When two student tokens share a text, the lower id is used. With `token_map`
+   first-token (the default) a teacher token with no same-text student token maps to the student's
+   first token of its text (`first_token_map`): when the teacher predicts "**" or " shalt", the
+   student's next token is "*" or the first piece of "shalt". That is exact for whole words and
+   punctuation runs and an approximation for a word's first piece; word continuations are left out.
 4. **Loss** (objective.py): `kd` is the chosen divergence on [mapped ids, rest], the rest holding the
    unmapped listed mass and the tail (`losses.map_targets`); `uld` (weight `uld_weight`) is the
    ULD-style sorted-probability distance on the mass that does not map, tail included
@@ -107,12 +111,13 @@ def token_texts(tokenizer) -> list[bytes | str | None]:
 def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
     """int64 [2·V_teacher]: the student id of the token with the same text as each teacher id, or -1.
 
-    Entry `V_teacher + i` is teacher id i *after whitespace* the teacher has read (a line break, a
-    double space): to a student that drops whitespace, "And" there starts a word, its " and", where
-    entry i (glued to the text before) would be its continuation "##and". For other students the two
-    halves are equal. Teacher texts go through the student's normaliser first (lowercasing, accent
-    stripping...), since that is how the student sees the text; bytes that are not whole UTF-8
-    characters are kept as they are.
+    Entry `V_teacher + i` is teacher id i *at a word start* of the student's: after whitespace the
+    teacher has read (a line break, a double space) or, for a student whose pre-tokenizer splits at
+    punctuation (BERT's), after punctuation. To a student that drops whitespace, "And" there starts a
+    word, its " and", where entry i (glued to a word before) would be its continuation "##and";
+    punctuation is the same token either way. For other students the two halves are equal. Teacher
+    texts go through the student's normaliser first (lowercasing, accent stripping...), since that is
+    how the student sees the text; bytes that are not whole UTF-8 characters are kept as they are.
     """
     student: dict[bytes | str, int] = {}
     for index, text in enumerate(token_texts(student_tokenizer)):
@@ -128,15 +133,74 @@ def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
         except UnicodeDecodeError:
             return text
 
-    student_drops_whitespace = drops_whitespace(student_tokenizer)  # serialises the tokenizer: once, not per id
+    return np.array([student.get(as_student_sees(text), -1) for text in _teacher_texts(teacher_tokenizer,
+                                                                                       student_tokenizer)],
+                    dtype=np.int64)
 
-    def after_whitespace(text: bytes | str | None) -> bytes | str | None:
-        starts_word = isinstance(text, bytes) and text[:1] and not text[:1].isspace()
-        return b" " + text if starts_word and student_drops_whitespace else text
 
+def first_token_map(teacher_tokenizer, student_tokenizer, exact: np.ndarray) -> np.ndarray:
+    """`exact` (from `vocabulary_map`) completed: a teacher id without a same-text student token maps to the
+    student's first token of its text (`_first_tokens`), unless it continues a word (see there)."""
+    texts = _teacher_texts(teacher_tokenizer, student_tokenizer)
+    half, drops_spaces = len(texts) // 2, drops_whitespace(student_tokenizer)
+    glued_words = np.array([index < half and drops_spaces and _starts_glued_word(text)
+                            for index, text in enumerate(texts)], dtype=bool)
+    missing = np.flatnonzero((exact < 0) & ~glued_words)
+    mapping = exact.copy()
+    mapping[missing] = _first_tokens([texts[index] for index in missing], student_tokenizer)
+    return mapping
+
+
+def _teacher_texts(teacher_tokenizer, student_tokenizer) -> list[bytes | str | None]:
+    """The teacher's token texts glued to the text before them, then at a word start (`vocabulary_map`)."""
     teacher = token_texts(teacher_tokenizer)
-    return np.array([student.get(as_student_sees(text), -1) for text in teacher]
-                    + [student.get(as_student_sees(after_whitespace(text)), -1) for text in teacher], dtype=np.int64)
+    drops_spaces = drops_whitespace(student_tokenizer)  # serialises the tokenizer: once, not per id
+    return teacher + [_at_word_start(text) if drops_spaces else text for text in teacher]
+
+
+def _at_word_start(text: bytes | str | None) -> bytes | str | None:
+    """A teacher text as a whitespace-dropping student reads it at a word start: a word's text follows a space."""
+    return b" " + text if _starts_glued_word(text) else text
+
+
+def _starts_glued_word(text: bytes | str | None) -> bool:
+    """Whether `text`, glued to a word before it, continues that word for a whitespace-dropping student."""
+    if not isinstance(text, bytes) or not text[:1] or text[:1].isspace():
+        return False
+    return not unicodedata.category(text.decode(errors="replace")[0]).startswith("P")
+
+
+def _first_tokens(texts: list[bytes | str | None], student_tokenizer) -> np.ndarray:
+    """The student's first token of each text, or -1: what a student predicts next when the teacher predicts it.
+
+    Exact when the text is one or more whole words or punctuation runs for the student ("**" → "*",
+    " 'd" → "'", " shalt" → "sha" of "sha ##lt"); an approximation for a word's first piece, whose
+    student tokenization may depend on the rest of the word. Word continuations (glued to a word
+    before) are not passed in: their first piece depends on the word they continue. The first token
+    is kept only if its own text begins the teacher text (a tokenizer that inserts a prefix, such as
+    SentencePiece's "▁" at the start of every input, would otherwise map wrongly).
+    """
+    student_texts = token_texts(student_tokenizer)
+    result = np.full(len(texts), -1, dtype=np.int64)
+    candidates = [index for index, text in enumerate(texts) if isinstance(text, bytes) and text.strip()]
+    decoded = []
+    for index in candidates:
+        try:
+            decoded.append(texts[index].decode())
+        except UnicodeDecodeError:
+            decoded.append(None)
+    encodings = student_tokenizer.backend_tokenizer.encode_batch([text or "" for text in decoded],
+                                                                  add_special_tokens=False)
+    normalizer = student_tokenizer.backend_tokenizer.normalizer
+    for index, text, encoding in zip(candidates, decoded, encodings):
+        if text is None or not encoding.ids:
+            continue
+        first = encoding.ids[0]
+        seen = (normalizer.normalize_str(text) if normalizer else text).encode().lstrip()
+        token_text = student_texts[first]
+        if isinstance(token_text, bytes) and token_text.strip() and seen.startswith(token_text.lstrip()):
+            result[index] = first
+    return result
 
 
 def boundaries(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,9 +230,9 @@ def check_cross_tokenizer_cache(cache: Cache) -> None:
         raise KDCacheError(f"cache {cache} has no token offsets, so a student with another tokenizer cannot be "
                            f"aligned to it (dumped before kdcache stored them, from pre-tokenized input_ids, or "
                            f"with a slow tokenizer); dump it again from text with a fast tokenizer")
-    if "topk" not in manifest.target_types:
+    if not {"topk", "head-tail"} & set(manifest.target_types):
         raise KDCacheError(f"cache {cache} holds no top-k targets: training across tokenizers needs top-k "
-                           f"targets with their tail (dump with `targets` topk)")
+                           f"targets with their tail (dump with `targets` topk or head-tail)")
 
 
 class CrossTokenizer:
@@ -177,18 +241,22 @@ class CrossTokenizer:
     Picklable (tokenizer and arrays), so a prefetching loader worker can collate with it.
     """
 
-    def __init__(self, cache: Cache, student_tokenizer, max_length: int | None = None):
+    def __init__(self, cache: Cache, student_tokenizer, max_length: int | None = None, token_map: str = "first-token"):
         check_cross_tokenizer_cache(cache)
         if not getattr(student_tokenizer, "is_fast", False):
             raise KDCacheError("`student_tokenizer` must be a fast tokenizer (it reports token offsets)")
         self.student_tokenizer = student_tokenizer
         self.max_length = max_length
-        self.vocabulary_map = vocabulary_map(load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer"),
-                                             student_tokenizer)
+        teacher_tokenizer = load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer")
+        self.exact_map = vocabulary_map(teacher_tokenizer, student_tokenizer)
+        self.vocabulary_map = (first_token_map(teacher_tokenizer, student_tokenizer, self.exact_map)
+                               if token_map == "first-token" else self.exact_map)
+        self._word_start_after: dict[str, bool] = {}
 
     @classmethod
-    def from_path(cls, cache: Cache, student_tokenizer: str, max_length: int | None = None) -> CrossTokenizer:
-        return cls(cache, load_tokenizer(student_tokenizer, "student tokenizer"), max_length)
+    def from_path(cls, cache: Cache, student_tokenizer: str, max_length: int | None = None,
+                  token_map: str = "first-token") -> CrossTokenizer:
+        return cls(cache, load_tokenizer(student_tokenizer, "student tokenizer"), max_length, token_map)
 
     @property
     def student_vocab_size(self) -> int:
@@ -203,38 +271,51 @@ class CrossTokenizer:
                                          return_special_tokens_mask=True)
         spans = token_spans(encoded["offset_mapping"], encoded["special_tokens_mask"])
         student_positions, teacher_positions, boundary_count = align(spans, teacher_spans)
-        # Ids past the teacher's vocabulary: the same token after whitespace (see `vocabulary_map`).
+        # Ids past the teacher's vocabulary: the same token at a word start (see `vocabulary_map`).
         ends = teacher_spans[teacher_positions, 1]
-        after_whitespace = np.array([end > 0 and sequence.text[end - 1].isspace() for end in ends], dtype=bool)
+        word_start = np.array([end > 0 and self.starts_word_after(sequence.text[end - 1]) for end in ends], dtype=bool)
         row = CachedSequence(sample_id=sequence.sample_id, input_ids=np.asarray(encoded["input_ids"], dtype=np.int32),
                              topk_ids=(sequence.topk_ids[teacher_positions].astype(np.int64)
-                                       + len(self.vocabulary_map) // 2 * after_whitespace[:, None]),
+                                       + len(self.vocabulary_map) // 2 * word_start[:, None]),
                              topk_logprobs=sequence.topk_logprobs[teacher_positions],
                              tail_logprob=sequence.tail_logprob[teacher_positions],
                              target_positions=student_positions.astype(np.int32))
         return row, boundary_count
+
+    def starts_word_after(self, character: str) -> bool:
+        """Whether a letter after `character` starts a word for the student: its own pre-tokenizer is asked
+        (whitespace splits words for every student; punctuation does for BERT's), once per character."""
+        if character not in self._word_start_after:
+            pre_tokenizer = self.student_tokenizer.backend_tokenizer.pre_tokenizer
+            pieces = pre_tokenizer.pre_tokenize_str(character + "a") if pre_tokenizer else [("a", (1, 2))]
+            self._word_start_after[character] = character.isspace() or pieces[-1][1][0] == 1
+        return self._word_start_after[character]
 
     def collate(self, sequences: list[CachedSequence]) -> Batch:
         """Like `batching.collate`, on the student's tokens: targets sit at the aligned positions (`target_mask`)."""
         return collate([self.student_row(sequence)[0] for sequence in sequences])
 
     def report(self, sequences: Iterable[CachedSequence]) -> dict:
-        """Alignment statistics: share of student boundaries aligned, share of teacher probability mass
-        (tail included, which never maps) that maps exactly, at the aligned positions."""
+        """Alignment statistics: share of student boundaries aligned; at the aligned positions, share of the
+        teacher's probability mass (tail included, which never maps) that maps exactly (same text) and that
+        maps at all (with `token_map` first-token, also to a first token)."""
         rows = boundary_count = aligned = 0
-        mapped_mass = 0.0
+        exact_mass = mapped_mass = 0.0
         for sequence in sequences:
             row, count = self.student_row(sequence)
             rows, boundary_count, aligned = rows + 1, boundary_count + count, aligned + len(row.target_positions)
             probabilities = np.exp(row.topk_logprobs.astype(np.float64))
+            exact_mass += float((probabilities * (self.exact_map[row.topk_ids] >= 0)).sum())
             mapped_mass += float((probabilities * (self.vocabulary_map[row.topk_ids] >= 0)).sum())
         aligned_share = aligned / boundary_count if boundary_count else 0.0
+        half = len(self.vocabulary_map) // 2
         return {"rows": rows, "student_positions": boundary_count, "aligned_positions": aligned,
                 "aligned_share": round(aligned_share, 4),
                 "skipped_share": round(1 - aligned_share, 4) if boundary_count else 0.0,
-                "exact_mass_share": round(mapped_mass / max(aligned, 1), 4),
-                "mapped_vocabulary_share": round(float((self.vocabulary_map[:len(self.vocabulary_map) // 2]
-                                                        >= 0).mean()), 4)}
+                "exact_mass_share": round(exact_mass / max(aligned, 1), 4),
+                "mapped_mass_share": round(mapped_mass / max(aligned, 1), 4),
+                "exact_vocabulary_share": round(float((self.exact_map[:half] >= 0).mean()), 4),
+                "mapped_vocabulary_share": round(float((self.vocabulary_map[:half] >= 0).mean()), 4)}
 
 
 class CrossTokenizerLoss:

@@ -28,7 +28,8 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
     A head-tail cache also serves as a top-k cache: its head and exact tail are one.
     """
     manifest = cache.manifest
-    targets = settings.targets or manifest.default_targets
+    # Across tokenizers a head-tail cache serves its exact part (head + tail mass): see check_cross_tokenizer_settings.
+    targets = settings.targets or ("topk" if settings.student_tokenizer else manifest.default_targets)
     available = manifest.target_types + (("topk",) if "head-tail" in manifest.target_types else ())
     if targets not in available:
         remedy = (f"dump with `targets` {targets} or both" if manifest.task == CAUSAL_LM
@@ -60,7 +61,8 @@ def check_cross_tokenizer_settings(settings: TrainSettings, cache: Cache, target
         raise KDCacheError(f"`student_tokenizer` is for causal-LM caches; cache {cache} is {cache.manifest.task}")
     check_cross_tokenizer_cache(cache)
     if targets != "topk":
-        raise KDCacheError("`student_tokenizer` needs `targets` topk (the tail is what the unmapped mass joins)")
+        raise KDCacheError("`student_tokenizer` needs `targets` topk, the top-k ids or a head-tail cache's head, "
+                           "with the exact tail mass (which the unmapped mass joins); draws are not mapped")
     for name in ("hidden_weight", "pooled_weight", "val_fraction"):
         if getattr(settings, name):
             raise KDCacheError(f"`{name}` is not supported with `student_tokenizer` (teacher and student "
@@ -91,7 +93,8 @@ class DistillationLoss:
                         "pooled": settings.pooled_weight, "uld": settings.uld_weight}
         # Across tokenizers: batches come from `cross.collate`, the student's logits range over its own vocabulary.
         self.cross = (CrossTokenizer.from_path(cache, settings.student_tokenizer,
-                                               getattr(model.config, "max_position_embeddings", None))
+                                               getattr(model.config, "max_position_embeddings", None),
+                                               settings.token_map)
                       if settings.student_tokenizer else None)
         if self.cross is not None:
             self.num_classes = self.cross.student_vocab_size

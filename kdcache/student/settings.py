@@ -9,6 +9,8 @@ from ..errors import KDCacheError
 from ..losses import DIVERGENCES, TAIL_MODES
 from ..settings import check_fields, setting
 
+TOKEN_MAPS = ("first-token", "exact")  # across tokenizers, see student/crosstok.py `vocabulary_map`
+
 # Settings that do not change what is computed: they may differ between a run and its resumption.
 OPERATIONAL_SETTINGS = ("log_every", "verify", "save_every", "keep_checkpoints", "prefetch", "read_through",
                         "transfer_timeout", "report_to")
@@ -30,6 +32,10 @@ class TrainSettings:
     student_tokenizer: str | None = setting(None, "Train across tokenizers: the student's tokenizer (directory or hub "
                                                    "id) when it is not the cache's. Student positions are aligned to "
                                                    "the teacher's by character spans (the cache must hold offsets).")
+    token_map: str = setting("first-token", "With `student_tokenizer`: which teacher ids map to a student id: those "
+                                            "whose text is a student token (exact), or also the others, to the "
+                                            "student's first token of their text (first-token).",
+                             choices=TOKEN_MAPS)
     uld_weight: float = setting(1.0, "With `student_tokenizer`: weight of the sorted-probability (ULD) distance on "
                                      "the teacher mass that does not map to the student's vocabulary.",
                                 non_negative=True)
