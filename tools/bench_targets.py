@@ -70,6 +70,8 @@ MODES = {  # every mode spells out its codec, so the table does not move when du
     "head 2 + tail 16 u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 16, **COMPACT},
     "head 4 + tail 16 u8": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT, "compression": "none"},
     "head 4 + tail 16 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT},
+    "head 2 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 24, **COMPACT},
+    "head 4 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 24, **COMPACT},
     "head 4 + tail 32 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 32, **COMPACT},
     "head 8 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 8, "samples": 24, **COMPACT},
 }
