@@ -233,7 +233,7 @@ def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, kind
 # --------------------------------------------------------------------------- across vocabularies
 
 
-def map_targets(targets: SparseTargets, vocabulary_map: torch.Tensor) -> SparseTargets:
+def map_targets(targets: SparseTargets, vocabulary_map: torch.Tensor, rates: torch.Tensor | None = None) -> SparseTargets:
     """Top-k teacher targets re-expressed over a student's vocabulary: the exact part of cross-tokenizer KD.
 
     ``vocabulary_map`` gives, for each teacher id, the student id of the token with the same text, or
@@ -243,23 +243,27 @@ def map_targets(targets: SparseTargets, vocabulary_map: torch.Tensor) -> SparseT
     else — unmapped listed ids and the teacher's tail — joins the rest bucket.  So
     ``kd_loss(student_logits, map_targets(targets, map))`` is the divergence on the categorical
     [mapped ids, rest]; with an identity map it is exactly ``kd_loss(student_logits, targets)``.
-    The result is sorted descending, like cached top-k.
+    ``rates`` (same indexing as the map, in [0, 1]) keeps only ``rate · p`` of a mapped id on its
+    student id and moves ``(1 - rate) · p`` to the rest (see student/crosstok.py `estimate_map_rates`);
+    rates of 1 change nothing. The result is sorted descending, like cached top-k.
     """
     if targets.tail_logprob is None:
         raise ValueError("mapping targets to another vocabulary needs top-k targets with their tail, not sampled ones")
     student_ids, listed, mapped = _mapped_slots(targets, vocabulary_map)
+    kept, spilled = _split_by_rates(targets, rates)
     same = (student_ids[:, :, None] == student_ids[:, None, :]) & mapped[:, :, None] & mapped[:, None, :]
-    merged = torch.logsumexp(torch.where(same, targets.logprobs[:, None, :], _NEG_INF), dim=-1)
+    merged = torch.logsumexp(torch.where(same, kept[:, None, :], _NEG_INF), dim=-1)
     earlier = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril(-1)
     first = mapped & ~(same & earlier).any(-1)  # the first slot of each student id carries the sum
     logprobs = torch.where(first, merged, _NEG_INF)
-    unmapped = torch.where(listed & ~mapped, targets.logprobs, _NEG_INF)
+    unmapped = torch.where(listed & ~mapped, targets.logprobs, torch.where(mapped, spilled, _NEG_INF))
     tail = torch.logsumexp(torch.cat([targets.tail_logprob[:, None].to(logprobs.dtype), unmapped], dim=1), dim=1)
     logprobs, order = logprobs.sort(dim=-1, descending=True, stable=True)
     return SparseTargets(ids=student_ids.gather(1, order), logprobs=logprobs, tail_logprob=tail)
 
 
-def uld_loss(student_logits: torch.Tensor, targets: SparseTargets, vocabulary_map: torch.Tensor) -> torch.Tensor:
+def uld_loss(student_logits: torch.Tensor, targets: SparseTargets, vocabulary_map: torch.Tensor,
+             rates: torch.Tensor | None = None) -> torch.Tensor:
     """ULD-style distance (Boizard et al. 2024) on the teacher mass that has no counterpart in the student's vocabulary.
 
     No vocabulary mapping is needed for it: at each position the teacher's m listed probabilities
@@ -274,16 +278,21 @@ def uld_loss(student_logits: torch.Tensor, targets: SparseTargets, vocabulary_ma
     shaped, not only how much of it there is.  It is 0 when every listed id maps and the student's
     mass outside them equals the teacher's tail (e.g. student = teacher, same tokenizer).  Computed
     at T = 1 on float32 probabilities over the full student vocabulary ([N, V] working tensors).
+    With ``rates`` (see :func:`map_targets`), the ``(1 - rate) · p`` a mapped id leaves behind counts
+    as unmapped mass here too.
     """
     if targets.tail_logprob is None:
         raise ValueError("uld_loss needs top-k targets with their tail, not sampled ones")
     _check_targets(student_logits, targets)
     student_ids, listed, mapped = _mapped_slots(targets, vocabulary_map)
-    unlisted = listed & ~mapped
-    teacher = torch.where(unlisted, targets.logprobs.exp(), 0.0).sort(dim=-1, descending=True).values
+    kept, spilled = _split_by_rates(targets, rates)
+    unmapped = torch.where(listed & ~mapped, targets.logprobs, torch.where(mapped, spilled, _NEG_INF))
+    unlisted = unmapped > _NEG_INF
+    teacher = unmapped.exp().sort(dim=-1, descending=True).values
     count = unlisted.sum(-1, keepdim=True)
     probs = torch.softmax(student_logits.to(_compute_dtype(student_logits)), dim=-1)
-    hit = torch.zeros_like(probs).scatter_add_(1, student_ids, mapped.to(probs.dtype)) > 0
+    targeted = mapped & (kept > _NEG_INF)  # student ids the mapped part gives mass to
+    hit = torch.zeros_like(probs).scatter_add_(1, student_ids, targeted.to(probs.dtype)) > 0
     free = probs.masked_fill(hit, 0.0)
     width = min(targets.ids.shape[1], probs.shape[1])
     slots = torch.arange(width, device=probs.device)
@@ -291,6 +300,14 @@ def uld_loss(student_logits: torch.Tensor, targets: SparseTargets, vocabulary_ma
     student_rest = free.sum(-1) - student.sum(-1)
     per_position = (teacher[:, :width] - student).abs().sum(-1) + (targets.tail_logprob.exp() - student_rest).abs()
     return _mean(per_position)
+
+
+def _split_by_rates(targets: SparseTargets, rates: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log of rate · p, log of (1 - rate) · p) per slot; without rates, all of p is kept."""
+    if rates is None:
+        return targets.logprobs, torch.full_like(targets.logprobs, _NEG_INF)
+    rate = rates[targets.ids.long()].to(targets.logprobs.dtype).clamp(0.0, 1.0)
+    return targets.logprobs + rate.log(), targets.logprobs + torch.log1p(-rate)
 
 
 def _mapped_slots(targets: SparseTargets, vocabulary_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

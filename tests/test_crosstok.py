@@ -180,22 +180,25 @@ def test_first_token_map_gives_a_teacher_token_the_students_first_piece_of_its_t
 
 # ---- the loss ------------------------------------------------------------------------------------
 
-def dense_reference(student_logits, teacher_probs, mapping, k):
+def dense_reference(student_logits, teacher_probs, mapping, k, rates=None):
     """Forward KL on [mapped, rest] and the ULD distance, position by position in float64 Python."""
+    rates = rates or [1.0] * len(mapping)
     kl_values, uld_values = [], []
     for q, p in zip(torch.softmax(student_logits.double(), -1).tolist(), teacher_probs.tolist()):
         listed = sorted(range(len(p)), key=lambda i: -p[i])[:k]
         grouped: dict[int, float] = {}
         for i in listed:
-            if mapping[i] >= 0:
-                grouped[mapping[i]] = grouped.get(mapping[i], 0.0) + p[i]
+            if mapping[i] >= 0 and rates[i] > 0:
+                grouped[mapping[i]] = grouped.get(mapping[i], 0.0) + rates[i] * p[i]
         teacher_rest = 1 - sum(grouped.values())
         student_rest = 1 - sum(q[j] for j in grouped)
         kl_values.append(sum(v * np.log(v / q[j]) for j, v in grouped.items())
                          + teacher_rest * np.log(teacher_rest / student_rest))
-        unmapped = sorted((p[i] for i in listed if mapping[i] < 0), reverse=True)
+        unmapped = sorted([p[i] for i in listed if mapping[i] < 0]
+                          + [(1 - rates[i]) * p[i] for i in listed if mapping[i] >= 0 and rates[i] < 1], reverse=True)
         free = sorted((q[j] for j in range(len(q)) if j not in grouped), reverse=True)[:len(unmapped)]
         tail = 1 - sum(p[i] for i in listed)
+        free += [0.0] * (len(unmapped) - len(free))  # fewer free student tokens than unmapped entries: zeros
         uld_values.append(sum(abs(a - b) for a, b in zip(unmapped, free))
                           + abs(tail - (sum(q[j] for j in range(len(q)) if j not in grouped) - sum(free))))
     return np.mean(kl_values), np.mean(uld_values)
@@ -213,6 +216,11 @@ def test_kd_and_uld_match_a_dense_reference():
     kl, uld = dense_reference(student_logits, torch.softmax(teacher_logits.double(), -1), mapping, k)
     assert kd_loss(student_logits, map_targets(targets, vocabulary)).item() == pytest.approx(kl, rel=1e-9)
     assert uld_loss(student_logits, targets, vocabulary).item() == pytest.approx(uld, rel=1e-9)
+    rates = [0.5, 1.0, 1.0, 0.0, 1.0, 0.25, 1.0, 1.0]  # a mapped id keeps rate · p on its student id
+    kl, uld = dense_reference(student_logits, torch.softmax(teacher_logits.double(), -1), mapping, k, rates)
+    rated = torch.tensor(rates, dtype=torch.float64)
+    assert kd_loss(student_logits, map_targets(targets, vocabulary, rated)).item() == pytest.approx(kl, rel=1e-9)
+    assert uld_loss(student_logits, targets, vocabulary, rated).item() == pytest.approx(uld, rel=1e-9)
 
 
 def test_with_an_identity_map_the_exact_part_is_same_tokenizer_kd_and_uld_vanishes_at_the_teacher():
@@ -256,6 +264,29 @@ def test_the_same_tokenizer_through_the_cross_path_gives_same_tokenizer_targets(
     assert torch.equal(crossed.target_mask, has_next)
     assert torch.equal(crossed.sparse_targets().logprobs, same.topk_logprobs[has_next])
     assert cross.report(sequences)["aligned_share"] == 1.0
+    assert (cross.map_rates == 1).all(), "a tokenizer facing itself: every mapped id is the student's next token"
+
+
+def test_a_teacher_token_that_begins_longer_student_words_keeps_little_of_its_mass(tmp_path):
+    """Teacher "Be" (of "Beatrice") has a same-text student word "be" that the student never writes there."""
+    from transformers import AutoModelForCausalLM
+    play = ["**Beatrice.** I wonder that you will still be talking, Signior Benedick.",
+            "**Benedick.** What, my dear Lady Disdain! are you yet living?"] * 6
+    teacher, student = byte_level_bpe(play), uncased_wordpiece(play)
+    assert teacher.tokenize(play[0])[:2] == ["**", "Be"] and "beatrice" in student.tokenize(play[0])
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    AutoModelForCausalLM.from_config(tiny_llama_config(len(teacher), hidden=16, layers=1)).save_pretrained(teacher_dir)
+    teacher.save_pretrained(teacher_dir)
+    student.save_pretrained(student_dir)
+    cache = tmp_path / "cache"
+    dump_teacher(str(teacher_dir), str(write_jsonl(tmp_path / "play.jsonl", play)), cache,
+                 DumpSettings(targets="topk", top_k=4), progress=False)
+    cross = CrossTokenizer.from_path(kdcache.open_cache(cache), str(student_dir))
+    half = len(teacher)
+    be, you = teacher.convert_tokens_to_ids("Be"), teacher.convert_tokens_to_ids("Ġyou")
+    assert cross.vocabulary_map[half + be] == student.convert_tokens_to_ids("be")  # "Be" after "**" starts a word
+    assert cross.map_rates[half + be] == pytest.approx(1 / 7)  # 6 occurrences, none of them the student's "be"
+    assert cross.map_rates[you] == 1.0
 
 
 def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
@@ -264,7 +295,7 @@ def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
     config.write_text(tiny_llama_config(len(student), hidden=16, layers=1).to_json_string())
     out = tmp_path / "student"
     summary = train_student(cache_dir, out, student_config=str(config), progress=False,
-                            settings=TrainSettings(max_steps=3, batch_size=4, ce_weight=0.5, log_every=1,
+                            settings=TrainSettings(max_steps=3, batch_size=4, ce_weight=0.5, log_every=1, uld_weight=1.0,
                                                    student_tokenizer=str(student_tokenizer_dir)))
     alignment = summary["cross_tokenizer"]
     assert 0 < alignment["aligned_share"] <= 1 and alignment["skipped_share"] == pytest.approx(

@@ -36,6 +36,7 @@ student side needs no teacher:
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import unicodedata
@@ -53,6 +54,7 @@ from ..tasks.spans import check_spans, token_spans
 from .batching import Batch, collate
 
 SPAN_COLUMNS = ("token_offsets", "text")
+RATE_ROWS = 2000  # rows of the cache read to estimate how often each mapped id is right (`estimate_map_rates`)
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -241,7 +243,8 @@ class CrossTokenizer:
     Picklable (tokenizer and arrays), so a prefetching loader worker can collate with it.
     """
 
-    def __init__(self, cache: Cache, student_tokenizer, max_length: int | None = None, token_map: str = "first-token"):
+    def __init__(self, cache: Cache, student_tokenizer, max_length: int | None = None, token_map: str = "first-token",
+                 rate_rows: int = RATE_ROWS):
         check_cross_tokenizer_cache(cache)
         if not getattr(student_tokenizer, "is_fast", False):
             raise KDCacheError("`student_tokenizer` must be a fast tokenizer (it reports token offsets)")
@@ -252,6 +255,7 @@ class CrossTokenizer:
         self.vocabulary_map = (first_token_map(teacher_tokenizer, student_tokenizer, self.exact_map)
                                if token_map == "first-token" else self.exact_map)
         self._word_start_after: dict[str, bool] = {}
+        self.map_rates = self.estimate_map_rates(itertools.islice(cache.sequences(), rate_rows))
 
     @classmethod
     def from_path(cls, cache: Cache, student_tokenizer: str, max_length: int | None = None,
@@ -281,6 +285,42 @@ class CrossTokenizer:
                              tail_logprob=sequence.tail_logprob[teacher_positions],
                              target_positions=student_positions.astype(np.int32))
         return row, boundary_count
+
+    def estimate_map_rates(self, sequences: Iterable[CachedSequence]) -> np.ndarray:
+        """float32 [2·V_teacher]: per entry of the vocabulary map, how often the student's token really is the
+        mapped one where the teacher's token occurs in the cache's own text.
+
+        A teacher token that is the first piece of longer words ("Be" of "Beatrice") has the same text as
+        a student token ("be") that the student only uses for that very word: mapping all of its mass
+        there would teach the student a word it does not write. So at each occurrence of a teacher token
+        (at a word start or glued, decided by the text before it, as `student_row` does), the student's
+        token at the first non-space character after the previous teacher token is looked up, and the
+        entry's rate is (hits + 1) / (occurrences + 1): 1 for entries never seen and for a tokenizer
+        facing itself (the identity: every occurrence is a hit), near 0 for prefixes. The loss keeps
+        rate · p on the mapped student id and moves the rest to the unmapped mass (`losses.map_targets`).
+        """
+        half = len(self.vocabulary_map) // 2
+        hits = np.zeros(2 * half, dtype=np.int64)
+        seen = np.zeros(2 * half, dtype=np.int64)
+        for sequence in sequences:
+            teacher_spans = check_spans(sequence.token_offsets, sequence.text, len(sequence.input_ids),
+                                        sequence.sample_id)
+            encoded = self.student_tokenizer(sequence.text, return_offsets_mapping=True,
+                                             return_special_tokens_mask=True)
+            spans = token_spans(encoded["offset_mapping"], encoded["special_tokens_mask"])
+            student_at = {int(start): int(token) for (start, end), token in zip(spans, encoded["input_ids"])
+                          if end > start}
+            previous_end = 0  # where the token before ends: the boundary that predicts this token
+            for (_, end), token in zip(teacher_spans.tolist(), sequence.input_ids.tolist()):
+                segment = sequence.text[previous_end:end]
+                visible, context = end - len(segment.lstrip()), previous_end
+                previous_end = end
+                if visible >= end or not 0 <= token < half:
+                    continue
+                entry = token + half * bool(context > 0 and self.starts_word_after(sequence.text[context - 1]))
+                seen[entry] += 1
+                hits[entry] += student_at.get(visible, -1) == self.vocabulary_map[entry]
+        return ((hits + 1) / (seen + 1)).astype(np.float32)
 
     def starts_word_after(self, character: str) -> bool:
         """Whether a letter after `character` starts a word for the student: its own pre-tokenizer is asked
@@ -324,17 +364,18 @@ class CrossTokenizerLoss:
     def __init__(self, settings, cross: CrossTokenizer):
         self.settings = settings
         self.vocabulary_map = torch.from_numpy(cross.vocabulary_map)
+        self.map_rates = torch.from_numpy(cross.map_rates)
         self.vocab_size = cross.student_vocab_size
 
     def __call__(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         settings = self.settings
         student = logits[batch.targets_at][:, :self.vocab_size]
         targets = batch.sparse_targets("topk")
-        vocabulary_map = self.vocabulary_map.to(student.device)
+        vocabulary_map, rates = self.vocabulary_map.to(student.device), self.map_rates.to(student.device)
         terms = {}
         if settings.kd_weight:
-            terms["kd"] = kd_loss(student, map_targets(targets, vocabulary_map), divergence=settings.loss,
+            terms["kd"] = kd_loss(student, map_targets(targets, vocabulary_map, rates), divergence=settings.loss,
                                   tail=settings.tail, temperature=settings.temperature)
         if settings.uld_weight:
-            terms["uld"] = uld_loss(student, targets, vocabulary_map)
+            terms["uld"] = uld_loss(student, targets, vocabulary_map, rates)
         return terms

@@ -36,8 +36,9 @@ class TrainSettings:
                                             "whose text is a student token (exact), or also the others, to the "
                                             "student's first token of their text (first-token).",
                              choices=TOKEN_MAPS)
-    uld_weight: float = setting(1.0, "With `student_tokenizer`: weight of the sorted-probability (ULD) distance on "
-                                     "the teacher mass that does not map to the student's vocabulary.",
+    uld_weight: float = setting(0.0, "With `student_tokenizer`: weight of the sorted-probability (ULD) distance on "
+                                     "the teacher mass that does not map to the student's vocabulary (off by "
+                                     "default: it cost 0.02 bits/char in docs/cross_tokenizer.md's benchmark).",
                                 non_negative=True)
     hidden_weight: float = setting(0.0, "Weight of hidden-state matching.", non_negative=True)
     hidden_loss: str = setting("mse", "Hidden-state matching: mean squared error or 1 - cosine similarity per "
