@@ -249,14 +249,12 @@ def map_targets(targets: SparseTargets, vocabulary_map: torch.Tensor, rates: tor
     """
     if targets.tail_logprob is None:
         raise ValueError("mapping targets to another vocabulary needs top-k targets with their tail, not sampled ones")
-    student_ids, listed, mapped = _mapped_slots(targets, vocabulary_map)
-    kept, spilled = _split_by_rates(targets, rates)
+    student_ids, mapped, kept, unmapped = _mapped_slots(targets, vocabulary_map, rates)
     same = (student_ids[:, :, None] == student_ids[:, None, :]) & mapped[:, :, None] & mapped[:, None, :]
     merged = torch.logsumexp(torch.where(same, kept[:, None, :], _NEG_INF), dim=-1)
     earlier = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril(-1)
     first = mapped & ~(same & earlier).any(-1)  # the first slot of each student id carries the sum
     logprobs = torch.where(first, merged, _NEG_INF)
-    unmapped = torch.where(listed & ~mapped, targets.logprobs, torch.where(mapped, spilled, _NEG_INF))
     tail = torch.logsumexp(torch.cat([targets.tail_logprob[:, None].to(logprobs.dtype), unmapped], dim=1), dim=1)
     logprobs, order = logprobs.sort(dim=-1, descending=True, stable=True)
     return SparseTargets(ids=student_ids.gather(1, order), logprobs=logprobs, tail_logprob=tail)
@@ -284,9 +282,7 @@ def uld_loss(student_logits: torch.Tensor, targets: SparseTargets, vocabulary_ma
     if targets.tail_logprob is None:
         raise ValueError("uld_loss needs top-k targets with their tail, not sampled ones")
     _check_targets(student_logits, targets)
-    student_ids, listed, mapped = _mapped_slots(targets, vocabulary_map)
-    kept, spilled = _split_by_rates(targets, rates)
-    unmapped = torch.where(listed & ~mapped, targets.logprobs, torch.where(mapped, spilled, _NEG_INF))
+    student_ids, mapped, kept, unmapped = _mapped_slots(targets, vocabulary_map, rates)
     unlisted = unmapped > _NEG_INF
     teacher = unmapped.exp().sort(dim=-1, descending=True).values
     count = unlisted.sum(-1, keepdim=True)
@@ -302,20 +298,20 @@ def uld_loss(student_logits: torch.Tensor, targets: SparseTargets, vocabulary_ma
     return _mean(per_position)
 
 
-def _split_by_rates(targets: SparseTargets, rates: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log of rate · p, log of (1 - rate) · p) per slot; without rates, all of p is kept."""
-    if rates is None:
-        return targets.logprobs, torch.full_like(targets.logprobs, _NEG_INF)
-    rate = rates[targets.ids.long()].to(targets.logprobs.dtype).clamp(0.0, 1.0)
-    return targets.logprobs + rate.log(), targets.logprobs + torch.log1p(-rate)
-
-
-def _mapped_slots(targets: SparseTargets, vocabulary_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(student ids [N, k] with unmapped slots at 0, listed slots, listed slots whose id maps)."""
+def _mapped_slots(targets: SparseTargets, vocabulary_map: torch.Tensor, rates: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(student ids [N, k] with unmapped slots at 0, listed slots whose id maps, log of the mass each slot keeps
+    on its student id (rate · p; all of p without rates), log of the mass each listed slot leaves unmapped)."""
     student_ids = vocabulary_map[targets.ids.long()]
     listed = targets.logprobs > _NEG_INF
     mapped = listed & (student_ids >= 0)
-    return student_ids.clamp(min=0), listed, mapped
+    if rates is None:
+        kept, spilled = targets.logprobs, torch.full_like(targets.logprobs, _NEG_INF)
+    else:
+        rate = rates[targets.ids.long()].to(targets.logprobs.dtype).clamp(0.0, 1.0)
+        kept, spilled = targets.logprobs + rate.log(), targets.logprobs + torch.log1p(-rate)
+    unmapped = torch.where(listed & ~mapped, targets.logprobs, torch.where(mapped, spilled, _NEG_INF))
+    return student_ids.clamp(min=0), mapped, kept, unmapped
 
 
 # --------------------------------------------------------------------------- validation
