@@ -243,8 +243,7 @@ class CrossTokenizer:
     Picklable (tokenizer and arrays), so a prefetching loader worker can collate with it.
     """
 
-    def __init__(self, cache: Cache, student_tokenizer, max_length: int | None = None, token_map: str = "first-token",
-                 rate_rows: int = RATE_ROWS):
+    def __init__(self, cache: Cache, student_tokenizer, max_length: int | None = None, token_map: str = "first-token"):
         check_cross_tokenizer_cache(cache)
         if not getattr(student_tokenizer, "is_fast", False):
             raise KDCacheError("`student_tokenizer` must be a fast tokenizer (it reports token offsets)")
@@ -255,7 +254,6 @@ class CrossTokenizer:
         self.vocabulary_map = (first_token_map(teacher_tokenizer, student_tokenizer, self.exact_map)
                                if token_map == "first-token" else self.exact_map)
         self._word_start_after: dict[str, bool] = {}
-        self.map_rates = self.estimate_map_rates(itertools.islice(cache.sequences(), rate_rows))
 
     @classmethod
     def from_path(cls, cache: Cache, student_tokenizer: str, max_length: int | None = None,
@@ -269,15 +267,11 @@ class CrossTokenizer:
     def student_row(self, sequence: CachedSequence) -> tuple[CachedSequence, int]:
         """The row as the student sees it, its targets moved to the aligned student positions; and its number
         of student boundaries (aligned or skipped)."""
-        teacher_spans = check_spans(sequence.token_offsets, sequence.text, len(sequence.input_ids), sequence.sample_id)
-        encoded = self.student_tokenizer(sequence.text, truncation=self.max_length is not None,
-                                         max_length=self.max_length, return_offsets_mapping=True,
-                                         return_special_tokens_mask=True)
-        spans = token_spans(encoded["offset_mapping"], encoded["special_tokens_mask"])
+        teacher_spans, encoded, spans = self._spans(sequence, truncate=True)
         student_positions, teacher_positions, boundary_count = align(spans, teacher_spans)
         # Ids past the teacher's vocabulary: the same token at a word start (see `vocabulary_map`).
         ends = teacher_spans[teacher_positions, 1]
-        word_start = np.array([end > 0 and self.starts_word_after(sequence.text[end - 1]) for end in ends], dtype=bool)
+        word_start = np.array([self._word_start(sequence.text, end) for end in ends], dtype=bool)
         row = CachedSequence(sample_id=sequence.sample_id, input_ids=np.asarray(encoded["input_ids"], dtype=np.int32),
                              topk_ids=(sequence.topk_ids[teacher_positions].astype(np.int64)
                                        + len(self.vocabulary_map) // 2 * word_start[:, None]),
@@ -303,11 +297,7 @@ class CrossTokenizer:
         hits = np.zeros(2 * half, dtype=np.int64)
         seen = np.zeros(2 * half, dtype=np.int64)
         for sequence in sequences:
-            teacher_spans = check_spans(sequence.token_offsets, sequence.text, len(sequence.input_ids),
-                                        sequence.sample_id)
-            encoded = self.student_tokenizer(sequence.text, return_offsets_mapping=True,
-                                             return_special_tokens_mask=True)
-            spans = token_spans(encoded["offset_mapping"], encoded["special_tokens_mask"])
+            teacher_spans, encoded, spans = self._spans(sequence, truncate=False)
             student_at = {int(start): int(token) for (start, end), token in zip(spans, encoded["input_ids"])
                           if end > start}
             previous_end = 0  # where the token before ends: the boundary that predicts this token
@@ -317,10 +307,22 @@ class CrossTokenizer:
                 previous_end = end
                 if visible >= end or not 0 <= token < half:
                     continue
-                entry = token + half * bool(context > 0 and self.starts_word_after(sequence.text[context - 1]))
+                entry = token + half * self._word_start(sequence.text, context)
                 seen[entry] += 1
                 hits[entry] += student_at.get(visible, -1) == self.vocabulary_map[entry]
         return ((hits + 1) / (seen + 1)).astype(np.float32)
+
+    def _spans(self, sequence: CachedSequence, truncate: bool) -> tuple[np.ndarray, dict, np.ndarray]:
+        """(checked teacher spans, the student's encoding of the row's text, its normalised spans)."""
+        teacher_spans = check_spans(sequence.token_offsets, sequence.text, len(sequence.input_ids), sequence.sample_id)
+        encoded = self.student_tokenizer(sequence.text, truncation=truncate and self.max_length is not None,
+                                         max_length=self.max_length if truncate else None,
+                                         return_offsets_mapping=True, return_special_tokens_mask=True)
+        return teacher_spans, encoded, token_spans(encoded["offset_mapping"], encoded["special_tokens_mask"])
+
+    def _word_start(self, text: str, boundary: int) -> bool:
+        """Whether what follows character `boundary` of `text` starts a word for the student (which map half)."""
+        return boundary > 0 and self.starts_word_after(text[boundary - 1])
 
     def starts_word_after(self, character: str) -> bool:
         """Whether a letter after `character` starts a word for the student: its own pre-tokenizer is asked
@@ -361,10 +363,11 @@ class CrossTokenizer:
 class CrossTokenizerLoss:
     """The `kd` and `uld` terms of a batch from `CrossTokenizer.collate` (see the module docstring)."""
 
-    def __init__(self, settings, cross: CrossTokenizer):
+    def __init__(self, settings, cross: CrossTokenizer, cache: Cache):
         self.settings = settings
         self.vocabulary_map = torch.from_numpy(cross.vocabulary_map)
-        self.map_rates = torch.from_numpy(cross.map_rates)
+        # Estimated here, not by CrossTokenizer: `info --student-tokenizer` needs the map, not the rates.
+        self.map_rates = torch.from_numpy(cross.estimate_map_rates(itertools.islice(cache.sequences(), RATE_ROWS)))
         self.vocab_size = cross.student_vocab_size
 
     def __call__(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:

@@ -98,7 +98,7 @@ class DistillationLoss:
                       if settings.student_tokenizer else None)
         if self.cross is not None:
             self.num_classes = self.cross.student_vocab_size
-            self.cross_terms = CrossTokenizerLoss(settings, self.cross)
+            self.cross_terms = CrossTokenizerLoss(settings, self.cross, cache)
 
     @property
     def teacher_layers(self) -> list[int]:
