@@ -205,9 +205,9 @@ def _card_lines(card: dict) -> list[str]:
 
 def _alignment_line(report: dict) -> str:
     """Cross-tokenizer alignment statistics (student/crosstok.py `CrossTokenizer.report`) in one line."""
-    return (f"alignment    {report['aligned_share']:.1%} of student positions aligned "
-            f"({report['skipped_share']:.1%} skipped), {report['exact_mass_share']:.1%} of the teacher's mass maps "
-            f"exactly ({report['mapped_mass_share']:.1%} with first tokens), {report['exact_vocabulary_share']:.1%} "
+    return (f"alignment    {report['aligned_share']:.1%} of student positions aligned, {report['inside_share']:.1%} "
+            f"inside a teacher token ({report['skipped_share']:.1%} skipped), {report['exact_mass_share']:.1%} of the "
+            f"teacher's mass maps exactly ({report['mapped_mass_share']:.1%} in all), {report['exact_vocabulary_share']:.1%} "
             f"of its vocabulary ({report['mapped_vocabulary_share']:.1%})  ({report['rows']} rows, "
             f"{report['student_positions']} positions)")
 

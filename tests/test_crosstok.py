@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -37,13 +38,13 @@ def byte_level_bpe(corpus: list[str] = CORPUS) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
 
 
-def uncased_wordpiece(corpus: list[str] = CORPUS) -> PreTrainedTokenizerFast:
+def uncased_wordpiece(corpus: list[str] = CORPUS, vocab_size: int = 120) -> PreTrainedTokenizerFast:
     """A BERT-style uncased WordPiece ([CLS] ... [SEP], whitespace dropped, "##" continuations)."""
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
-    backend.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=120,
+    backend.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size,
                                                                   special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
     backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
                                                            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
@@ -292,6 +293,90 @@ def test_a_teacher_token_that_begins_longer_student_words_keeps_little_of_its_ma
     assert rates[you] == 1.0
 
 
+SIGNIOR = ["**Beatrice.** I wonder that you will still be talking, Signior Benedick.",
+           "**Beatrice.** Is it possible disdain should die while she hath such meet food to feed it?"] * 6
+
+
+def signior(tmp_path, student_vocabulary: int):
+    """(cross tokenizer, teacher tokenizer, student tokenizer, the cache's rows) for a byte-level BPE teacher and a
+    small WordPiece student, which splits some words finer than the teacher and others coarser."""
+    from transformers import AutoModelForCausalLM
+    teacher, student = byte_level_bpe(SIGNIOR), uncased_wordpiece(SIGNIOR, vocab_size=student_vocabulary)
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    AutoModelForCausalLM.from_config(tiny_llama_config(len(teacher), hidden=16, layers=1)).save_pretrained(teacher_dir)
+    teacher.save_pretrained(teacher_dir)
+    student.save_pretrained(student_dir)
+    cache = tmp_path / "cache"
+    dump_teacher(str(teacher_dir), str(write_jsonl(tmp_path / "play.jsonl", SIGNIOR)), cache,
+                 DumpSettings(targets="topk", top_k=4), progress=False)
+    opened = kdcache.open_cache(cache)
+    return CrossTokenizer.from_path(opened, str(student_dir)), teacher, student, list(opened.sequences())
+
+
+def with_targets(sequence, teacher, at: int, tokens: list[str], probabilities: list[float]):
+    """`sequence` with the teacher's listed tokens and tail at position `at` replaced."""
+    topk_ids, topk_logprobs, tail = sequence.topk_ids.copy(), sequence.topk_logprobs.copy(), sequence.tail_logprob.copy()
+    topk_ids[at] = teacher.convert_tokens_to_ids(tokens)
+    topk_logprobs[at] = np.log(probabilities)
+    tail[at] = np.log1p(-sum(probabilities))
+    return dataclasses.replace(sequence, topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprob=tail)
+
+
+def targets_after(cross, student, row, pieces: list[str]) -> tuple[dict, dict, float]:
+    """At the student position that `pieces` end with and that predicts their last one: (teacher-id entries,
+    student-id entries, tail), as probabilities."""
+    tokens = student.convert_ids_to_tokens(row.input_ids.tolist())
+    position = next(i for i in range(len(tokens)) if tokens[i:i + len(pieces)] == pieces) + len(pieces) - 2
+    slot = row.target_positions.tolist().index(position)
+    teacher_entries, student_entries = {}, {}
+    half = len(cross.vocabulary_map)
+    for index, logprob in zip(row.topk_ids[slot].tolist(), row.topk_logprobs[slot].tolist()):
+        if logprob > -np.inf:
+            entries, key = (student_entries, index - half) if index >= half else (teacher_entries, index)
+            entries[key] = entries.get(key, 0.0) + np.exp(logprob)
+    return teacher_entries, student_entries, float(np.exp(row.tail_logprob[slot]))
+
+
+def test_a_student_boundary_inside_a_teacher_token_gets_the_remainders_of_the_consistent_tokens(tmp_path):
+    """Teacher "dain" (after " di", "s") covers the student's boundary between "##d" and "##a": given the "d" the
+    student has read, only listed tokens beginning with "d" remain, each giving its remainder's student piece."""
+    cross, teacher, student, rows = signior(tmp_path, student_vocabulary=60)
+    assert "dain" in teacher.tokenize(SIGNIOR[1]) and student.tokenize("disdain") == ["di", "##s", "##d", "##a", "##in"]
+    sequence = next(row for row in rows if "disdain" in row.text)
+    predicting = sequence.input_ids.tolist().index(teacher.convert_tokens_to_ids("dain")) - 1
+    # "Ġsh" and "e" are ruled out by the "d" the student has read
+    sequence = with_targets(sequence, teacher, predicting, ["dain", "d", "Ġsh", "e"], [0.4, 0.1, 0.2, 0.05])
+    row, _, inside = cross.student_row(sequence)
+    teacher_entries, student_entries, tail = targets_after(cross, student, row, ["##s", "##d", "##a"])
+    assert inside > 0 and not teacher_entries
+    # the consistent mass (0.4 + 0.1) is scaled to the listed mass (0.75); "d" alone leaves its remainder unknown
+    assert student_entries == {student.convert_tokens_to_ids("##a"): pytest.approx(0.6, rel=1e-3)}
+    assert tail == pytest.approx(0.25 + 0.15, rel=1e-3)
+
+
+def test_a_student_token_spanning_teacher_tokens_gets_the_teachers_continuations(tmp_path):
+    """The student's "st" of "still" is the teacher's " s" then "t": the mass of " s" is split by the teacher's
+    prediction after it, each continuation going to the student's first piece of " s" + its text."""
+    cross, teacher, student, rows = signior(tmp_path, student_vocabulary=70)
+    sequence = next(row for row in rows if "still" in row.text)
+    assert student.tokenize("will still") == ["w", "##ill", "st", "##ill"]
+    ids = sequence.input_ids.tolist()
+    predicting = next(i for i in range(len(ids) - 2) if teacher.convert_ids_to_tokens(ids[i:i + 3]) == ["ill", "Ġs", "t"])
+    sequence = with_targets(sequence, teacher, predicting, ["Ġs", "Ġt", "e", "o"], [0.5, 0.2, 0.1, 0.1])
+    sequence = with_targets(sequence, teacher, predicting + 1, ["t", "e", "ill", "o"], [0.6, 0.2, 0.1, 0.05])
+    row, _, _ = cross.student_row(sequence)
+    teacher_entries, student_entries, tail = targets_after(cross, student, row, ["##ill", "st"])
+    # " s" itself is replaced by its continuations; the position's other listed tokens stay as they are
+    assert teacher_entries == pytest.approx({teacher.convert_tokens_to_ids(token): p
+                                             for token, p in (("Ġt", 0.2), ("e", 0.1), ("o", 0.1))}, rel=1e-3)
+    expected: dict[int, float] = {}
+    for word, p in (("st", 0.3), ("se", 0.1), ("sill", 0.05), ("so", 0.025)):
+        first = student.convert_tokens_to_ids(student.tokenize(word)[0])
+        expected[first] = expected.get(first, 0.0) + p
+    assert student.convert_tokens_to_ids("st") in expected and student_entries == pytest.approx(expected, rel=1e-3)
+    assert tail == pytest.approx(0.1 + 0.5 * 0.05, rel=1e-3)  # the tails of both positions, the second one's share
+
+
 def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
     student = AutoTokenizer.from_pretrained(student_tokenizer_dir)
     config = tmp_path / "student.json"
@@ -302,7 +387,7 @@ def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
                                                    student_tokenizer=str(student_tokenizer_dir)))
     alignment = summary["cross_tokenizer"]
     assert 0 < alignment["aligned_share"] <= 1 and alignment["skipped_share"] == pytest.approx(
-        1 - alignment["aligned_share"], abs=1e-4)
+        1 - alignment["aligned_share"] - alignment["inside_share"], abs=1e-4)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for record in records:
         assert record["loss"] == pytest.approx(0.5 * record["ce"] + record["kd"] + record["uld"], rel=1e-6)

@@ -12,11 +12,19 @@ student side needs no teacher:
    after the same prefix. Mostly that teacher boundary ends at the same character; when the student
    skips whitespace (WordPiece drops it), it is the teacher boundary after the whitespace, where the
    teacher predicts the next word rather than a line break; among boundaries ending at one character
-   (zero-width tokens) the last, which has seen the most tokens, is used. Where the spans
-   do not line up one-to-one the rule *skips*: a student boundary inside a teacher token (a word
-   the student splits 1→3) has no target; teacher boundaries inside a student token (3→1) are not
-   used. Student positions that are not boundaries (before [SEP], inside a split character) have
-   no target either. `alignment_report` gives the share skipped.
+   (zero-width tokens) the last, which has seen the most tokens, is used. Where the spans do not line
+   up one-to-one, the cache's next positions are used rather than skipping:
+   * a student boundary *inside* a teacher token (the student splits " Beatrice" into "beat" "##rice")
+     takes the targets of the teacher position that predicts that token, *conditioned* on the text
+     the student has read beyond it: listed tokens not beginning with it are ruled out, the others
+     give their remainder's student piece (`_inside_targets`);
+   * where the student's next token spans *several* teacher tokens ("hamlet" for " H" "AM" "LET"),
+     the teacher's next token's mass is split by the teacher's prediction after it, along the text
+     (chain rule, up to PATH_TOKENS tokens; `_along_the_path`).
+   Both need the student's piece of a text it was not given; the student's own tokenizer is asked
+   (`_next_pieces`). Student positions left without a target (before [SEP], inside a split character,
+   a boundary inside a teacher token none of whose listed tokens fits) are skipped; `report` gives the
+   shares aligned, inside and skipped.
 3. **Map the vocabulary** once: a teacher id maps to the student id whose token has the same text
    (`vocabulary_map`), after the student's normaliser (an uncased student maps " The" and " the" to
    " the"). Token text is read from each tokenizer's conventions: byte-level BPE bytes, "▁" for a
@@ -30,14 +38,18 @@ student side needs no teacher:
 4. **Loss** (objective.py): `kd` is the chosen divergence on [mapped ids, rest], the rest holding the
    unmapped listed mass and the tail (`losses.map_targets`); `uld` (weight `uld_weight`) is the
    ULD-style sorted-probability distance on the mass that does not map, tail included
-   (`losses.uld_loss`). With the same tokenizer on both sides, every position aligns, the map is the
-   identity and `kd` is exactly same-tokenizer KD. The student's own next-token CE is unchanged.
+   (`losses.uld_loss`). The targets' ids index `CrossTokenizer.target_map`: teacher ids through the map,
+   then student ids given directly (step 2). With the same tokenizer on both sides, every position
+   aligns one-to-one, the map is the identity and `kd` is exactly same-tokenizer KD. The student's own
+   next-token CE is unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -55,6 +67,8 @@ from .batching import Batch, collate
 
 SPAN_COLUMNS = ("token_offsets", "text")
 RATE_ROWS = 2000  # rows of the cache read to estimate how often each mapped id is right (`estimate_map_rates`)
+PATH_TOKENS = 4  # teacher tokens `_along_the_path` follows inside one student token
+MEMO_ENTRIES = 1 << 20  # (text, offset) -> student token lookups kept by `_next_pieces` before it starts over
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -213,6 +227,21 @@ def boundaries(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return positions, ends[positions]
 
 
+def _token_starting_at(string: str, at: int, encoding) -> int:
+    """The id of the first token at or after character `at` of `encoding` (of `string`) with only whitespace
+    before it, or -1 when a token straddles `at` or none follows."""
+    for token, (start, end) in zip(encoding.ids, encoding.offsets):
+        if end <= at:
+            continue
+        return token if start >= at and not string[at:start].strip() else -1
+    return -1
+
+
+def _widen(array: np.ndarray, width: int, fill: float) -> np.ndarray:
+    """`array` [n, k] padded on the right to [n, width] with `fill` (empty slots)."""
+    return np.pad(array, ((0, 0), (0, width - array.shape[1])), constant_values=fill)
+
+
 def align(student_spans: np.ndarray, teacher_spans: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """(student positions, their teacher positions, number of student boundaries): the rule in the module docstring."""
     student_positions, student_ends = boundaries(student_spans)
@@ -253,7 +282,10 @@ class CrossTokenizer:
         self.exact_map = vocabulary_map(teacher_tokenizer, student_tokenizer)
         self.vocabulary_map = (first_token_map(teacher_tokenizer, student_tokenizer, self.exact_map)
                                if token_map == "first-token" else self.exact_map)
+        self.teacher_texts = token_texts(teacher_tokenizer)
+        self.student_glued = np.array([_starts_glued_word(text) for text in token_texts(student_tokenizer)], dtype=bool)
         self._word_start_after: dict[str, bool] = {}
+        self._next_piece: dict[tuple[str, int], int] = {}
 
     @classmethod
     def from_path(cls, cache: Cache, student_tokenizer: str, max_length: int | None = None,
@@ -264,24 +296,198 @@ class CrossTokenizer:
     def student_vocab_size(self) -> int:
         return len(self.student_tokenizer)
 
-    def student_row(self, sequence: CachedSequence) -> tuple[CachedSequence, int]:
-        """The row as the student sees it, its targets moved to the aligned student positions; and its number
-        of student boundaries (aligned or skipped)."""
+    @property
+    def target_map(self) -> np.ndarray:
+        """int64 [2·V_teacher + V_student]: the id space of `student_row`'s targets. Ids below 2·V_teacher are
+        teacher ids (the vocabulary map's two halves); id 2·V_teacher + j is student id j, given directly to
+        the targets inside a teacher token (`_inside_targets`)."""
+        return np.concatenate([self.vocabulary_map, np.arange(self.student_vocab_size)])
+
+    def student_row(self, sequence: CachedSequence) -> tuple[CachedSequence, int, int]:
+        """The row as the student sees it, its targets moved to the student positions that get one; its number of
+        student boundaries (with a target or skipped) and how many of them lie inside a teacher token."""
         teacher_spans, encoded, spans = self._spans(sequence, truncate=True)
+        student_ids = np.asarray(encoded["input_ids"], dtype=np.int64)
         student_positions, teacher_positions, boundary_count = align(spans, teacher_spans)
         # Ids past the teacher's vocabulary: the same token at a word start (see `vocabulary_map`).
         ends = teacher_spans[teacher_positions, 1]
         word_start = np.array([self._word_start(sequence.text, end) for end in ends], dtype=bool)
-        row = CachedSequence(sample_id=sequence.sample_id, input_ids=np.asarray(encoded["input_ids"], dtype=np.int32),
-                             topk_ids=(sequence.topk_ids[teacher_positions].astype(np.int64)
-                                       + len(self.vocabulary_map) // 2 * word_start[:, None]),
-                             topk_logprobs=sequence.topk_logprobs[teacher_positions],
-                             tail_logprob=sequence.tail_logprob[teacher_positions],
-                             target_positions=student_positions.astype(np.int32))
-        return row, boundary_count
+        ids = (sequence.topk_ids[teacher_positions].astype(np.int64)
+               + len(self.vocabulary_map) // 2 * word_start[:, None])
+        logprobs = sequence.topk_logprobs[teacher_positions].astype(np.float32)
+        tails = sequence.tail_logprob[teacher_positions].astype(np.float32)
+        ids, logprobs, tails = self._along_the_path(sequence, teacher_spans, spans, student_ids, student_positions,
+                                                    teacher_positions, ids, logprobs, tails)
+        inside_positions, inside_ids, inside_logprobs, inside_tails = self._inside_targets(
+            sequence, teacher_spans, spans, student_ids, student_positions)
+        positions = np.concatenate([student_positions, inside_positions])
+        order = np.argsort(positions, kind="stable")
+        width = max(ids.shape[1], inside_ids.shape[1])
+        row = CachedSequence(sample_id=sequence.sample_id, input_ids=student_ids.astype(np.int32),
+                             topk_ids=np.concatenate([_widen(ids, width, 0), _widen(inside_ids, width, 0)])[order],
+                             topk_logprobs=np.concatenate([_widen(logprobs, width, -np.inf),
+                                                           _widen(inside_logprobs, width, -np.inf)])[order],
+                             tail_logprob=np.concatenate([tails, inside_tails])[order],
+                             target_positions=positions[order].astype(np.int32))
+        return row, boundary_count, len(inside_positions)
+
+    def _along_the_path(self, sequence: CachedSequence, teacher_spans: np.ndarray, spans: np.ndarray,
+                        student_ids: np.ndarray, student_positions: np.ndarray, teacher_positions: np.ndarray,
+                        ids: np.ndarray, logprobs: np.ndarray, tails: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The aligned targets, where the student's next token spans several of the teacher's (" H", "AM", "LET"
+        for "hamlet") with the teacher's next token followed along the text: (ids, log-probs, tails), widened.
+
+        The teacher's next token alone says little of the student's: its probability belongs to every student
+        token that begins with its text. The cache holds the teacher's prediction after it too, so that mass
+        is split by the next position's listed tokens (chain rule): each continuation text goes to the student's
+        token that starts where the student's token does when the student tokenizes its word with that text
+        (`_next_pieces`), the next position's tail to the rest; the continuation the text really takes is
+        followed again, up to PATH_TOKENS teacher tokens, after which its mass goes to the rest. The new
+        entries are student ids (`target_map`), at most as many as the row's top-k; smaller ones join the rest.
+        """
+        starts, ends = teacher_spans[:, 0], teacher_spans[:, 1]
+        student_starts, student_ends = spans[student_positions + 1, 0], spans[student_positions + 1, 1]
+        text, topk_ids, topk_logprobs = sequence.text, sequence.topk_ids, sequence.topk_logprobs
+        last = len(teacher_spans) - 1
+        followed: list[tuple[int, list[float], int]] = []  # (row, masses to the rest, first request)
+        requests: list[tuple[str, int, bytes]] = []
+        masses: list[float] = []
+        logprobs = logprobs.copy()
+        for row in np.flatnonzero(ends[teacher_positions + 1] < student_ends):
+            position, end = int(teacher_positions[row]), int(student_ends[row])
+            slot = np.flatnonzero((topk_ids[position] == sequence.input_ids[position + 1])
+                                  & np.isfinite(topk_logprobs[position]))
+            if not len(slot):
+                continue
+            path, logprobs[row, slot[0]] = float(logprobs[row, slot[0]]), -np.inf
+            word = self._word_begins(student_ids, spans, int(student_positions[row]) + 1)
+            at, spilled, first = int(student_starts[row]) - word, [], len(requests)
+            for depth in range(1, PATH_TOKENS):
+                position += 1  # the teacher position right after the path's last token
+                if position >= last or starts[position + 1] < ends[position] or ends[position + 1] <= starts[position + 1]:
+                    spilled.append(path)
+                    break
+                context, continued = text[word:ends[position]], None
+                for teacher_id, logprob in zip(topk_ids[position].tolist(), topk_logprobs[position].tolist()):
+                    if logprob == -math.inf:
+                        continue
+                    if teacher_id == sequence.input_ids[position + 1] and ends[position + 1] < end:
+                        continued = path + logprob  # the text goes on past this token too
+                        continue
+                    requests.append((context, at, self._teacher_text(teacher_id)))
+                    masses.append(path + logprob)
+                spilled.append(path + float(sequence.tail_logprob[position]))
+                if continued is None:
+                    break
+                path = continued
+            else:
+                spilled.append(path)
+            followed.append((int(row), spilled, first))
+        if not followed:
+            return ids, logprobs, tails
+        pieces, k = np.array(self._next_pieces(requests), dtype=np.int64), ids.shape[1]
+        ids, logprobs, tails = _widen(ids, 2 * k, 0), _widen(logprobs, 2 * k, -np.inf), tails.astype(np.float64)
+        bounds = [first for _, _, first in followed[1:]] + [len(requests)]
+        for (row, spilled, first), stop in zip(followed, bounds):
+            mass, piece = np.array(masses[first:stop]), pieces[first:stop]
+            found = np.flatnonzero(piece >= 0)
+            kept = found[np.argsort(-mass[found], kind="stable")[:k]]
+            ids[row, k:k + len(kept)] = len(self.vocabulary_map) + piece[kept]
+            logprobs[row, k:k + len(kept)] = mass[kept]
+            lost = np.setdiff1d(np.arange(len(mass)), kept)
+            tails[row] = np.logaddexp.reduce([tails[row], *spilled, *mass[lost]])
+        return ids, logprobs, tails.astype(np.float32)
+
+    def _inside_targets(self, sequence: CachedSequence, teacher_spans: np.ndarray, spans: np.ndarray,
+                        student_ids: np.ndarray, aligned: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Targets at the student boundaries inside a teacher token (the student splits " Beatrice" into "beat" and
+        "##rice"): (student positions, ids in `target_map`'s space, log-probs [n, k], tail log-probs [n]).
+
+        The teacher position that predicts the token has read less text than the student has ("beat" more).
+        Its listed tokens whose text begins with that extra text are the ones consistent with what the student
+        read; the others are ruled out. Each consistent token's remainder ("rice" of " Beatrice") is given to the
+        student's token that starts there when the student tokenizes its word's text so far plus the remainder
+        (`_next_pieces`: "##rice"), or to the rest when no student token starts there. The consistent mass is
+        scaled up to the listed mass, so the tail keeps its share (its tokens are assumed consistent as often
+        as the listed ones). A position where no listed token is consistent gets no target.
+        """
+        width = sequence.topk_ids.shape[1]
+        empty = (np.zeros(0, np.int64), np.zeros((0, width), np.int64), np.zeros((0, width), np.float32),
+                 np.zeros(0, np.float32))
+        positions, _ = boundaries(spans)
+        positions = positions[~np.isin(positions, aligned)]
+        if len(teacher_spans) < 2 or not len(positions):
+            return empty
+        next_starts = spans[positions + 1, 0]
+        starts, ends = teacher_spans[:, 0], teacher_spans[:, 1]
+        token = np.clip(np.searchsorted(starts, next_starts, side="left") - 1, 1, len(teacher_spans) - 1)
+        # The teacher token covering the student's next start, predicted cleanly by the teacher position before it.
+        inside = ((starts[token] < next_starts) & (ends[token] > next_starts) & (starts[token] >= ends[token - 1])
+                  & (ends[token] > starts[token]))
+        positions, next_starts, predicting = positions[inside], next_starts[inside], token[inside] - 1
+        requests, slots = [], []
+        for row, (position, start, teacher_position) in enumerate(zip(positions, next_starts, predicting)):
+            consumed = sequence.text[ends[teacher_position]:start].encode()
+            context = sequence.text[self._word_begins(student_ids, spans, position + 1):start]
+            for slot, (teacher_id, logprob) in enumerate(zip(sequence.topk_ids[teacher_position].tolist(),
+                                                             sequence.topk_logprobs[teacher_position].tolist())):
+                text = self._teacher_text(teacher_id)
+                if logprob > -math.inf and text is not None and text.startswith(consumed):
+                    requests.append((context, len(context), text[len(consumed):]))
+                    slots.append((row, slot, logprob))
+        if not slots:
+            return empty
+        pieces = self._next_pieces(requests)
+        rows, slot_index, logprob = (np.array(column) for column in zip(*slots))
+        consistent = np.bincount(rows, weights=np.exp(logprob), minlength=len(positions))
+        kept = consistent > 0
+        listed = np.exp(sequence.topk_logprobs[predicting].astype(np.float64)).sum(1, where=np.isfinite(
+            sequence.topk_logprobs[predicting]))
+        scaled = logprob + np.log(listed[rows]) - np.log(consistent[rows])
+        pieces = np.array(pieces, dtype=np.int64)
+        ids = np.zeros((len(positions), width), dtype=np.int64)
+        logprobs = np.full((len(positions), width), -np.inf, dtype=np.float32)
+        found = pieces >= 0
+        ids[rows[found], slot_index[found]] = len(self.vocabulary_map) + pieces[found]
+        logprobs[rows[found], slot_index[found]] = scaled[found]
+        spilled = np.bincount(rows[~found], weights=np.exp(scaled[~found]), minlength=len(positions))
+        tails = np.log(np.exp(sequence.tail_logprob[predicting].astype(np.float64)) + spilled)
+        return positions[kept], ids[kept], logprobs[kept], tails[kept].astype(np.float32)
+
+    def _teacher_text(self, teacher_id: int) -> bytes | None:
+        """The teacher token's text, None for special tokens, unknown texts and ids outside the vocabulary."""
+        text = self.teacher_texts[teacher_id] if 0 <= teacher_id < len(self.teacher_texts) else None
+        return text if isinstance(text, bytes) else None
+
+    def _word_begins(self, student_ids: np.ndarray, spans: np.ndarray, position: int) -> int:
+        """Where the student's word that token `position` belongs to begins: its tokens after the first continue it."""
+        while position > 0 and self.student_glued[student_ids[position]]:
+            position -= 1
+        return int(spans[position, 0])
+
+    def _next_pieces(self, requests: list[tuple[str, int, bytes | None]]) -> list[int]:
+        """Per (context, at, remainder): the student's token that starts at character `at` (or after whitespace
+        there, for a student that drops it) when it tokenizes context + remainder, or -1 when one of its tokens
+        straddles that point, none follows, or the remainder is not whole UTF-8 characters. Memoised: words recur."""
+        keys: list[tuple[str, int] | None] = []
+        for context, at, remainder in requests:
+            try:
+                keys.append((context + remainder.decode(), at))
+            except (UnicodeDecodeError, AttributeError):  # a partial character; no text (special token)
+                keys.append(None)
+        missing = sorted({key for key in keys if key is not None and key not in self._next_piece})
+        if len(self._next_piece) + len(missing) > MEMO_ENTRIES:
+            self._next_piece.clear()
+        encodings = self.student_tokenizer.backend_tokenizer.encode_batch([string for string, _ in missing],
+                                                                          add_special_tokens=False)
+        for (string, at), encoding in zip(missing, encodings):
+            self._next_piece[(string, at)] = _token_starting_at(string, at, encoding)
+        return [-1 if key is None else self._next_piece[key] for key in keys]
 
     def estimate_map_rates(self, sequences: Iterable[CachedSequence]) -> np.ndarray:
-        """float32 [2·V_teacher]: per entry of the vocabulary map, how often the student's token really is the
+        """float32, one per entry of `target_map`: per entry of the vocabulary map, how often the student's token really is the
         mapped one where the teacher's token occurs in the cache's own text.
 
         A teacher token that is the first piece of longer words ("Be" of "Beatrice") has the same text as
@@ -292,6 +498,7 @@ class CrossTokenizer:
         entry's rate is (hits + 1) / (occurrences + 1): 1 for entries never seen and for a tokenizer
         facing itself (the identity: every occurrence is a hit), near 0 for prefixes. The loss keeps
         rate · p on the mapped student id and moves the rest to the unmapped mass (`losses.map_targets`).
+        Student ids given directly (the map's last part) have rate 1.
         """
         half = len(self.vocabulary_map) // 2
         hits = np.zeros(2 * half, dtype=np.int64)
@@ -310,7 +517,7 @@ class CrossTokenizer:
                 entry = token + half * self._word_start(sequence.text, context)
                 seen[entry] += 1
                 hits[entry] += student_at.get(visible, -1) == self.vocabulary_map[entry]
-        return ((hits + 1) / (seen + 1)).astype(np.float32)
+        return np.concatenate([(hits + 1) / (seen + 1), np.ones(self.student_vocab_size)]).astype(np.float32)
 
     def _spans(self, sequence: CachedSequence, truncate: bool) -> tuple[np.ndarray, dict, np.ndarray]:
         """(checked teacher spans, the student's encoding of the row's text, its normalised spans)."""
@@ -334,28 +541,36 @@ class CrossTokenizer:
         return self._word_start_after[character]
 
     def collate(self, sequences: list[CachedSequence]) -> Batch:
-        """Like `batching.collate`, on the student's tokens: targets sit at the aligned positions (`target_mask`)."""
-        return collate([self.student_row(sequence)[0] for sequence in sequences])
+        """Like `batching.collate`, on the student's tokens: targets sit at the positions that get one (`target_mask`),
+        their ids in `target_map`'s space."""
+        rows = [self.student_row(sequence)[0] for sequence in sequences]
+        width = max(row.topk_ids.shape[1] for row in rows)
+        return collate([dataclasses.replace(row, topk_ids=_widen(row.topk_ids, width, 0),
+                                            topk_logprobs=_widen(row.topk_logprobs, width, -np.inf)) for row in rows])
 
     def report(self, sequences: Iterable[CachedSequence]) -> dict:
-        """Alignment statistics: share of student boundaries aligned; at the aligned positions, share of the
-        teacher's probability mass (tail included, which never maps) that maps exactly (same text) and that
-        maps at all (with `token_map` first-token, also to a first token)."""
-        rows = boundary_count = aligned = 0
+        """Alignment statistics: shares of student boundaries aligned to a teacher boundary, given a target
+        inside a teacher token, and skipped; at the positions with a target, share of the teacher's
+        probability mass (tail included, which never maps) that maps exactly (same text) and that maps at all
+        (with `token_map` first-token, also to a first token; inside a teacher token, to the student's piece)."""
+        rows = boundary_count = targeted = inside = 0
         exact_mass = mapped_mass = 0.0
+        exact_map = np.concatenate([self.exact_map, np.full(self.student_vocab_size, -1)])
+        target_map = self.target_map
         for sequence in sequences:
-            row, count = self.student_row(sequence)
-            rows, boundary_count, aligned = rows + 1, boundary_count + count, aligned + len(row.target_positions)
+            row, count, inside_count = self.student_row(sequence)
+            rows, boundary_count, inside = rows + 1, boundary_count + count, inside + inside_count
+            targeted += len(row.target_positions)
             probabilities = np.exp(row.topk_logprobs.astype(np.float64))
-            exact_mass += float((probabilities * (self.exact_map[row.topk_ids] >= 0)).sum())
-            mapped_mass += float((probabilities * (self.vocabulary_map[row.topk_ids] >= 0)).sum())
-        aligned_share = aligned / boundary_count if boundary_count else 0.0
+            exact_mass += float((probabilities * (exact_map[row.topk_ids] >= 0)).sum())
+            mapped_mass += float((probabilities * (target_map[row.topk_ids] >= 0)).sum())
+        share = (lambda count: round(count / boundary_count, 4) if boundary_count else 0.0)
         half = len(self.vocabulary_map) // 2
-        return {"rows": rows, "student_positions": boundary_count, "aligned_positions": aligned,
-                "aligned_share": round(aligned_share, 4),
-                "skipped_share": round(1 - aligned_share, 4) if boundary_count else 0.0,
-                "exact_mass_share": round(exact_mass / max(aligned, 1), 4),
-                "mapped_mass_share": round(mapped_mass / max(aligned, 1), 4),
+        return {"rows": rows, "student_positions": boundary_count, "aligned_positions": targeted - inside,
+                "inside_positions": inside, "aligned_share": share(targeted - inside), "inside_share": share(inside),
+                "skipped_share": share(boundary_count - targeted),
+                "exact_mass_share": round(exact_mass / max(targeted, 1), 4),
+                "mapped_mass_share": round(mapped_mass / max(targeted, 1), 4),
                 "exact_vocabulary_share": round(float((self.exact_map[:half] >= 0).mean()), 4),
                 "mapped_vocabulary_share": round(float((self.vocabulary_map[:half] >= 0).mean()), 4)}
 
@@ -365,7 +580,7 @@ class CrossTokenizerLoss:
 
     def __init__(self, settings, cross: CrossTokenizer, cache: Cache):
         self.settings = settings
-        self.vocabulary_map = torch.from_numpy(cross.vocabulary_map)
+        self.target_map = torch.from_numpy(cross.target_map)
         # Estimated here, not by CrossTokenizer: `info --student-tokenizer` needs the map, not the rates.
         self.map_rates = torch.from_numpy(cross.estimate_map_rates(itertools.islice(cache.sequences(), RATE_ROWS)))
         self.vocab_size = cross.student_vocab_size
@@ -374,11 +589,11 @@ class CrossTokenizerLoss:
         settings = self.settings
         student = logits[batch.targets_at][:, :self.vocab_size]
         targets = batch.sparse_targets("topk")
-        vocabulary_map, rates = self.vocabulary_map.to(student.device), self.map_rates.to(student.device)
+        target_map, rates = self.target_map.to(student.device), self.map_rates.to(student.device)
         terms = {}
         if settings.kd_weight:
-            terms["kd"] = kd_loss(student, map_targets(targets, vocabulary_map, rates), divergence=settings.loss,
+            terms["kd"] = kd_loss(student, map_targets(targets, target_map, rates), divergence=settings.loss,
                                   tail=settings.tail, temperature=settings.temperature)
         if settings.uld_weight:
-            terms["uld"] = uld_loss(student, targets, vocabulary_map, rates)
+            terms["uld"] = uld_loss(student, targets, target_map, rates)
         return terms
