@@ -227,10 +227,11 @@ cache (head 4 + tail, whose head and tail mass a student across tokenizers uses)
 The teacher scores {teacher_bpc:.4f} bits/char on the same held-out text (its own tokenizer).
 
 Alignment of the WordPiece student to the cache (`kdcache info CACHE --student-tokenizer DIR`, whole cache):
-{alignment['aligned_share']:.1%} of the student's positions get a teacher target ({alignment['skipped_share']:.1%}
-skipped: boundaries inside a BPE token). At aligned positions {alignment['exact_mass_share']:.1%} of the teacher's
-probability mass maps exactly to a student token of the same text and {alignment['mapped_mass_share']:.1%} maps
-with first tokens (the rest, the top-{args.top_k}'s tail included, goes to the rest bucket and the ULD term);
+{alignment['aligned_share']:.1%} of the student's positions align to a teacher boundary, {alignment['inside_share']:.1%} lie inside a
+BPE token and take its teacher position's targets conditioned on the text read ({alignment['skipped_share']:.1%} skipped). At the
+positions with a target {alignment['exact_mass_share']:.1%} of the teacher's probability mass maps exactly to a student token of
+the same text and {alignment['mapped_mass_share']:.1%} maps in all (first tokens, the student's pieces of continuations; the
+rest, the top-{args.top_k}'s tail included, goes to the rest bucket and the ULD term);
 {alignment['exact_vocabulary_share']:.1%} of the BPE vocabulary has a same-text WordPiece token,
 {alignment['mapped_vocabulary_share']:.1%} a first token.
 """
