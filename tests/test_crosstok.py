@@ -377,6 +377,37 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_teachers_continuations
     assert tail == pytest.approx(0.1 + 0.5 * 0.05, rel=1e-3)  # the tails of both positions, the second one's share
 
 
+def test_inside_a_teacher_token_the_actual_token_is_followed_when_the_students_token_goes_beyond_it(tmp_path):
+    """The student reads "bened" of "Benedick" (" Be" "n" "edi" "ck" for the teacher); its next piece "##ic" ends
+    inside "ck", so "edi"'s mass is split by the teacher's prediction after it, each continuation giving the
+    student's piece at the same place of the word it makes."""
+    cross, teacher, student, rows = signior(tmp_path, student_vocabulary=60)
+    assert student.tokenize("Benedick") == ["be", "##n", "##e", "##d", "##ic", "##k"]
+    sequence = next(row for row in rows if "Benedick" in row.text)
+    ids = sequence.input_ids.tolist()
+    edi = next(i for i in range(len(ids) - 1) if teacher.convert_ids_to_tokens(ids[i - 1:i + 2]) == ["n", "edi", "ck"])
+    sequence = with_targets(sequence, teacher, edi - 1, ["edi", "e", "Ġsh", "ee"], [0.5, 0.1, 0.1, 0.1])
+    sequence = with_targets(sequence, teacher, edi, ["ck", "t", "e", "o"], [0.6, 0.2, 0.1, 0.05])
+    row, _, _ = cross.student_row(sequence)
+    teacher_entries, student_entries, tail = targets_after(cross, student, row, ["##e", "##d", "##ic"])
+
+    def piece_at(word: str, at: int) -> int:
+        start = 0
+        for piece in student.tokenize(word):
+            if start == at:
+                return student.convert_tokens_to_ids(piece)
+            start += len(piece.removeprefix("##"))
+        raise AssertionError(f"no piece of {word!r} starts at {at}")
+
+    path = 0.5 * 0.8 / 0.5  # "edi", the one token consistent with "ed", scaled to the listed mass
+    expected: dict[int, float] = {}
+    for word, p in (("Benedick", 0.6), ("Benedit", 0.2), ("Benedie", 0.1), ("Benedio", 0.05)):
+        expected[piece_at(word, 5)] = expected.get(piece_at(word, 5), 0.0) + path * p
+    assert not teacher_entries and student.convert_tokens_to_ids("##ic") in expected
+    assert student_entries == pytest.approx(expected, rel=1e-3)
+    assert tail == pytest.approx(0.2 + path * 0.05, rel=1e-3)  # the tail keeps its share, and the one after "edi"
+
+
 def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
     student = AutoTokenizer.from_pretrained(student_tokenizer_dir)
     config = tmp_path / "student.json"
