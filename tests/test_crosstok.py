@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 
 import numpy as np
 import pytest
@@ -38,14 +39,31 @@ def byte_level_bpe(corpus: list[str] = CORPUS) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
 
 
-def uncased_wordpiece(corpus: list[str] = CORPUS, vocab_size: int = 120) -> PreTrainedTokenizerFast:
-    """A BERT-style uncased WordPiece ([CLS] ... [SEP], whitespace dropped, "##" continuations)."""
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+def uncased_wordpiece(corpus: list[str] = CORPUS) -> PreTrainedTokenizerFast:
+    """A BERT-style uncased WordPiece ([CLS] ... [SEP], whitespace dropped, "##" continuations), trained."""
+    return bert_style(Tokenizer(models.WordPiece(unk_token="[UNK]")),
+                      trainer=(corpus, trainers.WordPieceTrainer(vocab_size=120, special_tokens=SPECIAL)))
+
+
+def listed_wordpiece(pieces: list[str]) -> PreTrainedTokenizerFast:
+    """An uncased WordPiece whose vocabulary is the letters, some punctuation and `pieces`, so that which words
+    it splits where is decided here (WordPiece training breaks ties differently from run to run)."""
+    letters = string.ascii_lowercase
+    vocabulary = [*SPECIAL, *letters, *"*.,!?;:'", *(f"##{letter}" for letter in letters), *pieces]
+    return bert_style(Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocabulary)}, unk_token="[UNK]")))
+
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+
+
+def bert_style(backend: Tokenizer, trainer: tuple | None = None) -> PreTrainedTokenizerFast:
+    """`backend` (a WordPiece model) with BERT's uncased normaliser, pre-tokenizer and [CLS] ... [SEP] template;
+    trained on (corpus, trainer) if given, after the normaliser and pre-tokenizer are set (training uses them)."""
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    if trainer:
+        backend.train_from_iterator(*trainer)
     backend.decoder = decoders.WordPiece()
-    backend.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
     backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
                                                            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]",
@@ -297,11 +315,11 @@ SIGNIOR = ["**Beatrice.** I wonder that you will still be talking, Signior Bened
            "**Beatrice.** Is it possible disdain should die while she hath such meet food to feed it?"] * 6
 
 
-def signior(tmp_path, student_vocabulary: int):
+def signior(tmp_path):
     """(cross tokenizer, teacher tokenizer, student tokenizer, the cache's rows) for a byte-level BPE teacher and a
     small WordPiece student, which splits some words finer than the teacher and others coarser."""
     from transformers import AutoModelForCausalLM
-    teacher, student = byte_level_bpe(SIGNIOR), uncased_wordpiece(SIGNIOR, vocab_size=student_vocabulary)
+    teacher, student = byte_level_bpe(SIGNIOR), listed_wordpiece(["di", "##in", "st", "##ill", "be", "##ic"])
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     AutoModelForCausalLM.from_config(tiny_llama_config(len(teacher), hidden=16, layers=1)).save_pretrained(teacher_dir)
     teacher.save_pretrained(teacher_dir)
@@ -340,7 +358,7 @@ def targets_after(cross, student, row, pieces: list[str]) -> tuple[dict, dict, f
 def test_a_student_boundary_inside_a_teacher_token_gets_the_remainders_of_the_consistent_tokens(tmp_path):
     """Teacher "dain" (after " di", "s") covers the student's boundary between "##d" and "##a": given the "d" the
     student has read, only listed tokens beginning with "d" remain, each giving its remainder's student piece."""
-    cross, teacher, student, rows = signior(tmp_path, student_vocabulary=60)
+    cross, teacher, student, rows = signior(tmp_path)
     assert "dain" in teacher.tokenize(SIGNIOR[1]) and student.tokenize("disdain") == ["di", "##s", "##d", "##a", "##in"]
     sequence = next(row for row in rows if "disdain" in row.text)
     predicting = sequence.input_ids.tolist().index(teacher.convert_tokens_to_ids("dain")) - 1
@@ -357,7 +375,7 @@ def test_a_student_boundary_inside_a_teacher_token_gets_the_remainders_of_the_co
 def test_a_student_token_spanning_teacher_tokens_gets_the_teachers_continuations(tmp_path):
     """The student's "st" of "still" is the teacher's " s" then "t": the mass of " s" is split by the teacher's
     prediction after it, each continuation going to the student's first piece of " s" + its text."""
-    cross, teacher, student, rows = signior(tmp_path, student_vocabulary=70)
+    cross, teacher, student, rows = signior(tmp_path)
     sequence = next(row for row in rows if "still" in row.text)
     assert student.tokenize("will still") == ["w", "##ill", "st", "##ill"]
     ids = sequence.input_ids.tolist()
@@ -381,7 +399,7 @@ def test_inside_a_teacher_token_the_actual_token_is_followed_when_the_students_t
     """The student reads "bened" of "Benedick" (" Be" "n" "edi" "ck" for the teacher); its next piece "##ic" ends
     inside "ck", so "edi"'s mass is split by the teacher's prediction after it, each continuation giving the
     student's piece at the same place of the word it makes."""
-    cross, teacher, student, rows = signior(tmp_path, student_vocabulary=60)
+    cross, teacher, student, rows = signior(tmp_path)
     assert student.tokenize("Benedick") == ["be", "##n", "##e", "##d", "##ic", "##k"]
     sequence = next(row for row in rows if "Benedick" in row.text)
     ids = sequence.input_ids.tolist()
