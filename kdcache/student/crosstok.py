@@ -240,7 +240,9 @@ def _token_starting_at(string: str, at: int, encoding) -> int:
 
 def _widen(array: np.ndarray, width: int, fill: float) -> np.ndarray:
     """`array` [n, k] padded on the right to [n, width] with `fill` (empty slots)."""
-    return np.pad(array, ((0, 0), (0, width - array.shape[1])), constant_values=fill)
+    if array.shape[1] == width:
+        return array
+    return np.concatenate([array, np.full((len(array), width - array.shape[1]), fill, dtype=array.dtype)], axis=1)
 
 
 def align(student_spans: np.ndarray, teacher_spans: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -592,18 +594,24 @@ class _Followed:
         start = ids.shape[1]
         width = start if width is None else width
         ids, logprobs = _widen(ids, start + width, 0), _widen(logprobs, start + width, -np.inf)
-        tails = tails.astype(np.float64)
         pieces = np.array(cross._next_pieces(self.requests), dtype=np.int64)
         rows, masses = np.array(self.rows, dtype=np.int64), np.array(self.masses)
-        for row in sorted(set(self.rows) | set(self.spilled)):
-            mine = np.flatnonzero(rows == row)
-            found = mine[pieces[mine] >= 0]
-            placed = found[np.argsort(-masses[found], kind="stable")[:width]]
-            ids[row, start:start + len(placed)] = len(cross.vocabulary_map) + pieces[placed]
-            logprobs[row, start:start + len(placed)] = masses[placed]
-            lost = masses[np.setdiff1d(mine, placed)]
-            tails[row] = np.logaddexp.reduce([tails[row], *self.spilled[row], *lost])
-        return ids, logprobs, tails.astype(np.float32)
+        found = np.flatnonzero(pieces >= 0)
+        order = found[np.lexsort((-masses[found], rows[found]))]  # by row, largest mass first
+        row_of = rows[order]
+        rank = np.arange(len(order)) - np.searchsorted(row_of, row_of, side="left")
+        placed = order[rank < width]
+        ids[rows[placed], start + rank[rank < width]] = len(cross.vocabulary_map) + pieces[placed]
+        logprobs[rows[placed], start + rank[rank < width]] = masses[placed]
+        lost = np.ones(len(rows), dtype=bool)
+        lost[placed] = False
+        spilled_rows = [row for row, values in self.spilled.items() for _ in values]
+        spilled = [value for values in self.spilled.values() for value in values]
+        rest = (np.exp(tails.astype(np.float64))
+                + np.bincount(rows[lost], weights=np.exp(masses[lost]), minlength=len(tails))
+                + np.bincount(np.array(spilled_rows, dtype=np.int64), weights=np.exp(spilled), minlength=len(tails)))
+        with np.errstate(divide="ignore"):  # no tail at all: log 0 = -inf, an empty rest
+            return ids, logprobs, np.log(rest).astype(np.float32)
 
 
 class CrossTokenizerLoss:
