@@ -53,7 +53,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -302,8 +302,8 @@ class CrossTokenizer:
     @property
     def target_map(self) -> np.ndarray:
         """int64 [2·V_teacher + V_student]: the id space of `student_row`'s targets. Ids below 2·V_teacher are
-        teacher ids (the vocabulary map's two halves); id 2·V_teacher + j is student id j, given directly to
-        the targets inside a teacher token (`_inside_targets`)."""
+        teacher ids (the vocabulary map's two halves); id 2·V_teacher + j is student id j, given directly by
+        the targets inside a teacher token and along the text (`_inside_targets`, `_follow`)."""
         return np.concatenate([self.vocabulary_map, np.arange(self.student_vocab_size)])
 
     def student_row(self, sequence: CachedSequence) -> tuple[CachedSequence, int, int]:
@@ -386,7 +386,8 @@ class CrossTokenizer:
         if not kept:
             return empty
         rows, predicting = (np.array(column, dtype=np.int64) for column in zip(*kept))
-        ids, logprobs, tails = followed.place(self, np.zeros((len(rows), 0), np.int64),
+        ids, logprobs, tails = followed.place(self._next_pieces, len(self.vocabulary_map),
+                                              np.zeros((len(rows), 0), np.int64),
                                               np.zeros((len(rows), 0), np.float32),
                                               sequence.tail_logprob[predicting].astype(np.float32), width)
         return rows, ids, logprobs, tails
@@ -415,7 +416,7 @@ class CrossTokenizer:
                 word = self._word_begins(student_ids, spans, int(student_positions[row]) + 1)
                 self._follow(sequence, teacher_spans, position + 1, int(student_ends[row]), word,
                              int(spans[student_positions[row] + 1, 0]) - word, path, int(row), followed)
-        return followed.place(self, ids, logprobs, tails)
+        return followed.place(self._next_pieces, len(self.vocabulary_map), ids, logprobs, tails)
 
     def _follow(self, sequence: CachedSequence, teacher_spans: np.ndarray, token: int, end: int, word: int, at: int,
                 path: float, row: int, followed: _Followed) -> None:
@@ -478,8 +479,8 @@ class CrossTokenizer:
         return [-1 if key is None else self._next_piece[key] for key in keys]
 
     def estimate_map_rates(self, sequences: Iterable[CachedSequence]) -> np.ndarray:
-        """float32, one per entry of `target_map`: per entry of the vocabulary map, how often the student's token really is the
-        mapped one where the teacher's token occurs in the cache's own text.
+        """float32, one per entry of `target_map`: per entry of the vocabulary map, how often the student's token
+        really is the mapped one where the teacher's token occurs in the cache's own text.
 
         A teacher token that is the first piece of longer words ("Be" of "Beatrice") has the same text as
         a student token ("be") that the student only uses for that very word: mapping all of its mass
@@ -567,8 +568,8 @@ class CrossTokenizer:
 
 
 class _Followed:
-    """Target entries being built for some rows of a row's targets: mass waiting for the student's piece of a text
-    (`CrossTokenizer._next_pieces`, asked for all at once) and mass that goes to the rest."""
+    """Target entries being built for some target positions of one row: mass waiting for the student's piece of
+    a text (looked up for all of them at once) and mass that goes to the rest."""
 
     def __init__(self):
         self.rows: list[int] = []
@@ -584,24 +585,25 @@ class _Followed:
     def spill(self, row: int, logmass: float) -> None:
         self.spilled[row].append(logmass)
 
-    def place(self, cross: CrossTokenizer, ids: np.ndarray, logprobs: np.ndarray, tails: np.ndarray,
-              width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`ids` and `logprobs` [n, w] widened by `width` (default w) columns holding each row's entries, student
-        ids in `target_map`'s space, largest first; `tails` with the spilled mass, the pieces not found and the
-        entries past the width. Unchanged when nothing was asked or spilled."""
+    def place(self, pieces_of: Callable[[list], list[int]], offset: int, ids: np.ndarray, logprobs: np.ndarray,
+              tails: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`ids` and `logprobs` [n, w] widened by `width` (default w) columns holding each row's entries, largest
+        first: the pieces (`pieces_of(requests)`, `CrossTokenizer._next_pieces`) shifted by `offset` into
+        `target_map`'s space; `tails` with the spilled mass, the pieces not found and the entries past the width.
+        Unchanged when nothing was asked or spilled."""
         if not self.requests and not self.spilled:
             return ids, logprobs, tails
         start = ids.shape[1]
         width = start if width is None else width
         ids, logprobs = _widen(ids, start + width, 0), _widen(logprobs, start + width, -np.inf)
-        pieces = np.array(cross._next_pieces(self.requests), dtype=np.int64)
+        pieces = np.array(pieces_of(self.requests), dtype=np.int64)
         rows, masses = np.array(self.rows, dtype=np.int64), np.array(self.masses)
         found = np.flatnonzero(pieces >= 0)
         order = found[np.lexsort((-masses[found], rows[found]))]  # by row, largest mass first
         row_of = rows[order]
         rank = np.arange(len(order)) - np.searchsorted(row_of, row_of, side="left")
         placed = order[rank < width]
-        ids[rows[placed], start + rank[rank < width]] = len(cross.vocabulary_map) + pieces[placed]
+        ids[rows[placed], start + rank[rank < width]] = offset + pieces[placed]
         logprobs[rows[placed], start + rank[rank < width]] = masses[placed]
         lost = np.ones(len(rows), dtype=bool)
         lost[placed] = False
