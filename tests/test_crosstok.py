@@ -446,32 +446,48 @@ def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
     assert result.exit_code == 0 and f"{alignment['aligned_share']:.1%} of student positions aligned" in result.output
 
 
-def test_a_default_cache_trains_across_tokenizers_from_its_head_and_exact_tail(teacher_dir, corpus,
-                                                                                student_tokenizer_dir, tmp_path):
-    """dump-teacher's default (head + sampled tail) serves a student with another tokenizer without flags:
-    its top-k view, the exact head and tail mass, is aligned; the draws are not used."""
+def test_a_default_cache_serves_another_tokenizer_its_head_and_tail_draws(teacher_dir, corpus, student_tokenizer_dir,
+                                                                         tmp_path):
+    """dump-teacher's default (head + sampled tail) serves a student with another tokenizer without flags: each
+    drawn tail id joins the head with probability tail mass · count / draws; `targets` topk keeps the head and
+    exact tail alone."""
     cache = tmp_path / "cache"
     dump_teacher(str(teacher_dir), str(corpus), cache, DumpSettings(limit=12), progress=False)
     opened = kdcache.open_cache(cache)
     assert opened.manifest.target_types == ("head-tail",)
-    cross = CrossTokenizer.from_path(opened, str(student_tokenizer_dir))
     sequences = list(opened.sequences())
-    targets = cross.collate(sequences).sparse_targets("topk")
-    head = opened.manifest.top_k
-    assert targets.ids.shape[1] == head and torch.allclose(
-        torch.logsumexp(torch.cat([targets.logprobs, targets.tail_logprob[:, None]], 1), 1), torch.zeros(1), atol=5e-3)
+    # Facing its own tokenizer, every position aligns to itself: the targets are the rows' own, in ids.
+    itself = CrossTokenizer.from_path(opened, str(opened.tokenizer_dir()))
+    row, _, _ = itself.student_row(sequences[0])
+    sequence, head = sequences[0], opened.manifest.top_k
+    for position in row.target_positions.tolist():
+        drawn = sequence.sampled_ids.values[sequence.sampled_ids.offsets[position]:sequence.sampled_ids.offsets[position + 1]]
+        counts = sequence.sampled_counts.values[sequence.sampled_counts.offsets[position]:
+                                                sequence.sampled_counts.offsets[position + 1]].astype(float)
+        tail = float(np.exp(sequence.tail_logprob[position]))
+        expected = {**{int(i): float(np.exp(p)) for i, p in zip(sequence.topk_ids[position], sequence.topk_logprobs[position])},
+                    **{int(i): tail * c / counts.sum() for i, c in zip(drawn, counts)}}
+        slot = row.target_positions.tolist().index(position)
+        got = {int(i): float(np.exp(p)) for i, p in zip(row.topk_ids[slot], row.topk_logprobs[slot]) if p > -np.inf}
+        assert got == pytest.approx(expected, rel=1e-5)
+        assert float(np.exp(row.tail_logprob[slot])) == (0.0 if len(drawn) else pytest.approx(tail, rel=1e-5))
+    cross = CrossTokenizer.from_path(opened, str(student_tokenizer_dir))
+    heads_only = CrossTokenizer.from_path(opened, str(student_tokenizer_dir), use_draws=False)
+    assert heads_only.collate(sequences).sparse_targets("topk").ids.shape[1] == head
+    assert cross.collate(sequences).sparse_targets("topk").ids.shape[1] > head
     student = AutoTokenizer.from_pretrained(student_tokenizer_dir)
     config = tmp_path / "student.json"
     config.write_text(tiny_llama_config(len(student), hidden=16, layers=1).to_json_string())
-    train_student(cache, tmp_path / "student", student_config=str(config), progress=False,
-                  settings=TrainSettings(max_steps=2, batch_size=4, log_every=1,
-                                         student_tokenizer=str(student_tokenizer_dir)))
-    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
-    assert records and all(record["kd"] > 0 for record in records)
-    with pytest.raises(KDCacheError, match="draws are not mapped"):
-        train_student(cache, tmp_path / "sampled", student_config=str(config), progress=False,
-                      settings=TrainSettings(max_steps=1, targets="head-tail",
+    for targets in (None, "topk"):
+        out = tmp_path / f"student-{targets}"
+        train_student(cache, out, student_config=str(config), progress=False,
+                      settings=TrainSettings(max_steps=2, batch_size=4, log_every=1, targets=targets,
                                              student_tokenizer=str(student_tokenizer_dir)))
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert records and all(record["kd"] > 0 for record in records)
+    with pytest.raises(KDCacheError, match="temperature"):  # draws are estimates at T = 1, as for sampled targets
+        train_student(cache, tmp_path / "tempered", student_config=str(config), progress=False,
+                      settings=TrainSettings(max_steps=1, temperature=2.0, student_tokenizer=str(student_tokenizer_dir)))
 
 
 def test_a_different_tokenizer_needs_the_setting_and_a_cache_with_offsets(tmp_path, teacher_dir, cache_dir,

@@ -245,6 +245,30 @@ def _widen(array: np.ndarray, width: int, fill: float) -> np.ndarray:
     return np.concatenate([array, np.full((len(array), width - array.shape[1]), fill, dtype=array.dtype)], axis=1)
 
 
+def head_and_draws(sequence: CachedSequence) -> CachedSequence:
+    """A head + sampled-tail row as listed targets: the exact head, then each id drawn from the tail with its
+    estimated probability, tail mass · count / draws, and no tail left where the draws stand for it.
+
+    The estimates are unbiased, and every use of them across tokenizers that is linear in the probabilities
+    (the vocabulary map, the chain rule along the text, forward KL at temperature 1) stays so; conditioning
+    inside a teacher token divides by the consistent mass, which is a ratio estimate."""
+    ids, counts, head = sequence.sampled_ids, sequence.sampled_counts, sequence.topk_ids.shape[1]
+    lengths = ids.lengths()
+    position = np.repeat(np.arange(len(lengths)), lengths)
+    slot = head + np.arange(len(ids.values)) - np.repeat(ids.offsets[:-1], lengths)
+    count = counts.values.astype(np.float64)
+    draws = np.bincount(position, weights=count, minlength=len(lengths))
+    width = head + int(lengths.max(initial=0))
+    topk_ids = _widen(sequence.topk_ids.astype(np.int64), width, 0)
+    topk_logprobs = _widen(sequence.topk_logprobs.astype(np.float32), width, -np.inf)
+    topk_ids[position, slot] = ids.values
+    tail = sequence.tail_logprob.astype(np.float64)
+    topk_logprobs[position, slot] = tail[position] + np.log(count / draws[position])
+    return dataclasses.replace(sequence, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
+                               tail_logprob=np.where(lengths > 0, -np.inf, tail).astype(np.float32),
+                               sampled_ids=None, sampled_counts=None)
+
+
 def align(student_spans: np.ndarray, teacher_spans: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """(student positions, their teacher positions, number of student boundaries): the rule in the module docstring."""
     student_positions, student_ends = boundaries(student_spans)
@@ -272,15 +296,19 @@ def check_cross_tokenizer_cache(cache: Cache) -> None:
 class CrossTokenizer:
     """A student tokenizer facing a cache: turns cached rows into student batches with aligned targets.
 
-    Picklable (tokenizer and arrays), so a prefetching loader worker can collate with it.
+    With `use_draws` (the default), a head-tail cache's rows are its head and tail draws as estimated
+    probabilities (`head_and_draws`); without, the head and the exact tail mass alone. Picklable (tokenizer
+    and arrays), so a prefetching loader worker can collate with it.
     """
 
-    def __init__(self, cache: Cache, student_tokenizer, max_length: int | None = None, token_map: str = "first-token"):
+    def __init__(self, cache: Cache, student_tokenizer, max_length: int | None = None, token_map: str = "first-token",
+                 use_draws: bool = True):
         check_cross_tokenizer_cache(cache)
         if not getattr(student_tokenizer, "is_fast", False):
             raise KDCacheError("`student_tokenizer` must be a fast tokenizer (it reports token offsets)")
         self.student_tokenizer = student_tokenizer
         self.max_length = max_length
+        self.use_draws = use_draws and "head-tail" in cache.manifest.target_types  # draws from the tail only
         teacher_tokenizer = load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer")
         self.exact_map = vocabulary_map(teacher_tokenizer, student_tokenizer)
         self.vocabulary_map = (first_token_map(teacher_tokenizer, student_tokenizer, self.exact_map)
@@ -292,8 +320,8 @@ class CrossTokenizer:
 
     @classmethod
     def from_path(cls, cache: Cache, student_tokenizer: str, max_length: int | None = None,
-                  token_map: str = "first-token") -> CrossTokenizer:
-        return cls(cache, load_tokenizer(student_tokenizer, "student tokenizer"), max_length, token_map)
+                  token_map: str = "first-token", use_draws: bool = True) -> CrossTokenizer:
+        return cls(cache, load_tokenizer(student_tokenizer, "student tokenizer"), max_length, token_map, use_draws)
 
     @property
     def student_vocab_size(self) -> int:
@@ -309,6 +337,8 @@ class CrossTokenizer:
     def student_row(self, sequence: CachedSequence) -> tuple[CachedSequence, int, int]:
         """The row as the student sees it, its targets moved to the student positions that get one; its number of
         student boundaries (with a target or skipped) and how many of them lie inside a teacher token."""
+        if self.use_draws and sequence.sampled_ids is not None:
+            sequence = head_and_draws(sequence)
         teacher_spans, encoded, spans = self._spans(sequence, truncate=True)
         student_ids = np.asarray(encoded["input_ids"], dtype=np.int64)
         student_positions, teacher_positions, boundary_count = align(spans, teacher_spans)

@@ -28,8 +28,7 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
     A head-tail cache also serves as a top-k cache: its head and exact tail are one.
     """
     manifest = cache.manifest
-    # Across tokenizers a head-tail cache serves its exact part (head + tail mass): see check_cross_tokenizer_settings.
-    targets = settings.targets or ("topk" if settings.student_tokenizer else manifest.default_targets)
+    targets = settings.targets or manifest.default_targets
     available = manifest.target_types + (("topk",) if "head-tail" in manifest.target_types else ())
     if targets not in available:
         remedy = (f"dump with `targets` {targets} or both" if manifest.task == CAUSAL_LM
@@ -60,9 +59,9 @@ def check_cross_tokenizer_settings(settings: TrainSettings, cache: Cache, target
     if cache.manifest.task != CAUSAL_LM:
         raise KDCacheError(f"`student_tokenizer` is for causal-LM caches; cache {cache} is {cache.manifest.task}")
     check_cross_tokenizer_cache(cache)
-    if targets != "topk":
-        raise KDCacheError("`student_tokenizer` needs `targets` topk, the top-k ids or a head-tail cache's head, "
-                           "with the exact tail mass (which the unmapped mass joins); draws are not mapped")
+    if targets not in ("topk", "head-tail"):
+        raise KDCacheError(f"`student_tokenizer` needs `targets` topk or head-tail (listed ids with the tail mass, "
+                           f"which the unmapped mass joins), not {targets}")
     for name in ("hidden_weight", "pooled_weight", "val_fraction"):
         if getattr(settings, name):
             raise KDCacheError(f"`{name}` is not supported with `student_tokenizer` (teacher and student "
@@ -92,9 +91,10 @@ class DistillationLoss:
         self.weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight,
                         "pooled": settings.pooled_weight, "uld": settings.uld_weight}
         # Across tokenizers: batches come from `cross.collate`, the student's logits range over its own vocabulary.
+        # A head-tail cache's draws join its head unless `targets` topk asks for the head and exact tail alone.
         self.cross = (CrossTokenizer.from_path(cache, settings.student_tokenizer,
                                                getattr(model.config, "max_position_embeddings", None),
-                                               settings.token_map)
+                                               settings.token_map, use_draws=self.targets == "head-tail")
                       if settings.student_tokenizer else None)
         if self.cross is not None:
             self.num_classes = self.cross.student_vocab_size
