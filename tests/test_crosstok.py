@@ -287,13 +287,9 @@ def test_the_same_tokenizer_through_the_cross_path_gives_same_tokenizer_targets(
         "a tokenizer facing itself: every mapped id is the student's next token"
 
 
-def test_a_teacher_token_that_begins_longer_student_words_keeps_little_of_its_mass(tmp_path):
-    """Teacher "Be" (of "Beatrice") has a same-text student word "be" that the student never writes there."""
+def cross_tokenizer_over(tmp_path, play: list[str], teacher, student) -> tuple[CrossTokenizer, kdcache.Cache]:
+    """(`student` facing the cache, the cache) of a tiny random teacher with tokenizer `teacher`, top-4 over `play`."""
     from transformers import AutoModelForCausalLM
-    play = ["**Beatrice.** I wonder that you will still be talking, Signior Benedick.",
-            "**Benedick.** What, my dear Lady Disdain! are you yet living?"] * 6
-    teacher, student = byte_level_bpe(play), uncased_wordpiece(play)
-    assert teacher.tokenize(play[0])[:2] == ["**", "Be"] and "beatrice" in student.tokenize(play[0])
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     AutoModelForCausalLM.from_config(tiny_llama_config(len(teacher), hidden=16, layers=1)).save_pretrained(teacher_dir)
     teacher.save_pretrained(teacher_dir)
@@ -302,7 +298,16 @@ def test_a_teacher_token_that_begins_longer_student_words_keeps_little_of_its_ma
     dump_teacher(str(teacher_dir), str(write_jsonl(tmp_path / "play.jsonl", play)), cache,
                  DumpSettings(targets="topk", top_k=4), progress=False)
     opened = kdcache.open_cache(cache)
-    cross = CrossTokenizer.from_path(opened, str(student_dir))
+    return CrossTokenizer.from_path(opened, str(student_dir)), opened
+
+
+def test_a_teacher_token_that_begins_longer_student_words_keeps_little_of_its_mass(tmp_path):
+    """Teacher "Be" (of "Beatrice") has a same-text student word "be" that the student never writes there."""
+    play = ["**Beatrice.** I wonder that you will still be talking, Signior Benedick.",
+            "**Benedick.** What, my dear Lady Disdain! are you yet living?"] * 6
+    teacher, student = byte_level_bpe(play), uncased_wordpiece(play)
+    assert teacher.tokenize(play[0])[:2] == ["**", "Be"] and "beatrice" in student.tokenize(play[0])
+    cross, opened = cross_tokenizer_over(tmp_path, play, teacher, student)
     rates = cross.estimate_map_rates(opened.sequences())
     half = len(teacher)
     be, you = teacher.convert_tokens_to_ids("Be"), teacher.convert_tokens_to_ids("Ġyou")
@@ -318,17 +323,9 @@ SIGNIOR = ["**Beatrice.** I wonder that you will still be talking, Signior Bened
 def signior(tmp_path):
     """(cross tokenizer, teacher tokenizer, student tokenizer, the cache's rows) for a byte-level BPE teacher and a
     small WordPiece student, which splits some words finer than the teacher and others coarser."""
-    from transformers import AutoModelForCausalLM
     teacher, student = byte_level_bpe(SIGNIOR), listed_wordpiece(["di", "##in", "st", "##ill", "be", "##ic"])
-    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
-    AutoModelForCausalLM.from_config(tiny_llama_config(len(teacher), hidden=16, layers=1)).save_pretrained(teacher_dir)
-    teacher.save_pretrained(teacher_dir)
-    student.save_pretrained(student_dir)
-    cache = tmp_path / "cache"
-    dump_teacher(str(teacher_dir), str(write_jsonl(tmp_path / "play.jsonl", SIGNIOR)), cache,
-                 DumpSettings(targets="topk", top_k=4), progress=False)
-    opened = kdcache.open_cache(cache)
-    return CrossTokenizer.from_path(opened, str(student_dir)), teacher, student, list(opened.sequences())
+    cross, opened = cross_tokenizer_over(tmp_path, SIGNIOR, teacher, student)
+    return cross, teacher, student, list(opened.sequences())
 
 
 def with_targets(sequence, teacher, at: int, tokens: list[str], probabilities: list[float]):
