@@ -33,6 +33,8 @@ _EXPORTS = {
     "import_dataset": ".interop",
     "SparseTargets": ".losses",
     "dense_kd_loss": ".losses",
+    "map_targets": ".losses",
+    "uld_loss": ".losses",
     "hidden_loss": ".losses",
     "kd_loss": ".losses",
     "next_token_ce": ".losses",
@@ -47,6 +49,7 @@ _EXPORTS = {
     "collate_inputs": ".student.integration",
     "DistillationLoss": ".student.objective",
     "TrainSettings": ".student",
+    "CrossTokenizer": ".student.crosstok",
     "evaluate": ".student",
     "init_student": ".student",
     "train_student": ".student",
@@ -60,9 +63,11 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .cache.transfer import copy_cache
     from .errors import KDCacheError
     from .interop import export_cache, import_dataset
-    from .losses import SparseTargets, dense_kd_loss, hidden_loss, kd_loss, next_token_ce
+    from .losses import (SparseTargets, dense_kd_loss, hidden_loss, kd_loss, map_targets, next_token_ce,
+                         uld_loss)
     from .student import TrainHooks, TrainSettings, evaluate, init_student, train_student
     from .student.batching import Batch, collate
+    from .student.crosstok import CrossTokenizer
     from .student.integration import CacheDataset, DistillationTrainer, collate_inputs
     from .student.objective import DistillationLoss
     from .teacher import DumpHooks, DumpSettings, dump_teacher

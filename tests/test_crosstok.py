@@ -15,12 +15,12 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import kdcache
+from kdcache import CrossTokenizer, SparseTargets, kd_loss, map_targets, uld_loss
 from kdcache.cli import main
 from kdcache.errors import KDCacheError
-from kdcache.losses import SparseTargets, kd_loss, map_targets, uld_loss
 from kdcache.student import TrainSettings, train_student
 from kdcache.student.batching import collate
-from kdcache.student.crosstok import CrossTokenizer, align, first_token_map, token_texts, vocabulary_map
+from kdcache.student.crosstok import align, first_token_map, token_texts, vocabulary_map
 from kdcache.tasks.spans import check_spans, token_spans
 from kdcache.teacher import DumpSettings, dump_teacher
 
