@@ -38,7 +38,8 @@ class TrainSettings:
                              choices=TOKEN_MAPS)
     uld_weight: float = setting(0.0, "With `student_tokenizer`: weight of the sorted-probability (ULD) distance on "
                                      "the teacher mass that does not map to the student's vocabulary (off by "
-                                     "default: it cost 0.02 bits/char in docs/cross_tokenizer.md's benchmark).",
+                                     "default: it made the student worse in every configuration of "
+                                     "docs/cross_tokenizer.md's benchmark).",
                                 non_negative=True)
     hidden_weight: float = setting(0.0, "Weight of hidden-state matching.", non_negative=True)
     hidden_loss: str = setting("mse", "Hidden-state matching: mean squared error or 1 - cosine similarity per "
