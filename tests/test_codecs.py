@@ -22,7 +22,7 @@ from kdcache.losses import SparseTargets, kd_loss
 from kdcache.student import TrainSettings, train_student
 from kdcache.student.batching import collate
 from kdcache.teacher import DumpSettings, dump_teacher
-from kdcache.teacher.targets import TopKTargets, sampled_targets, sampling_uniforms, select_head
+from kdcache.teacher.targets import TopKTargets, sampled_targets, sampling_uniforms, select_head, tail_draws
 
 FIXTURE = Path(__file__).parent / "fixtures"
 
@@ -160,21 +160,31 @@ def test_mass_adaptive_head_keeps_the_fewest_ids_and_an_exact_tail():
     np.testing.assert_allclose((mass + head.tail_logprob.double().exp()).numpy(), 1.0, atol=1e-5)
 
 
-def test_head_plus_sampled_tail_is_unbiased():
-    """E[head as stored + r · count / N on the tail draws] = p, over seeds; the head ids are never drawn."""
+@pytest.mark.parametrize("sampling", ["independent", "systematic", "proportional"])
+def test_head_plus_sampled_tail_is_unbiased(sampling):
+    """E[head as stored + r · count / n on the tail draws] = p, over seeds, n = the position's draws (N, or
+    ceil(N · r) in proportion to the tail mass); the head ids are never drawn."""
     torch.manual_seed(1)
     logits = torch.randn(3, 40) * 2
     p = torch.softmax(logits.double(), -1)
     lp = torch.log_softmax(logits, -1)
     head = head_of(lp, 4)
     ids, values, tail = head.ids, head.logprobs, head.tail_logprob
+    per_position = tail_draws(tail, 8) if sampling == "proportional" else None
+    if per_position is not None:
+        assert per_position.tolist() == [math.ceil(8 * r) for r in tail.double().exp().tolist()]
+        assert per_position.min() < 8, "the test would not tell proportional draws from N at every position"
     total, seeds = torch.zeros_like(p), 400
     for seed in range(seeds):
-        drawn = sampled_targets(logits, sampling_uniforms([7], [3], 8, seed), vocab_size=40, exclude=head)
+        drawn = sampled_targets(logits, sampling_uniforms([7], [3], 8, seed), vocab_size=40, exclude=head,
+                                systematic=sampling != "independent", draws_per_row=per_position)
         rows = torch.repeat_interleave(torch.arange(3), drawn.offsets.diff())
         assert not (drawn.ids[:, None] == ids[rows]).any()
+        draws = torch.zeros(3, dtype=torch.long).index_add_(0, rows, drawn.counts)
+        assert draws.tolist() == ([8, 8, 8] if per_position is None else per_position.tolist())
         estimate = torch.zeros_like(p).scatter(1, ids, values.double().exp())
-        estimate.index_put_((rows, drawn.ids), drawn.counts.double() / 8 * tail.double().exp()[rows], accumulate=True)
+        estimate.index_put_((rows, drawn.ids), drawn.counts.double() / draws[rows] * tail.double().exp()[rows],
+                            accumulate=True)
         total += estimate
     assert torch.allclose(total / seeds, p, atol=0.01)
     none = sampled_targets(logits, sampling_uniforms([7], [3], 8, 0), vocab_size=40, exclude=head_of(lp, 40))
@@ -208,6 +218,40 @@ def test_compact_cache_is_format_2_and_readable_by_pyarrow_and_datasets(head_tai
         assert sum(row["sampled_counts"]) == 16 * len(row["input_ids"])
     card = manifest.stats["fidelity"]["head-tail"]
     assert card["top_k"] == 4 and card["draws"] == 16 and 4 < card["distinct_ids"] <= 20
+
+
+def test_draws_in_proportion_to_the_tail_mass_make_a_valid_cache_of_fewer_draws(tmp_path, teacher_dir, corpus,
+                                                                                 head_tail_cache):
+    """`sampling` proportional: ceil(N · r) draws at each position, read back and verified, and an estimate that
+    still sums to one in expectation (head + r · c / n) where the batch decodes it."""
+    out = tmp_path / "proportional"
+    dump_teacher(str(teacher_dir), str(corpus), out,
+                 DumpSettings(targets="head-tail", top_k=4, samples=16, sampling="proportional", limit=12,
+                              batch_size=5, shard_rows=6, fidelity_every=1), progress=False)
+    open_cache(out).verify(progress=False)
+    assert Manifest.load(out).dump_fingerprint != Manifest.load(head_tail_cache).dump_fingerprint
+    fewer = 0
+    for sequence in open_cache(out).sequences():
+        draws = np.add.reduceat(sequence.sampled_counts.values, sequence.sampled_counts.offsets[:-1])
+        expected = np.clip(np.ceil(16 * np.exp(sequence.tail_logprob.astype(np.float64))), 1, 16)
+        np.testing.assert_array_equal(draws, expected)
+        fewer += int((draws < 16).sum())
+    assert fewer > 0
+    estimate = collate(list(open_cache(out).sequences())).sparse_targets("head-tail").logprobs.double().exp().sum(-1)
+    np.testing.assert_allclose(estimate.numpy(), 1.0, atol=0.05)
+
+
+def test_draws_from_the_tail_may_be_fewer_than_n_but_never_more():
+    rows = random_rows(6, 4, [5, 3], draws=10)  # at most 6 distinct ids of 10 draws
+    tail_codec = Codec(layout="compact", logprobs="uint8", draws_from="tail")
+    schema = shard_schema(top_k=4, vocab_size=6, logprob_dtype="float32", hidden_sizes={}, dump_fingerprint="x",
+                          target_types=("head-tail",), codec=tail_codec, draws=10)
+    batch = to_record_batch(rows, schema, tail_codec)
+    decode_targets(batch, tail_codec, Limits(6, 4, 12), "fewer")  # 10 draws where 12 are allowed
+    with pytest.raises(KDCacheError, match="do not add up to 12 draws"):
+        decode_targets(batch, Codec(layout="compact", logprobs="uint8"), Limits(6, 4, 12), "whole distribution")
+    with pytest.raises(KDCacheError, match="do not add up to at most 8 draws"):
+        decode_targets(batch, tail_codec, Limits(6, 4, 8), "more")
 
 
 def test_an_older_reader_refuses_a_newer_format(head_tail_cache):

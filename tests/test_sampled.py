@@ -96,20 +96,41 @@ def test_draws_are_unbiased_at_dump_level(tmp_path, teacher_dir, corpus):
     assert abs(((estimate - p) / np.maximum(sigma, 1e-12)).mean()) < 0.05  # no systematic drift
 
 
-def test_mean_over_seeds_converges_to_the_teacher():
+@pytest.mark.parametrize("systematic", [False, True])
+def test_mean_over_seeds_converges_to_the_teacher(systematic):
     torch.manual_seed(0)
     logits = torch.randn(3, 40) * 2
     p = torch.softmax(logits.double(), -1)
     total = torch.zeros_like(p)
     seeds = 400
     for seed in range(seeds):
-        drawn = sampled_targets(logits, sampling_uniforms([7], [3], 50, seed), vocab_size=40)
+        drawn = sampled_targets(logits, sampling_uniforms([7], [3], 50, seed), vocab_size=40, systematic=systematic)
         rows = torch.repeat_interleave(torch.arange(3), drawn.offsets.diff())
         total.index_put_((rows, drawn.ids), drawn.counts.double() / 50, accumulate=True)
     assert torch.allclose(total / seeds, p, atol=0.01)
     # the vocabulary cut-off is respected: padded logit rows are never drawn
     padded = torch.cat([logits, torch.full((3, 4), 50.0)], dim=1)
     assert sampled_targets(padded, sampling_uniforms([7], [3], 50, 0), vocab_size=40).ids.max() < 40
+
+
+def test_systematic_draws_stay_within_one_of_their_expectation():
+    """Each count is floor or ceil of N·p (so ids with N·p < 1 are drawn at most once: N distinct ids on a flat
+    distribution), and the estimate's squared error over seeds is below that of independent draws."""
+    torch.manual_seed(2)
+    logits = torch.cat([torch.randn(2, 300) * 3, torch.zeros(1, 300)])  # two peaked rows, one uniform
+    p = torch.softmax(logits.double(), -1)
+    errors = {}
+    for systematic in (False, True):
+        errors[systematic] = 0.0
+        for seed in range(100):
+            drawn = sampled_targets(logits, sampling_uniforms([3], [3], 16, seed), vocab_size=300, systematic=systematic)
+            rows = torch.repeat_interleave(torch.arange(3), drawn.offsets.diff())
+            counts = torch.zeros_like(p).index_put_((rows, drawn.ids), drawn.counts.double())
+            errors[systematic] += float(((counts / 16 - p) ** 2).sum())
+            if systematic:
+                assert ((counts >= (16 * p).floor() - 1e-9) & (counts <= (16 * p).ceil() + 1e-9)).all()
+                assert drawn.offsets.diff()[2] == 16, "a uniform row gets 16 distinct ids"
+    assert errors[True] < 0.8 * errors[False]
 
 
 def sampled_columns(cache) -> dict[int, tuple[list, list]]:

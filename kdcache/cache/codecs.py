@@ -270,9 +270,12 @@ def decode_targets(batch: pa.RecordBatch, codec: Codec, limits: Limits, file: st
         counts = entries["sampled_counts"].astype(np.int64)
         owner = np.repeat(np.arange(len(lengths)), lengths)
         per_position = np.bincount(owner, weights=counts, minlength=len(lengths))
-        allowed = (per_position == limits.draws) | ((per_position == 0) & (codec.draws_from == "tail"))
+        # draws from the whole distribution are N at every position; from the tail, up to N (none where the head
+        # lists every id, fewer where they are in proportion to the tail mass)
+        allowed = ((per_position <= limits.draws) if codec.draws_from == "tail" else (per_position == limits.draws))
         if not allowed.all() or (counts <= 0).any():
-            raise KDCacheError(f"{file}: sampled_counts do not add up to {limits.draws} draws at every position")
+            raise KDCacheError(f"{file}: sampled_counts do not add up to "
+                               f"{'at most ' if codec.draws_from == 'tail' else ''}{limits.draws} draws at every position")
         ragged |= {"sampled_ids": (rows, Ragged.from_lengths(ids, lengths)),
                    "sampled_counts": (rows, Ragged.from_lengths(counts, lengths))}
     return columns, ragged

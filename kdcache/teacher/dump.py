@@ -54,7 +54,7 @@ from .fingerprint import teacher_fingerprint
 from .hooks import DumpHooks
 from .progress import DumpLock, claim_output, finish, load_records, resume_state
 from .settings import DumpSettings
-from .targets import sampled_targets, sampling_uniforms, select_head, topk_targets
+from .targets import sampled_targets, sampling_uniforms, select_head, tail_draws, topk_targets
 from .windows import RowSource, optional_columns, pad_batch, plan_shards, windows
 from .writer import BackgroundShardWriter, HostBatch, start_host_copy
 
@@ -107,7 +107,10 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
         if "sampled" in groups:  # causal LMs only: targets are the tokens themselves
             uniforms = sampling_uniforms(sample_ids, [len(ids) for ids in token_lists], settings.samples, settings.seed)
             sampled = sampled_targets(logits, uniforms, vocab_size=vocab_size,
-                                      exclude=targets if settings.targets == "head-tail" else None)
+                                      exclude=targets if settings.targets == "head-tail" else None,
+                                      systematic=settings.sampling != "independent",
+                                      draws_per_row=tail_draws(targets.tail_logprob, settings.samples)
+                                      if settings.sampling == "proportional" and settings.targets == "head-tail" else None)
         tensors = {"finite": finite, "tail": targets.tail_logprob,
                    "next_logprob": targets.next_logprob, **card.figures(logits, targets, sampled)}
         if "topk" in groups:

@@ -105,13 +105,15 @@ class FidelityCard(FidelitySums):
     def _sampled_figures(self, logp: torch.Tensor, sampled: SampledTargets, rows: slice, kind: str,
                          head: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                          ) -> dict[str, torch.Tensor]:
-        """The estimate p̂ is c / N on the drawn ids; with a `head` (ids, stored log-probs, tail) it is
-        the head as stored plus r · c / N on the ids drawn from the tail."""
+        """The estimate p̂ is c / n on the drawn ids (n = the position's draws); with a `head` (ids, stored
+        log-probs, tail) it is the head as stored plus r · c / n on the ids drawn from the tail."""
         offsets = sampled.offsets[rows.start:rows.start + logp.shape[0] + 1].to(logp.device)
         lengths = offsets.diff()
         span = slice(int(offsets[0]), int(offsets[-1]))
         row = torch.repeat_interleave(torch.arange(logp.shape[0], device=logp.device), lengths)
-        estimate = sampled.counts[span].to(logp.device).double() / self.draws
+        counts = sampled.counts[span].to(logp.device).double()
+        draws = torch.zeros(logp.shape[0], dtype=torch.float64, device=logp.device).index_add_(0, row, counts)
+        estimate = counts / draws[row]  # the draws a position holds (a head-tail position may hold fewer than N)
         ids = sampled.ids[span].to(logp.device)
         if head is not None:
             head_ids, stored, tail = head

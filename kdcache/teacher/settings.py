@@ -56,6 +56,11 @@ class DumpSettings:
                                         "is given or for a classifier.", choices=("topk", "sampled", "both", "head-tail"))
     samples: int | None = setting(None, "Draws per position for sampled targets (T=1), or from the tail for head-tail "
                                         "(default: 32 for head-tail, else 50).")
+    sampling: str = setting("systematic", "How the draws are placed: systematic (one uniform per position, the N "
+                                          "points spaced 1/N apart: each id drawn within one of N·p times, so "
+                                          "N distinct ids where independent draws repeat some; lower variance, "
+                                          "equally unbiased) or independent (N uniforms each, the draws of earlier caches).",
+                            choices=("systematic", "independent", "proportional"))
     fidelity_every: int = setting(8, "The fidelity card measures every N-th target position of each batch "
                                      "(1 = all; costs dump speed).", positive=True)
     seed: int = setting(0, "Seed of the draws (combined with each sample id).")
@@ -114,7 +119,9 @@ class DumpSettings:
         settings = self.resume_settings()
         del settings["batch_size"], settings["shard_rows"], settings["fidelity_every"]
         if not {"sampled", "head-tail"} & set(self.target_types):
-            del settings["targets"], settings["samples"], settings["seed"]
+            del settings["targets"], settings["samples"], settings["seed"], settings["sampling"]
+        elif self.sampling == "independent":  # as before systematic draws existed
+            del settings["sampling"]
         if (self.codec, self.compression, self.top_p) == ("plain", "none", None):  # as before codecs existed
             del settings["codec"], settings["compression"], settings["top_p"]
         if self.task in (None, CAUSAL_LM):  # causal-LM fingerprints stay what they were before tasks existed
