@@ -354,3 +354,13 @@ def test_recode_refuses_what_needs_the_teacher(cache_dir, head_tail_cache, tmp_p
         recode_cache(head_tail_cache, tmp_path / "c", RecodeSettings(top_k=2), progress=False)
     head_only = recode_cache(head_tail_cache, tmp_path / "d", RecodeSettings(targets="topk"), progress=False)
     assert head_only.target_types == ("topk",) and head_only.draws is None
+
+
+def test_recoded_draws_keep_the_way_they_were_made(head_tail_cache, tmp_path):
+    """A recode copies the draws, so it records their `sampling`: the source's, or independent for a cache from
+    before the setting (the format-1 fixture)."""
+    from kdcache.teacher.recode import RecodeSettings, recode_cache
+    assert "sampling" not in Manifest.load(FIXTURE / "v1_cache").settings
+    old = recode_cache(FIXTURE / "v1_cache", tmp_path / "old", RecodeSettings(), progress=False)
+    new = recode_cache(head_tail_cache, tmp_path / "new", RecodeSettings(compression="none"), progress=False)
+    assert old.settings["sampling"] == "independent" and new.settings["sampling"] == "systematic"

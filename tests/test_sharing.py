@@ -293,6 +293,25 @@ def test_merge_refuses_caches_of_different_teachers_and_leaves_nothing(cache_dir
     assert not (tmp_path / "merged").exists()
 
 
+def test_head_tail_caches_merge_only_with_the_same_draws(teacher_dir, corpus, tmp_path):
+    """Two halves of a head-tail dump merge, keeping its fidelity card (draws included); a half whose draws were
+    made another way (`sampling`) is refused, naming it."""
+    def head_tail(out, sampling, limit):
+        return dump_teacher(str(teacher_dir), str(corpus), out, DumpSettings(
+            targets="head-tail", top_k=4, samples=16, sampling=sampling, limit=limit, batch_size=4, shard_rows=4),
+            progress=False)
+    source = head_tail(tmp_path / "whole", "proportional", 8)
+    copy_cache(tmp_path / "whole", tmp_path / "a", shards=[0], progress=False)
+    copy_cache(tmp_path / "whole", tmp_path / "b", shards=[1], progress=False)
+    merged = merge_caches([tmp_path / "a", tmp_path / "b"], tmp_path / "merged", progress=False)
+    assert merged.stats["fidelity"] == source.stats["fidelity"]
+    assert merged.stats["fidelity"]["head-tail"]["draws"] == 16
+    head_tail(tmp_path / "systematic", "systematic", 4)
+    with pytest.raises(KDCacheError, match=r"differ in sampling \("):
+        merge_caches([tmp_path / "a", tmp_path / "systematic"], tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("fmt", ["distillkit", "axolotl"])
 def test_export_and_import_round_trip(cache_dir, tmp_path, fmt):
     source = Manifest.load(cache_dir)

@@ -47,7 +47,7 @@ def derived_stats(cache_dir: Path | str, manifest: Manifest, shards: list[ShardI
     settings = manifest.settings
     captured = StreamingSummary()
     card = FidelitySums(manifest.target_types, top_k=manifest.top_k,
-                        draws=settings.get("samples") if "sampled" in manifest.target_types else None,
+                        draws=manifest.draws,
                         every=settings.get("fidelity_every", 1))
     targets = nll_count = 0
     nll_sum = 0.0

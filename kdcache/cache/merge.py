@@ -53,7 +53,8 @@ def _compatibility(manifest: Manifest) -> dict[str, object]:
             "tokenizer (hash)": manifest.tokenizer.get("hash"), "tokenizer size": manifest.vocab_size,
             "target types": list(manifest.target_types), "top_k": settings.get("top_k"),
             "logprob_dtype": settings.get("logprob_dtype"), "columns": manifest.columns,
-            "samples": settings.get("samples") if "sampled" in manifest.target_types else None,
+            "samples": manifest.draws,  # head-tail's draws too
+            "sampling": settings.get("sampling", "independent") if manifest.draws else None,
             "format_version": manifest.format_version}
 
 

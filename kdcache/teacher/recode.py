@@ -83,6 +83,7 @@ def _target_settings(source: Manifest, settings: RecodeSettings) -> DumpSettings
     known = {field.name for field in dataclasses.fields(DumpSettings)}
     dumped = {name: value for name, value in source.settings.items() if name in known}
     dumped["hidden_layers"] = tuple(dumped.get("hidden_layers", ()))
+    dumped.setdefault("sampling", "independent")  # the draws of a cache from before `sampling` existed
     changes = {"logprob_dtype": settings.logprob_dtype, "codec": settings.codec, "compression": settings.compression,
                "top_p": settings.top_p, "targets": settings.targets or _dumped_targets(source),
                "top_k": settings.top_k or source.top_k}
