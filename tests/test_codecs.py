@@ -364,3 +364,11 @@ def test_recoded_draws_keep_the_way_they_were_made(head_tail_cache, tmp_path):
     old = recode_cache(FIXTURE / "v1_cache", tmp_path / "old", RecodeSettings(), progress=False)
     new = recode_cache(head_tail_cache, tmp_path / "new", RecodeSettings(compression="none"), progress=False)
     assert old.settings["sampling"] == "independent" and new.settings["sampling"] == "systematic"
+
+
+def test_the_card_of_a_head_tail_cache_says_what_it_holds(head_tail_cache):
+    card = (head_tail_cache / "README.md").read_text()
+    assert "the exact top-4 head (uint8 log-probabilities)" in card
+    assert "(16 per position, systematic draws at temperature 1, seed 0)" in card
+    figures = Manifest.load(head_tail_cache).stats["fidelity"]["head-tail"]
+    assert f"| head 4 + 16 tail draws; KL on the stored ids) | {figures['captured_mass']:.4f} |" in card

@@ -42,11 +42,24 @@ def _targets(manifest: Manifest) -> list[str]:
                      f"{manifest.columns.get('topk_ids', '')}) normalised over the whole vocabulary at temperature 1, "
                      f"sorted descending, plus the exact tail mass `tail_logprob` (nothing is renormalised)")
     if "sampled" in manifest.target_types:
-        lines.append(f"- ids sampled from the teacher with counts ({settings.get('samples')} draws per position "
-                     f"at temperature 1, seed {settings.get('seed')})")
+        lines.append(f"- ids sampled from the teacher with counts ({settings.get('samples')} per position, "
+                     f"{_draws(settings)} at temperature 1, seed {settings.get('seed')})")
+    if "head-tail" in manifest.target_types:
+        lines.append(f"- the exact top-{manifest.top_k} head ({settings['logprob_dtype']} log-probabilities) and tail "
+                     f"mass `tail_logprob`, plus ids drawn from the tail renormalised without the head, with counts "
+                     f"({settings.get('samples')} per position{' at most' if settings.get('sampling') == 'proportional' else ''}"
+                     f", {_draws(settings)} at temperature 1, seed "
+                     f"{settings.get('seed')}): the head plus tail mass × count / draws is an unbiased estimate of "
+                     f"the teacher's distribution")
     if manifest.hidden_layers:
         lines.append(f"- hidden states of layers {', '.join(map(str, manifest.hidden_layers))} (float16)")
     return lines
+
+
+def _draws(settings: dict) -> str:
+    """How the draws were placed (`sampling`; caches from before the setting hold independent draws)."""
+    return {"systematic": "systematic draws", "proportional": "systematic draws in proportion to the tail mass"}.get(
+        settings.get("sampling"), "independent draws")
 
 
 def _fidelity(manifest: Manifest) -> list[str]:
@@ -58,10 +71,11 @@ def _fidelity(manifest: Manifest) -> list[str]:
         topk = card["topk"]
         lines.append(f"| top-{topk['top_k']} + tail (rest-bucket reconstruction) | {topk['captured_mass']:.4f} "
                      f"| {topk['kl_rest_bucket']:.4f} | {topk['tv_rest_bucket']:.4f} |")
-    if "sampled" in card:
-        sampled = card["sampled"]
-        lines.append(f"| sampled ({sampled['draws']} draws; KL on the drawn ids) | {sampled['captured_mass']:.4f} "
-                     f"| {sampled['kl_on_support']:.4f} | {sampled['tv']:.4f} |")
+    for kind, label in (("sampled", "sampled ({draws} draws"), ("head-tail", "head {top_k} + {draws} tail draws")):
+        if kind in card:
+            figures = card[kind]
+            lines.append(f"| {label.format(**figures)}; KL on the stored ids) | {figures['captured_mass']:.4f} "
+                         f"| {figures['kl_on_support']:.4f} | {figures['tv']:.4f} |")
     lines.append(f"\nMeasured at dump time on {card['positions']} target positions (every {card['every']}-th).")
     return lines
 
