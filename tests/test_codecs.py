@@ -272,12 +272,17 @@ def test_training_picks_the_head_tail_loss_from_the_cache(head_tail_cache, stude
     np.testing.assert_allclose(targets.logprobs.double().exp().sum(-1).numpy(), 1.0, atol=0.05)
 
 
-def test_format_1_fixture_reads_as_it_was_written():
-    cache = FIXTURE / "v1_cache"
+@pytest.mark.parametrize("version, codec", [
+    (1, Codec(logprobs="float16")),
+    (2, Codec(layout="compact", logprobs="uint8", compression="zstd", draws_from="tail"))])
+def test_committed_fixtures_read_as_they_were_written(version, codec):
+    """A cache of every format this kdcache has written (committed, made by the kdcache of its time) decodes to the
+    values recorded when it was made: format 1 (plain top-k + sampled), format 2 (compact head-tail)."""
+    cache = FIXTURE / f"v{version}_cache"
     manifest = Manifest.load(cache)
-    assert manifest.format_version == 1 and manifest.codec == Codec(logprobs="float16")
+    assert manifest.format_version == version and manifest.codec == codec
     open_cache(cache).verify(progress=False)
-    expected = json.loads((FIXTURE / "v1_cache_expected.json").read_text())
+    expected = json.loads((FIXTURE / f"v{version}_cache_expected.json").read_text())
     sequences = list(open_cache(cache).sequences())
     assert sorted(str(s.sample_id) for s in sequences) == sorted(expected)
     for sequence in sequences:
@@ -287,6 +292,7 @@ def test_format_1_fixture_reads_as_it_was_written():
         np.testing.assert_array_equal(sequence.tail_logprob.astype(float), want["tail_logprob"])
         assert sequence.sampled_ids.values.tolist() == want["sampled_ids"]
         assert sequence.sampled_counts.values.tolist() == want["sampled_counts"]
+        assert sequence.sampled_ids.lengths().tolist() == want.get("sampled_lengths", sequence.sampled_ids.lengths().tolist())
 
 
 def tampered(rows, vocab, k, draws, column, change):
