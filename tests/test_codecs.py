@@ -80,12 +80,14 @@ def dense(ids: np.ndarray, logprobs: np.ndarray, vocab: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("vocab, k", [(300, 1), (300, 300), (70_000, 8), (70_000, 1)])
-@pytest.mark.parametrize("logprobs", ["float32", "float16", "uint8"])
-def test_compact_round_trip(vocab, k, logprobs):
-    """Ids, tail, sampled ids and counts come back exactly; log-probs within the stated error of their type."""
+@pytest.mark.parametrize("logprobs, id_planes", [("float32", False), ("float16", False), ("uint8", False),
+                                                 ("uint8", True)])
+def test_compact_round_trip(vocab, k, logprobs, id_planes):
+    """Ids, tail, sampled ids and counts come back exactly (with or without id planes, below and above 65,536
+    ids); log-probs within the stated error of their type."""
     lengths = [0, 1, 7, 0, 3]  # empty and one-token rows among others
     rows = random_rows(vocab, k, lengths, draws=20)
-    codec = Codec(layout="compact", logprobs=logprobs)
+    codec = Codec(layout="compact", logprobs=logprobs, id_planes=id_planes)
     bound = {"float32": 0.0, "float16": 2.0**-11, "uint8": LOGPROB_STEP / 2}[logprobs]
     for row, back in zip(rows, round_trip(rows, vocab, k, 20, codec)):
         listed = back["topk_logprobs"] > -np.inf
@@ -112,6 +114,12 @@ def test_ids_above_65535_are_uint32_and_counts_uint8():
     assert schema.field("sampled_counts").type == pa.list_(pa.uint8())
     assert schema.field("topk_logprobs").type == pa.list_(pa.uint8())
     assert schema.metadata[b"kdcache.format_version"] == b"2"
+    planes = shard_schema(top_k=4, vocab_size=70_000, logprob_dtype="float32", hidden_sizes={}, dump_fingerprint="x",
+                          target_types=("head-tail",), codec=Codec(layout="compact", logprobs="uint8", id_planes=True),
+                          draws=200)
+    assert planes.field("sampled_ids").type == pa.list_(pa.uint8())
+    assert planes.field("sampled_ids_high").type == pa.list_(pa.uint16())  # 69,999 >> 8 = 273
+    assert planes.metadata[b"kdcache.format_version"] == b"3"
 
 
 def test_loss_on_a_decoded_cache_is_within_the_quantisation_bound():
@@ -201,12 +209,15 @@ def head_tail_cache(tmp_path_factory, teacher_dir, corpus):
     return out
 
 
-def test_compact_cache_is_format_2_and_readable_by_pyarrow_and_datasets(head_tail_cache):
+def test_compact_cache_is_format_3_and_readable_by_pyarrow_and_datasets(head_tail_cache):
+    """What pyarrow and `datasets` read is the spec's columns: the sampled ids' gaps as a low byte plane and a high
+    one, ids = running sums of low + 256 · high within each position."""
     manifest = Manifest.load(head_tail_cache)
     open_cache(head_tail_cache).verify(progress=False)
-    assert manifest.format_version == 2 and manifest.codec.compression == "zstd"
+    assert manifest.format_version == 3 and manifest.codec.compression == "zstd" and manifest.codec.id_planes
     table = pa.ipc.open_file(str(head_tail_cache / manifest.shards[0].file)).read_all()
     assert table.schema.field("sampled_counts").type == pa.list_(pa.uint8())
+    assert table.schema.field("sampled_ids").type == table.schema.field("sampled_ids_high").type == pa.list_(pa.uint8())
     rows = datasets.load_dataset("arrow", data_files=[str(head_tail_cache / s.file) for s in manifest.shards],
                                  split="train")
     sequences = {s.sample_id: s for s in open_cache(head_tail_cache).sequences()}
@@ -216,6 +227,10 @@ def test_compact_cache_is_format_2_and_readable_by_pyarrow_and_datasets(head_tai
         assert row["input_ids"] == sequence.input_ids.tolist()
         assert sum(row["topk_lengths"]) == len(row["topk_ids"]) == int((sequence.topk_logprobs > -np.inf).sum())
         assert sum(row["sampled_counts"]) == 16 * len(row["input_ids"])
+        gaps = np.array(row["sampled_ids"]) + 256 * np.array(row["sampled_ids_high"])
+        starts = np.cumsum(row["sampled_lengths"]) - row["sampled_lengths"]
+        ids = np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[starts] - gaps[starts], row["sampled_lengths"])
+        assert ids.tolist() == sequence.sampled_ids.values.tolist()
     card = manifest.stats["fidelity"]["head-tail"]
     assert card["top_k"] == 4 and card["draws"] == 16 and 4 < card["distinct_ids"] <= 20
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 from ..errors import KDCacheError
 from .codecs import Codec, compact_fields
 
-FORMAT_VERSION = 2  # the newest this kdcache reads; a cache records the lowest that reads it (Codec.format_version)
+FORMAT_VERSION = 3  # the newest this kdcache reads; a cache records the lowest that reads it (Codec.format_version)
 # "head-tail": the exact top-k head and tail mass (topk columns) plus draws from the renormalised tail (sampled columns).
 TARGET_TYPES = ("topk", "sampled", "head-tail")
 MAX_SAMPLES = 2**16 - 1  # sampled counts are uint16
@@ -140,7 +140,8 @@ def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_size
         pa.field("input_ids", pa.list_(arrow_type("input_ids")), nullable=False),
     ]
     if codec.layout == "compact":
-        fields += compact_fields(id_type=id_type, groups=groups, codec=codec, top_k=top_k, draws=draws)
+        fields += compact_fields(id_type=id_type, groups=groups, codec=codec, top_k=top_k, draws=draws,
+                                 vocab_size=vocab_size)
     elif "topk" in groups:
         logprob_type = STORED_TYPES[logprob_dtype].arrow
         fields += [

@@ -111,7 +111,8 @@ class DumpSettings:
     @property
     def stored_codec(self) -> Codec:
         return Codec(layout=self.codec, logprobs=self.logprob_dtype, compression=self.compression,
-                     draws_from="tail" if self.targets == "head-tail" else "teacher")
+                     draws_from="tail" if self.targets == "head-tail" else "teacher",
+                     id_planes=self.codec == "compact" and bool({"sampled", "head-tail"} & set(self.target_types)))
 
     def content_settings(self) -> dict[str, Any]:
         """Settings that change the cache's bytes; the sampling ones only when something is sampled,
