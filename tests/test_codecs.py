@@ -203,8 +203,9 @@ def test_head_plus_sampled_tail_is_unbiased(sampling):
 def head_tail_cache(tmp_path_factory, teacher_dir, corpus):
     out = tmp_path_factory.mktemp("codec") / "head-tail"
     dump_teacher(str(teacher_dir), str(corpus), out,
-                 DumpSettings(targets="head-tail", top_k=4, samples=16, codec="compact", logprob_dtype="uint8",
-                              compression="zstd", limit=12, batch_size=5, shard_rows=6, fidelity_every=1),
+                 DumpSettings(targets="head-tail", top_k=4, samples=16, sampling="systematic", codec="compact",
+                              logprob_dtype="uint8", compression="zstd", limit=12, batch_size=5, shard_rows=6,
+                              fidelity_every=1),
                  progress=False)
     return out
 
@@ -237,11 +238,11 @@ def test_compact_cache_is_format_3_and_readable_by_pyarrow_and_datasets(head_tai
 
 def test_draws_in_proportion_to_the_tail_mass_make_a_valid_cache_of_fewer_draws(tmp_path, teacher_dir, corpus,
                                                                                  head_tail_cache):
-    """`sampling` proportional: ceil(N · r) draws at each position, read back and verified, and an estimate that
-    still sums to one in expectation (head + r · c / n) where the batch decodes it."""
+    """`sampling` proportional (head-tail's default): ceil(N · r) draws at each position, read back and verified,
+    and an estimate that still sums to one in expectation (head + r · c / n) where the batch decodes it."""
     out = tmp_path / "proportional"
     dump_teacher(str(teacher_dir), str(corpus), out,
-                 DumpSettings(targets="head-tail", top_k=4, samples=16, sampling="proportional", limit=12,
+                 DumpSettings(targets="head-tail", top_k=4, samples=16, limit=12,
                               batch_size=5, shard_rows=6, fidelity_every=1), progress=False)
     open_cache(out).verify(progress=False)
     assert Manifest.load(out).dump_fingerprint != Manifest.load(head_tail_cache).dump_fingerprint

@@ -56,11 +56,13 @@ class DumpSettings:
                                         "is given or for a classifier.", choices=("topk", "sampled", "both", "head-tail"))
     samples: int | None = setting(None, "Draws per position for sampled targets (T=1), or from the tail for head-tail "
                                         "(default: 32 for head-tail, else 50).")
-    sampling: str = setting("systematic", "How the draws are placed: systematic (one uniform per position, the N "
-                                          "points spaced 1/N apart: each id drawn within one of N·p times, so "
-                                          "N distinct ids where independent draws repeat some; lower variance, "
-                                          "equally unbiased) or independent (N uniforms each, the draws of earlier caches).",
-                            choices=("systematic", "independent", "proportional"))
+    sampling: str | None = setting(None, "How the draws are placed: systematic (one uniform per position, the N "
+                                         "points spaced 1/N apart: each id drawn within one of N·p times, so N "
+                                         "distinct ids where independent draws repeat some; lower variance, equally "
+                                         "unbiased), proportional (head-tail: systematic, ceil(N × tail mass) draws "
+                                         "per position) or independent (N uniforms each, the draws of earlier "
+                                         "caches). Default: proportional for head-tail, else systematic.",
+                                   choices=("systematic", "independent", "proportional"))
     fidelity_every: int = setting(8, "The fidelity card measures every N-th target position of each batch "
                                      "(1 = all; costs dump speed).", positive=True)
     seed: int = setting(0, "Seed of the draws (combined with each sample id).")
@@ -102,6 +104,7 @@ class DumpSettings:
         return dataclasses.replace(
             self, targets=targets, top_k=self.top_k or (4 if targets == "head-tail" else 64),
             samples=self.samples or (32 if targets == "head-tail" else 50),
+            sampling=self.sampling or ("proportional" if targets == "head-tail" else "systematic"),
             logprob_dtype=self.logprob_dtype or ("uint8" if self.codec == "compact" and sampling_possible else "float16"))
 
     @property
