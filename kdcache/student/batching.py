@@ -126,14 +126,21 @@ def _stack_ragged(ids: list[Ragged], counts: list[Ragged], length: int) -> tuple
     out_ids = torch.zeros(len(ids), length, width, dtype=torch.long)
     out_logprobs = torch.full((len(ids), length, width), float("-inf"))
     for row, (row_ids, row_counts) in enumerate(zip(ids, counts)):
-        lengths = row_ids.lengths()
-        position = np.repeat(np.arange(len(lengths)), lengths)
-        slot = np.arange(len(row_ids.values)) - np.repeat(row_ids.offsets[:-1], lengths)
-        count = row_counts.values.astype(np.float64)
-        draws = np.bincount(position, weights=count, minlength=len(lengths))
+        position, slot, logprobs = draw_estimates(row_ids, row_counts)
         out_ids[row, position, slot] = torch.from_numpy(row_ids.values.astype(np.int64))
-        out_logprobs[row, position, slot] = torch.from_numpy(np.log(count / draws[position]).astype(np.float32))
+        out_logprobs[row, position, slot] = torch.from_numpy(logprobs.astype(np.float32))
     return out_ids, out_logprobs
+
+
+def draw_estimates(ids: Ragged, counts: Ragged) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each drawn id's position, its slot within the position, and log(count / n): the sampled estimate of its
+    probability, n = the position's draws (Σ counts; N, or fewer for proportional head-tail draws)."""
+    lengths = ids.lengths()
+    position = np.repeat(np.arange(len(lengths)), lengths)
+    slot = np.arange(len(ids.values)) - np.repeat(ids.offsets[:-1], lengths)
+    count = counts.values.astype(np.float64)
+    draws = np.bincount(position, weights=count, minlength=len(lengths))
+    return position, slot, np.log(count / draws[position])
 
 
 def _scatter(arrays: list[np.ndarray], where: torch.Tensor, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:

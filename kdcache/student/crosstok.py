@@ -64,7 +64,7 @@ from ..errors import KDCacheError
 from ..losses import kd_loss, map_targets, uld_loss
 from ..models import load_tokenizer
 from ..tasks.spans import check_spans, token_spans
-from .batching import Batch, collate
+from .batching import Batch, collate, draw_estimates
 
 SPAN_COLUMNS = ("token_offsets", "text")
 RATE_ROWS = 2000  # rows of the cache read to estimate how often each mapped id is right (`estimate_map_rates`)
@@ -252,18 +252,15 @@ def head_and_draws(sequence: CachedSequence) -> CachedSequence:
     The estimates are unbiased, and every use of them across tokenizers that is linear in the probabilities
     (the vocabulary map, the chain rule along the text, forward KL at temperature 1) stays so; conditioning
     inside a teacher token divides by the consistent mass, which is a ratio estimate."""
-    ids, counts, head = sequence.sampled_ids, sequence.sampled_counts, sequence.topk_ids.shape[1]
+    ids, head = sequence.sampled_ids, sequence.topk_ids.shape[1]
     lengths = ids.lengths()
-    position = np.repeat(np.arange(len(lengths)), lengths)
-    slot = head + np.arange(len(ids.values)) - np.repeat(ids.offsets[:-1], lengths)
-    count = counts.values.astype(np.float64)
-    draws = np.bincount(position, weights=count, minlength=len(lengths))
+    position, slot, drawn = draw_estimates(ids, sequence.sampled_counts)
     width = head + int(lengths.max(initial=0))
     topk_ids = _widen(sequence.topk_ids.astype(np.int64), width, 0)
     topk_logprobs = _widen(sequence.topk_logprobs.astype(np.float32), width, -np.inf)
-    topk_ids[position, slot] = ids.values
+    topk_ids[position, head + slot] = ids.values
     tail = sequence.tail_logprob.astype(np.float64)
-    topk_logprobs[position, slot] = tail[position] + np.log(count / draws[position])
+    topk_logprobs[position, head + slot] = tail[position] + drawn
     return dataclasses.replace(sequence, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
                                tail_logprob=np.where(lengths > 0, -np.inf, tail).astype(np.float32),
                                sampled_ids=None, sampled_counts=None)
