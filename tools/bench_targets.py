@@ -68,6 +68,16 @@ COMPACT = {"codec": "compact", "logprob_dtype": "uint8", "compression": "zstd"}
 IID = {"sampling": "independent"}  # draws with N uniforms each (modes without "sys")
 SYSTEMATIC = {"sampling": "systematic"}  # one uniform, N points 1/N apart ("sys")
 PROPORTIONAL = {"sampling": "proportional"}  # systematic, ceil(N × tail mass) points ("prop")
+
+
+def sampled(draws: int, sampling: dict, **codec) -> dict:
+    return {"targets": "sampled", "samples": draws, **COMPACT, **codec, **sampling}
+
+
+def head_tail(head: int, draws: int, sampling: dict, **codec) -> dict:
+    return {"targets": "head-tail", "top_k": head, "samples": draws, **COMPACT, **codec, **sampling}
+
+
 MODES = {  # every mode spells out its codec, so the table does not move when dump-teacher's default does
     "top-16 plain f16": {"targets": "topk", "top_k": 16, **PLAIN},
     "top-64 plain f16": {"targets": "topk", "top_k": 64, **PLAIN},
@@ -76,29 +86,29 @@ MODES = {  # every mode spells out its codec, so the table does not move when du
     "top-64 u8 zstd": {"targets": "topk", "top_k": 64, **COMPACT},
     "top-p .99 k<=64 u8 zstd": {"targets": "topk", "top_k": 64, "top_p": 0.99, **COMPACT},
     "top-p .9 k<=16 u8 zstd": {"targets": "topk", "top_k": 16, "top_p": 0.9, **COMPACT},
-    "sampled 12 plain": {"targets": "sampled", "samples": 12, **PLAIN, **IID},
-    "sampled 12 compact": {"targets": "sampled", "samples": 12, **PLAIN, "codec": "compact", **IID},
-    "sampled 12 zstd": {"targets": "sampled", "samples": 12, **COMPACT, **IID},
-    "sampled 24 zstd": {"targets": "sampled", "samples": 24, **COMPACT, **IID},
-    "sampled 50 zstd": {"targets": "sampled", "samples": 50, **COMPACT, **IID},
-    "head 2 + tail 16 u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 16, **COMPACT, **IID},
-    "head 4 + tail 16 u8": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT, "compression": "none", **IID},
-    "head 4 + tail 16 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT, **IID},
-    "head 2 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 24, **COMPACT, **IID},
-    "head 4 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 24, **COMPACT, **IID},
-    "head 4 + tail 32 u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 32, **COMPACT, **IID},
-    "head 8 + tail 24 u8 zstd": {"targets": "head-tail", "top_k": 8, "samples": 24, **COMPACT, **IID},
-    "sampled 24 sys zstd": {"targets": "sampled", "samples": 24, **COMPACT, **SYSTEMATIC},
-    "sampled 50 sys zstd": {"targets": "sampled", "samples": 50, **COMPACT, **SYSTEMATIC},
-    "head 2 + tail 16 sys u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 16, **COMPACT, **SYSTEMATIC},
-    "head 4 + tail 16 sys u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 16, **COMPACT, **SYSTEMATIC},
-    "head 2 + tail 24 sys u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 24, **COMPACT, **SYSTEMATIC},
-    "head 4 + tail 24 sys u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 24, **COMPACT, **SYSTEMATIC},
-    "head 4 + tail 32 sys u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 32, **COMPACT, **SYSTEMATIC},
-    "head 2 + tail 32 prop u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 32, **COMPACT, **PROPORTIONAL},
-    "head 2 + tail 40 prop u8 zstd": {"targets": "head-tail", "top_k": 2, "samples": 40, **COMPACT, **PROPORTIONAL},
-    "head 4 + tail 32 prop u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 32, **COMPACT, **PROPORTIONAL},
-    "head 4 + tail 48 prop u8 zstd": {"targets": "head-tail", "top_k": 4, "samples": 48, **COMPACT, **PROPORTIONAL},
+    "sampled 12 plain": sampled(12, IID, **PLAIN),
+    "sampled 12 compact": sampled(12, IID, **PLAIN | {"codec": "compact"}),
+    "sampled 12 zstd": sampled(12, IID),
+    "sampled 24 zstd": sampled(24, IID),
+    "sampled 50 zstd": sampled(50, IID),
+    "head 2 + tail 16 u8 zstd": head_tail(2, 16, IID),
+    "head 4 + tail 16 u8": head_tail(4, 16, IID, compression="none"),
+    "head 4 + tail 16 u8 zstd": head_tail(4, 16, IID),
+    "head 2 + tail 24 u8 zstd": head_tail(2, 24, IID),
+    "head 4 + tail 24 u8 zstd": head_tail(4, 24, IID),
+    "head 4 + tail 32 u8 zstd": head_tail(4, 32, IID),
+    "head 8 + tail 24 u8 zstd": head_tail(8, 24, IID),
+    "sampled 24 sys zstd": sampled(24, SYSTEMATIC),
+    "sampled 50 sys zstd": sampled(50, SYSTEMATIC),
+    "head 2 + tail 16 sys u8 zstd": head_tail(2, 16, SYSTEMATIC),
+    "head 4 + tail 16 sys u8 zstd": head_tail(4, 16, SYSTEMATIC),
+    "head 2 + tail 24 sys u8 zstd": head_tail(2, 24, SYSTEMATIC),
+    "head 4 + tail 24 sys u8 zstd": head_tail(4, 24, SYSTEMATIC),
+    "head 4 + tail 32 sys u8 zstd": head_tail(4, 32, SYSTEMATIC),
+    "head 2 + tail 32 prop u8 zstd": head_tail(2, 32, PROPORTIONAL),
+    "head 2 + tail 40 prop u8 zstd": head_tail(2, 40, PROPORTIONAL),
+    "head 4 + tail 32 prop u8 zstd": head_tail(4, 32, PROPORTIONAL),
+    "head 4 + tail 48 prop u8 zstd": head_tail(4, 48, PROPORTIONAL),
 }
 
 
