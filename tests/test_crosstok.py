@@ -443,45 +443,59 @@ def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
     assert result.exit_code == 0 and f"{alignment['aligned_share']:.1%} of student positions aligned" in result.output
 
 
-def test_a_default_cache_serves_another_tokenizer_its_head_and_tail_draws(teacher_dir, corpus, student_tokenizer_dir,
-                                                                         tmp_path):
-    """dump-teacher's default (head + sampled tail) serves a student with another tokenizer without flags: each
-    drawn tail id joins the head with probability tail mass · count / draws; `targets` topk keeps the head and
-    exact tail alone."""
+@pytest.mark.parametrize("dumped", [{}, {"targets": "sampled", "samples": 8}], ids=["default", "sampled"])
+def test_drawn_targets_serve_another_tokenizer_as_estimated_probabilities(teacher_dir, corpus, student_tokenizer_dir,
+                                                                          tmp_path, dumped):
+    """dump-teacher's default (head + sampled tail) and sampled caches serve a student with another tokenizer
+    without flags: each drawn id is listed with probability tail mass · count / draws (all of the mass for
+    sampled targets), after the exact head if there is one; `targets` topk keeps a head and exact tail alone.
+    Facing its own tokenizer, the loss is same-tokenizer KD on the same targets."""
     cache = tmp_path / "cache"
-    dump_teacher(str(teacher_dir), str(corpus), cache, DumpSettings(limit=12), progress=False)
+    dump_teacher(str(teacher_dir), str(corpus), cache, DumpSettings(limit=12, **dumped), progress=False)
     opened = kdcache.open_cache(cache)
-    assert opened.manifest.target_types == ("head-tail",)
+    kind = opened.manifest.default_targets
+    assert kind == dumped.get("targets", "head-tail")
     sequences = list(opened.sequences())
     # Facing its own tokenizer, every position aligns to itself: the targets are the rows' own, in ids.
     itself = CrossTokenizer.from_path(opened, str(opened.tokenizer_dir()))
     row, _, _ = itself.student_row(sequences[0])
-    sequence, head = sequences[0], opened.manifest.top_k
+    sequence = sequences[0]
     for position in row.target_positions.tolist():
         drawn = sequence.sampled_ids.values[sequence.sampled_ids.offsets[position]:sequence.sampled_ids.offsets[position + 1]]
         counts = sequence.sampled_counts.values[sequence.sampled_counts.offsets[position]:
                                                 sequence.sampled_counts.offsets[position + 1]].astype(float)
-        tail = float(np.exp(sequence.tail_logprob[position]))
-        expected = {**{int(i): float(np.exp(p)) for i, p in zip(sequence.topk_ids[position], sequence.topk_logprobs[position])},
-                    **{int(i): tail * c / counts.sum() for i, c in zip(drawn, counts)}}
+        head = ({} if kind == "sampled" else
+                {int(i): float(np.exp(p)) for i, p in zip(sequence.topk_ids[position], sequence.topk_logprobs[position])})
+        tail = 1.0 if kind == "sampled" else float(np.exp(sequence.tail_logprob[position]))
+        expected = {**head, **{int(i): tail * c / counts.sum() for i, c in zip(drawn, counts)}}
         slot = row.target_positions.tolist().index(position)
         got = {int(i): float(np.exp(p)) for i, p in zip(row.topk_ids[slot], row.topk_logprobs[slot]) if p > -np.inf}
         assert got == pytest.approx(expected, rel=1e-5)
         assert float(np.exp(row.tail_logprob[slot])) == (0.0 if len(drawn) else pytest.approx(tail, rel=1e-5))
-    cross = CrossTokenizer.from_path(opened, str(student_tokenizer_dir))
-    heads_only = CrossTokenizer.from_path(opened, str(student_tokenizer_dir), use_draws=False)
-    assert heads_only.collate(sequences).sparse_targets("topk").ids.shape[1] == head
-    assert cross.collate(sequences).sparse_targets("topk").ids.shape[1] > head
+    crossed, same = itself.collate(sequences), collate(sequences)
+    logits = torch.randn(*same.input_ids.shape, opened.manifest.vocab_size)
+    identity = torch.from_numpy(itself.target_map)
+    with_next = crossed.target_mask[same.valid]  # the cross path targets positions with a next token
+    same_targets = same.sparse_targets(kind)
+    same_targets = SparseTargets(ids=same_targets.ids[with_next], logprobs=same_targets.logprobs[with_next],
+                                 tail_logprob=None)
+    assert kd_loss(logits[crossed.targets_at], map_targets(crossed.sparse_targets("topk"), identity)).item() == \
+        pytest.approx(kd_loss(logits[crossed.targets_at], same_targets).item(), rel=1e-5)
     student = AutoTokenizer.from_pretrained(student_tokenizer_dir)
     config = tmp_path / "student.json"
     config.write_text(tiny_llama_config(len(student), hidden=16, layers=1).to_json_string())
-    for targets in (None, "topk"):
+    for targets in (None, "topk") if kind == "head-tail" else (None,):
         out = tmp_path / f"student-{targets}"
         train_student(cache, out, student_config=str(config), progress=False,
                       settings=TrainSettings(max_steps=2, batch_size=4, log_every=1, targets=targets,
                                              student_tokenizer=str(student_tokenizer_dir)))
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert records and all(record["kd"] > 0 for record in records)
+    if kind == "head-tail":
+        heads_only = CrossTokenizer.from_path(opened, str(student_tokenizer_dir), targets="topk")
+        assert heads_only.collate(sequences).sparse_targets("topk").ids.shape[1] == opened.manifest.top_k
+        cross = CrossTokenizer.from_path(opened, str(student_tokenizer_dir))
+        assert cross.collate(sequences).sparse_targets("topk").ids.shape[1] > opened.manifest.top_k
     with pytest.raises(KDCacheError, match="temperature"):  # draws are estimates at T = 1, as for sampled targets
         train_student(cache, tmp_path / "tempered", student_config=str(config), progress=False,
                       settings=TrainSettings(max_steps=1, temperature=2.0, student_tokenizer=str(student_tokenizer_dir)))

@@ -245,21 +245,31 @@ def _widen(array: np.ndarray, width: int, fill: float) -> np.ndarray:
     return np.concatenate([array, np.full((len(array), width - array.shape[1]), fill, dtype=array.dtype)], axis=1)
 
 
-def head_and_draws(sequence: CachedSequence) -> CachedSequence:
-    """A head + sampled-tail row as listed targets: the exact head, then each id drawn from the tail with its
-    estimated probability, tail mass · count / draws, and no tail left where the draws stand for it.
+def listed_targets(sequence: CachedSequence, targets: str) -> CachedSequence:
+    """The row's `targets` as listed ids with log-probs and a tail mass, the one form every step across tokenizers
+    works on (in the top-k columns). Top-k targets are that already. Drawn ids join as estimated probabilities:
+    after the exact head, each id drawn from the tail gets tail mass · count / draws (head-tail targets); alone,
+    count / draws (sampled targets: drawn from the whole distribution, their tail is all of it). No tail is left
+    where draws stand for it.
 
     The estimates are unbiased, and every use of them across tokenizers that is linear in the probabilities
     (the vocabulary map, the chain rule along the text, forward KL at temperature 1) stays so; conditioning
     inside a teacher token divides by the consistent mass, which is a ratio estimate."""
-    ids, head = sequence.sampled_ids, sequence.topk_ids.shape[1]
+    if targets == "topk":
+        return dataclasses.replace(sequence, sampled_ids=None, sampled_counts=None)
+    ids = sequence.sampled_ids
     lengths = ids.lengths()
+    if targets == "head-tail":
+        head_ids, head_logprobs, tail = sequence.topk_ids, sequence.topk_logprobs, sequence.tail_logprob
+    else:  # sampled: no head, and the draws estimate all of the mass (log 1)
+        head_ids, head_logprobs, tail = np.zeros((len(lengths), 0)), np.zeros((len(lengths), 0)), np.zeros(len(lengths))
+    head = head_ids.shape[1]
     position, slot, drawn = draw_estimates(ids, sequence.sampled_counts)
     width = head + int(lengths.max(initial=0))
-    topk_ids = _widen(sequence.topk_ids.astype(np.int64), width, 0)
-    topk_logprobs = _widen(sequence.topk_logprobs.astype(np.float32), width, -np.inf)
+    topk_ids = _widen(head_ids.astype(np.int64), width, 0)
+    topk_logprobs = _widen(head_logprobs.astype(np.float32), width, -np.inf)
     topk_ids[position, head + slot] = ids.values
-    tail = sequence.tail_logprob.astype(np.float64)
+    tail = tail.astype(np.float64)
     topk_logprobs[position, head + slot] = tail[position] + drawn
     return dataclasses.replace(sequence, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
                                tail_logprob=np.where(lengths > 0, -np.inf, tail).astype(np.float32),
@@ -285,27 +295,24 @@ def check_cross_tokenizer_cache(cache: Cache) -> None:
         raise KDCacheError(f"cache {cache} has no token offsets, so a student with another tokenizer cannot be "
                            f"aligned to it (dumped before kdcache stored them, from pre-tokenized input_ids, or "
                            f"with a slow tokenizer); dump it again from text with a fast tokenizer")
-    if not {"topk", "head-tail"} & set(manifest.target_types):
-        raise KDCacheError(f"cache {cache} holds no top-k targets: training across tokenizers needs top-k "
-                           f"targets with their tail (dump with `targets` topk or head-tail)")
 
 
 class CrossTokenizer:
     """A student tokenizer facing a cache: turns cached rows into student batches with aligned targets.
 
-    With `use_draws` (the default), a head-tail cache's rows are its head and tail draws as estimated
-    probabilities (`head_and_draws`); without, the head and the exact tail mass alone. Picklable (tokenizer
-    and arrays), so a prefetching loader worker can collate with it.
+    `targets` (default: the cache's own) are listed as `listed_targets` says: a head-tail cache's head and tail
+    draws as estimated probabilities, or with `targets` topk its head and exact tail mass alone; a sampled
+    cache's draws. Picklable (tokenizer and arrays), so a prefetching loader worker can collate with it.
     """
 
     def __init__(self, cache: Cache, student_tokenizer, max_length: int | None = None, token_map: str = "first-token",
-                 use_draws: bool = True):
+                 targets: str | None = None):
         check_cross_tokenizer_cache(cache)
         if not getattr(student_tokenizer, "is_fast", False):
             raise KDCacheError("`student_tokenizer` must be a fast tokenizer (it reports token offsets)")
         self.student_tokenizer = student_tokenizer
         self.max_length = max_length
-        self.use_draws = use_draws and "head-tail" in cache.manifest.target_types  # draws from the tail only
+        self.targets = targets or cache.manifest.default_targets
         teacher_tokenizer = load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer")
         self.exact_map = vocabulary_map(teacher_tokenizer, student_tokenizer)
         self.vocabulary_map = (first_token_map(teacher_tokenizer, student_tokenizer, self.exact_map)
@@ -317,8 +324,8 @@ class CrossTokenizer:
 
     @classmethod
     def from_path(cls, cache: Cache, student_tokenizer: str, max_length: int | None = None,
-                  token_map: str = "first-token", use_draws: bool = True) -> CrossTokenizer:
-        return cls(cache, load_tokenizer(student_tokenizer, "student tokenizer"), max_length, token_map, use_draws)
+                  token_map: str = "first-token", targets: str | None = None) -> CrossTokenizer:
+        return cls(cache, load_tokenizer(student_tokenizer, "student tokenizer"), max_length, token_map, targets)
 
     @property
     def student_vocab_size(self) -> int:
@@ -334,8 +341,7 @@ class CrossTokenizer:
     def student_row(self, sequence: CachedSequence) -> tuple[CachedSequence, int, int]:
         """The row as the student sees it, its targets moved to the student positions that get one; its number of
         student boundaries (with a target or skipped) and how many of them lie inside a teacher token."""
-        if self.use_draws and sequence.sampled_ids is not None:
-            sequence = head_and_draws(sequence)
+        sequence = listed_targets(sequence, self.targets)
         teacher_spans, encoded, spans = self._spans(sequence, truncate=True)
         student_ids = np.asarray(encoded["input_ids"], dtype=np.int64)
         student_positions, teacher_positions, boundary_count = align(spans, teacher_spans)

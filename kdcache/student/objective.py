@@ -40,7 +40,7 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
     if settings.pooled_weight and manifest.pooled_size is None:
         raise KDCacheError("`pooled_weight` > 0 but the cache holds no pooled output (dump with `pooled`)")
     if settings.student_tokenizer:
-        check_cross_tokenizer_settings(settings, cache, targets)
+        check_cross_tokenizer_settings(settings, cache)
     if not settings.kd_weight:
         return targets
     probe = SparseTargets(ids=torch.zeros(0, 1, dtype=torch.long), logprobs=torch.zeros(0, 1),
@@ -54,14 +54,11 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
     return targets
 
 
-def check_cross_tokenizer_settings(settings: TrainSettings, cache: Cache, targets: str) -> None:
+def check_cross_tokenizer_settings(settings: TrainSettings, cache: Cache) -> None:
     """Training across tokenizers aligns next-token targets only: refuse what it cannot align."""
     if cache.manifest.task != CAUSAL_LM:
         raise KDCacheError(f"`student_tokenizer` is for causal-LM caches; cache {cache} is {cache.manifest.task}")
     check_cross_tokenizer_cache(cache)
-    if targets not in ("topk", "head-tail"):
-        raise KDCacheError(f"`student_tokenizer` needs `targets` topk or head-tail (listed ids with the tail mass, "
-                           f"which the unmapped mass joins), not {targets}")
     for name in ("hidden_weight", "pooled_weight", "val_fraction"):
         if getattr(settings, name):
             raise KDCacheError(f"`{name}` is not supported with `student_tokenizer` (teacher and student "
@@ -94,7 +91,7 @@ class DistillationLoss:
         # A head-tail cache's draws join its head unless `targets` topk asks for the head and exact tail alone.
         self.cross = (CrossTokenizer.from_path(cache, settings.student_tokenizer,
                                                getattr(model.config, "max_position_embeddings", None),
-                                               settings.token_map, use_draws=self.targets == "head-tail")
+                                               settings.token_map, targets=self.targets)
                       if settings.student_tokenizer else None)
         if self.cross is not None:
             self.num_classes = self.cross.student_vocab_size
