@@ -491,6 +491,8 @@ def test_drawn_targets_serve_another_tokenizer_as_estimated_probabilities(teache
                                              student_tokenizer=str(student_tokenizer_dir)))
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert records and all(record["kd"] > 0 for record in records)
+    with pytest.raises(KDCacheError, match=f"`targets` both: cache .* holds only {kind} targets"):
+        CrossTokenizer.from_path(opened, str(student_tokenizer_dir), targets="both")
     if kind == "head-tail":
         heads_only = CrossTokenizer.from_path(opened, str(student_tokenizer_dir), targets="topk")
         assert heads_only.collate(sequences).sparse_targets("topk").ids.shape[1] == opened.manifest.top_k

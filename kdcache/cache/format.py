@@ -265,6 +265,12 @@ class Manifest:
         return "topk" if "topk" in self.target_types else self.target_types[0]
 
     @property
+    def trainable_targets(self) -> tuple[str, ...]:
+        """The target types a student can train on: those stored, and topk from a head-tail cache (its head and
+        exact tail mass are top-k targets)."""
+        return self.target_types + (("topk",) if "head-tail" in self.target_types else ())
+
+    @property
     def codec(self) -> Codec:
         return Codec.from_manifest(self.columns, self.settings)
 

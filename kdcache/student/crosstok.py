@@ -313,6 +313,9 @@ class CrossTokenizer:
         self.student_tokenizer = student_tokenizer
         self.max_length = max_length
         self.targets = targets or cache.manifest.default_targets
+        if self.targets not in cache.manifest.trainable_targets:
+            raise KDCacheError(f"`targets` {self.targets}: cache {cache} holds only "
+                               f"{'/'.join(cache.manifest.target_types)} targets")
         teacher_tokenizer = load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer")
         self.exact_map = vocabulary_map(teacher_tokenizer, student_tokenizer)
         self.vocabulary_map = (first_token_map(teacher_tokenizer, student_tokenizer, self.exact_map)

@@ -25,12 +25,10 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
     type the cache lacks or a loss it cannot compute.
 
     The divergence/tail rules live in `kd_loss`; it is asked on zero positions, so they are stated once.
-    A head-tail cache also serves as a top-k cache: its head and exact tail are one.
     """
     manifest = cache.manifest
     targets = settings.targets or manifest.default_targets
-    available = manifest.target_types + (("topk",) if "head-tail" in manifest.target_types else ())
-    if targets not in available:
+    if targets not in manifest.trainable_targets:
         remedy = (f"dump with `targets` {targets} or both" if manifest.task == CAUSAL_LM
                   else "classification caches hold top-k targets only")
         raise KDCacheError(f"`targets` {targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
@@ -88,7 +86,8 @@ class DistillationLoss:
         self.weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight,
                         "pooled": settings.pooled_weight, "uld": settings.uld_weight}
         # Across tokenizers: batches come from `cross.collate`, the student's logits range over its own vocabulary.
-        # A head-tail cache's draws join its head unless `targets` topk asks for the head and exact tail alone.
+        # Draws join as estimated probabilities (after a head-tail cache's head, unless `targets` topk asks for the
+        # head and exact tail alone).
         self.cross = (CrossTokenizer.from_path(cache, settings.student_tokenizer,
                                                getattr(model.config, "max_position_embeddings", None),
                                                settings.token_map, targets=self.targets)

@@ -54,7 +54,8 @@ class DumpSettings:
                                         "store every label's probability). Default: sampled for a causal LM (24 "
                                         "systematic draws: the fewest bytes per token of the modes that close about "
                                         "95% of the KD gap on the teachers measured, docs/frontier.md), topk when "
-                                        "`top_k` or `top_p` is given or for a classifier.", choices=("topk", "sampled", "both", "head-tail"))
+                                        "`top_k` or `top_p` is given or for a classifier.",
+                                  choices=("topk", "sampled", "both", "head-tail"))
     samples: int | None = setting(None, "Draws per position for sampled targets (T=1), or from the tail for head-tail "
                                         "(default: 24; 32 for head-tail).")
     sampling: str | None = setting(None, "How the draws are placed: systematic (one uniform per position, the N "
