@@ -443,10 +443,10 @@ def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):
     assert result.exit_code == 0 and f"{alignment['aligned_share']:.1%} of student positions aligned" in result.output
 
 
-@pytest.mark.parametrize("dumped", [{}, {"targets": "head-tail", "samples": 8}], ids=["default", "head-tail"])
+@pytest.mark.parametrize("dumped", [{}, {"targets": "sampled", "samples": 8}], ids=["default", "sampled"])
 def test_drawn_targets_serve_another_tokenizer_as_estimated_probabilities(teacher_dir, corpus, student_tokenizer_dir,
                                                                           tmp_path, dumped):
-    """dump-teacher's default (sampled) and head + sampled tail caches serve a student with another tokenizer
+    """dump-teacher's default (head + sampled tail) and sampled caches serve a student with another tokenizer
     without flags: each drawn id is listed with probability tail mass · count / draws (all of the mass for
     sampled targets), after the exact head if there is one; `targets` topk keeps a head and exact tail alone.
     Facing its own tokenizer, the loss is same-tokenizer KD on the same targets."""
@@ -454,7 +454,7 @@ def test_drawn_targets_serve_another_tokenizer_as_estimated_probabilities(teache
     dump_teacher(str(teacher_dir), str(corpus), cache, DumpSettings(limit=12, **dumped), progress=False)
     opened = kdcache.open_cache(cache)
     kind = opened.manifest.default_targets
-    assert kind == dumped.get("targets", "sampled")
+    assert kind == dumped.get("targets", "head-tail")
     sequences = list(opened.sequences())
     # Facing its own tokenizer, every position aligns to itself: the targets are the rows' own, in ids.
     itself = CrossTokenizer.from_path(opened, str(opened.tokenizer_dir()))

@@ -3,7 +3,7 @@
 Same student, same sequences, same batch size, in one run, tokens/s of
   (a) the student with plain next-token CE on the cached text (the ceiling: the student alone),
   (b) `train_student` from the cache with KD (reader, prefetch worker, collation, sparse loss, Accelerate),
-      the cache in dump-teacher's default codec (24 systematic draws, zstd),
+      the cache in dump-teacher's default codec (head 4 + 32 tail draws, 8-bit log-probs, zstd),
   (b1) the same from a top-64 cache in the format-1 layout (plain ids, float16 log-probs, no compression),
       the layout every cache had before the compact codec: the reference for the codec's cost,
   (b2) the same from a top-64 cache in the compact codec (gap-coded ids, 8-bit log-probs, zstd): same loss

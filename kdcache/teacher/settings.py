@@ -51,13 +51,12 @@ class DumpSettings:
     targets: str | None = setting(None, "Top-k log-probs + exact tail, ids sampled from the teacher with counts, both, "
                                         "or head-tail: the exact top-k head and tail mass plus `samples` draws from "
                                         "the renormalised tail (sampling is for causal LMs: classification caches "
-                                        "store every label's probability). Default: sampled for a causal LM (24 "
-                                        "systematic draws: the fewest bytes per token of the modes that close about "
-                                        "95% of the KD gap on the teachers measured, docs/frontier.md), topk when "
-                                        "`top_k` or `top_p` is given or for a classifier.",
+                                        "store every label's probability). Default: head-tail for a causal LM (the "
+                                        "best gap closed per byte, docs/frontier.md), topk when `top_k` or `top_p` "
+                                        "is given or for a classifier.",
                                   choices=("topk", "sampled", "both", "head-tail"))
     samples: int | None = setting(None, "Draws per position for sampled targets (T=1), or from the tail for head-tail "
-                                        "(default: 24; 32 for head-tail).")
+                                        "(default: 32 for head-tail, else 50).")
     sampling: str | None = setting(None, "How the draws are placed: systematic (one uniform per position, the N "
                                          "points spaced 1/N apart: each id drawn within one of N·p times, so N "
                                          "distinct ids where independent draws repeat some; lower variance, equally "
@@ -101,11 +100,11 @@ class DumpSettings:
         stores every label's probability in float16: a handful of labels costs little next to its
         input ids, and the frontier was not measured on classifiers.
         """
-        targets = self.targets or ("sampled" if sampling_possible and self.top_k is None and self.top_p is None
+        targets = self.targets or ("head-tail" if sampling_possible and self.top_k is None and self.top_p is None
                                    else "topk")
         return dataclasses.replace(
             self, targets=targets, top_k=self.top_k or (4 if targets == "head-tail" else 64),
-            samples=self.samples or (32 if targets == "head-tail" else 24),
+            samples=self.samples or (32 if targets == "head-tail" else 50),
             sampling=self.sampling or ("proportional" if targets == "head-tail" else "systematic"),
             logprob_dtype=self.logprob_dtype or ("uint8" if self.codec == "compact" and sampling_possible else "float16"))
 
