@@ -214,9 +214,14 @@ def train_online(out: Path, cache: Path, teacher_dir: str, shape: dict, settings
 
 @torch.inference_mode()
 def heldout_kl(student_dir: Path, teacher, heldout: Path) -> float:
-    """Exact mean KL(teacher ‖ student) over the held-out cache's positions, the teacher run live."""
-    student = load_causal_lm(str(student_dir), "student", "float32").eval()
+    """Exact mean KL(teacher ‖ student) over the held-out cache's positions, the teacher run live; kept in the
+    student's directory with the held-out cache's fingerprint, so a rerun that adds seeds or modes does not pay
+    again for the students it reuses (a retrained student replaces its directory, and the figure with it)."""
     manifest = Manifest.load(heldout)
+    memo = student_dir / "heldout_kl.json"
+    if memo.is_file() and json.loads(memo.read_text()).get("heldout") == manifest.dump_fingerprint:
+        return json.loads(memo.read_text())["kl"]
+    student = load_causal_lm(str(student_dir), "student", "float32").eval()
     total = positions = 0.0
     for sequences in chunked(open_cache(heldout).sequences(), 16):
         batch = collate(sequences)
@@ -227,6 +232,7 @@ def heldout_kl(student_dir: Path, teacher, heldout: Path) -> float:
         count = teacher_logits.shape[0]
         total += float(dense_kd_loss(student_logits, teacher_logits)) * count
         positions += count
+    memo.write_text(json.dumps({"heldout": manifest.dump_fingerprint, "kl": total / positions}))
     return total / positions
 
 
