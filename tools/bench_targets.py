@@ -219,8 +219,9 @@ def heldout_kl(student_dir: Path, teacher, heldout: Path) -> float:
     again for the students it reuses (a retrained student replaces its directory, and the figure with it)."""
     manifest = Manifest.load(heldout)
     memo = student_dir / "heldout_kl.json"
-    if memo.is_file() and json.loads(memo.read_text()).get("heldout") == manifest.dump_fingerprint:
-        return json.loads(memo.read_text())["kl"]
+    kept = json.loads(memo.read_text()) if memo.is_file() else {}
+    if kept.get("heldout") == manifest.dump_fingerprint:
+        return kept["kl"]
     student = load_causal_lm(str(student_dir), "student", "float32").eval()
     total = positions = 0.0
     for sequences in chunked(open_cache(heldout).sequences(), 16):
