@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from ..cache.cache import Cache
 from ..cache.format import HIDDEN_PREFIX, POOLED_COLUMN, batch_dtype
 from ..cache.writer import CachedSequence, Ragged
+from ..errors import KDCacheError
 from ..losses import SparseTargets
-from ..tasks import pad_positions
+from ..tasks import CAUSAL_LM, pad_positions
 
 T = TypeVar("T")
 
@@ -99,6 +101,22 @@ class Batch:
         labels = torch.full_like(self.input_ids, -100)
         labels[:, :-1] = torch.where(has_next, self.input_ids[:, 1:], -100)
         return labels[self.valid]
+
+
+def trained_targets(cache: Cache, requested: str | None) -> str:
+    """The target type a student trains on (`Batch.sparse_targets`' kind): `requested`, else the cache's own.
+
+    Refused where the cache cannot give it; train-student and cross-tokenizer collation both choose by
+    this one rule, so they accept and refuse the same types with the same message.
+    """
+    manifest = cache.manifest
+    targets = requested or manifest.default_targets
+    if targets not in manifest.trainable_targets:
+        remedy = (f"dump with `targets` {targets} or both" if manifest.task == CAUSAL_LM
+                  else "classification caches hold top-k targets only")
+        raise KDCacheError(f"`targets` {targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
+                           f"targets ({remedy})")
+    return targets
 
 
 def _dtype(column: str) -> torch.dtype:

@@ -64,7 +64,7 @@ from ..errors import KDCacheError
 from ..losses import kd_loss, map_targets, uld_loss
 from ..models import load_tokenizer
 from ..tasks.spans import check_spans, token_spans
-from .batching import Batch, collate, draw_estimates
+from .batching import Batch, collate, draw_estimates, trained_targets
 
 SPAN_COLUMNS = ("token_offsets", "text")
 RATE_ROWS = 2000  # rows of the cache read to estimate how often each mapped id is right (`estimate_map_rates`)
@@ -312,10 +312,7 @@ class CrossTokenizer:
             raise KDCacheError("`student_tokenizer` must be a fast tokenizer (it reports token offsets)")
         self.student_tokenizer = student_tokenizer
         self.max_length = max_length
-        self.targets = targets or cache.manifest.default_targets
-        if self.targets not in cache.manifest.trainable_targets:
-            raise KDCacheError(f"`targets` {self.targets}: cache {cache} holds only "
-                               f"{'/'.join(cache.manifest.target_types)} targets")
+        self.targets = trained_targets(cache, targets)
         teacher_tokenizer = load_tokenizer(str(cache.tokenizer_dir()), "cache tokenizer")
         self.exact_map = vocabulary_map(teacher_tokenizer, student_tokenizer)
         self.vocabulary_map = (first_token_map(teacher_tokenizer, student_tokenizer, self.exact_map)

@@ -14,7 +14,7 @@ from ..cache.cache import Cache
 from ..errors import KDCacheError
 from ..losses import SparseTargets, kd_loss, next_token_ce
 from ..tasks import CAUSAL_LM, get_task, pooler
-from .batching import Batch
+from .batching import Batch, trained_targets
 from .crosstok import CrossTokenizer, CrossTokenizerLoss, check_cross_tokenizer_cache
 from .projections import FeatureProjections, parse_layer_map
 from .settings import TrainSettings
@@ -27,12 +27,7 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
     The divergence/tail rules live in `kd_loss`; it is asked on zero positions, so they are stated once.
     """
     manifest = cache.manifest
-    targets = settings.targets or manifest.default_targets
-    if targets not in manifest.trainable_targets:
-        remedy = (f"dump with `targets` {targets} or both" if manifest.task == CAUSAL_LM
-                  else "classification caches hold top-k targets only")
-        raise KDCacheError(f"`targets` {targets}: cache {cache} holds only {'/'.join(manifest.target_types)} "
-                           f"targets ({remedy})")
+    targets = trained_targets(cache, settings.targets)
     if settings.ce_weight:
         get_task(manifest.task).check_gold_labels(manifest)
     if settings.pooled_weight and manifest.pooled_size is None:
