@@ -217,9 +217,10 @@ def _alignment_line(report: dict) -> str:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory of the new cache.")
 @settings_options(RecodeSettings)
 def recode_command(cache, out, **values):
-    """Rewrite CACHE into another codec (smaller k, 8-bit log-probs, compact layout, zstd) without the teacher."""
+    """Rewrite CACHE into another codec (smaller k, 8-bit log-probs, compact layout, zstd, ids ranked by frequency)
+    without the teacher."""
     from .teacher.recode import recode_cache
-    manifest = recode_cache(cache, out, settings_from(RecodeSettings, values))
+    manifest = recode_cache(cache, out, settings_from(RecodeSettings, values), progress=_progress())
     source = Manifest.load(cache)
     click.echo(f"wrote {out}: {_describe_targets(manifest)}; {manifest.total_bytes / manifest.total_tokens:.1f} "
                f"bytes/token (was {source.total_bytes / source.total_tokens:.1f})")

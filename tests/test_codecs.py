@@ -3,6 +3,7 @@ tail unbiasedness, readability by pyarrow/datasets, the committed format-1 fixtu
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from pathlib import Path
@@ -80,14 +81,17 @@ def dense(ids: np.ndarray, logprobs: np.ndarray, vocab: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("vocab, k", [(300, 1), (300, 300), (70_000, 8), (70_000, 1)])
-@pytest.mark.parametrize("logprobs, id_planes", [("float32", False), ("float16", False), ("uint8", False),
-                                                 ("uint8", True)])
-def test_compact_round_trip(vocab, k, logprobs, id_planes):
-    """Ids, tail, sampled ids and counts come back exactly (with or without id planes, below and above 65,536
-    ids); log-probs within the stated error of their type."""
+@pytest.mark.parametrize("logprobs, id_planes, ranked", [("float32", False, False), ("float16", False, False),
+                                                         ("uint8", False, False), ("uint8", True, False),
+                                                         ("uint8", True, True), ("float32", False, True)])
+def test_compact_round_trip(vocab, k, logprobs, id_planes, ranked):
+    """Ids, tail, sampled ids and counts come back exactly (with or without id planes and an id ranking, below
+    and above 65,536 ids); log-probs within the stated error of their type."""
     lengths = [0, 1, 7, 0, 3]  # empty and one-token rows among others
     rows = random_rows(vocab, k, lengths, draws=20)
-    codec = Codec(layout="compact", logprobs=logprobs, id_planes=id_planes)
+    # a ranking listing some ids that occur and some that do not, in no particular order
+    ranking = tuple(int(i) for i in np.random.default_rng(1).choice(vocab, size=min(vocab, 200), replace=False))
+    codec = Codec(layout="compact", logprobs=logprobs, id_planes=id_planes, id_ranking=ranking if ranked else ())
     bound = {"float32": 0.0, "float16": 2.0**-11, "uint8": LOGPROB_STEP / 2}[logprobs]
     for row, back in zip(rows, round_trip(rows, vocab, k, 20, codec)):
         listed = back["topk_logprobs"] > -np.inf
@@ -347,7 +351,8 @@ def test_recode_shrinks_k_and_quantises_without_the_teacher(cache_dir, tmp_path)
     assert result.exit_code == 0, result.output
     source, recoded = Manifest.load(cache_dir), Manifest.load(out)
     open_cache(out).verify(progress=False)
-    assert recoded.format_version == 2 and recoded.top_k == 4 and recoded.hidden_layers == source.hidden_layers
+    assert recoded.format_version == 4 and recoded.top_k == 4 and recoded.hidden_layers == source.hidden_layers
+    assert 0 < len(recoded.codec.id_ranking) <= 8 * source.total_tokens
     assert recoded.dump_fingerprint != source.dump_fingerprint
     assert recoded.stats["content_sha256"] == source.stats["content_sha256"]
     assert recoded.total_bytes < source.total_bytes  # the hidden states (kept as they are) dominate here
@@ -364,6 +369,36 @@ def test_recode_shrinks_k_and_quantises_without_the_teacher(cache_dir, tmp_path)
         np.testing.assert_allclose(after.tail_logprob, np.logaddexp(original.tail_logprob, dropped), rtol=1e-5)
         layer = source.hidden_layers[0]
         np.testing.assert_array_equal(after.hidden[layer], original.hidden[layer])
+
+
+def test_ranked_ids_are_lossless_and_a_bad_ranking_is_refused(head_tail_cache, tmp_path):
+    """Recoding ranks the ids by how often the cache lists them (format 4): the decoded rows are the source's,
+    value for value and in the same order; `--no-rank-ids` stays format 3. A ranking that repeats an id or
+    names one outside the vocabulary is refused when the manifest is read, in one line."""
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+    from kdcache.teacher.recode import RecodeSettings, recode_cache
+    ranked = recode_cache(head_tail_cache, tmp_path / "ranked", RecodeSettings(), progress=False)
+    plain = recode_cache(head_tail_cache, tmp_path / "plain", RecodeSettings(rank_ids=False), progress=False)
+    assert (ranked.format_version, plain.format_version) == (4, 3) and plain.codec.id_ranking == ()
+    listed = collections.Counter()
+    for row in open_cache(head_tail_cache).sequences():
+        listed.update(row.topk_ids[row.topk_logprobs > -np.inf].tolist() + row.sampled_ids.values.tolist())
+    assert list(ranked.codec.id_ranking) == sorted(listed, key=lambda token: (-listed[token], token))[:4096]
+    source = list(open_cache(head_tail_cache).sequences())
+    for original, back in zip(source, open_cache(tmp_path / "ranked").sequences(), strict=True):
+        for name in ("sample_id", "input_ids", "topk_ids", "topk_logprobs", "tail_logprob"):
+            np.testing.assert_array_equal(getattr(back, name), getattr(original, name))
+        for name in ("sampled_ids", "sampled_counts"):
+            np.testing.assert_array_equal(getattr(back, name).values, getattr(original, name).values)
+            np.testing.assert_array_equal(getattr(back, name).offsets, getattr(original, name).offsets)
+    manifest = json.loads((tmp_path / "ranked" / "kdcache.json").read_text())
+    for ranking, message in (([0, 0], "at most 4096 distinct ids"), ([ranked.vocab_size], "outside the")):
+        manifest["columns"]["codec"]["id_ranking"] = ranking
+        (tmp_path / "ranked" / "kdcache.json").write_text(json.dumps(manifest))
+        result = CliRunner().invoke(main, ["info", str(tmp_path / "ranked")])
+        assert result.exit_code != 0 and message in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_recode_refuses_what_needs_the_teacher(cache_dir, head_tail_cache, tmp_path):

@@ -295,7 +295,7 @@ def test_merge_refuses_caches_of_different_teachers_and_leaves_nothing(cache_dir
 
 def test_head_tail_caches_merge_only_with_the_same_draws(teacher_dir, corpus, tmp_path):
     """Two halves of a head-tail dump merge, keeping its fidelity card (draws included); a half whose draws were
-    made another way (`sampling`) is refused, naming it."""
+    made another way (`sampling`), or whose ids another recode ranked, is refused, naming it."""
     def head_tail(out, sampling, limit):
         return dump_teacher(str(teacher_dir), str(corpus), out, DumpSettings(
             targets="head-tail", top_k=4, samples=16, sampling=sampling, limit=limit, batch_size=4, shard_rows=4),
@@ -310,6 +310,12 @@ def test_head_tail_caches_merge_only_with_the_same_draws(teacher_dir, corpus, tm
     with pytest.raises(KDCacheError, match=r"differ in sampling \("):
         merge_caches([tmp_path / "a", tmp_path / "systematic"], tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists()
+    from kdcache.teacher.recode import RecodeSettings, recode_cache  # each half ranks the ids it lists itself
+    ranked = [recode_cache(tmp_path / half, tmp_path / f"{half}-ranked", RecodeSettings(), progress=False)
+              for half in "ab"]
+    assert ranked[0].codec.id_ranking != ranked[1].codec.id_ranking
+    with pytest.raises(KDCacheError, match=r"differ in id ranking \(merge before `recode`\)"):
+        merge_caches([tmp_path / "a-ranked", tmp_path / "b-ranked"], tmp_path / "refused", progress=False)
 
 
 @pytest.mark.parametrize("fmt", ["distillkit", "axolotl"])

@@ -21,7 +21,7 @@ import pyarrow as pa
 from ..errors import KDCacheError
 from .codecs import Codec, compact_fields
 
-FORMAT_VERSION = 3  # the newest this kdcache reads; a cache records the lowest that reads it (Codec.format_version)
+FORMAT_VERSION = 4  # the newest this kdcache reads; a cache records the lowest that reads it (Codec.format_version)
 # "head-tail": the exact top-k head and tail mass (topk columns) plus draws from the renormalised tail (sampled columns).
 TARGET_TYPES = ("topk", "sampled", "head-tail")
 MAX_SAMPLES = 2**16 - 1  # sampled counts are uint16

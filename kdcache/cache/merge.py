@@ -52,7 +52,11 @@ def _compatibility(manifest: Manifest) -> dict[str, object]:
             "teacher config (config_sha256)": manifest.teacher.get("config_sha256"),
             "tokenizer (hash)": manifest.tokenizer.get("hash"), "tokenizer size": manifest.vocab_size,
             "target types": list(manifest.target_types), "top_k": settings.get("top_k"),
-            "logprob_dtype": settings.get("logprob_dtype"), "columns": manifest.columns,
+            "logprob_dtype": settings.get("logprob_dtype"),
+            "columns": manifest.columns | {"codec": {key: value for key, value in manifest.columns.get("codec", {}).items()
+                                                     if key != "id_ranking"}},
+            # each recode ranks by its own cache's ids: merge first, then recode (or recode with --no-rank-ids)
+            "id ranking (merge before `recode`)": list(manifest.codec.id_ranking),
             "samples": manifest.draws,  # head-tail's draws too
             "sampling": settings.get("sampling", "independent") if manifest.draws else None,
             "format_version": manifest.format_version}

@@ -175,6 +175,8 @@ def check_manifest(data: Any, source: str) -> None:
         codec = Codec.from_manifest(columns, settings)
     except KDCacheError as error:
         raise check.fail("columns.codec", str(error)) from None
+    if codec.id_ranking and max(codec.id_ranking) >= classes:
+        raise check.fail("columns.codec", f"id_ranking lists id {max(codec.id_ranking)}, outside the {classes} classes")
     expansion = MAX_EXPANSION if codec.compression == "zstd" else 1
     targets = check.strings(columns.get("targets", ["topk"]), "columns.targets")
     if not targets or not set(targets) <= set(TARGET_TYPES) or len(set(targets)) != len(targets):

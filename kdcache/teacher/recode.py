@@ -7,6 +7,9 @@ is a top-k cache. What needs the teacher is refused: draws cannot be made from t
 distribution inside the tail is not in the cache), and a head cannot grow. The new cache is written
 like a dump (shards under `.partial` names, then hashed; the manifest last), verified, and gets its
 own fingerprint derived from the source's and the recode settings.
+
+Recoding into the compact codec also ranks the ids by how often the cache lists them (format 4, see
+cache/codecs.py): a dump cannot, since it writes its first shard before it has seen the ids of the others.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import __version__
+from ..cache.codecs import MAX_RANKED_IDS
 from ..cache.format import TOKENIZER_DIR, Manifest, column_groups, sha256_json, shard_schema
 from ..cache.cache import Cache, open_cache
 from ..cache.reader import content_sha256
@@ -43,6 +48,9 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
     _check_derivable(source, target)
     opened.verify(progress=progress)
     codec = target.stored_codec
+    if settings.rank_ids and codec.layout == "compact":
+        codec = dataclasses.replace(codec, id_ranking=_id_ranking(opened, "topk" in groups, "sampled" in groups,
+                                                                  progress))
     draws = source.draws if "sampled" in groups else None
     fingerprint = sha256_json({"recoded_from": source.dump_fingerprint, "settings": dataclasses.asdict(settings)})
     schema = shard_schema(top_k=target.top_k, vocab_size=source.num_classes, logprob_dtype=_float_type(target),
@@ -76,6 +84,27 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
     Cache(CacheStore(out), manifest).verify(progress=progress)
     manifest.save(out)
     return manifest
+
+
+def _id_ranking(cache: Cache, topk: bool, sampled: bool, progress: bool) -> tuple[int, ...]:
+    """The ids the cache lists most often (head and draws the new cache keeps), most frequent first, ties by
+    id: at most MAX_RANKED_IDS of them, each listed at least once."""
+    counts = np.zeros(cache.manifest.num_classes, dtype=np.int64)
+    pending, held = [], 0
+    for shard in tqdm(cache.manifest.shards, desc="rank ids", unit="shard", disable=not progress):
+        for row in Cache(cache.store, dataclasses.replace(cache.manifest, shards=[shard])).sequences(hidden_layers=[]):
+            listed = ([row.topk_ids[row.topk_logprobs > -np.inf]] if topk else []) + \
+                ([row.sampled_ids.values] if sampled else [])
+            pending += listed
+            held += sum(len(ids) for ids in listed)
+            if held > 1 << 22:  # one bincount per few million ids, not one per row over the whole vocabulary
+                counts += np.bincount(np.concatenate(pending).astype(np.int64), minlength=len(counts))
+                pending, held = [], 0
+    if pending:
+        counts += np.bincount(np.concatenate(pending).astype(np.int64), minlength=len(counts))
+    listed = np.flatnonzero(counts)
+    ranked = listed[np.lexsort((listed, -counts[listed]))][:MAX_RANKED_IDS]
+    return tuple(int(token) for token in ranked)
 
 
 def _target_settings(source: Manifest, settings: RecodeSettings) -> DumpSettings:

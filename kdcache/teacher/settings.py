@@ -155,6 +155,8 @@ class RecodeSettings:
     logprob_dtype: str = setting("uint8", "Storage type of the log-probs.", choices=LOGPROB_TYPES)
     codec: str = setting("compact", "Target layout.", choices=LAYOUTS)
     compression: str = setting("zstd", "Arrow IPC buffer compression.", choices=COMPRESSIONS)
+    rank_ids: bool = setting(True, "Compact codec: number the ids by how often the cache lists them before gap "
+                                   "coding (format 4; lossless, 10-16% fewer bytes of ids where there are draws).")
 
     def __post_init__(self):
         check_fields(self)
