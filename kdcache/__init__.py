@@ -41,6 +41,8 @@ _EXPORTS = {
     "DumpHooks": ".teacher",
     "DumpSettings": ".teacher",
     "dump_teacher": ".teacher",
+    "RecodeSettings": ".teacher",
+    "recode_cache": ".teacher",
     "TrainHooks": ".student",
     "Batch": ".student.batching",
     "collate": ".student.batching",
@@ -70,7 +72,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .student.crosstok import CrossTokenizer
     from .student.integration import CacheDataset, DistillationTrainer, collate_inputs
     from .student.objective import DistillationLoss
-    from .teacher import DumpHooks, DumpSettings, dump_teacher
+    from .teacher import DumpHooks, DumpSettings, RecodeSettings, dump_teacher, recode_cache
 
 
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

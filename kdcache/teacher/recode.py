@@ -87,8 +87,8 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
 
 
 def _id_ranking(cache: Cache, topk: bool, sampled: bool, progress: bool) -> tuple[int, ...]:
-    """The ids the cache lists most often (head and draws the new cache keeps), most frequent first, ties by
-    id: at most MAX_RANKED_IDS of them, each listed at least once."""
+    """The ids the source lists most often in the target groups the new cache keeps (head, draws), most frequent
+    first, ties by id: at most MAX_RANKED_IDS of them, each listed at least once."""
     counts = np.zeros(cache.manifest.num_classes, dtype=np.int64)
     pending, held = [], 0
     for shard in tqdm(cache.manifest.shards, desc="rank ids", unit="shard", disable=not progress):
