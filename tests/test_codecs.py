@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import skewed_topk_cache
 
 from kdcache.cache.codecs import LOGPROB_STEP, Codec, Limits, Ragged, decode_targets
 from kdcache.cache.format import FORMAT_VERSION, Manifest, shard_schema
-from kdcache import open_cache
+from kdcache import RecodeSettings, open_cache, recode_cache
 from kdcache.cache.writer import CachedSequence, to_record_batch
 from kdcache.errors import KDCacheError
 from kdcache.losses import SparseTargets, kd_loss
@@ -371,28 +372,41 @@ def test_recode_shrinks_k_and_quantises_without_the_teacher(cache_dir, tmp_path)
         np.testing.assert_array_equal(after.hidden[layer], original.hidden[layer])
 
 
-def test_ranked_ids_are_lossless_and_a_bad_ranking_is_refused(head_tail_cache, tmp_path):
-    """Recoding ranks the ids by how often the cache lists them (format 4): the decoded rows are the source's,
-    value for value and in the same order; `--no-rank-ids` stays format 3. A ranking that repeats an id or
-    names one outside the vocabulary is refused when the manifest is read, in one line."""
-    from click.testing import CliRunner
-
-    from kdcache.cli import main
-    from kdcache.teacher.recode import RecodeSettings, recode_cache
-    ranked = recode_cache(head_tail_cache, tmp_path / "ranked", RecodeSettings(), progress=False)
-    plain = recode_cache(head_tail_cache, tmp_path / "plain", RecodeSettings(rank_ids=False), progress=False)
-    assert (ranked.format_version, plain.format_version) == (4, 3) and plain.codec.id_ranking == ()
-    listed = collections.Counter()
-    for row in open_cache(head_tail_cache).sequences():
-        listed.update(row.topk_ids[row.topk_logprobs > -np.inf].tolist() + row.sampled_ids.values.tolist())
-    assert list(ranked.codec.id_ranking) == sorted(listed, key=lambda token: (-listed[token], token))[:4096]
-    source = list(open_cache(head_tail_cache).sequences())
-    for original, back in zip(source, open_cache(tmp_path / "ranked").sequences(), strict=True):
+def same_rows(cache: Path, other: Path) -> None:
+    for original, back in zip(open_cache(cache).sequences(), open_cache(other).sequences(), strict=True):
         for name in ("sample_id", "input_ids", "topk_ids", "topk_logprobs", "tail_logprob"):
             np.testing.assert_array_equal(getattr(back, name), getattr(original, name))
         for name in ("sampled_ids", "sampled_counts"):
-            np.testing.assert_array_equal(getattr(back, name).values, getattr(original, name).values)
-            np.testing.assert_array_equal(getattr(back, name).offsets, getattr(original, name).offsets)
+            if getattr(original, name) is not None:
+                np.testing.assert_array_equal(getattr(back, name).values, getattr(original, name).values)
+                np.testing.assert_array_equal(getattr(back, name).offsets, getattr(original, name).offsets)
+
+
+def test_recode_ranks_the_ids_where_that_makes_the_cache_smaller(head_tail_cache, tmp_path):
+    """Recoding ranks the ids by how often the cache lists them (format 4) when that makes the cache smaller: the
+    decoded rows are the source's, value for value and in the same order. Where it would not (a random teacher's
+    systematic draws are evenly spaced in id order), the cache stays format 3, like `--no-rank-ids`."""
+    source = skewed_topk_cache(tmp_path / "skewed", seed=0)
+    ranked = recode_cache(source, tmp_path / "ranked", RecodeSettings(), progress=False)
+    unranked = recode_cache(source, tmp_path / "unranked", RecodeSettings(rank_ids=False), progress=False)
+    assert (ranked.format_version, unranked.format_version) == (4, 2) and unranked.codec.id_ranking == ()
+    assert ranked.total_bytes < 0.9 * unranked.total_bytes
+    listed = collections.Counter()
+    for row in open_cache(source).sequences():
+        listed.update(row.topk_ids[row.topk_logprobs > -np.inf].tolist())
+    assert list(ranked.codec.id_ranking) == sorted(listed, key=lambda token: (-listed[token], token))
+    same_rows(tmp_path / "unranked", tmp_path / "ranked")  # (the source lists each head in descending order)
+    flat = recode_cache(head_tail_cache, tmp_path / "flat", RecodeSettings(), progress=False)
+    assert flat.format_version == 3 and flat.codec.id_ranking == ()
+    same_rows(head_tail_cache, tmp_path / "flat")
+
+
+def test_a_bad_id_ranking_is_refused_in_one_line(tmp_path):
+    """A ranking that repeats an id or names one outside the vocabulary is refused when the manifest is read."""
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+    ranked = recode_cache(skewed_topk_cache(tmp_path / "skewed", seed=0), tmp_path / "ranked", RecodeSettings(), progress=False)
     manifest = json.loads((tmp_path / "ranked" / "kdcache.json").read_text())
     for ranking, message in (([0, 0], "at most 4096 distinct ids"), ([ranked.vocab_size], "outside the")):
         manifest["columns"]["codec"]["id_ranking"] = ranking

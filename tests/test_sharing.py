@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import s3fs
 from click.testing import CliRunner
-from conftest import LANGUAGE, write_jsonl
+from conftest import LANGUAGE, skewed_topk_cache, write_jsonl
 from moto.server import ThreadedMotoServer
 
 from kdcache.cache.card import CARD_NAME
@@ -295,7 +295,7 @@ def test_merge_refuses_caches_of_different_teachers_and_leaves_nothing(cache_dir
 
 def test_head_tail_caches_merge_only_with_the_same_draws(teacher_dir, corpus, tmp_path):
     """Two halves of a head-tail dump merge, keeping its fidelity card (draws included); a half whose draws were
-    made another way (`sampling`), or whose ids another recode ranked, is refused, naming it."""
+    made another way (`sampling`) is refused, naming it."""
     def head_tail(out, sampling, limit):
         return dump_teacher(str(teacher_dir), str(corpus), out, DumpSettings(
             targets="head-tail", top_k=4, samples=16, sampling=sampling, limit=limit, batch_size=4, shard_rows=4),
@@ -310,12 +310,21 @@ def test_head_tail_caches_merge_only_with_the_same_draws(teacher_dir, corpus, tm
     with pytest.raises(KDCacheError, match=r"differ in sampling \("):
         merge_caches([tmp_path / "a", tmp_path / "systematic"], tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists()
-    from kdcache.teacher.recode import RecodeSettings, recode_cache  # each half ranks the ids it lists itself
-    ranked = [recode_cache(tmp_path / half, tmp_path / f"{half}-ranked", RecodeSettings(), progress=False)
-              for half in "ab"]
+
+
+
+def test_caches_whose_ids_two_recodes_ranked_do_not_merge(tmp_path):
+    """Each recode ranks the ids its own cache lists, so two ranked caches number ids differently: refused,
+    naming the ranking; merged before recoding they are fine."""
+    from kdcache.teacher.recode import RecodeSettings, recode_cache
+    ranked = [recode_cache(skewed_topk_cache(tmp_path / f"part{seed}", seed=seed), tmp_path / f"ranked{seed}",
+                           RecodeSettings(), progress=False) for seed in (0, 1)]
     assert ranked[0].codec.id_ranking != ranked[1].codec.id_ranking
     with pytest.raises(KDCacheError, match=r"differ in id ranking \(merge before `recode`\)"):
-        merge_caches([tmp_path / "a-ranked", tmp_path / "b-ranked"], tmp_path / "refused", progress=False)
+        merge_caches([tmp_path / "ranked0", tmp_path / "ranked1"], tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    merge_caches([tmp_path / "part0", tmp_path / "part1"], tmp_path / "merged", progress=False)
+    assert recode_cache(tmp_path / "merged", tmp_path / "merged-ranked", RecodeSettings(), progress=False).format_version == 4
 
 
 @pytest.mark.parametrize("fmt", ["distillkit", "axolotl"])

@@ -8,12 +8,10 @@ Same student, same sequences, same batch size, in one run, tokens/s of
       the layout every cache had before the compact codec: the reference for the codec's cost,
   (b2) the same from a top-64 cache in the compact codec (gap-coded ids, 8-bit log-probs, zstd): same loss
       as (b1), so b2/b1 is the cost of decoding alone,
-  (b3) the same from (b)'s cache after `kdcache recode` (ids ranked by frequency, format 4): the same targets,
-      so b3/b is the cost of the ranked decoding,
   (c) online KD: the teacher (about 3x the student) runs in the loop, full-vocabulary logits, dense_kd_loss,
   (d) TRL's GKDTrainer with lmbda=0 (teacher in the loop, supervised KD), only when `trl` is importable
       (it is a benchmark-only tool, not a kdcache dependency; see `trl_gkd` for how it is made comparable),
-then b/a, b/c (b/d), b/b1, b2/b1 and b3/b; the reader alone (each cache) (positions/s) against the rate (b) consumes; and the peak RSS of
+then b/a, b/c (b/d), b/b1 and b2/b1; the reader alone (each cache) (positions/s) against the rate (b) consumes; and the peak RSS of
 a process streaming one epoch of a 1x and of a 10x cache (the 10x cache repeats the 1x shards).
 
 The machine may be shared with other work, so (a)-(d) are measured in interleaved rounds and
@@ -49,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kdcache import (DumpSettings, TrainHooks, TrainSettings, dense_kd_loss, dump_teacher,  # noqa: E402
-                     next_token_ce, open_cache, recode_cache, train_student)
+                     next_token_ce, open_cache, train_student)
 from kdcache.cache.format import Manifest, ShardInfo  # noqa: E402
 from kdcache.demo import SyntheticLanguage, build_word_tokenizer, llama_config  # noqa: E402
 from kdcache.student.feed import CacheBatches  # noqa: E402
@@ -72,7 +70,6 @@ CACHES = {  # (b) and its codec references, each spelt out so the bench does not
     "b1": {"targets": "topk", "top_k": 64, "codec": "plain", "logprob_dtype": "float16", "compression": "none"},
     "b2": {"targets": "topk", "top_k": 64, "codec": "compact", "logprob_dtype": "uint8", "compression": "zstd"},
 }
-RECODED = {"b3": "b"}  # cache: the cache it is `recode_cache`d from (default settings: ids ranked)
 
 
 def build(workdir: Path, rows: int, teacher: str | None) -> tuple[str, dict[str, Path], Path]:
@@ -87,14 +84,11 @@ def build(workdir: Path, rows: int, teacher: str | None) -> tuple[str, dict[str,
         teacher = str(workdir / "teacher")
     corpus = workdir / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in language.sentences(rows, seed=1)))
-    caches = {name: workdir / f"cache-{name}" for name in (*CACHES, *RECODED)}
+    caches = {name: workdir / f"cache-{name}" for name in CACHES}
     for name, codec in CACHES.items():
         manifest = dump_teacher(teacher, str(corpus), caches[name],
                                 DumpSettings(batch_size=32, shard_rows=256, max_length=MAX_LENGTH, **codec),
                                 progress=False)
-    for name, source in RECODED.items():
-        if not (caches[name] / "kdcache.json").is_file():
-            recode_cache(caches[source], caches[name], progress=False)
     config = workdir / "student.json"
     config.write_text(llama_config(manifest.vocab_size, STUDENT).to_json_string())
     return teacher, caches, config
@@ -303,12 +297,12 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
 
     batches = batches_for(cache, args.steps)
-    rates = {clock: {name: [] for name in ("a", *caches, "c", "d")} for clock in CLOCKS}
+    rates = {clock: {"a": [], "b": [], "b1": [], "b2": [], "c": [], "d": []} for clock in CLOCKS}
     for round_index in range(args.rounds):
         for clock, rate in plain_ce(config, batches).items():
             rates[clock]["a"].append(rate)
         for clock in CLOCKS:
-            for name in caches:
+            for name in CACHES:
                 rates[clock][name].append(from_cache(config, caches[name], workdir, args.steps, clock))
         for clock, rate in online_kd(config, teacher_dir, batches).items():
             rates[clock]["c"].append(rate)
@@ -324,7 +318,6 @@ def main() -> None:
     with_trl = bool(rates["wall"]["d"])
     for name, label in [("a", "(a) plain CE student"), ("b", "(b) train-student, default cache"),
                         ("b1", "(b1) top-64 f16 plain (format 1)"), ("b2", "(b2) top-64 u8 zstd"),
-                        ("b3", "(b3) default cache, ids ranked"),
                         ("c", "(c) online KD, teacher in the loop"), ("d", "(d) TRL GKDTrainer, lmbda=0")]:
         if name in median["wall"]:
             print(f"{label:34s} {median['wall'][name]:12.0f} {median['cpu'][name]:15.0f}")
@@ -334,10 +327,9 @@ def main() -> None:
         ratio = lambda x, y: statistics.median(p / q for p, q in zip(rates[clock][x], rates[clock][y]))
         versus_trl = f"   b/d = {ratio('b', 'd'):.2f}" if with_trl else ""
         print(f"{clock:5s}: b/a = {ratio('b', 'a'):.3f}   b/c = {ratio('b', 'c'):.2f}{versus_trl}"
-              f"   b/b1 = {ratio('b', 'b1'):.3f}   b2/b1 = {ratio('b2', 'b1'):.3f}   b3/b = {ratio('b3', 'b'):.3f}"
-              f"   (median of per-round ratios)")
+              f"   b/b1 = {ratio('b', 'b1'):.3f}   b2/b1 = {ratio('b2', 'b1'):.3f}   (median of per-round ratios)")
 
-    for name in caches:
+    for name in CACHES:
         reader = [reader_alone(caches[name]) for _ in range(3)]
         for clock in CLOCKS:
             rate = statistics.median(r[clock] for r in reader)

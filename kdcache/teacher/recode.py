@@ -10,29 +10,37 @@ own fingerprint derived from the source's and the recode settings.
 
 Recoding into the compact codec also ranks the ids by how often the cache lists them (format 4, see
 cache/codecs.py): a dump cannot, since it writes its first shard before it has seen the ids of the others.
+The ranking is kept only if it makes a sample of the rows smaller: the ids' own order can carry structure
+that ranking destroys (systematic draws from a nearly flat distribution are evenly spaced in id order, so
+their gaps are nearly constant; on a random teacher ranking made such a cache 50% larger).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..cache.codecs import MAX_RANKED_IDS
-from ..cache.format import TOKENIZER_DIR, Manifest, column_groups, sha256_json, shard_schema
 from ..cache.cache import Cache, open_cache
+from ..cache.codecs import MAX_RANKED_IDS, Codec
+from ..cache.format import TOKENIZER_DIR, Manifest, ShardInfo, column_groups, sha256_json, shard_schema
 from ..cache.reader import content_sha256
 from ..cache.store import CacheStore
-from ..cache.writer import CachedSequence, ShardWriter
+from ..cache.writer import CachedSequence, ShardWriter, to_record_batch
 from ..errors import KDCacheError
 from .settings import DumpSettings, RecodeSettings
 from .targets import TopKTargets, select_head
+
+RANKING_SAMPLE_ROWS = 256  # rows of the first shard encoded both ways to decide whether ranking pays
 
 
 def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = RecodeSettings(),
@@ -47,24 +55,34 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
     groups = column_groups(target.target_types)
     _check_derivable(source, target)
     opened.verify(progress=progress)
-    codec = target.stored_codec
-    if settings.rank_ids and codec.layout == "compact":
-        codec = dataclasses.replace(codec, id_ranking=_id_ranking(opened, "topk" in groups, "sampled" in groups,
-                                                                  progress))
-    draws = source.draws if "sampled" in groups else None
     fingerprint = sha256_json({"recoded_from": source.dump_fingerprint, "settings": dataclasses.asdict(settings)})
-    schema = shard_schema(top_k=target.top_k, vocab_size=source.num_classes, logprob_dtype=_float_type(target),
-                          hidden_sizes=source.hidden_sizes, dump_fingerprint=fingerprint,
-                          target_types=target.target_types, optional_columns=source.optional_columns,
-                          pooled_size=source.pooled_size, codec=codec, draws=draws)
+
+    def schema_for(codec: Codec, hidden_sizes: dict[int, int]) -> pa.Schema:
+        return shard_schema(top_k=target.top_k, vocab_size=source.num_classes, logprob_dtype=_float_type(target),
+                            hidden_sizes=hidden_sizes, dump_fingerprint=fingerprint,
+                            target_types=target.target_types, optional_columns=source.optional_columns,
+                            pooled_size=source.pooled_size, codec=codec,
+                            draws=source.draws if "sampled" in groups else None)
+
+    def rows_of(shard: ShardInfo, hidden_layers: list[int]) -> Iterator[CachedSequence]:
+        for row in Cache(opened.store, dataclasses.replace(source, shards=[shard])).sequences(
+                hidden_layers=hidden_layers):
+            yield _recoded(row, target, keep_topk="topk" in groups, keep_sampled="sampled" in groups)
+
+    codec = target.stored_codec
+    if settings.rank_ids and codec.layout == "compact" and source.shards:
+        ranked = dataclasses.replace(codec, id_ranking=_id_ranking(opened, "topk" in groups, "sampled" in groups,
+                                                                   progress))
+        sample = list(itertools.islice(rows_of(source.shards[0], []), RANKING_SAMPLE_ROWS))
+        if _encoded_size(sample, schema_for(ranked, {}), ranked) < _encoded_size(sample, schema_for(codec, {}), codec):
+            codec = ranked
+    schema = schema_for(codec, source.hidden_sizes)
     shutil.copytree(cache / TOKENIZER_DIR, out / TOKENIZER_DIR)
     shards = []
     for index, shard in enumerate(source.shards):
-        single = dataclasses.replace(source, shards=[shard])
         writer = ShardWriter(out, schema, shard_rows=shard.rows, prefix="recoded", start_index=index, codec=codec)
         with writer:
-            writer.write([_recoded(row, target, keep_topk="topk" in groups, keep_sampled="sampled" in groups)
-                          for row in Cache(opened.store, single).sequences(hidden_layers=source.hidden_layers)])
+            writer.write(list(rows_of(shard, source.hidden_layers)))
             shards += writer.close()
     if content_sha256(out, shards) != source.stats.get("content_sha256", content_sha256(cache, source.shards)):
         raise KDCacheError(f"recoding {cache} changed its rows: nothing was committed")
@@ -84,6 +102,14 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
     Cache(CacheStore(out), manifest).verify(progress=progress)
     manifest.save(out)
     return manifest
+
+
+def _encoded_size(rows: list[CachedSequence], schema: pa.Schema, codec: Codec) -> int:
+    """Bytes of `rows` as one record batch of a shard in `codec`."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema, options=codec.write_options()) as writer:
+        writer.write_batch(to_record_batch(rows, schema, codec))
+    return sink.getvalue().size
 
 
 def _id_ranking(cache: Cache, topk: bool, sampled: bool, progress: bool) -> tuple[int, ...]:
