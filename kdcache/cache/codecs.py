@@ -18,7 +18,7 @@ and ragged sampled ids with counts. The codec only decides the bytes on disk:
   of its own, packs the two planes 8-13% smaller than the interleaved uint16 gaps (measured on
   SmolLM2 and MiniLM-vocabulary caches, docs/frontier.md); the top-k ids, a few per position, do not gain.
 
-* ``compact`` with an id ranking (format 4, what `kdcache recode` writes): the same, except that ids are
+* ``compact`` with an id ranking (format 4, what `kdcache recode` writes where it pays): the same, except that ids are
   *numbered* before gap coding: the cache's most frequent ids (up to 4,096, listed in the manifest) get
   numbers 0, 1, ..., and every other id follows in ascending order. Frequent ids then sit close
   together, so the gaps are small: 10-14% fewer bytes of ids, 8-10% of the whole cache, on SmolLM2 and
