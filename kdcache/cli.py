@@ -309,7 +309,8 @@ def _describe_targets(manifest: Manifest) -> str:
              "head-tail": f"{head} + ids sampled from the tail ({draws})"}
     codec = manifest.codec
     return (" and ".join(kinds[kind] for kind in manifest.target_types)
-            + f"; {codec.layout} codec" + (f", {codec.compression}" if codec.compression != "none" else ""))
+            + f"; {codec.layout} codec" + (f", {codec.compression}" if codec.compression != "none" else "")
+            + (", ids ranked by frequency" if codec.id_ranking else ""))
 
 
 @main.command("verify")
