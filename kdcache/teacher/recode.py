@@ -74,7 +74,8 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
         ranked = dataclasses.replace(codec, id_ranking=_id_ranking(opened, "topk" in groups, "sampled" in groups,
                                                                    progress))
         sample = list(itertools.islice(rows_of(source.shards[0], []), RANKING_SAMPLE_ROWS))
-        if _encoded_size(sample, schema_for(ranked, {}), ranked) < _encoded_size(sample, schema_for(codec, {}), codec):
+        if sample and (_encoded_size(sample, schema_for(ranked, {}), ranked)
+                       < _encoded_size(sample, schema_for(codec, {}), codec)):
             codec = ranked
     schema = schema_for(codec, source.hidden_sizes)
     shutil.copytree(cache / TOKENIZER_DIR, out / TOKENIZER_DIR)
