@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import skewed_topk_cache
 from hostile import rehash
 
 from kdcache.cache.cache import open_cache
 from kdcache.cache.format import MANIFEST_NAME
 from kdcache.errors import KDCacheError
+from kdcache.teacher.recode import recode_cache
 
 CASES = 300
 ODD_VALUES = [None, -1, 0, 1, 2**63, -(2**40), 1.5, float("inf"), True, "", "x", "../../outside.arrow",
@@ -87,7 +89,18 @@ def _alarm(signum, frame):
     raise TimeoutError("a fuzz case hung")
 
 
-def test_fuzzed_caches_fail_cleanly(cache_dir, tmp_path):
+@pytest.fixture(scope="module")
+def ranked_cache(tmp_path_factory) -> Path:
+    """A compact cache whose ids a recode ranked (format 4): numbers, not ids, in its id columns."""
+    root = tmp_path_factory.mktemp("ranked")
+    ranked = recode_cache(skewed_topk_cache(root / "skewed", seed=0), root / "ranked", progress=False)
+    assert ranked.codec.id_ranking
+    return root / "ranked"
+
+
+@pytest.mark.parametrize("fixture", ["cache_dir", "ranked_cache"])
+def test_fuzzed_caches_fail_cleanly(fixture, request, tmp_path):
+    cache_dir = request.getfixturevalue(fixture)
     outside = tmp_path / "outside.arrow"
     outside.write_bytes(b"not part of the cache")
     files = sorted(str(path.relative_to(cache_dir)) for path in cache_dir.rglob("*") if path.is_file())

@@ -161,6 +161,8 @@ def shard_schema(*, top_k: int, vocab_size: int, logprob_dtype: str, hidden_size
     if pooled_size is not None:  # an encoder's pooled output: one [d] vector per row
         fields.append(pa.field(POOLED_COLUMN, pa.list_(pa.list_(arrow_type(POOLED_COLUMN), pooled_size)), nullable=False))
     metadata = {"kdcache.format_version": str(codec.format_version), "kdcache.dump_fingerprint": dump_fingerprint}
+    if codec.id_ranking:  # the shards' numbers mean ids only under this ranking: a manifest with another is refused
+        metadata["kdcache.id_ranking_sha256"] = sha256_json(list(codec.id_ranking))
     return pa.schema(fields, metadata=metadata)
 
 

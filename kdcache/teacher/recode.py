@@ -106,7 +106,9 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
 
 
 def _encoded_size(rows: list[CachedSequence], schema: pa.Schema, codec: Codec) -> int:
-    """Bytes of `rows` as one record batch of a shard in `codec`."""
+    """Bytes of `rows` as one record batch of a shard in `codec`; without the schema's metadata, which a whole
+    shard carries once, not once per sample."""
+    schema = schema.remove_metadata()
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, schema, options=codec.write_options()) as writer:
         writer.write_batch(to_record_batch(rows, schema, codec))
