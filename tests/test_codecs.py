@@ -4,6 +4,7 @@ tail unbiasedness, readability by pyarrow/datasets, the committed format-1 fixtu
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -293,15 +294,22 @@ def test_training_picks_the_head_tail_loss_from_the_cache(head_tail_cache, stude
     np.testing.assert_allclose(targets.logprobs.double().exp().sum(-1).numpy(), 1.0, atol=0.05)
 
 
-@pytest.mark.parametrize("version, codec", [
-    (1, Codec(logprobs="float16")),
-    (2, Codec(layout="compact", logprobs="uint8", compression="zstd", draws_from="tail"))])
-def test_committed_fixtures_read_as_they_were_written(version, codec):
+HEAD_TAIL_CODEC = Codec(layout="compact", logprobs="uint8", compression="zstd", draws_from="tail")
+
+
+@pytest.mark.parametrize("version, codec, ranked", [
+    (1, Codec(logprobs="float16"), 0),
+    (2, HEAD_TAIL_CODEC, 0),
+    (3, dataclasses.replace(HEAD_TAIL_CODEC, id_planes=True), 0),
+    (4, dataclasses.replace(HEAD_TAIL_CODEC, id_planes=True), 567)])
+def test_committed_fixtures_read_as_they_were_written(version, codec, ranked):
     """A cache of every format this kdcache has written (committed, made by the kdcache of its time) decodes to the
-    values recorded when it was made: format 1 (plain top-k + sampled), format 2 (compact head-tail)."""
+    values recorded when it was made: format 1 (plain top-k + sampled), 2 (compact head-tail), 3 (its sampled ids
+    in byte planes, proportional draws), 4 (the format-3 cache recoded, its ids ranked)."""
     cache = FIXTURE / f"v{version}_cache"
     manifest = Manifest.load(cache)
-    assert manifest.format_version == version and manifest.codec == codec
+    assert manifest.format_version == version and len(manifest.codec.id_ranking) == ranked
+    assert dataclasses.replace(manifest.codec, id_ranking=()) == codec
     open_cache(cache).verify(progress=False)
     expected = json.loads((FIXTURE / f"v{version}_cache_expected.json").read_text())
     sequences = list(open_cache(cache).sequences())
