@@ -102,6 +102,7 @@ MODES = {  # every mode spells out its codec, so the table does not move when du
     "head 8 + tail 24 u8 zstd": head_tail(8, 24, IID),
     "sampled 24 sys zstd": sampled(24, SYSTEMATIC),
     "sampled 32 sys zstd": sampled(32, SYSTEMATIC),
+    "sampled 40 sys zstd": sampled(40, SYSTEMATIC),
     "sampled 50 sys zstd": sampled(50, SYSTEMATIC),
     "head 2 + tail 16 sys u8 zstd": head_tail(2, 16, SYSTEMATIC),
     "head 4 + tail 16 sys u8 zstd": head_tail(4, 16, SYSTEMATIC),
