@@ -120,15 +120,15 @@ def _id_ranking(cache: Cache, topk: bool, sampled: bool, progress: bool) -> tupl
     first, ties by id: at most MAX_RANKED_IDS of them, each listed at least once."""
     counts = np.zeros(cache.manifest.num_classes, dtype=np.int64)
     pending, held = [], 0
-    for shard in tqdm(cache.manifest.shards, desc="rank ids", unit="shard", disable=not progress):
-        for row in Cache(cache.store, dataclasses.replace(cache.manifest, shards=[shard])).sequences(hidden_layers=[]):
-            listed = ([row.topk_ids[row.topk_logprobs > -np.inf]] if topk else []) + \
-                ([row.sampled_ids.values] if sampled else [])
-            pending += listed
-            held += sum(len(ids) for ids in listed)
-            if held > 1 << 22:  # one bincount per few million ids, not one per row over the whole vocabulary
-                counts += np.bincount(np.concatenate(pending).astype(np.int64), minlength=len(counts))
-                pending, held = [], 0
+    for row in tqdm(cache.sequences(hidden_layers=[]), total=cache.manifest.total_rows, desc="rank ids", unit="row",
+                    disable=not progress):
+        listed = ([row.topk_ids[row.topk_logprobs > -np.inf]] if topk else []) + \
+            ([row.sampled_ids.values] if sampled else [])
+        pending += listed
+        held += sum(len(ids) for ids in listed)
+        if held > 1 << 22:  # one bincount per few million ids, not one per row over the whole vocabulary
+            counts += np.bincount(np.concatenate(pending).astype(np.int64), minlength=len(counts))
+            pending, held = [], 0
     if pending:
         counts += np.bincount(np.concatenate(pending).astype(np.int64), minlength=len(counts))
     listed = np.flatnonzero(counts)
