@@ -242,7 +242,7 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
 
     The manifest comes from elsewhere: its text is printed with control characters escaped.
     """
-    from .cache.card import CARD_NAME
+    from .cache.card import CARD_NAME, describe_augmentation
     from .cache.store import CacheStore
     store = CacheStore(cache)
     manifest = store.load_manifest()
@@ -255,6 +255,7 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
     mass = manifest.stats.get("captured_mass", {})
     teacher, dataset = manifest.teacher, manifest.dataset
     parameters = teacher.get("num_parameters")
+    augmented = describe_augmentation(manifest)
     lines = [
         f"cache        {cache}  (format {manifest.format_version}, kdcache {manifest.kdcache_version}, {manifest.created_at})",
         f"task         {manifest.task}",
@@ -265,7 +266,9 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
            f"sha256 {str(gguf.get('sha256'))[:12]})"] if isinstance(gguf := teacher.get("gguf"), dict) else []),
         f"tokenizer    {manifest.tokenizer.get('class')}, {manifest.vocab_size} tokens, hash {manifest.tokenizer['hash'][:12]}",
         f"data         {dataset.get('source')} [{dataset.get('split')}], "
-        f"{dataset.get('rows_dumped')} of {dataset.get('num_rows')} rows",
+        f"{dataset.get('rows_dumped')} of {dataset.get('num_rows')} rows"
+        + (" and their variants" if augmented else ""),
+        *([f"augmented    {augmented}"] if augmented else []),
         f"targets      {_describe_targets(manifest)}; "
         f"hidden layers: {', '.join(map(str, manifest.hidden_layers)) or 'none'}",
         f"size         {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "

@@ -60,27 +60,57 @@ def first_piece_labels(encoding, rows: list[dict]) -> list[list[int]]:
     return labels
 
 
-def fine_tune_teacher(out: Path, rows: list[dict], epochs: float, seed: int) -> None:
-    """A plain Hugging Face token-classification fine-tune: Trainer, AdamW, linear decay."""
+def encode_rows(tokenizer, rows: list[dict]):
     from datasets import Dataset
-    from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
+    encoding = tokenizer([row["tokens"] for row in rows], is_split_into_words=True, truncation=True, max_length=128)
+    return Dataset.from_dict({"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
+                              "labels": first_piece_labels(encoding, rows)})
+
+
+def entity_f1_metric(prediction) -> dict:
+    """Span-level entity F1 of first-piece predictions (seqeval's conventions, as kdcache's `eval`)."""
+    from seqeval.metrics import f1_score
+    predicted_ids = prediction.predictions.argmax(-1)
+    truth, predicted = [], []
+    for row_labels, row_predicted in zip(prediction.label_ids, predicted_ids):
+        kept = row_labels != -100
+        truth.append([CONLL_LABELS[label] for label in row_labels[kept]])
+        predicted.append([CONLL_LABELS[label] for label in row_predicted[kept]])
+    return {"f1": float(f1_score(truth, predicted, zero_division=0))}
+
+
+def fine_tune_teacher(out: Path, rows: list[dict], valid: list[dict], max_epochs: float, lr: float,
+                      seed: int) -> dict:
+    """A plain Hugging Face token-classification fine-tune (Trainer, AdamW, linear decay over `max_epochs`),
+    scored on valid after every epoch and stopped when valid entity F1 stops rising (patience 1); the best
+    epoch's weights are kept. Returns the per-epoch valid F1 so the table can say how far it trained."""
+    from transformers import DataCollatorForTokenClassification, EarlyStoppingCallback, Trainer, TrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    encoding = tokenizer([row["tokens"] for row in rows], is_split_into_words=True, truncation=True, max_length=128)
-    data = Dataset.from_dict({"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
-                              "labels": first_piece_labels(encoding, rows)})
     torch.manual_seed(seed)
     model = AutoModelForTokenClassification.from_pretrained(
         minilm_dir(), num_labels=len(CONLL_LABELS), id2label=dict(enumerate(CONLL_LABELS)),
         label2id={name: index for index, name in enumerate(CONLL_LABELS)})
-    args = TrainingArguments(output_dir=str(out.parent / "teacher-trainer"), num_train_epochs=epochs,
-                             per_device_train_batch_size=32, learning_rate=1e-4, weight_decay=0.01, warmup_steps=0.05,
-                             use_cpu=True, report_to="none", save_strategy="no", logging_steps=50, seed=seed,
+    args = TrainingArguments(output_dir=str(out.parent / "teacher-trainer"), num_train_epochs=max_epochs,
+                             per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=lr,
+                             weight_decay=0.01, warmup_steps=0.05, use_cpu=True, report_to="none",
+                             eval_strategy="epoch", save_strategy="epoch", save_total_limit=2,
+                             load_best_model_at_end=True, metric_for_best_model="f1", greater_is_better=True,
+                             logging_steps=50, seed=seed,
                              train_sampling_strategy="group_by_length")  # little padding: ~2x faster on CPU
-    Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForTokenClassification(tokenizer),
-            processing_class=tokenizer).train()
+    trainer = Trainer(model=model, args=args, train_dataset=encode_rows(tokenizer, rows),
+                      eval_dataset=encode_rows(tokenizer, valid),
+                      data_collator=DataCollatorForTokenClassification(tokenizer), processing_class=tokenizer,
+                      compute_metrics=entity_f1_metric, callbacks=[EarlyStoppingCallback(early_stopping_patience=1)])
+    trainer.train()
+    history = [{"epoch": entry["epoch"], "valid_f1": entry["eval_f1"]}
+               for entry in trainer.state.log_history if "eval_f1" in entry]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    record = {"max_epochs": max_epochs, "lr": lr, "history": history,
+              "best_valid_f1": max(entry["valid_f1"] for entry in history)}
+    (out / "teacher_training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def sentences_per_second(model_dir: Path, rows: list[dict]) -> float:
@@ -112,7 +142,9 @@ def stage(message: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True, help="artefacts; a rerun skips finished stages")
-    parser.add_argument("--teacher-epochs", type=float, default=1.0)
+    parser.add_argument("--teacher-epochs", type=float, default=8.0, help="at most; stops when valid F1 stops rising")
+    parser.add_argument("--teacher-lr", type=float, default=1e-4)
+    parser.add_argument("--teacher-only", action="store_true", help="stop after the teacher's fine-tune")
     parser.add_argument("--student-epochs", type=int, default=1)
     parser.add_argument("--layers", default="0,5", help="teacher layers the carved student copies")
     parser.add_argument("--narrow-hidden", type=int, default=192, help="width of the fresh narrow student")
@@ -138,8 +170,11 @@ def main() -> None:
 
     teacher = work / "teacher"
     if not (teacher / "model.safetensors").exists():
-        stage(f"fine-tuning the teacher, {args.teacher_epochs:g} epoch(s) with transformers.Trainer")
-        fine_tune_teacher(teacher, splits["train"], args.teacher_epochs, args.seed)
+        stage(f"fine-tuning the teacher with transformers.Trainer until valid F1 stops rising "
+              f"(at most {args.teacher_epochs:g} epochs, lr {args.teacher_lr:g})")
+        fine_tune_teacher(teacher, splits["train"], splits["valid"], args.teacher_epochs, args.teacher_lr, args.seed)
+    if args.teacher_only:
+        return
 
     def dump(name: str, source: str, **settings) -> Path:
         out = work / f"cache-{name}"

@@ -106,6 +106,7 @@ def render_card(manifest: Manifest, location: str) -> str:
         (f"- {manifest.total_rows} sequences, {manifest.total_tokens} tokens in {len(manifest.shards)} shards, "
         f"{manifest.total_bytes:,} bytes ({manifest.total_bytes / tokens:.1f} bytes/token)"),
         *([f"- made from {len(manifest.sources)} other caches (`sources` in the manifest)"] if manifest.sources else []),
+        *([f"- {augmented}"] if (augmented := describe_augmentation(manifest)) else []),
         "",
         "## Targets",
         f"- task: {manifest.task}" + (f" (labels: {', '.join(manifest.labels)})" if manifest.labels else ""),
@@ -135,3 +136,17 @@ def render_card(manifest: Manifest, location: str) -> str:
 def write_card(cache_dir: Path | str, manifest: Manifest) -> None:
     """Write the card of a local cache (before its manifest: the manifest is always written last)."""
     write_bytes_atomic(Path(cache_dir) / CARD_NAME, render_card(manifest, str(cache_dir)).encode())
+
+
+def describe_augmentation(manifest) -> str | None:
+    """One line on the teacher-labelled variants a cache holds (dump-teacher `augment`), None without any.
+
+    The values come from an untrusted manifest: shown as they are, never computed with."""
+    augmentation = manifest.dataset.get("augmentation")
+    if not isinstance(augmentation, dict):
+        return None
+    methods = augmentation.get("methods")
+    methods = ", ".join(map(str, methods)) if isinstance(methods, list) else str(methods)
+    return (f"{augmentation.get('variant_rows')} of the rows are teacher-labelled variants "
+            f"({augmentation.get('variants_per_row')} per original row, {methods}, rate {augmentation.get('rate')}, "
+            f"seed {augmentation.get('seed')}; sample ids from {augmentation.get('original_rows')} on), no gold labels")

@@ -58,6 +58,18 @@ def check_cross_tokenizer_settings(settings: TrainSettings, cache: Cache) -> Non
                                f"positions differ)")
 
 
+def variant_start(manifest) -> int | None:
+    """The first sample id of a cache's augmented variants (dump-teacher `augment`), None without any."""
+    augmentation = manifest.dataset.get("augmentation")
+    if augmentation is None:
+        return None
+    original_rows = augmentation.get("original_rows") if isinstance(augmentation, dict) else None
+    if isinstance(original_rows, bool) or not isinstance(original_rows, int) or original_rows < 0:
+        raise KDCacheError(f"invalid manifest: dataset.augmentation.original_rows must be a count, got "
+                           f"{original_rows!r}")
+    return original_rows
+
+
 class DistillationLoss:
     """The weighted loss of one batch for `model`, as set up by `settings` for `cache`.
 
@@ -75,6 +87,7 @@ class DistillationLoss:
         self.layer_map = (parse_layer_map(settings.layer_map, manifest, model.config.num_hidden_layers)
                           if settings.hidden_weight > 0 else {})
         self.pooler = pooler(model) if settings.pooled_weight else None
+        self.original_rows = variant_start(manifest) if manifest.task == CAUSAL_LM else None
         self.projections: torch.nn.Module = FeatureProjections(
             self.layer_map, model.config.hidden_size, manifest.hidden_sizes, settings.hidden_loss,
             manifest.pooled_size if settings.pooled_weight else None)
@@ -90,6 +103,16 @@ class DistillationLoss:
         if self.cross is not None:
             self.num_classes = self.cross.student_vocab_size
             self.cross_terms = CrossTokenizerLoss(settings, self.cross, cache)
+
+    def gold_labels(self, batch: Batch) -> torch.Tensor:
+        """The task's gold labels; a causal LM's augmented variants have none (their words were changed, so
+        their next tokens are the teacher's business, not the text's: KD only)."""
+        labels = self.task.gold_labels(batch)
+        if self.original_rows is None:
+            return labels
+        is_variant = torch.tensor([sample_id >= self.original_rows for sample_id in batch.sample_ids])
+        rows = torch.arange(len(batch.sample_ids))[:, None].expand_as(batch.valid)[batch.valid]
+        return torch.where(is_variant.to(labels.device)[rows.to(labels.device)], -100, labels)
 
     @property
     def teacher_layers(self) -> list[int]:
@@ -107,7 +130,7 @@ class DistillationLoss:
         logits = self.task.student_logits(output.logits, batch, self.num_classes)
         terms = {}
         if settings.ce_weight:
-            terms["ce"] = next_token_ce(logits, self.task.gold_labels(batch))
+            terms["ce"] = next_token_ce(logits, self.gold_labels(batch))
         if self.cross is not None:
             terms |= self.cross_terms(output.logits, batch)
         elif settings.kd_weight:

@@ -47,7 +47,8 @@ from ..cache.reader import content_sha256
 from ..cache.stats import StreamingSummary, shard_stats
 from ..errors import KDCacheError
 from ..models import load_model, load_tokenizer, with_gguf_file
-from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, Annotation, Task, pooler, resolve_task
+from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, TOKEN_CLASSIFICATION, Annotation, Task, pooler, resolve_task
+from .augment import augment_rows
 from .data import describe, load_rows
 from .fidelity import FidelityCard
 from .fingerprint import teacher_fingerprint
@@ -163,6 +164,18 @@ def _load_teacher(teacher: str, task: Task, settings: DumpSettings, accelerator:
     return model.eval()
 
 
+def _augmented(rows, task: Task, tokenizer, model, classes: list[str], settings: DumpSettings,
+               dataset_info: dict) -> tuple:
+    """The rows followed by their teacher-labelled variants, and the dataset record that says so."""
+    labels_column = dataset_info.get("labels_column") or ("ner_tags" if "ner_tags" in rows.column_names else None)
+    label_column = dataset_info.get("label_column") or ("label" if "label" in rows.column_names else None)
+    augmentation = settings.augmentation(tagged=task.name == TOKEN_CLASSIFICATION and labels_column is not None)
+    augmented = augment_rows(rows, task.name, tokenizer, model.get_input_embeddings().weight, classes, augmentation,
+                             text_column=settings.text_column, tokens_column=settings.tokens_column,
+                             labels_column=labels_column, label_column=label_column)
+    return augmented, dataset_info | {"augmentation": augmentation.record(len(rows))}
+
+
 def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSettings,
                  progress: bool = True, hooks: DumpHooks = DumpHooks()) -> Manifest:
     """Dump `teacher`'s targets on `data` into the cache directory `out`; return its manifest.
@@ -204,6 +217,8 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
         raise KDCacheError(f"teacher outputs {task.teacher_output_size(model)} logits but its tokenizer has "
                            f"{vocab_size} tokens: tokenizer and model do not belong together")
     layers = _normalise_layers(settings.hidden_layers, model.config.num_hidden_layers)
+    if settings.augment:
+        rows, dataset_info = _augmented(rows, task, tokenizer, model, classes, settings, dataset_info)
     source = RowSource(task, rows, tokenizer, classes, data)
     optional = optional_columns(source, settings)
     pool = pooler(accelerator.unwrap_model(model)) if settings.pooled else None

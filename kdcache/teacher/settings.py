@@ -10,6 +10,7 @@ from ..cache.format import MAX_SAMPLES
 from ..errors import KDCacheError
 from ..settings import check_fields, setting
 from ..tasks import CAUSAL_LM, TASKS
+from .augment import Augmentation, parse_methods
 
 
 @dataclasses.dataclass
@@ -75,6 +76,14 @@ class DumpSettings:
                                              "(default: 'label' if present).")
     text_pair_column: str | None = setting(None, "Sequence classification: the second text of pairs.")
     pooled: bool = setting(False, "Encoders: also cache the pooler's output ('pooled' column).")
+    augment: int = setting(0, "Also dump this many teacher-labelled variants of every row (their gold labels "
+                              "dropped): entity mentions swapped by type, words swapped for the teacher's "
+                              "embedding neighbours or masked (docs/dump.md, 'Augmentation').", non_negative=True)
+    augment_methods: str | None = setting(None, "With `augment`: comma-separated, of mentions, substitute, mask "
+                                                "(default: mentions,substitute for tagged token classification, "
+                                                "else substitute).")
+    augment_rate: float = setting(0.3, "With `augment`: the share of words (outside mentions) each variant changes.",
+                                  positive=True, below=1)
     gguf_file: str | None = setting(None, "A GGUF teacher: the .gguf file inside the `teacher` directory (a path "
                                           "ending in .gguf may also be given as the teacher itself).")
 
@@ -84,6 +93,8 @@ class DumpSettings:
             raise KDCacheError(f"`samples` must be between 1 and {MAX_SAMPLES}, got {self.samples}")
         if self.top_p is not None and self.top_p > 1:
             raise KDCacheError(f"`top_p` is a probability mass, at most 1, got {self.top_p}")
+        if self.augment_methods is not None:
+            parse_methods(self.augment_methods)
         if self.codec == "plain":
             compact_only = [f"`{name}` {value}" for name, value, plain in (
                 ("logprob_dtype", self.logprob_dtype, self.logprob_dtype != "uint8"),
@@ -139,7 +150,14 @@ class DumpSettings:
         settings = dataclasses.asdict(self)
         del settings["device_map"], settings["skip_nonfinite"]
         del settings["gguf_file"]  # which teacher: the manifest's teacher record (with the file's sha256) says it
+        if not self.augment:  # caches without variants keep the fingerprints they had before augmentation existed
+            del settings["augment"], settings["augment_methods"], settings["augment_rate"]
         return settings
+
+    def augmentation(self, tagged: bool) -> Augmentation:
+        """The variants to write; `tagged`: token classification data with gold tags (mentions can be swapped)."""
+        methods = self.augment_methods or ("mentions,substitute" if tagged else "substitute")
+        return Augmentation(self.augment, parse_methods(methods), self.augment_rate, self.seed)
 
 
 @dataclasses.dataclass
