@@ -15,3 +15,17 @@ def first_line(error: Exception) -> str:
     """The first line of a library's (often multi-line) exception message, for a one-line error."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+class KDCacheWarning(UserWarning):
+    """Something looks wrong but need not be (a tokenizer that does not fit the text, a loss that does
+    not fall): the run goes on. One category, so a library user can filter them all
+    (`warnings.filterwarnings("ignore", category=KDCacheWarning)`) or turn them into errors; the CLI
+    prints each as one `Warning: ...` line.
+    """
+
+
+def warn(message: str) -> None:
+    """Emit `message` as a `KDCacheWarning` attributed to the caller of the function that warns."""
+    import warnings
+    warnings.warn(message, KDCacheWarning, stacklevel=3)
