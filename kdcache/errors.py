@@ -1,10 +1,12 @@
-"""The one exception type for mistakes a user can fix.
+"""The one exception type for mistakes a user can fix, and the one warning category for what only looks wrong.
 
 The CLI turns a `KDCacheError` into a one-line message and a non-zero exit; anything else is a
 bug and keeps its traceback. Library code raises it for bad paths, bad settings, incompatible
 models and damaged caches, with a message that names the cause. A message names a setting or
 argument as `` `field_name` ``: a Python caller reads the field, and the CLI shows the flag.
 """
+
+import warnings
 
 
 class KDCacheError(Exception):
@@ -27,5 +29,4 @@ class KDCacheWarning(UserWarning):
 
 def warn(message: str) -> None:
     """Emit `message` as a `KDCacheWarning` attributed to the caller of the function that warns."""
-    import warnings
     warnings.warn(message, KDCacheWarning, stacklevel=3)

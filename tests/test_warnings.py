@@ -108,27 +108,42 @@ def test_training_on_a_cache_of_unknown_tokens_warns_that_the_targets_are_degene
                       "from them"]
 
 
-def test_training_on_targets_with_one_top1_everywhere_warns(tmp_path):
-    """Imported targets (DistillKit's format) whose top-1 is id 2000 at every position, with probability 0.5."""
+def imported_cache_warnings(tmp_path: Path, top1_ids, top_probabilities: list[float]) -> list[str]:
+    """The warnings of 2 steps on 16 imported rows (DistillKit's format) of 16 positions whose top-1 ids are
+    `top1_ids(rng)` and whose top-4 probabilities are `top_probabilities` everywhere."""
     rng = np.random.default_rng(0)
     rows = {"input_ids": [rng.integers(1000, 30_000, 16).tolist() for _ in range(16)],
-            "token_ids": [[[2000, *rng.integers(1000, 30_000, 3).tolist()] for _ in range(16)] for _ in range(16)],
-            "top_values": [[np.log([0.5, 0.2, 0.2, 0.1]).tolist()] * 16] * 16}
+            "token_ids": [[[int(top1_ids(rng)), *rng.integers(1000, 30_000, 3).tolist()] for _ in range(16)]
+                          for _ in range(16)],
+            "top_values": [[np.log(top_probabilities).tolist()] * 16] * 16}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "distillkit"))
     import_dataset(str(tmp_path / "distillkit"), tmp_path / "cache", "distillkit", tokenizer=MINILM_DIR)
     config = tmp_path / "student.json"
     config.write_text(tiny_llama_config(30522, hidden=16, layers=1).to_json_string())
-    caught = kdcache_warnings(lambda: train_student(tmp_path / "cache", tmp_path / "student", student_config=str(config),
-                                                    settings=TrainSettings(max_steps=2, batch_size=4, log_every=1),
-                                                    progress=False))
-    assert caught == ["the targets look degenerate in the first 1 steps: the teacher's top-1 is id 2000 at 100.0% of "
-                      "the positions: the student will learn little from them"]
+    settings = TrainSettings(max_steps=2, batch_size=4, log_every=1, kd_weight=1.0)
+    return kdcache_warnings(lambda: train_student(tmp_path / "cache", tmp_path / "student", student_config=str(config),
+                                                  settings=settings, progress=False))
+
+
+def test_training_on_targets_with_one_top1_everywhere_warns(tmp_path):
+    assert imported_cache_warnings(tmp_path, lambda rng: 2000, [0.5, 0.2, 0.2, 0.1]) == [
+        "the targets look degenerate in the first 1 steps: the teacher's top-1 is id 2000 at 100.0% of the positions: "
+        "the student will learn little from them"]
+
+
+def test_training_on_targets_of_zero_entropy_warns(tmp_path):
+    assert imported_cache_warnings(tmp_path, lambda rng: rng.integers(1000, 30_000), [0.9995, 1e-4, 1e-4, 1e-4]) == [
+        "the targets look degenerate in the first 1 steps: the teacher is 99.9% sure at 100.0% of the positions "
+        "(entropy ~0: the soft targets say no more than hard labels): the student will learn little from them"]
 
 
 def train_warnings(cache: Path, student_config: Path, out: Path, **settings) -> list[str]:
-    """The warnings of 4 epochs on `cache` (48 rows, batches of 8: 24 steps, the loss check due at step 6)."""
+    """The warnings of 4 epochs on `cache` (48 rows, batches of 8: 24 steps, the loss check due at step 6);
+    KD only unless `settings` say otherwise, whatever the defaults."""
+    settings = {"kd_weight": 1.0, "ce_weight": 0.0, "temperature": 1.0, **settings}
     return kdcache_warnings(lambda: train_student(cache, out, student_config=str(student_config), progress=False,
-                                                  settings=TrainSettings(epochs=4, log_every=2, **settings)))
+                                                  settings=TrainSettings(epochs=4, batch_size=8, log_every=2,
+                                                                         warmup_ratio=0.05, **settings)))
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ Two checks, both on what the run sees anyway:
   unknown token (the teacher saw no text: tasks/unknown.py), the teacher's top-1 is the same class at
   nearly every position, its top-1 probability is ~1 nearly everywhere (entropy ~0: the soft targets say
   no more than hard labels), or the loss is ~0 from the start (the student already matches the targets).
-  Looked at on the micro-batches of that window only, so the cost does not grow with the run.
+  Looked at on at most `WATCH_ROWS` rows of that window, so the cost does not grow with the run.
 - **A loss that does not fall**: once the warm-up is over and `LOSS_CHECK_SHARE` of the run is done, the
   mean loss of the latest logged window is compared with the first logged window's; if it has not fallen
   by `LOSS_FALL`, the learning rate is the usual cause (too small when the loss is flat, too large when it
-  rose). Runs of fewer than `LOSS_CHECK_MIN_STEPS` steps are not checked. A resumed run compares with the first window it logs itself, and skips the check when it
-  resumes past the point where it is due.
+  rose). Runs of fewer than `LOSS_CHECK_MIN_STEPS` steps are not checked. A resumed run compares with
+  the first window it logs itself, and skips the check when it resumes past the point where it is due.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..errors import warn
 from ..tasks.unknown import UNKNOWN_SHARE_WARNING, unknown_tokens
 from .batching import Batch
 
+WATCH_ROWS = 256         # rows of the first logged window whose inputs and top-1 targets are looked at
 LOSS_CHECK_SHARE = 0.25  # the loss check waits for the end of the warm-up and this share of the steps
 LOSS_FALL = 0.05         # ... by then the loss must be this share below the first logged window's
 LOSS_ROSE = 0.05         # above the first window by more than this share: the learning rate is too large
@@ -54,8 +55,8 @@ class TrainingWatch:
         self.top1_logprobs: list[np.ndarray] = []
 
     def batch(self, batch: Batch) -> None:
-        """Keep the inputs and top-1 targets of the micro-batches before the first logged window."""
-        if not self.enabled or self.first is not None:
+        """Keep the inputs and top-1 targets of the first `WATCH_ROWS` rows before the first logged window."""
+        if not self.enabled or self.first is not None or len(self.inputs) >= WATCH_ROWS:
             return
         valid = batch.valid.cpu()
         self.inputs += [row[mask].numpy() for row, mask in zip(batch.input_ids.cpu(), valid)]
