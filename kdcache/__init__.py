@@ -27,6 +27,7 @@ _EXPORTS = {
     "Cache": ".cache.cache",
     "open_cache": ".cache.cache",
     "KDCacheError": ".errors",
+    "KDCacheWarning": ".errors",
     "copy_cache": ".cache.transfer",
     "merge_caches": ".cache.merge",
     "export_cache": ".interop",
@@ -63,7 +64,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .cache.cache import Cache, open_cache
     from .cache.merge import merge_caches
     from .cache.transfer import copy_cache
-    from .errors import KDCacheError
+    from .errors import KDCacheError, KDCacheWarning
     from .interop import export_cache, import_dataset
     from .losses import (SparseTargets, dense_kd_loss, hidden_loss, kd_loss, map_targets, next_token_ce,
                          uld_loss)

@@ -6,17 +6,20 @@ No logic lives here beyond formatting; every command has a library function behi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
+import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 
 import click
 
 from .cache.format import MANIFEST_NAME, Manifest
 from .cache.safety import printable
-from .errors import KDCacheError
+from .errors import KDCacheError, KDCacheWarning
 from .runtime import configure_threads, quiet_libraries, thread_settings
 from .student.settings import TrainSettings
 from .tasks import TASKS as TASK_NAMES
@@ -42,13 +45,27 @@ class _Command(click.Command):
             raise click.UsageError("--quiet and --verbose exclude each other")
         if not verbose:
             quiet_libraries()
-        with thread_settings():
+        with thread_settings(), warnings.catch_warnings():
+            warnings.simplefilter("always", KDCacheWarning)
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
             try:
                 ctx.meta["kdcache.threads"] = configure_threads(threads)
             except KDCacheError as error:
                 raise click.BadParameter(str(error).replace("`threads` ", ""), param_hint="--threads") from None
             ctx.meta["kdcache.progress"] = not quiet
             return super().invoke(ctx)
+
+
+def _show_warning(show_other, message, category, filename, lineno, file=None, line=None) -> None:
+    """A `KDCacheWarning` as one `Warning: ...` line on stderr, above any progress bar (tqdm.write);
+    other libraries' warnings as `show_other` (what was in place) shows them."""
+    if not issubclass(category, KDCacheWarning):
+        show_other(message, category, filename, lineno, file, line)
+        return
+    from tqdm import tqdm
+    context = click.get_current_context(silent=True)
+    text = str(message) if context is None else _with_flags(str(message), context.find_root().command)
+    tqdm.write(f"Warning: {printable(text)}", file=sys.stderr)
 
 
 class _Group(click.Group):
@@ -158,7 +175,20 @@ def dump_teacher_command(teacher, data, out, **values):
         return
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
                f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token")
-    click.echo("\n".join(_fidelity_lines(manifest) + _dropped_lines(manifest)))
+    click.echo("\n".join(_fidelity_lines(manifest) + _unknown_lines(manifest) + _dropped_lines(manifest)))
+
+
+def _unknown_lines(manifest: Manifest) -> list[str]:
+    """The share of the data's tokens that are the tokenizer's unknown token (tasks/unknown.py), when recorded:
+    caches dumped before it was, imported or made from other caches, and byte-level tokenizers have none."""
+    count = manifest.stats.get("unknown_tokens")
+    if not isinstance(count, dict):
+        return []
+    try:
+        return [f"unknown      {float(count['share']):.2%} of the data's tokens are {count['token']} "
+                f"({int(count['unknown'])} of {int(count['tokens'])} in the first {int(count['rows'])} rows)"]
+    except (KeyError, TypeError, ValueError):
+        return ["unknown      unreadable (malformed statistics in the manifest)"]
 
 
 def _dropped_lines(manifest: Manifest) -> list[str]:
@@ -278,6 +308,7 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
         f"teacher NLL  {manifest.stats.get('teacher_nll')} "
         + ("nats/target (on gold labels)" if manifest.labels else "nats/token"),
         *_fidelity_lines(manifest),
+        *_unknown_lines(manifest),
         *_dropped_lines(manifest),
         *([f"sources      made from {len(manifest.sources)} other cache(s): "
            + ", ".join(str(source.get("location")) for source in manifest.sources)] if manifest.sources else []),
@@ -449,13 +480,16 @@ def train_student_command(cache, out, student, student_config, resume, resume_fr
               help="Score only the held-out fraction of CACHE (the rows train-student --val-fraction holds out).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Re-hash every shard before scoring (off: check shard sizes only).")
+@click.option("--baseline", default=None,
+              help="A student trained without the soft targets (CE only) on the same budget: scored too, and each "
+                   "STUDENT not clearly closer to the teacher than it is named in a warning.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON list of results, one object per student (its name under 'student').")
-def eval_command(cache, students, batch_size, split_fraction, verify, as_json):
+def eval_command(cache, students, batch_size, split_fraction, verify, baseline, as_json):
     """Score each STUDENT against the teacher targets in CACHE; print one table comparing them."""
     from .cache.cache import open_cache
     from .student import evaluate
-    from .student.comparison import comparison_table
+    from .student.comparison import comparison_table, warn_far_from_teacher
     from .student.loading import load_pretrained_student
     opened = open_cache(cache)
     if verify:
@@ -465,7 +499,9 @@ def eval_command(cache, students, batch_size, split_fraction, verify, as_json):
     heldout = None if split_fraction is None else opened.split(split_fraction, setting="split_fraction").heldout
     scored = opened if heldout is None else opened.subset(heldout)
     results = {student: evaluate(load_pretrained_student(student, opened.manifest), scored, batch_size=batch_size)
-               for student in students}
+               for student in students + ((baseline,) if baseline and baseline not in students else ())}
+    if baseline:
+        warn_far_from_teacher(results, baseline)
     if as_json:
         click.echo(json.dumps([{"student": student, **result} for student, result in results.items()], indent=2))
         return

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import math
 
+from ..errors import warn
 from ..tasks import CAUSAL_LM
 
 TEACHER = "teacher (cached)"
+
+# A distilled student whose KL to the teacher is above this share of a CE-only baseline's is still about as
+# far from the teacher as a student that never saw the soft targets: distillation gained little.
+FAR_FROM_TEACHER_SHARE = 0.9
 
 # (column header, how to read it from a result); a reader returning None leaves the cell "-".
 _CAUSAL_LM_COLUMNS = (
@@ -72,3 +77,17 @@ def comparison_table(results: dict[str, dict]) -> str:
             cells.append(f"  {'-':>{w}s}" if value is None else f"  {value:>{w}.4f}")
         lines.append(f"{name:{width}s}" + "".join(cells))
     return "\n".join(lines)
+
+
+def warn_far_from_teacher(results: dict[str, dict], baseline: str) -> None:
+    """One warning per student of `results` that is not clearly closer to the teacher (held-out KL) than
+    `baseline`, a student trained without the soft targets (CE only) on the same budget, scored on the
+    same rows: the comparison that tells a weak distillation run from a hard task."""
+    reference = results[baseline]["kl_to_teacher"]
+    for name, result in results.items():
+        kl = result["kl_to_teacher"]
+        if name == baseline or not kl > FAR_FROM_TEACHER_SHARE * reference:
+            continue
+        warn(f"{name} is still far from the teacher: KL {kl:.4f}, {kl / reference:.0%} of the CE-only baseline "
+             f"{baseline}'s {reference:.4f}; distillation gained little: try a larger `lr` or more steps "
+             f"(a `val_fraction` run shows when the held-out KL stops falling)")

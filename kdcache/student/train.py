@@ -37,6 +37,7 @@ from .objective import DistillationLoss, check_loss_settings
 from .output import TRAINING_RECORD, check_output, checkpoint_to_resume, commit_output, prepare_output, staging_dir
 from .settings import OPERATIONAL_SETTINGS, TrainSettings
 from .validation import setup_validation
+from .watch import TrainingWatch
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 PROJECTIONS_FILE = "kdcache_projections.pt"
@@ -119,7 +120,8 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     total_steps = _total_steps(len(training), settings, accelerator.num_processes)
     parameters = list(model.parameters()) + list(loss_of.projections.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    warmup_steps = int(settings.warmup_ratio * total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if any(True for _ in loss_of.projections.parameters()):  # DDP refuses a module with no parameters
         loss_of.projections = accelerator.prepare(loss_of.projections)
@@ -138,6 +140,8 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step",
                disable=not (progress and accelerator.is_main_process))
     step, epoch = state.step, state.epoch
+    watch = TrainingWatch(total_steps=total_steps, warmup_steps=warmup_steps, lr=settings.lr, tokenizer=tokenizer,
+                          uses_targets=settings.kd_weight > 0, start_step=step, enabled=accelerator.is_main_process)
     # What validation scores, snapshots when best and restores before saving.
     trained = {"model": accelerator.unwrap_model(model),
                "projections": accelerator.unwrap_model(loss_of.projections)}
@@ -145,6 +149,7 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
                                            start_epoch=state.epoch, start_batch=state.batches_in_epoch):
         if hooks.on_batch:
             hooks.on_batch(epoch, list(batch.sample_ids))
+        watch.batch(batch)
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model, loss_of.projections):
             loss, terms = loss_of(model, batch)
@@ -162,6 +167,7 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
         stop = bool(hooks.on_step and hooks.on_step(step, metrics.tokens))
         if step % settings.log_every == 0 or step == total_steps:
             bar.set_postfix(metrics.flush(step, epoch, scheduler.get_last_lr()[0]))
+            watch.logged(metrics.last)
         if validation and validation.due(step, total_steps):
             metrics.write(validation.run(trained, step))
             if validation.should_stop:

@@ -45,9 +45,10 @@ from ..cache.format import (
 )
 from ..cache.reader import content_sha256
 from ..cache.stats import StreamingSummary, shard_stats
-from ..errors import KDCacheError
+from ..errors import KDCacheError, warn
 from ..models import load_model, load_tokenizer, with_gguf_file
 from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, TOKEN_CLASSIFICATION, Annotation, Task, pooler, resolve_task
+from ..tasks.unknown import unknown_tokens, unknown_warning
 from .augment import augment_rows
 from .data import describe, load_rows
 from .fidelity import FidelityCard
@@ -56,7 +57,7 @@ from .hooks import DumpHooks
 from .progress import DumpLock, claim_output, finish, load_records, resume_state
 from .settings import DumpSettings
 from .targets import sampled_targets, sampling_uniforms, select_head, tail_draws, topk_targets
-from .windows import RowSource, optional_columns, pad_batch, plan_shards, windows
+from .windows import RowSource, optional_columns, pad_batch, plan_shards, window_items, windows
 from .writer import BackgroundShardWriter, HostBatch, start_host_copy
 
 T = TypeVar("T")
@@ -64,6 +65,10 @@ T = TypeVar("T")
 # The manifest lists at most this many sample ids per reason a row was dropped (the count is exact):
 # enough to look at the rows, and a corpus with a million blank lines keeps a small manifest.
 LISTED_DROPPED = 1000
+
+# Rows whose tokens are checked for the tokenizer's unknown token before the teacher runs: enough to see a
+# tokenizer that does not fit the text, and one window's tokenization whatever the size of the data.
+UNKNOWN_SAMPLE_ROWS = 1000
 
 
 def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
@@ -125,6 +130,21 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
         if pool is not None:
             tensors["pooled"] = pool(output.hidden_states[-1]).to(torch.float16).to(output.logits.device)
         return start_host_copy(sample_ids, token_lists, tensors, annotations)
+
+
+def _unknown_tokens(source: RowSource, settings: DumpSettings, *, warn_now: bool) -> dict | None:
+    """The share of unknown tokens in the first `UNKNOWN_SAMPLE_ROWS` rows (tasks/unknown.py), for the
+    manifest's `stats.unknown_tokens`; warns when the tokenizer does not fit the text. A bounded sample, so
+    the warning comes before the teacher loads and costs one window's tokenization whatever the data's size."""
+    rows = min(len(source.rows), UNKNOWN_SAMPLE_ROWS)
+    items, _ = window_items(source, 0, rows, settings)
+    count = unknown_tokens((token_ids for _, token_ids, _ in items), source.tokenizer)
+    if count is None:
+        return None
+    message = unknown_warning(count, f"the first {rows} rows")
+    if message and warn_now:
+        warn(message)
+    return count | {"rows": rows}
 
 
 def _stored_logprobs(settings: DumpSettings):
@@ -212,15 +232,17 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     if launched > 1 and accelerator.num_processes == 1:  # every process would dump everything
         raise KDCacheError(f"launched as {launched} processes but Accelerate runs {accelerator.num_processes}: "
                            f"without GPUs set ACCELERATE_USE_CPU=true (see README, 'Dump at scale')")
+    source = RowSource(task, rows, tokenizer, classes, data)
+    optional = optional_columns(source, settings)
+    unknown = _unknown_tokens(source, settings, warn_now=accelerator.is_main_process)  # before the teacher loads
     model = _load_teacher(teacher, task, settings, accelerator)
     if task.classes_are_vocabulary and task.teacher_output_size(model) < vocab_size:
         raise KDCacheError(f"teacher outputs {task.teacher_output_size(model)} logits but its tokenizer has "
                            f"{vocab_size} tokens: tokenizer and model do not belong together")
     layers = _normalise_layers(settings.hidden_layers, model.config.num_hidden_layers)
-    if settings.augment:
+    if settings.augment:  # the variants need the teacher's embeddings; the unknown-token check saw the rows
         rows, dataset_info = _augmented(rows, task, tokenizer, model, classes, settings, dataset_info)
-    source = RowSource(task, rows, tokenizer, classes, data)
-    optional = optional_columns(source, settings)
+        source = RowSource(task, rows, tokenizer, classes, data)
     pool = pooler(accelerator.unwrap_model(model)) if settings.pooled else None
     pooled_size = model.config.hidden_size if settings.pooled else None
     hidden_sizes = {layer: model.config.hidden_size for layer in layers}
@@ -287,7 +309,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
                            "files": tokenizer_file_hashes(out / TOKENIZER_DIR)},
                 dataset=dataset_info, layers=layers, hidden_sizes=hidden_sizes, fingerprint=fingerprint,
                 num_processes=accelerator.num_processes, fidelity=new_card(), classes=classes,
-                num_classes=num_classes, optional=optional, pooled_size=pooled_size)
+                num_classes=num_classes, optional=optional, pooled_size=pooled_size, unknown=unknown)
             finish(out, lock)
             return manifest
 
@@ -322,7 +344,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
                      elapsed: float, *, teacher: dict, tokenizer: dict, dataset: dict, layers: list[int],
                      hidden_sizes: dict[int, int], fingerprint: str, num_processes: int,
                      fidelity: FidelityCard, classes: list[str], num_classes: int, optional: tuple[str, ...],
-                     pooled_size: int | None) -> Manifest:
+                     pooled_size: int | None, unknown: dict | None) -> Manifest:
     """Merge the records of every planned shard into the manifest and write it: the cache is complete."""
     records = load_records(out)
     missing = [index for index in range(len(plan)) if index not in records]
@@ -371,6 +393,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
         stats={"tokens": captured.count, "fidelity": fidelity.summary(),
                **({"captured_mass": captured.summary()} if "topk" in column_groups(settings.target_types) else {}),
                "teacher_nll": round(nll_sum / nll_count, 6) if nll_count else None,
+               **({"unknown_tokens": unknown} if unknown is not None else {}),
                "content_sha256": content_sha256(out, shards),
                "nonfinite_positions": nonfinite_positions, "skipped_sample_ids": nonfinite_ids,
                "dropped_rows": {reason: {"count": len(ids), "sample_ids": sorted(ids)[:LISTED_DROPPED]}
