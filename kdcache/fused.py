@@ -195,3 +195,29 @@ class _FusedHeadLoss(torch.autograd.Function):
         ctx.grads = None
         return (*scaled, None, None, None, None, None)
 
+
+
+class HeadLogits:
+    """The [N, C] logits of `hidden` [N, d] through `head`, computed only when a block of them is read.
+
+    What the dump's target code (teacher/targets.py, fidelity.py) reads instead of the model's logits: it
+    already works a chunk of rows at a time, `logits[rows, columns]`, so each chunk's logits exist only
+    while that chunk is processed. Indexing rows alone (`logits[positions]`) selects rows without
+    computing anything. Each read recomputes its chunk through the head: the price of never holding
+    N × C (the top-k pass, the draws and the sampled fidelity positions each read theirs).
+    """
+
+    def __init__(self, hidden: torch.Tensor, head: OutputHead):
+        self.hidden, self.head = hidden, head
+        self.shape = torch.Size((hidden.shape[0], head.weight.shape[0]))
+        self.device = head.weight.device
+
+    def __getitem__(self, index):
+        if not isinstance(index, tuple):
+            return HeadLogits(self.hidden[index], self.head)
+        rows, columns = index
+        head = self.head
+        if columns != slice(None):
+            head = OutputHead(head.weight[columns], None if head.bias is None else head.bias[columns], head.scale,
+                              head.softcap)
+        return head.logits(self.hidden[rows].to(self.device))

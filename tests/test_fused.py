@@ -9,6 +9,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 from conftest import tiny_llama_config
 from kdcache import (DistillationLoss, DumpSettings, KDCacheError, SparseTargets, TrainSettings, collate, dump_teacher,
                      fused_kd_loss, kd_loss, next_token_ce, open_cache, output_head)
+from kdcache.cache.format import Manifest
 from kdcache.fused import OutputHead
 from kdcache.models import model_from_config
 from kdcache.losses import DIVERGENCES, TAIL_MODES, map_targets
@@ -212,3 +213,42 @@ def test_a_model_whose_logits_the_head_does_not_explain_keeps_the_full_logits(pa
     assert loss_of.fused is None
     assert torch.isfinite(loss_of(model, batch)[0])
 
+
+
+# ---- dump-teacher: fused logits write the same cache ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_teacher_dir(tmp_path_factory, tokenizer):
+    """A tiny Gemma-3 teacher: soft-capped logits, output layer tied to the input embeddings."""
+    torch.manual_seed(1)
+    directory = tmp_path_factory.mktemp("gemma_teacher")
+    Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                       final_logit_softcapping=0.5)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("teacher, settings", [
+    ("llama", {}),  # the default: compact codec, head-tail targets
+    ("llama", {"codec": "plain", "top_k": 8, "hidden_layers": (-1,)}),
+    ("llama", {"codec": "plain", "targets": "both", "samples": 20, "sampling": "independent"}),
+    ("gemma", {"targets": "topk", "top_k": 6, "top_p": 0.8}),
+])
+def test_the_fused_dump_writes_the_same_bytes(tmp_path, teacher_dir, gemma_teacher_dir, corpus, teacher, settings):
+    source = str(teacher_dir if teacher == "llama" else gemma_teacher_dir)
+    manifests = {}
+    for fused in (True, False):
+        dump_teacher(source, str(corpus), tmp_path / str(fused),
+                     DumpSettings(limit=12, batch_size=5, shard_rows=6, fidelity_every=1, fused_logits=fused, **settings),
+                     progress=False)
+        manifests[fused] = Manifest.load(tmp_path / str(fused))
+    fused, unfused = manifests[True], manifests[False]
+    assert [shard.file for shard in fused.shards] == [shard.file for shard in unfused.shards]
+    for shard in fused.shards:
+        assert (tmp_path / "True" / shard.file).read_bytes() == (tmp_path / "False" / shard.file).read_bytes()
+    timing = ("seconds", "tokens_per_second")
+    assert {name: value for name, value in fused.stats.items() if name not in timing} == \
+        {name: value for name, value in unfused.stats.items() if name not in timing}
+    assert fused.dump_fingerprint == unfused.dump_fingerprint
