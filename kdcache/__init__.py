@@ -38,6 +38,9 @@ _EXPORTS = {
     "uld_loss": ".losses",
     "hidden_loss": ".losses",
     "kd_loss": ".losses",
+    "fused_kd_loss": ".fused",
+    "OutputHead": ".fused",
+    "output_head": ".models",
     "next_token_ce": ".losses",
     "DumpHooks": ".teacher",
     "DumpSettings": ".teacher",
@@ -66,6 +69,8 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .cache.transfer import copy_cache
     from .errors import KDCacheError, KDCacheWarning
     from .interop import export_cache, import_dataset
+    from .fused import OutputHead, fused_kd_loss
+    from .models import output_head
     from .losses import (SparseTargets, dense_kd_loss, hidden_loss, kd_loss, map_targets, next_token_ce,
                          uld_loss)
     from .student import TrainHooks, TrainSettings, evaluate, init_student, train_student

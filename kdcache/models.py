@@ -32,6 +32,7 @@ from transformers import (
 
 from .cache.format import sha256_file
 from .errors import KDCacheError, first_line
+from .fused import OutputHead
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -162,3 +163,56 @@ def model_from_config(config_file: str, vocab_size: int, auto_class=AutoModelFor
 def output_vocab_size(model: PreTrainedModel) -> int:
     """Rows of the output embedding: the logits' last dimension, padding included."""
     return model.get_output_embeddings().weight.shape[0]
+
+
+def backbone_only(device) -> dict:
+    """The forward keyword that keeps no position's logits (`logits_to_keep` = no index): the model runs to its
+    final hidden states (`output_hidden_states=True`, last entry) and never builds batch × length × vocabulary."""
+    return {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=device)}
+
+
+def output_head(model: PreTrainedModel, num_classes: int | None = None, check: bool = True) -> OutputHead:
+    """The model's output head (`get_output_embeddings()`, sliced to `num_classes` rows) with the scaling and
+    soft-capping its config says it applies, for the fused losses (kdcache/fused.py).
+
+    Checked once on an 8-token probe: the model's logits must equal this head applied to its last hidden
+    states, and `backbone_only` must skip the logits; a model that does anything else (an unknown transform,
+    a non-linear head) is refused with a one-line KDCacheError naming why. `check=False` skips the probe (the
+    model was checked before; its weights are read again because they may have moved to another device).
+    """
+    name = type(model).__name__
+    layer = model.get_output_embeddings()
+    if not isinstance(layer, torch.nn.Linear):
+        raise KDCacheError(f"{name}'s output layer is {type(layer).__name__}, not a Linear layer")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    head = OutputHead(layer.weight, layer.bias, scale, getattr(config, "final_logit_softcapping", None))
+    if check:
+        _check_head(model, head)
+    rows = slice(None, num_classes)
+    return OutputHead(head.weight[rows], None if head.bias is None else head.bias[rows], head.scale, head.softcap)
+
+
+def _check_head(model: PreTrainedModel, head: OutputHead) -> None:
+    name = type(model).__name__
+    device = head.weight.device
+    probe = (torch.arange(8, device=device) % head.weight.shape[0])[None]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=probe, use_cache=False).logits
+            fused = model(input_ids=probe, use_cache=False, output_hidden_states=True, **backbone_only(device))
+    except (TypeError, ValueError) as error:
+        raise KDCacheError(f"{name} cannot run to its hidden states without logits: {first_line(error)}") from None
+    finally:
+        model.train(training)
+    if fused.logits is not None and fused.logits.numel():
+        raise KDCacheError(f"{name} ignores `logits_to_keep`: it would still build every position's logits")
+    with torch.no_grad():
+        expected = head.logits(fused.hidden_states[-1])
+    tolerance = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 3e-2
+    if expected.shape != logits.shape or \
+            (expected.float() - logits.float()).abs().max() > tolerance * (1 + logits.float().abs().max()):
+        raise KDCacheError(f"{name}'s logits are not its output layer applied to its last hidden states "
+                           f"(it transforms them in a way kdcache does not know)")

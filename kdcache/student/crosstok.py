@@ -61,6 +61,7 @@ import torch
 from ..cache.cache import Cache
 from ..cache.writer import CachedSequence
 from ..errors import KDCacheError
+from ..fused import ChunkTerms, rows_of, share
 from ..losses import kd_loss, map_targets, uld_loss
 from ..models import load_tokenizer
 from ..tasks.spans import check_spans, token_spans
@@ -659,15 +660,22 @@ class CrossTokenizerLoss:
         self.map_rates = torch.from_numpy(cross.estimate_map_rates(itertools.islice(cache.sequences(), RATE_ROWS)))
         self.vocab_size = cross.student_vocab_size
 
-    def __call__(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+    def terms(self, batch: Batch) -> ChunkTerms:
+        """The terms as chunk shares (kdcache/fused.py) of the student's logits at `batch.targets_at` over its
+        vocabulary: the teacher's targets are mapped once for the batch, then each chunk takes its rows."""
         settings = self.settings
-        student = logits[batch.targets_at][:, :self.vocab_size]
         targets = batch.sparse_targets("topk")
-        target_map, rates = self.target_map.to(student.device), self.map_rates.to(student.device)
-        terms = {}
-        if settings.kd_weight:
-            terms["kd"] = kd_loss(student, map_targets(targets, target_map, rates), divergence=settings.loss,
-                                  tail=settings.tail, temperature=settings.temperature)
-        if settings.uld_weight:
-            terms["uld"] = uld_loss(student, targets, target_map, rates)
+        device = targets.ids.device
+        target_map, rates = self.target_map.to(device), self.map_rates.to(device)
+        mapped = map_targets(targets, target_map, rates) if settings.kd_weight else None
+        n = targets.ids.shape[0]
+
+        def terms(logits: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+            out = {}
+            if mapped is not None:
+                out["kd"] = kd_loss(logits, rows_of(mapped, rows), divergence=settings.loss, tail=settings.tail,
+                                    temperature=settings.temperature) * share(logits.shape[0], n)
+            if settings.uld_weight:
+                out["uld"] = uld_loss(logits, rows_of(targets, rows), target_map, rates) * share(logits.shape[0], n)
+            return out
         return terms

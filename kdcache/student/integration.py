@@ -80,7 +80,8 @@ class DistillationTrainer(transformers.Trainer):
 
     The loss is `DistillationLoss(settings, cache, model)`, the function `train-student` calls, so the
     same weights and batch give the same number. Of `settings`, the loss fields (weights, divergence,
-    tail, temperature, targets, layer map) and the data order (`seed`, `shuffle_buffer`) apply; the
+    tail, temperature, targets, layer map, `fused_loss`: a causal LM's CE and KD from its final hidden
+    states, never its full logits; kdcache/fused.py) and the data order (`seed`, `shuffle_buffer`) apply; the
     optimizer, schedule, batch size and steps are the `TrainingArguments`'. Learned feature
     projections (a student narrower than the cached hidden states) are trained with the model but
     not saved by `save_model`: they live in `trainer.distillation_loss.projections`.

@@ -8,11 +8,15 @@ T² inside `kd_loss`. Keeping it in one place is what makes a Hugging Face `Trai
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..cache.cache import Cache
 from ..errors import KDCacheError
-from ..losses import SparseTargets, kd_loss, next_token_ce
+from ..fused import ChunkTerms, OutputHead, fused_head_loss, kd_terms
+from ..losses import SparseTargets, kd_loss
+from ..models import backbone_only, output_head
 from ..tasks import CAUSAL_LM, get_task, pooler
 from .batching import Batch, trained_targets
 from .crosstok import CrossTokenizer, CrossTokenizerLoss, check_cross_tokenizer_cache
@@ -103,6 +107,22 @@ class DistillationLoss:
         if self.cross is not None:
             self.num_classes = self.cross.student_vocab_size
             self.cross_terms = CrossTokenizerLoss(settings, self.cross, cache)
+        self.model = model
+        self.fused = self._fused_head(model) if settings.fused_loss else None
+
+    def _fused_head(self, model: torch.nn.Module) -> OutputHead | None:
+        """The head the fused path projects through, or None (with a one-line warning naming why) where it cannot.
+
+        Only a causal LM's classes are its vocabulary: a classifier's output has `num_labels` columns, fewer than
+        its hidden states have, so its logits cost nothing worth saving and it keeps the plain path.
+        """
+        if not self.task.classes_are_vocabulary:
+            return None
+        try:
+            return output_head(model, self.num_classes)
+        except KDCacheError as error:
+            warnings.warn(f"`fused_loss` off, the student's full logits are computed: {error}", stacklevel=3)
+            return None
 
     def gold_labels(self, batch: Batch) -> torch.Tensor:
         """The task's gold labels; a causal LM's augmented variants have none (their words were changed, so
@@ -124,19 +144,42 @@ class DistillationLoss:
         """Whether hidden or pooled states are matched (then the projections are part of the student)."""
         return bool(self.layer_map) or self.pooler is not None
 
-    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def head_terms(self, batch: Batch) -> list[tuple[torch.Tensor | None, ChunkTerms]]:
+        """The terms on the student's logits (CE, KD, ULD) as chunk shares (kdcache/fused.py), by the positions
+        they take: None for the task's target positions (`Task.student_logits`), or a [B, L] mask. Across
+        tokenizers the next-token CE takes every token and KD only the aligned positions."""
         settings = self.settings
-        output = model(**batch.model_inputs(), output_hidden_states=self.matches_features)
-        logits = self.task.student_logits(output.logits, batch, self.num_classes)
-        terms = {}
-        if settings.ce_weight:
-            terms["ce"] = next_token_ce(logits, self.gold_labels(batch))
-        if self.cross is not None:
-            terms |= self.cross_terms(output.logits, batch)
-        elif settings.kd_weight:
-            terms["kd"] = kd_loss(logits, batch.sparse_targets(self.targets), divergence=settings.loss,
-                                  tail=settings.tail, temperature=settings.temperature)
+        options = {"divergence": settings.loss, "tail": settings.tail, "temperature": settings.temperature}
+        labels = self.gold_labels(batch) if settings.ce_weight else None
+        if self.cross is None:
+            targets = batch.sparse_targets(self.targets) if settings.kd_weight else None
+            return [(None, kd_terms(targets, labels, **options))] if targets is not None or labels is not None else []
+        groups = [(batch.valid, kd_terms(None, labels, **options))] if labels is not None else []
+        if settings.kd_weight or settings.uld_weight:
+            groups.append((batch.targets_at, self.cross_terms.terms(batch)))
+        return groups
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fused = self.fused is not None
+        output = model(**batch.model_inputs(), output_hidden_states=self.matches_features or fused,
+                       **(backbone_only(batch.input_ids.device) if fused else {}))
+        terms: dict[str, torch.Tensor] = {}
+        loss = 0.0
+        if fused:  # the head's weight is read now: it may have moved since __init__ (device placement)
+            head = output_head(self.model, self.num_classes, check=False)
+            for where, head_terms in self.head_terms(batch):
+                where = batch.valid if where is None else where  # a causal LM's targets: every token
+                part, part_terms = fused_head_loss(output.hidden_states[-1][where], head, head_terms, self.weights)
+                loss, terms = loss + part, terms | part_terms
+        else:
+            for where, head_terms in self.head_terms(batch):
+                logits = (self.task.student_logits(output.logits, batch, self.num_classes) if where is None
+                          else output.logits[where][:, :self.num_classes])
+                terms |= head_terms(logits, slice(0, logits.shape[0]))
+            loss = sum(self.weights[name] * value for name, value in terms.items())
         if self.matches_features:
             pooled = self.pooler(output.hidden_states[-1]) if self.pooler is not None else None
-            terms |= self.projections(output.hidden_states, pooled, batch)
-        return sum(self.weights[name] * value for name, value in terms.items()), terms
+            features = self.projections(output.hidden_states, pooled, batch)
+            terms |= features
+            loss = sum((self.weights[name] * value for name, value in features.items()), loss)
+        return loss, terms

@@ -12,7 +12,7 @@ from ..settings import check_fields, setting
 TOKEN_MAPS = ("first-token", "exact")  # across tokenizers, see student/crosstok.py `vocabulary_map`
 
 # Settings that do not change what is computed: they may differ between a run and its resumption.
-OPERATIONAL_SETTINGS = ("log_every", "verify", "save_every", "keep_checkpoints", "prefetch", "read_through",
+OPERATIONAL_SETTINGS = ("log_every", "verify", "fused_loss", "save_every", "keep_checkpoints", "prefetch", "read_through",
                         "transfer_timeout", "report_to")
 
 
@@ -61,6 +61,11 @@ class TrainSettings:
     dtype: str = setting("float32", "Mixed precision through Accelerate.", choices=("float32", "bfloat16", "float16"))
     shuffle_buffer: int = setting(1024, "Sequences in the streaming shuffle buffer.", positive=True)
     log_every: int = setting(10, "Write a metrics line every N steps.", positive=True)
+    fused_loss: bool = setting(True, "Causal LMs: compute CE and KD from the student's final hidden states a few "
+                                     "positions at a time through its output head, never holding batch × length × "
+                                     "vocabulary logits (same loss and gradients up to rounding; off: the model's "
+                                     "full logits, to compare). A model whose logits the head does not explain "
+                                     "keeps the full logits, with a warning.")
     verify: bool = setting(True, "Re-hash every shard before training (off: check shard sizes only).")
     targets: str | None = setting(None, "Which cached target type feeds the KD loss (default: the cache's own; "
                                         "top-k when it holds top-k and sampled).", choices=TARGET_TYPES)

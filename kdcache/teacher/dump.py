@@ -19,6 +19,7 @@ import datetime
 import functools
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,7 +47,8 @@ from ..cache.format import (
 from ..cache.reader import content_sha256
 from ..cache.stats import StreamingSummary, shard_stats
 from ..errors import KDCacheError, warn
-from ..models import load_model, load_tokenizer, with_gguf_file
+from ..fused import HeadLogits, OutputHead
+from ..models import backbone_only, load_model, load_tokenizer, output_head, with_gguf_file
 from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, TOKEN_CLASSIFICATION, Annotation, Task, pooler, resolve_task
 from ..tasks.unknown import unknown_tokens, unknown_warning
 from .augment import augment_rows
@@ -85,7 +87,8 @@ def _normalise_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
 
 def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: list[list[int]],
                      annotations: list[Annotation] | None, *, task: Task, vocab_size: int, layers: list[int],
-                     pool, logprob_dtype: torch.dtype, card: FidelityCard, settings: DumpSettings) -> HostBatch:
+                     pool, logprob_dtype: torch.dtype, card: FidelityCard, settings: DumpSettings,
+                     head: OutputHead | None) -> HostBatch:
     """One forward pass; top-k, tail, sampled draws, the fidelity figures and the finite check run on
     the device, then the copy home starts.
 
@@ -94,17 +97,23 @@ def _teacher_targets(model, input_device, sample_ids: list[int], token_lists: li
     logits are gathered once (at the task's target positions: every token of a causal LM) and left
     untouched: the draws and the fidelity card read them after the top-k. Draws are seeded per
     sample id, so they do not depend on batching or process. `vocab_size` is the number of classes.
+    With `head` (`fused_logits`), the model stops at its final hidden states and the logits are read through
+    the head a chunk of positions at a time (`HeadLogits`): the same numbers, never [batch, length, vocab].
     """
     input_ids, mask = pad_batch(token_lists, input_device)
     segments = {} if annotations is None or annotations[0].token_type_ids is None else {
         "token_type_ids": pad_batch([annotation.token_type_ids for annotation in annotations], input_device)[0]}
     with torch.inference_mode():
         output = model(**task.model_inputs(input_ids, mask, annotations),
-                       output_hidden_states=bool(layers) or pool is not None, **segments)
+                       output_hidden_states=bool(layers) or pool is not None or head is not None, **segments,
+                       **({} if head is None else backbone_only(input_device)))
         valid = mask.bool()
-        logits, gold = task.target_logits(output.logits, input_ids.to(output.logits.device),
-                                          valid.to(output.logits.device), annotations)
-        targets = topk_targets(logits, gold, vocab_size=vocab_size, top_k=settings.top_k)
+        scores = output.logits if head is None else output.hidden_states[-1]
+        logits, gold = task.target_logits(scores, input_ids.to(scores.device), valid.to(scores.device), annotations)
+        if head is not None:
+            logits, gold = HeadLogits(logits, head), gold.to(head.weight.device)
+        targets = topk_targets(logits, gold, vocab_size=vocab_size, top_k=settings.top_k,
+                               overwrite_logits=head is not None)
         finite = torch.isfinite(targets.logprobs).all(dim=1)
         if settings.codec == "compact":  # a mass-adaptive head; empty slots are dropped by the codec
             targets = select_head(targets, top_k=settings.top_k, top_p=settings.top_p)
@@ -176,6 +185,18 @@ def _on_main_process(accelerator: Accelerator, step: Callable[[], T]) -> T:
     return value
 
 
+def _fused_head(model, task: Task, settings: DumpSettings) -> OutputHead | None:
+    """The teacher's output head for `fused_logits`, or None (with a one-line warning naming why) where it cannot
+    serve: a classifier's logits are `num_labels` wide, nothing worth chunking, so only causal LMs use it."""
+    if not (settings.fused_logits and task.classes_are_vocabulary):
+        return None
+    try:
+        return output_head(model)
+    except KDCacheError as error:
+        warnings.warn(f"`fused_logits` off, the teacher's full logits are computed: {error}", stacklevel=3)
+        return None
+
+
 def _load_teacher(teacher: str, task: Task, settings: DumpSettings, accelerator: Accelerator):
     """The task's model, placed by Accelerate, or spread over the devices by `device_map` for big teachers."""
     model = load_model(teacher, "teacher", settings.dtype, task.auto_class, device_map=settings.device_map)
@@ -244,6 +265,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
         rows, dataset_info = _augmented(rows, task, tokenizer, model, classes, settings, dataset_info)
         source = RowSource(task, rows, tokenizer, classes, data)
     pool = pooler(accelerator.unwrap_model(model)) if settings.pooled else None
+    head = _fused_head(accelerator.unwrap_model(model), task, settings)
     pooled_size = model.config.hidden_size if settings.pooled else None
     hidden_sizes = {layer: model.config.hidden_size for layer in layers}
 
@@ -290,7 +312,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
                    disable=not (progress and accelerator.is_local_main_process))
         try:
             _compute_shards(model, source, settings, [(index, plan[index]) for index in mine], writer, bar,
-                            vocab_size=num_classes, layers=layers, pool=pool, card=new_card())
+                            vocab_size=num_classes, layers=layers, pool=pool, card=new_card(), head=head)
             writer.close()
         except BaseException:
             writer.abort()
@@ -321,7 +343,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
 
 def _compute_shards(model, source: RowSource, settings: DumpSettings, shards: list[tuple[int, range]],
                     writer: BackgroundShardWriter, bar: tqdm, *, vocab_size: int, layers: list[int], pool,
-                    card: FidelityCard) -> None:
+                    card: FidelityCard, head: OutputHead | None) -> None:
     """This process's share of the work: the teacher runs here, everything after it in `writer`."""
     input_device = model.get_input_embeddings().weight.device
     logprob_dtype = torch.float16 if settings.logprob_dtype == "float16" else torch.float32  # uint8: coded on the host
@@ -332,7 +354,8 @@ def _compute_shards(model, source: RowSource, settings: DumpSettings, shards: li
             for sample_ids, token_lists, annotations in batches:
                 writer.submit(_teacher_targets(model, input_device, sample_ids, token_lists, annotations,
                                                task=source.task, vocab_size=vocab_size, layers=layers, pool=pool,
-                                               logprob_dtype=logprob_dtype, card=card, settings=settings))
+                                               logprob_dtype=logprob_dtype, card=card, settings=settings,
+                                               head=head))
                 tokens += sum(len(ids) for ids in token_lists)
             writer.end_window(dropped)
             bar.update(covered)

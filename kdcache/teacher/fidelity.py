@@ -55,12 +55,15 @@ class FidelityCard(FidelitySums):
         self.stored = stored  # what a stored log-prob decodes to (the codec's rounding)
 
     def figures(self, logits: torch.Tensor, topk: TopKTargets, sampled: SampledTargets | None,
-                chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+                chunk_size: int | None = None) -> dict[str, torch.Tensor]:
         """Per-position figures ("fidelity.<kind>.<name>" -> float64 [N], NaN where not measured) of the
         [N, V+] `logits` rows (valid positions only): every `every`-th position, a chunk at a time.
 
-        Works on the logits' device with a few [chunk × V] temporaries, hence the smaller chunk.
+        Works on the logits' device with a few [chunk × V] temporaries, hence the smaller chunk (1,024 rows,
+        fewer above 16,384 classes: 64 at 262,144).
         """
+        if chunk_size is None:
+            chunk_size = min(1024, max(1, (1 << 24) // self.vocab_size))
         measured = torch.arange(0, logits.shape[0], self.every, device=logits.device)
         logits, topk_ids, tail = logits[measured], topk.ids[measured], topk.tail_logprob[measured]
         topk_logprobs = self.stored(topk.logprobs[measured]).float().masked_fill(topk.logprobs[measured] == float("-inf"),

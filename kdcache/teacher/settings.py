@@ -17,8 +17,9 @@ from .augment import Augmentation, parse_methods
 class DumpSettings:
     """Every setting of a dump; `content_settings()` are those that change what the cache holds.
 
-    `device_map` (placement) and `skip_nonfinite` (whether to commit without rows whose targets are
-    NaN/inf) never change a written row, so a dump may be resumed with other values of them.
+    `device_map` (placement), `fused_logits` (how the logits are computed) and `skip_nonfinite` (whether to
+    commit without rows whose targets are NaN/inf) never change a written row, so a dump may be resumed with
+    other values of them.
     """
 
     top_k: int | None = setting(None, "Teacher log-probs kept per position, at most (classification: every label up "
@@ -47,6 +48,11 @@ class DumpSettings:
                                        "an input_ids column instead when present).")
     device_map: str | None = setting(None, "Spread a teacher too big for one device over the machine's devices, "
                                            "e.g. 'auto' (one process).")
+    fused_logits: bool = setting(True, "Causal LMs: run the teacher to its final hidden states and compute the "
+                                       "logits through its output head a few positions at a time, never holding "
+                                       "batch × length × vocabulary (the same cache bytes; off: the model's full "
+                                       "logits, to compare). A teacher whose logits the head does not explain keeps "
+                                       "the full logits, with a warning.")
     skip_nonfinite: bool = setting(False, "Commit the cache without the sequences whose targets are NaN/inf "
                                           "(listed in the manifest).")
     targets: str | None = setting(None, "Top-k log-probs + exact tail, ids sampled from the teacher with counts, both, "
@@ -148,7 +154,7 @@ class DumpSettings:
     def resume_settings(self) -> dict[str, Any]:
         """What a resumed dump must share with the interrupted one: the same rows, batched the same way."""
         settings = dataclasses.asdict(self)
-        del settings["device_map"], settings["skip_nonfinite"]
+        del settings["device_map"], settings["skip_nonfinite"], settings["fused_logits"]
         del settings["gguf_file"]  # which teacher: the manifest's teacher record (with the file's sha256) says it
         if not self.augment:  # caches without variants keep the fingerprints they had before augmentation existed
             del settings["augment"], settings["augment_methods"], settings["augment_rate"]

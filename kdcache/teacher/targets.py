@@ -118,7 +118,7 @@ def select_head(targets: TopKTargets, *, top_k: int, top_p: float | None) -> Top
 
 def sampled_targets(logits: torch.Tensor, uniforms: torch.Tensor, *, vocab_size: int,
                     exclude: TopKTargets | None = None, systematic: bool = False,
-                    draws_per_row: torch.Tensor | None = None, chunk_size: int = 512) -> SampledTargets:
+                    draws_per_row: torch.Tensor | None = None, chunk_size: int | None = None) -> SampledTargets:
     """Draw `uniforms.shape[1]` ids per row of `logits` from softmax(logits[:, :vocab_size]) at T=1,
     or, with `exclude`, from the teacher's tail: the distribution renormalised without its listed ids.
 
@@ -130,10 +130,13 @@ def sampled_targets(logits: torch.Tensor, uniforms: torch.Tensor, *, vocab_size:
     N·q < 1 is drawn at most once: N distinct ids instead of fewer with repeats, and the
     variance of every count at most that of independent draws. The cumulative sum is float64, so its
     rounding (~1e-16 per step) does not bias the draws even over 10^5 ids; hence the smaller
-    default chunk (one float64 [512 × V] tensor at a time). A row with nothing left to draw from
+    default chunk (one float64 [chunk × V] tensor at a time: 512 rows, fewer above 65,536 classes, 128 at
+    262,144, so that it stays 256 MiB). A row with nothing left to draw from
     (the head lists every id) gets no draws. Systematic draws may take `draws_per_row` (each
     between 1 and N) points instead of N.
     """
+    if chunk_size is None:
+        chunk_size = min(512, max(1, (1 << 25) // vocab_size))
     ids, counts, unique_per_row = [], [], []
     for start in range(0, logits.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
