@@ -22,12 +22,18 @@ _TASK_CATEGORIES = {"causal-lm": "text-generation", "token-classification": "tok
 
 def _yaml_front_matter(manifest: Manifest) -> str:
     """License, task and configs. The licence is the teacher's and the data's, which the manifest
-    does not know: `other`, and the body says so. Values are JSON strings, which YAML reads as-is."""
+    does not know: `other`, and the body says so. Values are JSON strings, which YAML reads as-is.
+
+    `datasets` keys its on-disk copy of a folder by the folder's name and a hash of the card's configs,
+    not by the files: two caches named `cache` in different places, or a cache rewritten in place,
+    would share one entry and the second load would return the first one's rows. The config's
+    `description` carries the shards' fingerprint, so each content gets its own entry."""
     lines = ["---", "license: other", "license_name: see-teacher-and-data",
              "task_categories:", f"- {_TASK_CATEGORIES.get(manifest.task, 'other')}",
              "tags:", "- knowledge-distillation", "- kdcache",
-             "configs:", "- config_name: default", "  data_files:", "  - split: train",
-             f"    path: {DATA_DIR}/*{SHARD_SUFFIX}"]
+             "configs:", "- config_name: default",
+             f"  description: {json.dumps(f'kdcache shards sha256 {manifest.data_fingerprint}')}",
+             "  data_files:", "  - split: train", f"    path: {DATA_DIR}/*{SHARD_SUFFIX}"]
     language = manifest.dataset.get("language")
     if language:
         lines[3:3] = ["language:", f"- {json.dumps(language)}"]
