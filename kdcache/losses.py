@@ -76,8 +76,8 @@ class SparseTargets:
 
     ids: torch.Tensor  # int64 [N, k] token ids (padded slots: any valid id, e.g. 0)
     # float [N, k] teacher log-prob at temperature 1, normalised over the FULL vocabulary;
-    # -inf marks an absent/padded slot. In no particular order (plain caches list them by descending
-    # probability, compact ones by ascending id): nothing here depends on it.
+    # -inf marks an absent/padded slot. In no particular order (a cache decodes them most probable first,
+    # docs/format.md): nothing here depends on it.
     logprobs: torch.Tensor
     # float [N]: log of the teacher mass OUTSIDE the listed ids at T=1 (exact, computed at dump
     # time; -inf when the ids cover everything). None means the ids are SAMPLED targets:
