@@ -335,14 +335,19 @@ def _padded(values: np.ndarray, lengths: np.ndarray, fill, dtype) -> np.ndarray:
     return out
 
 
-def most_probable_first(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def most_probable_first(ids: np.ndarray, logprobs: np.ndarray, ranks: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """[P, k] top-k ids and log-probs with each position's entries by descending probability, ties in the order
-    given (ascending id for compact caches), empty slots (-inf) last: the one order of the decoded view, whatever
-    the codec, the order format 1 stores and peers (axolotl, DistillKit) assume. Rows already in that order
-    (format 1 as written) are returned as they are."""
-    if (logprobs[:, :-1] >= logprobs[:, 1:]).all():
+    given (ascending id for compact caches), empty slots (at the end of a row) last: the one order of the decoded
+    view, whatever the codec, the order format 1 stores and peers (axolotl, DistillKit) assume.
+
+    `ranks` (default -logprobs) orders the same way; 8-bit codes are passed as they are, for numpy sorts
+    small integers several times faster than floats. Rows already in order (format 1 as written) are
+    returned as they are."""
+    ranks = -logprobs if ranks is None else ranks
+    if (ranks[:, :-1] <= ranks[:, 1:]).all():
         return ids, logprobs
-    order = np.argsort(-logprobs, axis=1, kind="stable")
+    order = np.argsort(ranks, axis=1, kind="stable")
     return np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
 
 
@@ -364,16 +369,17 @@ def decode_targets(batch: pa.RecordBatch, codec: Codec, limits: Limits, file: st
     if "topk_lengths" in names:
         rows, lengths, entries = _lengths_and_entries(batch, "topk", ("topk_ids", "topk_logprobs"), limits.top_k, file)
         ids, order = _ids(entries["topk_ids"], lengths, limits.vocab_size, "topk_ids", file, codec)
-        logprobs = entries["topk_logprobs"][order]
-        logprobs = (-LOGPROB_STEP * logprobs.astype(np.float32) if codec.logprobs == "uint8"
-                    else logprobs.astype(np.float32))
+        stored = entries["topk_logprobs"][order]
+        logprobs = (-LOGPROB_STEP * stored.astype(np.float32) if codec.logprobs == "uint8"
+                    else stored.astype(np.float32))
         if not (logprobs <= 0).all():
             raise KDCacheError(f"{file}: topk_logprobs holds values that are not finite log-probabilities")
         tail_offsets, tail = _flat(batch, "tail_logprob")
         if not np.array_equal(tail_offsets, rows) or np.isnan(tail).any() or (tail > 0).any():
             raise KDCacheError(f"{file}: tail_logprob is not one log-mass ≤ 0 per target position")
-        ids, logprobs = most_probable_first(_padded(ids, lengths, 0, np.int64),
-                                            _padded(logprobs, lengths, _NEG_INF, np.float32))
+        ids, logprobs = most_probable_first(
+            _padded(ids, lengths, 0, np.int64), _padded(logprobs, lengths, _NEG_INF, np.float32),
+            _padded(stored, lengths, MAX_CODE, np.uint8) if codec.logprobs == "uint8" else None)
         columns |= {"topk_ids": (rows, ids), "topk_logprobs": (rows, logprobs),
                     "tail_logprob": (rows, tail)}
     if "sampled_lengths" in names:
