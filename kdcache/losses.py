@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .settings import DIVERGENCES, TAIL_MODES  # defined there: TrainSettings names them without torch
+
 __all__ = [
     "DIVERGENCES",
     "TAIL_MODES",
@@ -63,8 +65,6 @@ __all__ = [
     "uld_loss",
 ]
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv", "akl", "hard")
-TAIL_MODES = ("rest-bucket", "renormalize", "ignore")
 # Divergences whose sampled-target estimate has an unbiased gradient (see module docstring).
 _SAMPLED_DIVERGENCES = ("forward_kl", "hard")
 _NEG_INF = float("-inf")

@@ -464,3 +464,28 @@ def test_the_card_of_a_head_tail_cache_says_what_it_holds(head_tail_cache):
     assert "(16 per position, systematic draws at temperature 1, seed 0)" in card
     figures = Manifest.load(head_tail_cache).stats["fidelity"]["head-tail"]
     assert f"| head 4 + 16 tail draws; KL on the stored ids) | {figures['captured_mass']:.4f} |" in card
+
+
+def test_info_card_report_and_copies_describe_a_head_tail_cache_alike(head_tail_cache, tmp_path):
+    """The default cache's fidelity card shows in `info` and the card alike; a row subset keeps the codec and
+    compression, and states the source's card and teacher NLL (they cannot be split by row), not "None"."""
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+    from kdcache.plots import cache_report_data
+    info = CliRunner().invoke(main, ["info", str(head_tail_cache)])
+    assert info.exit_code == 0, info.output
+    assert "fidelity     head 4 + 16 tail draws" in info.output
+    assert "head 4 + 16 tail draws" in (head_tail_cache / "README.md").read_text()
+    assert cache_report_data(head_tail_cache)["captured_mass_by_position"] is not None  # its exact tail is plotted
+    source = Manifest.load(head_tail_cache)
+    result = CliRunner().invoke(main, ["copy", str(head_tail_cache), str(tmp_path / "subset"), "--rows", "3"])
+    assert result.exit_code == 0, result.output
+    subset = Manifest.load(tmp_path / "subset")
+    assert subset.codec == source.codec and subset.total_rows == 3
+    assert subset.total_bytes / subset.total_tokens < 1.5 * source.total_bytes / source.total_tokens
+    assert subset.stats["teacher_nll"] == source.stats["teacher_nll"] and "captured_mass" in subset.stats
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "subset")])
+    assert "(of the source cache)" in info.output and "of the source cache (a subset" in info.output
+    assert "not recorded" not in info.output and "None" not in info.output
+    open_cache(tmp_path / "subset").verify(progress=False)

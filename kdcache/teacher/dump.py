@@ -46,7 +46,9 @@ from ..cache.format import (
 from ..cache.reader import content_sha256
 from ..cache.stats import StreamingSummary, shard_stats
 from ..errors import KDCacheError
-from ..models import load_model, load_tokenizer, with_gguf_file
+from ..models import load_model, load_tokenizer
+from ..settings import applies_threads, recorded
+from ..sources import check_dump_inputs
 from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, Annotation, Task, pooler, resolve_task
 from .data import describe, load_rows
 from .fidelity import FidelityCard
@@ -163,6 +165,7 @@ def _load_teacher(teacher: str, task: Task, settings: DumpSettings, accelerator:
     return model.eval()
 
 
+@applies_threads
 def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSettings,
                  progress: bool = True, hooks: DumpHooks = DumpHooks()) -> Manifest:
     """Dump `teacher`'s targets on `data` into the cache directory `out`; return its manifest.
@@ -174,7 +177,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     files.
     """
     out = Path(out)
-    teacher = with_gguf_file(teacher, settings.gguf_file)
+    teacher = check_dump_inputs(teacher, data, settings.gguf_file)
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")
     task, config = resolve_task(settings.task, teacher)
     settings = settings.resolved(task.supports_sampled_targets)
@@ -343,7 +346,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
         teacher=teacher,
         tokenizer=tokenizer,
         dataset={**dataset, "rows_dumped": sum(shard.rows for shard in shards)},
-        settings=dataclasses.asdict(settings) | {"hidden_layers": layers},
+        settings=recorded(settings) | {"hidden_layers": layers},
         columns={"targets": list(settings.target_types),
                  **({"codec": settings.stored_codec.to_manifest()} if settings.codec == "compact" else {}),
                  "topk_ids": str(token_id_type(num_classes)), "topk_logprobs": settings.logprob_dtype,

@@ -8,8 +8,8 @@ from typing import Any
 from ..cache.codecs import COMPRESSIONS, LAYOUTS, LOGPROB_TYPES, Codec
 from ..cache.format import MAX_SAMPLES
 from ..errors import KDCacheError
-from ..settings import check_fields, setting
-from ..tasks import CAUSAL_LM, TASKS
+from ..settings import check_fields, setting, threads_setting
+from ..tasks.names import CAUSAL_LM, TASK_NAMES
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ class DumpSettings:
     fidelity_every: int = setting(8, "The fidelity card measures every N-th target position of each batch "
                                      "(1 = all; costs dump speed).", positive=True)
     seed: int = setting(0, "Seed of the draws (combined with each sample id).")
-    task: str | None = setting(None, "Default: inferred from the teacher config's architectures.", choices=TASKS)
+    task: str | None = setting(None, "Default: inferred from the teacher config's architectures.", choices=TASK_NAMES)
     tokens_column: str = setting("tokens", "Token classification: the column of word lists.")
     labels_column: str | None = setting(None, "Token classification: gold labels per word, ids or names "
                                               "(default: 'ner_tags' if present).")
@@ -77,6 +77,8 @@ class DumpSettings:
     pooled: bool = setting(False, "Encoders: also cache the pooler's output ('pooled' column).")
     gguf_file: str | None = setting(None, "A GGUF teacher: the .gguf file inside the `teacher` directory (a path "
                                           "ending in .gguf may also be given as the teacher itself).")
+
+    threads: int | None = threads_setting()
 
     def __post_init__(self):
         check_fields(self)
@@ -139,6 +141,7 @@ class DumpSettings:
         settings = dataclasses.asdict(self)
         del settings["device_map"], settings["skip_nonfinite"]
         del settings["gguf_file"]  # which teacher: the manifest's teacher record (with the file's sha256) says it
+        del settings["threads"]  # how fast, not what
         return settings
 
 
@@ -158,6 +161,8 @@ class RecodeSettings:
     rank_ids: bool = setting(True, "Compact codec: number the ids by how often the cache lists them before gap "
                                    "coding, where that makes the cache smaller (format 4; lossless; 8-12% "
                                    "smaller caches of draws over real vocabularies).")
+
+    threads: int | None = threads_setting()
 
     def __post_init__(self):
         check_fields(self)
