@@ -17,12 +17,15 @@ from pathlib import Path
 
 import click
 
+from .cache.describe import describe_augmentation, describe_targets, fidelity_rows, fidelity_scope, provenance
 from .cache.format import MANIFEST_NAME, Manifest
 from .cache.safety import printable
 from .errors import KDCacheError, KDCacheWarning
 from .runtime import configure_threads, quiet_libraries, thread_settings
+from .settings import THREADS_HELP
+from .sources import check_dump_inputs, check_model_source, check_train_inputs, with_gguf_file
 from .student.settings import TrainSettings
-from .tasks import TASKS as TASK_NAMES
+from .tasks.names import TASK_NAMES
 from .teacher.settings import DumpSettings, RecodeSettings
 
 
@@ -32,8 +35,7 @@ class _Command(click.Command):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.params += [
-            click.Option(["--threads"], type=int, default=None,
-                         help="CPU threads for torch (default: the free physical cores; OMP_NUM_THREADS is respected)."),
+            click.Option(["--threads"], type=int, default=None, help=THREADS_HELP),
             click.Option(["--quiet"], is_flag=True, help="No progress bars: only results and errors."),
             click.Option(["--verbose"], is_flag=True,
                          help="Also show the progress bars and load reports of transformers, datasets and the hub."),
@@ -82,6 +84,19 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KDCacheError as error:
             raise click.ClickException(_with_flags(str(error), self)) from None
+        except KeyboardInterrupt:  # Ctrl-C: say what survives and how to go on, not click's bare "Aborted!"
+            hint = _RESUME_HINTS.get(ctx.invoked_subcommand)
+            click.echo("\ninterrupted" + (f": {hint}" if hint else ""), err=True)
+            ctx.exit(130)
+
+
+# What an interrupted command kept, and how to go on from there.
+_RESUME_HINTS = {
+    "dump-teacher": "the finished shards are kept; rerun the same command to resume",
+    "train-student": "rerun with --resume to go on from the latest checkpoint (written every --save-every steps; "
+                     "without checkpoints training starts over)",
+    "copy": "the shards that arrived are kept; rerun the same command to resume",
+}
 
 
 def _progress() -> bool:
@@ -142,7 +157,8 @@ def settings_options(settings_class):
 def settings_from(settings_class, values: dict):
     """Take the settings fields out of a command's keyword arguments and build the settings."""
     names = [field.name for field in dataclasses.fields(settings_class) if field.metadata.get("cli", True)]
-    return settings_class(**{name: values.pop(name) for name in names})
+    threads, _ = click.get_current_context().meta["kdcache.threads"]  # what --threads (or its default) chose
+    return settings_class(**{name: values.pop(name) for name in names}, threads=threads)
 
 
 @click.group(cls=_Group)
@@ -163,11 +179,13 @@ def dump_teacher_command(teacher, data, out, **values):
     Rerunning the same command after an interruption resumes it. Under `accelerate launch` the
     processes share the work and write one cache.
     """
+    settings = settings_from(DumpSettings, values)
+    check_dump_inputs(teacher, data, settings.gguf_file)  # before importing torch: a typo fails in a moment
     from accelerate import PartialState
 
     from .teacher import dump_teacher
     started = time.time()
-    manifest = dump_teacher(teacher, data, out, settings_from(DumpSettings, values), progress=_progress())
+    manifest = dump_teacher(teacher, data, out, settings, progress=_progress())
     if not PartialState().is_main_process:
         return
     if (Path(out) / MANIFEST_NAME).stat().st_mtime < started:
@@ -175,7 +193,11 @@ def dump_teacher_command(teacher, data, out, **values):
         return
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
                f"{manifest.total_bytes / manifest.total_tokens:.0f} bytes/token")
+    if manifest.stats.get("resumed_shards"):
+        click.echo(f"resumed: {manifest.stats['resumed_shards']} of {len(manifest.shards)} shards were already "
+                   f"written by the interrupted run and kept")
     click.echo("\n".join(_fidelity_lines(manifest) + _unknown_lines(manifest) + _dropped_lines(manifest)))
+
 
 
 def _unknown_lines(manifest: Manifest) -> list[str]:
@@ -208,29 +230,15 @@ def _dropped_lines(manifest: Manifest) -> list[str]:
 
 
 def _fidelity_lines(manifest: Manifest) -> list[str]:
-    """The fidelity card (see kdcache/fidelity.py), one line per stored target type."""
-    card = manifest.stats.get("fidelity")
-    if card is None:
-        return ["fidelity     not recorded (cache dumped before fidelity cards)"]
+    """The fidelity card (kdcache/cache/describe.py), one line per stored target type."""
     try:
-        return _card_lines(card)
-    except (KeyError, TypeError, ValueError):
+        rows = fidelity_rows(manifest)
+    except ValueError:
         return ["fidelity     unreadable (malformed statistics in the manifest)"]
-
-
-def _card_lines(card: dict) -> list[str]:
-    lines = []
-    if "topk" in card:
-        topk = card["topk"]
-        lines.append(f"fidelity     top-{topk['top_k']} + tail: captured mass {topk['captured_mass']:.4f}, "
-                     f"KL(teacher ‖ rest-bucket reconstruction) {topk['kl_rest_bucket']:.4f} nats, "
-                     f"TV {topk['tv_rest_bucket']:.4f}")
-    if "sampled" in card:
-        sampled = card["sampled"]
-        lines.append(f"fidelity     sampled ({sampled['draws']} draws, {sampled['distinct_ids']:.1f} distinct ids): "
-                     f"captured mass {sampled['captured_mass']:.4f}, KL on support {sampled['kl_on_support']:.4f} "
-                     f"nats, TV {sampled['tv']:.4f}")
-    return [line + f"  ({card['positions']} positions)" for line in lines]
+    if rows is None:
+        return ["fidelity     not recorded (cache dumped before fidelity cards)"]
+    return [f"fidelity     {row.targets}: captured mass {row.captured_mass:.4f}, KL(teacher ‖ {row.kl_of}) "
+            f"{row.kl:.4f} nats, TV {row.tv:.4f}" for row in rows] + [f"             {fidelity_scope(manifest)}"]
 
 
 def _alignment_line(report: dict) -> str:
@@ -252,7 +260,7 @@ def recode_command(cache, out, **values):
     from .teacher.recode import recode_cache
     manifest = recode_cache(cache, out, settings_from(RecodeSettings, values), progress=_progress())
     source = Manifest.load(cache)
-    click.echo(f"wrote {out}: {_describe_targets(manifest)}; {manifest.total_bytes / manifest.total_tokens:.1f} "
+    click.echo(f"wrote {out}: {describe_targets(manifest)}; {manifest.total_bytes / manifest.total_tokens:.1f} "
                f"bytes/token (was {source.total_bytes / source.total_tokens:.1f})")
 
 
@@ -272,7 +280,7 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
 
     The manifest comes from elsewhere: its text is printed with control characters escaped.
     """
-    from .cache.card import CARD_NAME, describe_augmentation
+    from .cache.card import CARD_NAME
     from .cache.store import CacheStore
     store = CacheStore(cache)
     manifest = store.load_manifest()
@@ -299,19 +307,19 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
         f"{dataset.get('rows_dumped')} of {dataset.get('num_rows')} rows"
         + (" and their variants" if augmented else ""),
         *([f"augmented    {augmented}"] if augmented else []),
-        f"targets      {_describe_targets(manifest)}; "
+        f"targets      {describe_targets(manifest)}; "
         f"hidden layers: {', '.join(map(str, manifest.hidden_layers)) or 'none'}",
         f"size         {len(manifest.shards)} shards, {manifest.total_rows} sequences, {manifest.total_tokens} tokens, "
         f"{manifest.total_bytes:,} bytes ({manifest.total_bytes / max(manifest.total_tokens, 1):.1f} bytes/token)",
         *([f"top-k mass   mean {mass.get('mean')}, p5 {mass.get('p5')}, p50 {mass.get('p50')}, p95 {mass.get('p95')}"]
           if mass else []),
         f"teacher NLL  {manifest.stats.get('teacher_nll')} "
-        + ("nats/target (on gold labels)" if manifest.labels else "nats/token"),
+        + ("nats/target (on gold labels)" if manifest.labels else "nats/token")
+        + (" (of the source cache)" if manifest.stats.get("teacher_nll_measured_on") == "source" else ""),
         *_fidelity_lines(manifest),
         *_unknown_lines(manifest),
         *_dropped_lines(manifest),
-        *([f"sources      made from {len(manifest.sources)} other cache(s): "
-           + ", ".join(str(source.get("location")) for source in manifest.sources)] if manifest.sources else []),
+        *([f"sources      {provenance(manifest)}"] if manifest.sources else []),
         f"card         {CARD_NAME if store.size(CARD_NAME) is not None else 'none'}",
     ]
     if manifest.labels:
@@ -332,19 +340,6 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
 def _count(value) -> str:
     """A count from the manifest (untrusted: maybe not a number) with thousands separators when it is one."""
     return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def _describe_targets(manifest: Manifest) -> str:
-    settings = manifest.settings
-    head = (f"top-{manifest.top_k}" + (f" (mass-adaptive, p {settings['top_p']})" if settings.get("top_p") else "")
-            + f" {settings['logprob_dtype']} log-probs + exact tail")
-    draws = f"{settings.get('samples')} draws/position at T=1, seed {settings.get('seed')}"
-    kinds = {"topk": head, "sampled": f"ids sampled with counts ({draws})",
-             "head-tail": f"{head} + ids sampled from the tail ({draws})"}
-    codec = manifest.codec
-    return (" and ".join(kinds[kind] for kind in manifest.target_types)
-            + f"; {codec.layout} codec" + (f", {codec.compression}" if codec.compression != "none" else "")
-            + (", ids ranked by frequency" if codec.id_ranking else ""))
 
 
 @main.command("verify")
@@ -453,10 +448,13 @@ def import_command(fmt, tokenizer, teacher, split, source, out):
 @click.option("--overwrite", is_flag=True, help="Replace a student kdcache wrote to OUT earlier (once the new one is saved).")
 def train_student_command(cache, out, student, student_config, resume, resume_from, overwrite, **values):
     """Train a student from a cache; the teacher is not needed."""
+    settings = settings_from(TrainSettings, values)
+    check_train_inputs(cache, student, student_config)  # before importing torch: a typo fails in a moment
     from .student import train_student
-    summary = train_student(cache, out, student=student, student_config=student_config,
-                            settings=settings_from(TrainSettings, values), resume=resume, resume_from=resume_from,
-                            overwrite=overwrite, progress=_progress())
+    summary = train_student(cache, out, student=student, student_config=student_config, settings=settings,
+                            resume=resume, resume_from=resume_from, overwrite=overwrite, progress=_progress())
+    if "resumed_from_step" in summary:
+        click.echo(f"resumed from step {summary['resumed_from_step']} of the checkpoint {summary['resumed_from']}")
     click.echo(f"saved student to {out} after {summary['steps']} steps ({summary['tokens']} tokens, "
                f"{summary['seconds']:.1f}s); final loss {summary['final'].get('loss', float('nan')):.4f}")
     if "cross_tokenizer" in summary:
@@ -488,10 +486,12 @@ def train_student_command(cache, out, student, student_config, resume, resume_fr
 def eval_command(cache, students, batch_size, split_fraction, verify, baseline, as_json):
     """Score each STUDENT against the teacher targets in CACHE; print one table comparing them."""
     from .cache.cache import open_cache
+    opened = open_cache(cache)
+    for student in students:  # before importing torch: a typo fails in a moment
+        check_model_source(student, "student")
     from .student import evaluate
     from .student.comparison import comparison_table, warn_far_from_teacher
     from .student.loading import load_pretrained_student
-    opened = open_cache(cache)
     if verify:
         opened.verify(progress=_progress())
     else:
@@ -519,6 +519,7 @@ def eval_command(cache, students, batch_size, split_fraction, verify, baseline, 
 @click.option("--gguf-file", default=None, help="A GGUF teacher: the .gguf file inside the --teacher directory.")
 def init_student_command(teacher, layers, hidden_size, task, out, gguf_file):
     """Build a student from TEACHER's layers (DistilBERT style) or a narrower fresh model of its type."""
+    check_model_source(with_gguf_file(teacher, gguf_file), "teacher")  # before importing torch
     from .student import init_student
     record = init_student(teacher, out, list(layers), hidden_size=hidden_size, task=task, gguf_file=gguf_file)
     click.echo(f"wrote {out}: {record['class']}, {len(record['layers'])} layers, hidden {record['hidden_size']}, "

@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .settings import DIVERGENCES, TAIL_MODES  # defined there: TrainSettings names them without torch
+
 __all__ = [
     "DIVERGENCES",
     "TAIL_MODES",
@@ -63,8 +65,6 @@ __all__ = [
     "uld_loss",
 ]
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv", "akl", "hard")
-TAIL_MODES = ("rest-bucket", "renormalize", "ignore")
 # Divergences whose sampled-target estimate has an unbiased gradient (see module docstring).
 _SAMPLED_DIVERGENCES = ("forward_kl", "hard")
 _NEG_INF = float("-inf")
@@ -76,8 +76,8 @@ class SparseTargets:
 
     ids: torch.Tensor  # int64 [N, k] token ids (padded slots: any valid id, e.g. 0)
     # float [N, k] teacher log-prob at temperature 1, normalised over the FULL vocabulary;
-    # -inf marks an absent/padded slot. In no particular order (plain caches list them by descending
-    # probability, compact ones by ascending id): nothing here depends on it.
+    # -inf marks an absent/padded slot. In no particular order (a cache decodes them most probable first,
+    # docs/format.md): nothing here depends on it.
     logprobs: torch.Tensor
     # float [N]: log of the teacher mass OUTSIDE the listed ids at T=1 (exact, computed at dump
     # time; -inf when the ids cover everything). None means the ids are SAMPLED targets:

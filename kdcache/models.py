@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
@@ -33,55 +34,24 @@ from transformers import (
 from .cache.format import sha256_file
 from .errors import KDCacheError, first_line
 from .fused import OutputHead
+from .sources import check_model_source, is_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
 NO_CODE = {"trust_remote_code": False}
-
-
-def _check_exists(name_or_path: str, what: str, local: bool = False) -> None:
-    """A local-looking path that does not exist is a typo, not a hub id to try online (`local`: no hub at all).
-    A local directory asking for its own Python code is refused (see the module docstring)."""
-    path = Path(name_or_path).expanduser()
-    if not path.exists() and (local or name_or_path.startswith((".", "/", "~"))):
-        raise KDCacheError(f"{what} path not found: {name_or_path}")
-    for name in REMOTE_CODE_FILES if path.is_dir() else ():
-        try:
-            asks_for_code = "auto_map" in json.loads((path / name).read_bytes())
-        except (OSError, ValueError, TypeError):
-            continue  # absent or unreadable: transformers reports it
-        if asks_for_code:
-            raise KDCacheError(f"{what} {name_or_path}/{name} asks to run its own code (auto_map): refused, "
-                               f"kdcache never runs code shipped with a model, tokenizer or cache")
-
-
-def with_gguf_file(name_or_path: str, gguf_file: str | None) -> str:
-    """The one path the loaders take for "a directory plus the GGUF file in it" (`gguf_file` setting)."""
-    if gguf_file is None:
-        return name_or_path
-    if Path(gguf_file).name != gguf_file:
-        raise KDCacheError(f"`gguf_file` must be a file name inside the teacher directory, got {gguf_file}")
-    return str(Path(name_or_path) / gguf_file)
-
-
-def is_gguf(name_or_path: str) -> bool:
-    return Path(name_or_path).suffix.lower() == ".gguf"
 
 
 def _source(name_or_path: str, what: str, local: bool = False) -> tuple[str, dict]:
     """(what `from_pretrained` takes, its extra keyword arguments): a GGUF file becomes its directory
     plus `gguf_file`, after checking that the file and the `gguf` package are there."""
+    check_model_source(name_or_path, what, local)
     if not is_gguf(name_or_path):
-        _check_exists(name_or_path, what, local)
         return name_or_path, {}
-    path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        raise KDCacheError(f"GGUF file not found: {name_or_path}")
     if importlib.util.find_spec("gguf") is None:
         raise KDCacheError(f"{what} {name_or_path} is a GGUF file, which needs the `gguf` package: "
                            f"pip install 'kdcache[gguf]'")
+    path = Path(name_or_path).expanduser()
     return str(path.parent), {"gguf_file": path.name}
 
 
@@ -155,9 +125,11 @@ def model_from_config(config_file: str, vocab_size: int, auto_class=AutoModelFor
     try:
         config = AutoConfig.for_model(model_type, **values)
         return auto_class.from_config(config, **NO_CODE)
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as error:
+        # transformers validates configs (e.g. heads dividing the width) through huggingface_hub's strict
+        # dataclasses, whose error wraps the validator's ValueError: name that cause
         raise KDCacheError(f"cannot build a {auto_class.__name__.removeprefix('AutoModelFor')} model from "
-                           f"{config_file}: {first_line(error)}") from None
+                           f"{config_file}: {first_line(error.__cause__ or error)}") from None
 
 
 def output_vocab_size(model: PreTrainedModel) -> int:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .cache.cache import Cache, as_cache
-from .cache.format import write_bytes_atomic
+from .cache.describe import fidelity_rows, fidelity_scope
+from .cache.format import Manifest, write_bytes_atomic
 from .errors import KDCacheError
 
 PLOTS_HINT = "pip install 'kdcache[plots]'"
@@ -74,7 +75,7 @@ def cache_report_data(cache: Cache | str | Path) -> dict:
 def _captured_by_position(cache: Cache) -> dict | None:
     """Mean top-k captured mass at each token position; None where positions are not tokens or no tail is kept."""
     manifest = cache.manifest
-    if manifest.labels or "topk" not in manifest.target_types:
+    if manifest.labels or "topk" not in manifest.trainable_targets:  # a head-tail cache keeps its exact tail too
         return None
     sums = np.zeros(int(manifest.settings["max_length"]))
     counts = np.zeros_like(sums)
@@ -113,7 +114,8 @@ def _draw_cache(data: dict):
         position_axes.set(ylim=(0, 1.02))
         position_axes.set_title(f"captured mass by position ({profile['sequences']} sequences)")
     else:
-        position_axes.text(0.5, 0.5, "no per-token tail in this cache", ha="center", va="center")
+        position_axes.text(0.5, 0.5, "targets are classes, not tokens" if data["task"] != "causal-lm"
+                           else "no exact tail in this cache", ha="center", va="center")
         position_axes.set_title("captured mass by position")
     position_axes.set(xlabel="token position", ylabel="mean captured mass")
 
@@ -121,7 +123,7 @@ def _draw_cache(data: dict):
     per_token = [size / max(data["tokens"], 1) for _, size in columns]
     bars = bytes_axes.barh([name for name, _ in columns], per_token, color="#55a868")
     bytes_axes.bar_label(bars, labels=[f"{value:.1f}" for value in per_token], padding=2)
-    bytes_axes.set(title=f"decoded bytes per token by column (on disk: {data['file_bytes'] / max(data['tokens'], 1):.1f})",
+    bytes_axes.set(title=f"bytes/token by column, decoded\n({data['file_bytes'] / max(data['tokens'], 1):.1f} on disk)",
                    xlabel="bytes per token")
     bytes_axes.margins(x=0.2)
     figure.suptitle(f"{data['cache']}: {data['task']}, teacher {data['teacher']}, {data['sequences']} sequences, "
@@ -129,15 +131,17 @@ def _draw_cache(data: dict):
     return figure
 
 
-def _fidelity_table(card: dict | None) -> str:
-    if not card:
+def _fidelity_table(manifest: Manifest) -> str:
+    try:
+        rows = fidelity_rows(manifest)
+    except ValueError:
+        return "<p>Fidelity card: unreadable (malformed statistics in the manifest).</p>"
+    if rows is None:
         return "<p>Fidelity card: not recorded.</p>"
-    rows = [(kind, name, value) for kind, figures in card.items() if isinstance(figures, dict)
-            for name, value in figures.items()]
-    cells = "".join(f"<tr><td>{html.escape(kind)}</td><td>{html.escape(name)}</td><td>{value}</td></tr>"
-                    for kind, name, value in rows)
-    return (f"<h2>Fidelity card ({card.get('positions')} positions)</h2><table><tr><th>targets</th><th>figure</th>"
-            f"<th>value</th></tr>{cells}</table>")
+    cells = "".join(f"<tr><td>{html.escape(row.targets)}</td><td>{row.captured_mass:.4f}</td><td>{row.kl:.4f} "
+                    f"({html.escape(row.kl_of)})</td><td>{row.tv:.4f}</td></tr>" for row in rows)
+    return (f"<h2>Fidelity card</h2><p>{html.escape(fidelity_scope(manifest))}</p><table><tr><th>targets</th>"
+            f"<th>captured mass</th><th>KL(teacher ‖ ·), nats</th><th>TV</th></tr>{cells}</table>")
 
 
 def write_cache_report(cache: Cache | str | Path, out: Path | str) -> dict:
@@ -147,6 +151,7 @@ def write_cache_report(cache: Cache | str | Path, out: Path | str) -> dict:
         raise KDCacheError(f"report {out}: the file name must end in .html or .png")
     if not out.parent.is_dir():
         raise KDCacheError(f"report {out}: directory {out.parent} does not exist")
+    cache = as_cache(cache)
     data = cache_report_data(cache)
     image = _png(_draw_cache(data))
     if out.suffix == ".png":
@@ -161,7 +166,7 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}} img{{max-width:
 <p>{html.escape(data['cache'])}: {html.escape(data['task'])}, teacher {html.escape(str(data['teacher']))},
 {data['sequences']} sequences, {data['tokens']} tokens, {data['file_bytes']:,} bytes.</p>
 <img alt="captured mass, captured mass by position, bytes per column" src="data:image/png;base64,{base64.b64encode(image).decode()}">
-{_fidelity_table(data['fidelity'])}
+{_fidelity_table(cache.manifest)}
 <script type="application/json" id="kdcache-report">{embedded}</script>
 </body></html>
 """

@@ -10,11 +10,17 @@ only cli.py turns those names into flags (`--field-name`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from .errors import KDCacheError
+
+# Choices of loss settings, here (not in losses.py) so that settings and the command line need no torch.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv", "akl", "hard")
+TAIL_MODES = ("rest-bucket", "renormalize", "ignore")
 
 
 def setting(default: Any, help: str, *, choices: Sequence[str] | None = None, positive: bool = False,
@@ -48,3 +54,38 @@ def check_fields(settings) -> None:
             raise KDCacheError(f"`{field.name}` must not be negative, got {value}")
         if meta.get("below") is not None and not value < meta["below"]:
             raise KDCacheError(f"`{field.name}` must be below {meta['below']}, got {value}")
+
+
+def threads_setting() -> Any:
+    """The `threads` field every settings object has: library calls apply the command line's thread policy
+    (kdcache/runtime.py) unless told otherwise. Not a CLI option of its own: every command has `--threads`."""
+    return setting(None, THREADS_HELP, positive=True, cli=False)
+
+
+THREADS_HELP = "CPU threads for torch (default: the free physical cores; OMP_NUM_THREADS is respected)."
+
+
+def recorded(settings) -> dict[str, Any]:
+    """The settings a manifest, a fingerprint or a training record keeps: all but `threads`, which changes
+    how fast, not what."""
+    values = dataclasses.asdict(settings)
+    values.pop("threads", None)
+    return values
+
+
+def applies_threads(function):
+    """Run the library call `function` under its `settings.threads` (default: the command line's policy,
+    kdcache/runtime.py: on a busy machine torch's own default can be several times slower), restoring the
+    caller's thread count afterwards."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        from .runtime import configure_threads, thread_settings
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with thread_settings():
+            configure_threads(bound.arguments["settings"].threads)
+            return function(*args, **kwargs)
+
+    return call

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 import shutil
 
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import LANGUAGE, write_jsonl
 
 from kdcache.cache.format import Manifest
 from kdcache.cli import main
@@ -70,7 +74,7 @@ def _dump(teacher_dir, data, out, *extra):
 
 
 @pytest.mark.parametrize("case, fragment", [
-    ("missing-teacher", "teacher tokenizer path not found"),
+    ("missing-teacher", "teacher path not found"),
     ("missing-data", "data path not found"),
     ("missing-column", "text column 'body' not in dataset"),
     ("empty-data", "is empty"),
@@ -118,6 +122,81 @@ def test_train_bad_input(tmp_path, cache_dir, student_config):
     assert_user_error(run("train-student", *common, "--student-config", student_config, "--hidden-weight", 1,
                           "--layer-map", "1:0"), "teacher layer 0 is not cached")
     assert not (tmp_path / "s").exists()
+
+
+def test_an_invalid_student_config_is_refused_in_one_line(tmp_path, cache_dir):
+    """transformers validates the config (heads must divide the width); its error becomes one line."""
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4,
+                                  "num_key_value_heads": 4, "intermediate_size": 32, "num_hidden_layers": 1}))
+    assert_user_error(run("train-student", "--cache", cache_dir, "--out", tmp_path / "s", "--student-config", config,
+                          "--max-steps", 1), "not a multiple of the number of attention heads")
+    assert not (tmp_path / "s").exists()
+
+
+def _kdcache(*args, **options) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdcache", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, **options)
+
+
+def test_importing_the_cli_loads_no_torch():
+    """`kdcache --help` and argument checks must not pay for torch, transformers, datasets or accelerate."""
+    code = ("import sys, kdcache.cli; print(sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') "
+            "if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert loaded.stdout.strip() == "[]"
+
+
+def _best_time(*args) -> tuple[float, subprocess.CompletedProcess]:
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        result = _kdcache(*args)
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("dump-teacher", "--teacher", "./no/teacher", "--data", "x.jsonl", "--out", "o"), "teacher path not found"),
+    (("dump-teacher", "--teacher", ".", "--data", "./no/data.jsonl", "--out", "o"), "data path not found"),
+    (("dump-teacher", "--teacher", ".", "--data", "x.jsonl", "--out", "o", "--top-k", "0"), "--top-k must be positive"),
+    (("train-student", "--cache", "./no/cache", "--out", "s", "--student", "x"), "cache directory not found"),
+    (("init-student", "--teacher", "./no/teacher", "--layers", "0", "--out", "s"), "teacher path not found"),
+])
+def test_bad_arguments_fail_before_the_heavy_imports(tmp_path, args, fragment):
+    """A typo costs about what `kdcache --help` costs, not torch's import (3 s and more here)."""
+    help_time, _ = _best_time("--help")
+    error_time, result = _best_time(*args)
+    assert result.returncode == 1 and result.stderr.strip() == f"Error: {result.stderr.strip()[7:]}", result.stderr
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert error_time < 2 * help_time + 0.5, (error_time, help_time)
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_says_what_it_kept(tmp_path, teacher_dir):
+    """SIGINT once a shard is finished: one line saying a rerun resumes; the rerun keeps the finished shards."""
+    data = write_jsonl(tmp_path / "data.jsonl", LANGUAGE.sentences(240, min_words=4, max_words=20, seed=3))
+    out = tmp_path / "cache"
+    args = [sys.executable, "-m", "kdcache", "dump-teacher", "--teacher", str(teacher_dir), "--data", str(data),
+            "--out", str(out), "--shard-rows", "4", "--batch-size", "4", "--quiet"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    # a shard is kept once its record is written (docs/dump.md, "Exactly-once resume")
+    while (not list((out / "kdcache.dump" / "shards").glob("*.json")) and process.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the dump finished before the interrupt arrived")
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == ("interrupted: the finished shards are kept; "
+                                                "rerun the same command to resume"), stderr
+    assert "Traceback" not in stderr and "Aborted!" not in stderr
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr
+    [line] = [line for line in rerun.stdout.splitlines() if line.startswith("resumed:")]
+    kept, total = map(int, line.split()[1:4:2])
+    assert 0 < kept < total == len(Manifest.load(out).shards)
 
 
 def test_info_on_a_directory_that_is_not_a_cache(tmp_path):

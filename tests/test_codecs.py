@@ -305,7 +305,9 @@ HEAD_TAIL_CODEC = Codec(layout="compact", logprobs="uint8", compression="zstd", 
 def test_committed_fixtures_read_as_they_were_written(version, codec, ranked):
     """A cache of every format this kdcache has written (committed, made by the kdcache of its time) decodes to the
     values recorded when it was made: format 1 (plain top-k + sampled), 2 (compact head-tail), 3 (its sampled ids
-    in byte planes, proportional draws), 4 (the format-3 cache recoded, its ids ranked)."""
+    in byte planes, proportional draws), 4 (the format-3 cache recoded, its ids ranked). Top-k entries decode most
+    probable first (ties by ascending id) in every format: the expectations of formats 2 to 4, recorded when
+    compact caches decoded in ascending id order, were reordered so, values unchanged."""
     cache = FIXTURE / f"v{version}_cache"
     manifest = Manifest.load(cache)
     assert manifest.format_version == version and len(manifest.codec.id_ranking) == ranked
@@ -317,6 +319,7 @@ def test_committed_fixtures_read_as_they_were_written(version, codec, ranked):
     for sequence in sequences:
         want = expected[str(sequence.sample_id)]
         assert sequence.input_ids.tolist() == want["input_ids"] and sequence.topk_ids.tolist() == want["topk_ids"]
+        assert (np.diff(sequence.topk_logprobs, axis=1) <= 0).all()  # most probable first, whatever the codec
         np.testing.assert_array_equal(sequence.topk_logprobs.astype(float), want["topk_logprobs"])
         np.testing.assert_array_equal(sequence.tail_logprob.astype(float), want["tail_logprob"])
         assert sequence.sampled_ids.values.tolist() == want["sampled_ids"]
@@ -370,9 +373,12 @@ def test_recode_shrinks_k_and_quantises_without_the_teacher(cache_dir, tmp_path)
         order = np.argsort(-original.topk_logprobs.astype(np.float32), axis=1, kind="stable")[:, :4]
         kept_ids = np.take_along_axis(original.topk_ids.astype(np.int64), order, 1)
         kept = np.take_along_axis(original.topk_logprobs.astype(np.float32), order, 1)
-        np.testing.assert_array_equal(np.sort(after.topk_ids, 1), np.sort(kept_ids, 1))
+        assert (np.diff(after.topk_logprobs, axis=1) <= 0).all()  # most probable first, as the source
+        after_by_id = np.argsort(after.topk_ids, 1)
+        np.testing.assert_array_equal(np.take_along_axis(after.topk_ids, after_by_id, 1), np.sort(kept_ids, 1))
         by_id = np.take_along_axis(kept, np.argsort(kept_ids, 1), 1)
-        assert np.abs(after.topk_logprobs - np.maximum(by_id, -255 * LOGPROB_STEP)).max() <= LOGPROB_STEP / 2 + 1e-6
+        assert np.abs(np.take_along_axis(after.topk_logprobs, after_by_id, 1)
+                      - np.maximum(by_id, -255 * LOGPROB_STEP)).max() <= LOGPROB_STEP / 2 + 1e-6
         dropped = np.logaddexp.reduce(np.sort(original.topk_logprobs.astype(np.float64), 1)[:, :4], axis=1)
         np.testing.assert_allclose(after.tail_logprob, np.logaddexp(original.tail_logprob, dropped), rtol=1e-5)
         layer = source.hidden_layers[0]
@@ -458,3 +464,28 @@ def test_the_card_of_a_head_tail_cache_says_what_it_holds(head_tail_cache):
     assert "(16 per position, systematic draws at temperature 1, seed 0)" in card
     figures = Manifest.load(head_tail_cache).stats["fidelity"]["head-tail"]
     assert f"| head 4 + 16 tail draws; KL on the stored ids) | {figures['captured_mass']:.4f} |" in card
+
+
+def test_info_card_report_and_copies_describe_a_head_tail_cache_alike(head_tail_cache, tmp_path):
+    """The default cache's fidelity card shows in `info` and the card alike; a row subset keeps the codec and
+    compression, and states the source's card and teacher NLL (they cannot be split by row), not "None"."""
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+    from kdcache.plots import cache_report_data
+    info = CliRunner().invoke(main, ["info", str(head_tail_cache)])
+    assert info.exit_code == 0, info.output
+    assert "fidelity     head 4 + 16 tail draws" in info.output
+    assert "head 4 + 16 tail draws" in (head_tail_cache / "README.md").read_text()
+    assert cache_report_data(head_tail_cache)["captured_mass_by_position"] is not None  # its exact tail is plotted
+    source = Manifest.load(head_tail_cache)
+    result = CliRunner().invoke(main, ["copy", str(head_tail_cache), str(tmp_path / "subset"), "--rows", "3"])
+    assert result.exit_code == 0, result.output
+    subset = Manifest.load(tmp_path / "subset")
+    assert subset.codec == source.codec and subset.total_rows == 3
+    assert subset.total_bytes / subset.total_tokens < 1.5 * source.total_bytes / source.total_tokens
+    assert subset.stats["teacher_nll"] == source.stats["teacher_nll"] and "captured_mass" in subset.stats
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "subset")])
+    assert "(of the source cache)" in info.output and "of the source cache (a subset" in info.output
+    assert "not recorded" not in info.output and "None" not in info.output
+    open_cache(tmp_path / "subset").verify(progress=False)

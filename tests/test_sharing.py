@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -238,6 +239,22 @@ def test_card_loads_with_datasets_and_describes_the_cache(cache_dir):
     loaded = datasets.load_dataset(str(cache_dir), split="train")
     assert loaded.num_rows == manifest.total_rows
     assert sorted(loaded["sample_id"]) == sorted(open_cache(cache_dir).sample_ids().tolist())
+
+
+def test_load_dataset_never_serves_another_caches_rows(cache_dir, tmp_path):
+    """`datasets` keys its copy of a folder by the folder's name: two caches called `cache`, and a cache
+    rewritten in place, must still each load their own rows (the card carries the shards' fingerprint)."""
+    hf_cache = tmp_path / "hf"
+    for parent, rows in (("x1", 3), ("x2", 5)):
+        copy_cache(cache_dir, tmp_path / parent / "cache", rows=rows, progress=False)
+    for parent, rows in (("x1", 3), ("x2", 5), ("x1", 3)):
+        loaded = datasets.load_dataset(str(tmp_path / parent / "cache"), split="train", cache_dir=str(hf_cache))
+        assert loaded.num_rows == rows, parent
+    shutil.rmtree(tmp_path / "x1" / "cache")
+    copy_cache(cache_dir, tmp_path / "x1" / "cache", rows=4, progress=False)
+    loaded = datasets.load_dataset(str(tmp_path / "x1" / "cache"), split="train", cache_dir=str(hf_cache))
+    assert loaded.num_rows == 4
+    assert sorted(loaded["sample_id"]) == sorted(open_cache(tmp_path / "x1" / "cache").sample_ids().tolist())
 
 
 def test_hf_urls_go_through_the_same_fsspec_path_offline(tmp_path):

@@ -111,3 +111,23 @@ def test_damaged_cache_is_refused_before_training(cache_dir, student_config, tmp
     with pytest.raises(KDCacheError, match=expected):
         train_student(copy, tmp_path / "out", student_config=str(student_config), progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("threads", [1, None])
+def test_library_calls_apply_the_thread_policy_and_restore_the_callers(cache_dir, student_config, tmp_path, threads):
+    """`TrainSettings.threads` (default: the CLI's policy, kdcache/runtime.py) holds during the call; the caller's
+    thread count comes back after it (a notebook's later work computes as before)."""
+    from kdcache.runtime import default_threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        seen = []
+        train_student(cache_dir, tmp_path / f"s{threads}", student_config=str(student_config),
+                      settings=TrainSettings(max_steps=1, batch_size=4, threads=threads), progress=False,
+                      hooks=TrainHooks(on_batch=lambda epoch, ids: seen.append(torch.get_num_threads())))
+        assert set(seen) == {threads if threads is not None else default_threads()[0]}
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(KDCacheError, match="`threads` must be positive"):
+        TrainSettings(threads=0)

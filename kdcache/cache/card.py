@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .describe import describe_augmentation, draws_phrase, fidelity_rows, fidelity_scope
 from .format import DATA_DIR, MANIFEST_NAME, SHARD_SUFFIX, TOKENIZER_DIR, Manifest, write_bytes_atomic
 
 CARD_NAME = "README.md"
@@ -22,12 +23,18 @@ _TASK_CATEGORIES = {"causal-lm": "text-generation", "token-classification": "tok
 
 def _yaml_front_matter(manifest: Manifest) -> str:
     """License, task and configs. The licence is the teacher's and the data's, which the manifest
-    does not know: `other`, and the body says so. Values are JSON strings, which YAML reads as-is."""
+    does not know: `other`, and the body says so. Values are JSON strings, which YAML reads as-is.
+
+    `datasets` keys its on-disk copy of a folder by the folder's name and a hash of the card's configs,
+    not by the files: two caches named `cache` in different places, or a cache rewritten in place,
+    would share one entry and the second load would return the first one's rows. The config's
+    `description` carries the shards' fingerprint, so each content gets its own entry."""
     lines = ["---", "license: other", "license_name: see-teacher-and-data",
              "task_categories:", f"- {_TASK_CATEGORIES.get(manifest.task, 'other')}",
              "tags:", "- knowledge-distillation", "- kdcache",
-             "configs:", "- config_name: default", "  data_files:", "  - split: train",
-             f"    path: {DATA_DIR}/*{SHARD_SUFFIX}"]
+             "configs:", "- config_name: default",
+             f"  description: {json.dumps(f'kdcache shards sha256 {manifest.data_fingerprint}')}",
+             "  data_files:", "  - split: train", f"    path: {DATA_DIR}/*{SHARD_SUFFIX}"]
     language = manifest.dataset.get("language")
     if language:
         lines[3:3] = ["language:", f"- {json.dumps(language)}"]
@@ -43,12 +50,12 @@ def _targets(manifest: Manifest) -> list[str]:
                      f"sorted descending, plus the exact tail mass `tail_logprob` (nothing is renormalised)")
     if "sampled" in manifest.target_types:
         lines.append(f"- ids sampled from the teacher with counts ({settings.get('samples')} per position, "
-                     f"{_draws(settings)} at temperature 1, seed {settings.get('seed')})")
+                     f"{draws_phrase(settings)} at temperature 1, seed {settings.get('seed')})")
     if "head-tail" in manifest.target_types:
         lines.append(f"- the exact top-{manifest.top_k} head ({settings['logprob_dtype']} log-probabilities) and tail "
                      f"mass `tail_logprob`, plus ids drawn from the tail renormalised without the head, with counts "
                      f"({settings.get('samples')} per position{' at most' if settings.get('sampling') == 'proportional' else ''}"
-                     f", {_draws(settings)} at temperature 1, seed "
+                     f", {draws_phrase(settings)} at temperature 1, seed "
                      f"{settings.get('seed')}): the head plus tail mass × count / draws is an unbiased estimate of "
                      f"the teacher's distribution")
     if manifest.hidden_layers:
@@ -56,28 +63,17 @@ def _targets(manifest: Manifest) -> list[str]:
     return lines
 
 
-def _draws(settings: dict) -> str:
-    """How the draws were placed (`sampling`; caches from before the setting hold independent draws)."""
-    return {"systematic": "systematic draws", "proportional": "systematic draws in proportion to the tail mass"}.get(
-        settings.get("sampling"), "independent draws")
-
-
 def _fidelity(manifest: Manifest) -> list[str]:
-    card = manifest.stats.get("fidelity")
-    if not card:
+    try:
+        rows = fidelity_rows(manifest)
+    except ValueError:
+        return ["Unreadable (malformed statistics in the manifest)."]
+    if rows is None:
         return ["Not recorded for this cache."]
-    lines = ["| targets | captured mass | KL to the teacher (nats) | TV |", "|---|---|---|---|"]
-    if "topk" in card:
-        topk = card["topk"]
-        lines.append(f"| top-{topk['top_k']} + tail (rest-bucket reconstruction) | {topk['captured_mass']:.4f} "
-                     f"| {topk['kl_rest_bucket']:.4f} | {topk['tv_rest_bucket']:.4f} |")
-    for kind, label in (("sampled", "sampled ({draws} draws"), ("head-tail", "head {top_k} + {draws} tail draws")):
-        if kind in card:
-            figures = card[kind]
-            lines.append(f"| {label.format(**figures)}; KL on the stored ids) | {figures['captured_mass']:.4f} "
-                         f"| {figures['kl_on_support']:.4f} | {figures['tv']:.4f} |")
-    lines.append(f"\nMeasured at dump time on {card['positions']} target positions (every {card['every']}-th).")
-    return lines
+    return ["| targets | captured mass | KL(teacher ‖ ·) (nats) | TV |", "|---|---|---|---|",
+            *(f"| {row.targets} | {row.captured_mass:.4f} | {row.kl:.4f} ({row.kl_of}) | {row.tv:.4f} |"
+              for row in rows),
+            f"\n{fidelity_scope(manifest)[0].upper()}{fidelity_scope(manifest)[1:]}."]
 
 
 def render_card(manifest: Manifest, location: str) -> str:
@@ -136,17 +132,3 @@ def render_card(manifest: Manifest, location: str) -> str:
 def write_card(cache_dir: Path | str, manifest: Manifest) -> None:
     """Write the card of a local cache (before its manifest: the manifest is always written last)."""
     write_bytes_atomic(Path(cache_dir) / CARD_NAME, render_card(manifest, str(cache_dir)).encode())
-
-
-def describe_augmentation(manifest) -> str | None:
-    """One line on the teacher-labelled variants a cache holds (dump-teacher `augment`), None without any.
-
-    The values come from an untrusted manifest: shown as they are, never computed with."""
-    augmentation = manifest.dataset.get("augmentation")
-    if not isinstance(augmentation, dict):
-        return None
-    methods = augmentation.get("methods")
-    methods = ", ".join(map(str, methods)) if isinstance(methods, list) else str(methods)
-    return (f"{augmentation.get('variant_rows')} of the rows are teacher-labelled variants "
-            f"({augmentation.get('variants_per_row')} per original row, {methods}, rate {augmentation.get('rate')}, "
-            f"seed {augmentation.get('seed')}; sample ids from {augmentation.get('original_rows')} on), no gold labels")

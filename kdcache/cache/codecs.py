@@ -22,7 +22,10 @@ and ragged sampled ids with counts. The codec only decides the bytes on disk:
   *numbered* before gap coding: the cache's most frequent ids (up to 4,096, listed in the manifest) get
   numbers 0, 1, ..., and every other id follows in ascending order. Frequent ids then sit close
   together, so the gaps are small: 10-14% fewer bytes of ids, 8-10% of the whole cache, on SmolLM2 and
-  MiniLM-vocabulary caches (docs/frontier.md). Lossless; the decoded view is unchanged (ids ascending within a position).
+  MiniLM-vocabulary caches (docs/frontier.md). Lossless; the decoded view is unchanged.
+
+Whatever the codec, the decoded view lists each position's top-k by descending probability (ties by ascending
+id in compact caches), as format 1 stores them; sampled ids are ascending.
 
 Shards of either codec may use Arrow IPC buffer compression (zstd), which pyarrow and `datasets`
 undo transparently. Everything read from a shard is validated before use: lengths bounded by the
@@ -332,13 +335,30 @@ def _padded(values: np.ndarray, lengths: np.ndarray, fill, dtype) -> np.ndarray:
     return out
 
 
+def most_probable_first(ids: np.ndarray, logprobs: np.ndarray, ranks: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """[P, k] top-k ids and log-probs with each position's entries by descending probability, ties in the order
+    given (ascending id for compact caches), empty slots (at the end of a row) last: the one order of the decoded
+    view, whatever the codec, the order format 1 stores and peers (axolotl, DistillKit) assume.
+
+    `ranks` (default -logprobs) orders the same way; 8-bit codes are passed as they are, for numpy sorts
+    small integers several times faster than floats. Rows already in order (format 1 as written) are
+    returned as they are."""
+    ranks = -logprobs if ranks is None else ranks
+    if (ranks[:, :-1] <= ranks[:, 1:]).all():
+        return ids, logprobs
+    order = np.argsort(ranks, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
+
+
 def decode_targets(batch: pa.RecordBatch, codec: Codec, limits: Limits, file: str
                    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, Ragged]]]:
     """The decoded target columns of one compact record batch, over every position of the batch.
 
     Returns (per-row columns, ragged columns) in the reader's forms: `name -> (row offsets over
-    positions, values)`, with top-k as [P, k] ids (int64) and float32 log-probs (-inf = empty slot),
-    and sampled ids/counts as `Ragged` over the positions.
+    positions, values)`, with top-k as [P, k] ids (int64) and float32 log-probs (-inf = empty slot) by
+    descending probability (`most_probable_first`), and sampled ids/counts as `Ragged` over the positions
+    (ascending ids).
     """
     names = set(batch.schema.names)
     columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -349,16 +369,18 @@ def decode_targets(batch: pa.RecordBatch, codec: Codec, limits: Limits, file: st
     if "topk_lengths" in names:
         rows, lengths, entries = _lengths_and_entries(batch, "topk", ("topk_ids", "topk_logprobs"), limits.top_k, file)
         ids, order = _ids(entries["topk_ids"], lengths, limits.vocab_size, "topk_ids", file, codec)
-        logprobs = entries["topk_logprobs"][order]
-        logprobs = (-LOGPROB_STEP * logprobs.astype(np.float32) if codec.logprobs == "uint8"
-                    else logprobs.astype(np.float32))
+        stored = entries["topk_logprobs"][order]
+        logprobs = (-LOGPROB_STEP * stored.astype(np.float32) if codec.logprobs == "uint8"
+                    else stored.astype(np.float32))
         if not (logprobs <= 0).all():
             raise KDCacheError(f"{file}: topk_logprobs holds values that are not finite log-probabilities")
         tail_offsets, tail = _flat(batch, "tail_logprob")
         if not np.array_equal(tail_offsets, rows) or np.isnan(tail).any() or (tail > 0).any():
             raise KDCacheError(f"{file}: tail_logprob is not one log-mass ≤ 0 per target position")
-        columns |= {"topk_ids": (rows, _padded(ids, lengths, 0, np.int64)),
-                    "topk_logprobs": (rows, _padded(logprobs, lengths, _NEG_INF, np.float32)),
+        ids, logprobs = most_probable_first(
+            _padded(ids, lengths, 0, np.int64), _padded(logprobs, lengths, _NEG_INF, np.float32),
+            _padded(stored, lengths, MAX_CODE, np.uint8) if codec.logprobs == "uint8" else None)
+        columns |= {"topk_ids": (rows, ids), "topk_logprobs": (rows, logprobs),
                     "tail_logprob": (rows, tail)}
     if "sampled_lengths" in names:
         planes = ("sampled_ids_high",) if codec.id_planes else ()

@@ -7,7 +7,8 @@ What only the dump could measure — the fidelity card and the teacher NLL, whic
 full distribution — is summed from the per-shard accumulators the dump keeps in `stats.shard_stats`.
 A shard cut to some of its rows has no such accumulators (they cannot be split by row), so those two
 figures then cover the whole shards only, and their `positions` / `teacher_nll_targets` say how many
-target positions that is.
+target positions that is; a cache with no whole shard (a few rows of one shard) carries its source's
+figures, marked `measured_on: source`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import Manifest, ShardInfo
+from .format import Manifest, ShardInfo, column_groups
 from .reader import content_sha256
 from .stats import FidelitySums, StreamingSummary
 from .store import CacheStore
@@ -25,7 +26,7 @@ from .validate import expected_schema, open_checked
 
 def _target_counts(store: CacheStore, shard: ShardInfo, manifest: Manifest, captured: StreamingSummary) -> int:
     """Add the shard's captured masses to `captured` (top-k caches); return its number of target positions."""
-    column = "tail_logprob" if "topk" in manifest.target_types else "sampled_counts"
+    column = "tail_logprob" if "topk" in column_groups(manifest.target_types) else "sampled_counts"
     reader = open_checked(store, manifest, shard, fields=[expected_schema(manifest).get_field_index(column)])
     count = 0
     for index in range(reader.num_record_batches):
@@ -59,11 +60,16 @@ def derived_stats(cache_dir: Path | str, manifest: Manifest, shards: list[ShardI
             card.merge_state(entry["fidelity"])
             nll_sum += entry["nll_sum"]
             nll_count += entry["nll_count"]
+    # no whole shard: the source's figures, marked as measured on the source (the best estimate there is)
+    source = manifest.stats
+    fidelity = card.summary() if card.positions else (
+        {**source["fidelity"], "measured_on": "source"} if source.get("fidelity") else None)
     return {"tokens": targets,
-            "fidelity": card.summary() if card.positions else None,
-            **({"captured_mass": captured.summary()} if "topk" in manifest.target_types else {}),
-            "teacher_nll": round(nll_sum / nll_count, 6) if nll_count else None,
-            "teacher_nll_targets": nll_count,
+            "fidelity": fidelity,
+            **({"captured_mass": captured.summary()} if "topk" in column_groups(manifest.target_types) else {}),
+            "teacher_nll": (round(nll_sum / nll_count, 6) if nll_count else source.get("teacher_nll")),
+            "teacher_nll_targets": nll_count if nll_count else source.get("teacher_nll_targets"),
+            **({} if nll_count or source.get("teacher_nll") is None else {"teacher_nll_measured_on": "source"}),
             "content_sha256": content_sha256(store, shards),
             "skipped_sample_ids": sorted(skipped_sample_ids),
             "shard_stats": kept}

@@ -297,6 +297,12 @@ class Manifest:
                                          for fingerprint in source.get("shard_fingerprints", []))}
 
     @property
+    def data_fingerprint(self) -> str:
+        """sha256 over every shard's name and sha256: what a reader of the shards gets, so tools that cache
+        what they read (`datasets.load_dataset(<cache dir>)`, through the card) key it by this."""
+        return sha256_json([[shard.file, shard.sha256] for shard in self.shards])
+
+    @property
     def total_rows(self) -> int:
         return sum(shard.rows for shard in self.shards)
 

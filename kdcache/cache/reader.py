@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import KDCacheError
-from .codecs import Limits, decode_targets
+from .codecs import Limits, decode_targets, most_probable_first
 from .format import COLUMNS as FORMAT_COLUMNS
 from .format import HIDDEN_PREFIX, Manifest, ShardInfo, hidden_column
 from .sharding import BufferedShuffle, RowSpan, process_spans
@@ -99,6 +99,10 @@ class _DecodedBatch:
                            if name in batch.schema.names}
         names = set(batch.schema.names)
         self.columns = decoded | {name: self._per_row(batch, name) for name in LIST_COLUMNS if name in names}
+        if codec.layout == "plain" and "topk_logprobs" in names:  # stored so by every writer; a hostile one may not
+            (offsets, ids), (_, logprobs) = self.columns["topk_ids"], self.columns["topk_logprobs"]
+            ids, logprobs = most_probable_first(ids, logprobs)
+            self.columns |= {"topk_ids": (offsets, ids), "topk_logprobs": (offsets, logprobs)}
         self.hidden = {layer: self._per_row(batch, hidden_column(layer)) for layer in hidden_layers}
         self.sample_ids = batch.column("sample_id").to_numpy()
         self.texts = batch.column("text").to_pylist() if "text" in names else None

@@ -224,12 +224,14 @@ def rewrite_shard(whole: Path, target: Path, relative: str,
                   edit: Callable[[pa.RecordBatch, int], pa.RecordBatch | None], manifest: Manifest,
                   shard: ShardInfo) -> ShardInfo:
     """Write the shard file `whole` to `target` batch by batch through `edit(batch, first_row)` (None
-    drops the batch), with the same schema and metadata: the stored values are copied as they are, so
-    a subset or an id change never re-encodes the targets."""
+    drops the batch), with the same schema, metadata and buffer compression: the stored values are copied
+    as they are, so a subset or an id change never re-encodes the targets."""
     # `whole` is `shard` of the cache `manifest` describes (fetched, its sha256 checked): read it checked
     reader = CheckedShard(pa.memory_map(str(whole), "r"), manifest, shard, remote=False)
     rows = tokens = first = 0
-    with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
+    # the source's codec and compression: a subset is the same cache, only smaller
+    with pa.OSFile(str(target), "wb") as sink, \
+            pa.ipc.new_file(sink, reader.schema, options=manifest.codec.write_options()) as writer:
         for index in range(reader.num_record_batches):
             batch = reader.get_batch(index)
             edited = edit(batch, first)

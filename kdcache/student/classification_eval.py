@@ -53,7 +53,7 @@ def evaluate_classifier(model, cache: Cache, *, batch_size: int = 16, device=Non
         logits = task.student_logits(model(**batch.model_inputs()).logits, batch, manifest.num_classes).float()
         kl_sum += float(kd_loss(logits, batch.sparse_targets(), divergence="forward_kl", tail="rest-bucket")) * len(logits)
         targets += len(logits)
-        sparse = batch.sparse_targets()  # listed in the codec's order (ascending ids when compact): take the argmax
+        sparse = batch.sparse_targets()  # the argmax, not slot 0: the losses' targets promise no order
         flat = {"student": logits.argmax(-1), "teacher": sparse.ids.gather(1, sparse.logprobs.argmax(-1, keepdim=True))[:, 0]}
         if batch.labels is not None:
             flat["gold"] = task.gold_labels(batch)

@@ -23,7 +23,8 @@ import transformers
 from torch import nn
 
 from ..errors import KDCacheError
-from ..models import load_config, load_model, load_tokenizer, with_gguf_file
+from ..models import load_config, load_model, load_tokenizer
+from ..sources import check_model_source, with_gguf_file
 from ..tasks import get_task, infer_task
 from .output import INIT_RECORD, commit_output, prepare_output
 
@@ -83,6 +84,7 @@ def init_student(teacher: str, out: Path | str, layers: list[int], *, hidden_siz
     tokenizer); return what was done. A GGUF teacher's student is saved as safetensors."""
     out = Path(out)
     teacher = with_gguf_file(teacher, gguf_file)
+    check_model_source(teacher, "teacher")
     config = load_config(teacher, "teacher config")
     count = config.num_hidden_layers
     if not layers:

@@ -8,6 +8,7 @@ from ..cache.cache import Cache
 from ..cache.format import Manifest, tokenizer_fingerprint
 from ..errors import KDCacheError
 from ..models import load_model, load_tokenizer, model_from_config, output_vocab_size
+from ..sources import check_student_sources
 from ..tasks import get_task
 
 
@@ -51,8 +52,7 @@ def check_student_matches_tokenizer(model, student_tokenizer, shipped_tokenizer)
 def load_student(student: str | None, student_config: str | None, manifest: Manifest,
                  student_tokenizer: str | None = None):
     """The student to train, checked against the cache, or against `student_tokenizer` across tokenizers."""
-    if (student is None) == (student_config is None):
-        raise KDCacheError("give exactly one of `student` (pretrained) or `student_config` (fresh model)")
+    check_student_sources(student, student_config)
     cross = load_tokenizer(student_tokenizer, "student tokenizer") if student_tokenizer else None
     if student_config is not None:
         task = get_task(manifest.task)

@@ -6,14 +6,13 @@ import dataclasses
 
 from ..cache.format import TARGET_TYPES
 from ..errors import KDCacheError
-from ..losses import DIVERGENCES, TAIL_MODES
-from ..settings import check_fields, setting
+from ..settings import DIVERGENCES, TAIL_MODES, check_fields, setting, threads_setting
 
 TOKEN_MAPS = ("first-token", "exact")  # across tokenizers, see student/crosstok.py `vocabulary_map`
 
 # Settings that do not change what is computed: they may differ between a run and its resumption.
-OPERATIONAL_SETTINGS = ("log_every", "verify", "fused_loss", "save_every", "keep_checkpoints", "prefetch", "read_through",
-                        "transfer_timeout", "report_to")
+OPERATIONAL_SETTINGS = ("log_every", "verify", "fused_loss", "save_every", "keep_checkpoints", "prefetch",
+                        "read_through", "transfer_timeout", "report_to", "threads")
 
 
 @dataclasses.dataclass
@@ -87,6 +86,8 @@ class TrainSettings:
     report_to: str | None = setting(None, "Also log every loss term, the learning rate and held-out scores to these "
                                           "trackers through Accelerate, comma-separated (tensorboard, trackio, wandb, "
                                           "mlflow, ...); files go to OUT/logs. metrics.jsonl is always written.")
+
+    threads: int | None = threads_setting()
 
     def __post_init__(self):
         check_fields(self)

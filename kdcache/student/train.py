@@ -27,6 +27,8 @@ from ..cache.cache import Cache, open_cache
 from ..cache.format import Manifest
 from ..errors import KDCacheError
 from ..plots import CURVES_FILE, plots_available, write_training_curves
+from ..settings import applies_threads, recorded
+from ..sources import check_student_sources
 from .batching import Batch
 from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, load_checkpoint, register_safe_state, save_checkpoint
 from .feed import CacheBatches, prefetched
@@ -72,6 +74,7 @@ def _total_steps(training_rows: int, settings: TrainSettings, num_processes: int
     return min(settings.max_steps, by_epochs) if settings.epochs and settings.max_steps else (settings.max_steps or by_epochs)
 
 
+@applies_threads
 def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | None = None,
                   student_config: str | None = None, settings: TrainSettings = TrainSettings(),
                   progress: bool = True, resume: bool = False, resume_from: Path | str | None = None,
@@ -80,6 +83,7 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     final metrics. With `resume`, continue from the latest checkpoint in `<out>.partial/checkpoints` if
     there is one; `resume_from` names a checkpoint directory explicitly. With `overwrite`, a student kdcache
     wrote to `out` earlier is replaced once the new one is complete. `hooks` watch or stop the loop."""
+    check_student_sources(student, student_config)
     cache = cache if isinstance(cache, Cache) else open_cache(cache, settings.read_through,
                                                               transfer_timeout=settings.transfer_timeout)
     out = Path(out)
@@ -137,6 +141,7 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint)
         metrics.load_state_dict(state.metrics)
+    resumed_step = state.step
     bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step",
                disable=not (progress and accelerator.is_main_process))
     step, epoch = state.step, state.epoch
@@ -193,7 +198,8 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     summary = {"steps": step, "epochs_started": epoch + 1, "tokens": metrics.tokens,
                "seconds": round(metrics.elapsed(), 3), "final": metrics.last,
                **({"validation": validation.summary()} if validation else {}),
-               **({"cross_tokenizer": alignment} if alignment else {})}
+               **({"cross_tokenizer": alignment} if alignment else {}),
+               **({"resumed_from": str(checkpoint), "resumed_from_step": resumed_step} if checkpoint else {})}
     accelerator.end_training()  # closes the trackers' files before the output directory is renamed
     if accelerator.is_main_process:
         metrics.close()
@@ -204,7 +210,7 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
             if loss_of.matches_features:
                 torch.save(accelerator.unwrap_model(loss_of.projections).state_dict(), staging / PROJECTIONS_FILE)
             record = {"cache": str(cache), "dump_fingerprint": manifest.dump_fingerprint,
-                      "student": student or student_config, "settings": dataclasses.asdict(settings),
+                      "student": student or student_config, "settings": recorded(settings),
                       "layer_map": {str(s): t for s, t in loss_of.layer_map.items()}, "summary": summary}
             (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
             if plots_available():  # an optional extra: a run never fails for a missing picture (the CLI says so)

@@ -1,54 +1,27 @@
 """One strategy per distillation task: what differs between them, so the dump, training and
-evaluation loops do not (see tasks/base.py for the table of tasks)."""
+evaluation loops do not (see tasks/base.py for the table of tasks).
+
+The names and constants (tasks/names.py) load with the package; the strategies, which need torch,
+load on first use (kdcache/lazy.py), so settings and the command line name tasks without torch."""
 
 from __future__ import annotations
 
-from ..errors import KDCacheError
-from .base import (
+from ..lazy import lazy_exports
+from .names import (
     CAUSAL_LM,
     FULL_DISTRIBUTION_MAX_LABELS,
     IGNORE_LABEL,
     SEQUENCE_CLASSIFICATION,
+    TASK_NAMES,
     TOKEN_CLASSIFICATION,
-    Annotation,
-    Task,
-    TokenizedBatch,
-    generic_names,
-    pad_positions,
-    pooler,
-    target_mask,
 )
-from .classification import SequenceClassification, TokenClassification
 
-TASKS = {task.name: task for task in (Task(), TokenClassification(), SequenceClassification())}
+_EXPORTS = {**{name: ".base" for name in ("Annotation", "Task", "TokenizedBatch", "generic_names", "pad_positions",
+                                          "pooler", "target_mask")},
+            **{name: ".classification" for name in ("SequenceClassification", "TokenClassification")},
+            **{name: ".registry" for name in ("TASKS", "get_task", "infer_task", "resolve_task")}}
 
-__all__ = ["CAUSAL_LM", "FULL_DISTRIBUTION_MAX_LABELS", "IGNORE_LABEL", "SEQUENCE_CLASSIFICATION",
-           "TOKEN_CLASSIFICATION", "TASKS", "Annotation", "Task", "TokenizedBatch", "generic_names", "get_task",
-           "infer_task", "pad_positions", "pooler", "resolve_task", "target_mask"]
+__all__ = ["CAUSAL_LM", "FULL_DISTRIBUTION_MAX_LABELS", "IGNORE_LABEL", "SEQUENCE_CLASSIFICATION", "TASK_NAMES",
+           "TOKEN_CLASSIFICATION", *_EXPORTS]
 
-
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise KDCacheError(f"unknown task '{name}' (expected one of {', '.join(TASKS)})")
-    return TASKS[name]
-
-
-def infer_task(config) -> Task:
-    """The task a model's `architectures` name, when they name exactly one; a config without any is a causal LM
-    (what kdcache assumed before tasks existed)."""
-    architectures = list(getattr(config, "architectures", None) or [])
-    if not architectures:
-        return TASKS[CAUSAL_LM]
-    found = {task.name for architecture in architectures for task in TASKS.values()
-             if architecture.endswith(task.architecture_suffixes)}
-    if len(found) != 1:
-        raise KDCacheError(f"cannot infer the task from the teacher's architectures ({', '.join(architectures)}); "
-                           f"set `task` to one of {'|'.join(TASKS)}")
-    return TASKS[found.pop()]
-
-
-def resolve_task(name: str | None, teacher: str):
-    """(task, config): `name` if given, else inferred from the teacher's config."""
-    from ..models import load_config
-    config = load_config(teacher, "teacher config")
-    return (get_task(name) if name else infer_task(config)), config
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

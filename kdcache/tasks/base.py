@@ -41,13 +41,9 @@ import numpy as np
 import torch
 
 from ..errors import KDCacheError
+from .names import CAUSAL_LM
 from .spans import covered_text, token_spans
 
-CAUSAL_LM = "causal-lm"
-TOKEN_CLASSIFICATION = "token-classification"
-SEQUENCE_CLASSIFICATION = "sequence-classification"
-FULL_DISTRIBUTION_MAX_LABELS = 256
-IGNORE_LABEL = -100
 
 # (sample ids, token id lists, annotations or None) for one batch of dataset rows.
 TokenizedBatch = tuple[list[int], list[list[int]], list["Annotation"] | None]

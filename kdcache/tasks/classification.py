@@ -17,17 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import KDCacheError
-from .base import (
-    FULL_DISTRIBUTION_MAX_LABELS,
-    IGNORE_LABEL,
-    SEQUENCE_CLASSIFICATION,
-    TOKEN_CLASSIFICATION,
-    Annotation,
-    Task,
-    TokenizedBatch,
-    generic_names,
-    target_mask,
-)
+from .base import Annotation, Task, TokenizedBatch, generic_names, target_mask
+from .names import FULL_DISTRIBUTION_MAX_LABELS, IGNORE_LABEL, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
 from .labels import label_encoder, optional_label_column, require_column
 
 

@@ -24,7 +24,6 @@ has sample id `v * n + i`, so the original rows keep the ids they have without a
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import datasets
@@ -33,39 +32,13 @@ import torch
 
 from ..errors import KDCacheError
 from ..tasks import CAUSAL_LM, TOKEN_CLASSIFICATION
+from .settings import Augmentation
 
-AUGMENT_METHODS = ("mentions", "substitute", "mask")
 NEIGHBOURS = 8
 MENTION_SWAP_PROBABILITY = 0.5
 _WORD = re.compile(r"[^\W_]+")  # letters and digits: the words substitution and masking may touch
 ATTEMPTS = 8  # draws of a variant before one that differs from its row is given up on
 _PIECES = re.compile(r"\s+|\S+")
-
-
-@dataclasses.dataclass(frozen=True)
-class Augmentation:
-    """How many variants of each row to write, and how they are made (validated by DumpSettings)."""
-
-    variants: int
-    methods: tuple[str, ...]
-    rate: float
-    seed: int
-
-    def record(self, original_rows: int) -> dict:
-        """The manifest's `dataset.augmentation`: enough to rebuild the same variants, and to tell them apart."""
-        return {"variants_per_row": self.variants, "methods": list(self.methods), "rate": self.rate,
-                "seed": self.seed, "original_rows": original_rows, "variant_rows": original_rows * self.variants}
-
-
-def parse_methods(methods: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in methods.split(",") if name.strip())
-    unknown = sorted(set(names) - set(AUGMENT_METHODS))
-    if not names or unknown:
-        raise KDCacheError(f"`augment_methods` must be a comma-separated list of {', '.join(AUGMENT_METHODS)}, "
-                           f"got {methods!r}")
-    if "substitute" in names and "mask" in names:
-        raise KDCacheError("`augment_methods`: choose one of substitute and mask (both act on the same words)")
-    return names
 
 
 class EmbeddingNeighbours:

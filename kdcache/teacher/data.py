@@ -12,13 +12,7 @@ import datasets
 
 from ..cache.format import sha256_file
 from ..errors import KDCacheError, first_line
-
-_BUILDER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-                      ".txt": "text", ".arrow": "arrow"}
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).suffix in _BUILDER_BY_SUFFIX
+from ..sources import DATA_BUILDERS, check_data_source
 
 
 def load_rows(source: str, split: str = "train") -> datasets.Dataset:
@@ -35,17 +29,16 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
         if path.is_file():
             if path.stat().st_size == 0:
                 raise KDCacheError(f"dataset {source} is empty")
-            builder = _BUILDER_BY_SUFFIX.get(path.suffix)
+            builder = DATA_BUILDERS.get(path.suffix)
             if builder is None:
                 raise KDCacheError(f"unsupported data file type '{path.suffix}' for {source} "
-                                   f"(use one of {', '.join(sorted(_BUILDER_BY_SUFFIX))})")
+                                   f"(use one of {', '.join(sorted(DATA_BUILDERS))})")
             loaded = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
             loaded.data.table.validate(full=True)  # e.g. text that is not UTF-8: refused now, not mid-dump
             return loaded
         if path.is_dir():
             return datasets.load_dataset(str(path), split=split)
-        if _looks_like_path(source):
-            raise KDCacheError(f"data path not found: {source}")
+        check_data_source(source)
         return datasets.load_dataset(source, split=split)
     except KDCacheError:
         raise

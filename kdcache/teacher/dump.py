@@ -48,7 +48,9 @@ from ..cache.reader import content_sha256
 from ..cache.stats import StreamingSummary, shard_stats
 from ..errors import KDCacheError, warn
 from ..fused import HeadLogits, OutputHead
-from ..models import backbone_only, load_model, load_tokenizer, output_head, with_gguf_file
+from ..models import backbone_only, load_model, load_tokenizer, output_head
+from ..settings import applies_threads, recorded
+from ..sources import check_dump_inputs
 from ..tasks import FULL_DISTRIBUTION_MAX_LABELS, TOKEN_CLASSIFICATION, Annotation, Task, pooler, resolve_task
 from ..tasks.unknown import unknown_tokens, unknown_warning
 from .augment import augment_rows
@@ -217,6 +219,7 @@ def _augmented(rows, task: Task, tokenizer, model, classes: list[str], settings:
     return augmented, dataset_info | {"augmentation": augmentation.record(len(rows))}
 
 
+@applies_threads
 def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSettings,
                  progress: bool = True, hooks: DumpHooks = DumpHooks()) -> Manifest:
     """Dump `teacher`'s targets on `data` into the cache directory `out`; return its manifest.
@@ -228,7 +231,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
     files.
     """
     out = Path(out)
-    teacher = with_gguf_file(teacher, settings.gguf_file)
+    teacher = check_dump_inputs(teacher, data, settings.gguf_file)
     tokenizer = load_tokenizer(teacher, "teacher tokenizer")
     task, config = resolve_task(settings.task, teacher)
     settings = settings.resolved(task.supports_sampled_targets)
@@ -403,7 +406,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
         teacher=teacher,
         tokenizer=tokenizer,
         dataset={**dataset, "rows_dumped": sum(shard.rows for shard in shards)},
-        settings=dataclasses.asdict(settings) | {"hidden_layers": layers},
+        settings=recorded(settings) | {"hidden_layers": layers},
         columns={"targets": list(settings.target_types),
                  **({"codec": settings.stored_codec.to_manifest()} if settings.codec == "compact" else {}),
                  "topk_ids": str(token_id_type(num_classes)), "topk_logprobs": settings.logprob_dtype,

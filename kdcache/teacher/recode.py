@@ -37,12 +37,14 @@ from ..cache.reader import content_sha256
 from ..cache.store import CacheStore
 from ..cache.writer import CachedSequence, ShardWriter, to_record_batch
 from ..errors import KDCacheError
+from ..settings import applies_threads, recorded
 from .settings import DumpSettings, RecodeSettings
 from .targets import TopKTargets, select_head
 
 RANKING_SAMPLE_ROWS = 256  # rows of the first shard encoded both ways to decide whether ranking pays
 
 
+@applies_threads
 def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = RecodeSettings(),
                  progress: bool = True) -> Manifest:
     """Write the targets of the cache at `cache` in the codec `settings` asks for to `out`; return its manifest."""
@@ -55,7 +57,7 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
     groups = column_groups(target.target_types)
     _check_derivable(source, target)
     opened.verify(progress=progress)
-    fingerprint = sha256_json({"recoded_from": source.dump_fingerprint, "settings": dataclasses.asdict(settings)})
+    fingerprint = sha256_json({"recoded_from": source.dump_fingerprint, "settings": recorded(settings)})
 
     def schema_for(codec: Codec, hidden_sizes: dict[int, int]) -> pa.Schema:
         return shard_schema(top_k=target.top_k, vocab_size=source.num_classes, logprob_dtype=_float_type(target),
@@ -88,7 +90,7 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
     if content_sha256(out, shards) != source.stats.get("content_sha256", content_sha256(cache, source.shards)):
         raise KDCacheError(f"recoding {cache} changed its rows: nothing was committed")
     manifest = dataclasses.replace(
-        source, settings=dataclasses.asdict(target) | {"hidden_layers": source.hidden_layers},
+        source, settings=recorded(target) | {"hidden_layers": source.hidden_layers},
         columns={key: value for key, value in source.columns.items() if key != "codec"}
         | {"targets": list(target.target_types), "topk_logprobs": target.logprob_dtype}
         | ({"codec": codec.to_manifest()} if codec.layout == "compact" else {}),

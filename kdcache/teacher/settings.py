@@ -8,9 +8,36 @@ from typing import Any
 from ..cache.codecs import COMPRESSIONS, LAYOUTS, LOGPROB_TYPES, Codec
 from ..cache.format import MAX_SAMPLES
 from ..errors import KDCacheError
-from ..settings import check_fields, setting
-from ..tasks import CAUSAL_LM, TASKS
-from .augment import Augmentation, parse_methods
+from ..settings import check_fields, setting, threads_setting
+from ..tasks.names import CAUSAL_LM, TASK_NAMES
+
+AUGMENT_METHODS = ("mentions", "substitute", "mask")  # see teacher/augment.py
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """How many variants of each row to write, and how they are made (validated by DumpSettings)."""
+
+    variants: int
+    methods: tuple[str, ...]
+    rate: float
+    seed: int
+
+    def record(self, original_rows: int) -> dict:
+        """The manifest's `dataset.augmentation`: enough to rebuild the same variants, and to tell them apart."""
+        return {"variants_per_row": self.variants, "methods": list(self.methods), "rate": self.rate,
+                "seed": self.seed, "original_rows": original_rows, "variant_rows": original_rows * self.variants}
+
+
+def parse_methods(methods: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in methods.split(",") if name.strip())
+    unknown = sorted(set(names) - set(AUGMENT_METHODS))
+    if not names or unknown:
+        raise KDCacheError(f"`augment_methods` must be a comma-separated list of {', '.join(AUGMENT_METHODS)}, "
+                           f"got {methods!r}")
+    if "substitute" in names and "mask" in names:
+        raise KDCacheError("`augment_methods`: choose one of substitute and mask (both act on the same words)")
+    return names
 
 
 @dataclasses.dataclass
@@ -74,7 +101,7 @@ class DumpSettings:
     fidelity_every: int = setting(8, "The fidelity card measures every N-th target position of each batch "
                                      "(1 = all; costs dump speed).", positive=True)
     seed: int = setting(0, "Seed of the draws (combined with each sample id).")
-    task: str | None = setting(None, "Default: inferred from the teacher config's architectures.", choices=TASKS)
+    task: str | None = setting(None, "Default: inferred from the teacher config's architectures.", choices=TASK_NAMES)
     tokens_column: str = setting("tokens", "Token classification: the column of word lists.")
     labels_column: str | None = setting(None, "Token classification: gold labels per word, ids or names "
                                               "(default: 'ner_tags' if present).")
@@ -92,6 +119,8 @@ class DumpSettings:
                                   positive=True, below=1)
     gguf_file: str | None = setting(None, "A GGUF teacher: the .gguf file inside the `teacher` directory (a path "
                                           "ending in .gguf may also be given as the teacher itself).")
+
+    threads: int | None = threads_setting()
 
     def __post_init__(self):
         check_fields(self)
@@ -158,6 +187,7 @@ class DumpSettings:
         del settings["gguf_file"]  # which teacher: the manifest's teacher record (with the file's sha256) says it
         if not self.augment:  # caches without variants keep the fingerprints they had before augmentation existed
             del settings["augment"], settings["augment_methods"], settings["augment_rate"]
+        del settings["threads"]  # how fast, not what
         return settings
 
     def augmentation(self, tagged: bool) -> Augmentation:
@@ -182,6 +212,8 @@ class RecodeSettings:
     rank_ids: bool = setting(True, "Compact codec: number the ids by how often the cache lists them before gap "
                                    "coding, where that makes the cache smaller (format 4; lossless; 8-12% "
                                    "smaller caches of draws over real vocabularies).")
+
+    threads: int | None = threads_setting()
 
     def __post_init__(self):
         check_fields(self)
