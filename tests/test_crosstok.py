@@ -539,6 +539,13 @@ def test_a_normalising_teachers_mass_goes_to_the_variant_the_student_writes(tmp_
     assert checked == set(words)
     if case != "identity":
         assert cross.variants.shape[1] > 1 and len(target_map) > 2 * len(teacher) + len(student)
+    if case == "uncased":
+        # The map rates count a variant as right (" Queen" for "queen": 12 + 6 occurrences, 19 / 19, not 13 / 19),
+        # and find the student's token that takes the space the teacher's token leaves out (not 1 / 19).
+        rates, entries = cross.estimate_map_rates(opened.sequences()), 2 * len(teacher)
+        assert len(rates) == len(target_map)
+        assert rates[teacher.convert_tokens_to_ids("queen")] == 1.0
+        assert (rates[entries + len(student):].reshape(-1, entries) == rates[:entries]).all()
 
 
 def test_info_reports_the_mass_on_the_true_next_token_by_casing(tmp_path):

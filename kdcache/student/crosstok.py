@@ -35,6 +35,9 @@ student side needs no teacher:
    first token of its text (`first_token_map`): when the teacher predicts "**" or " shalt", the
    student's next token is "*" or the first piece of "shalt". That is exact for whole words and
    punctuation runs and an approximation for a word's first piece; word continuations are left out.
+   A teacher whose normaliser removes what the student keeps (uncased, accents stripped, NFKC) maps to
+   the *variant* the student writes, or splits over the variants by a prior from the cache's text
+   (casing.py, `_case_aware`); nothing changes where both normalise alike.
 4. **Loss** (objective.py): `kd` is the chosen divergence on [mapped ids, rest], the rest holding the
    unmapped listed mass and the tail (`losses.map_targets`); `uld` (weight `uld_weight`) is the
    ULD-style sorted-probability distance on the mass that does not map, tail included
@@ -561,7 +564,9 @@ class CrossTokenizer:
         a student token ("be") that the student only uses for that very word: mapping all of its mass
         there would teach the student a word it does not write. So at each occurrence of a teacher token
         (at a word start or glued, decided by the text before it, as `student_row` does), the student's
-        token at the first non-space character after the previous teacher token is looked up, and the
+        token at the first non-space character after the previous teacher token is looked up (or, when none
+        starts there, the student's token starting right after the previous teacher token, which takes the
+        whitespace the teacher's token left out), and the
         entry's rate is (hits + 1) / (occurrences + 1): 1 for entries never seen and for a tokenizer
         facing itself (the identity: every occurrence is a hit), near 0 for prefixes. A variant of the mapped
         token (casing.py: " The" for an uncased teacher's " the") is a hit too, and each variant's entry has its
@@ -585,7 +590,9 @@ class CrossTokenizer:
                     continue
                 entry = token + half * self._word_start(sequence.text, context)
                 seen[entry] += 1
-                student, mapped = student_at.get(visible, -1), self.vocabulary_map[entry]
+                # the student's token at the first visible character, or the one taking the whitespace before
+                # it (a BPE student's " queen" facing a WordPiece teacher's "queen", which leaves it out)
+                student, mapped = student_at.get(visible, student_at.get(context, -1)), self.vocabulary_map[entry]
                 hits[entry] += student == mapped or min(student, mapped) >= 0 and group[student] == group[mapped]
         return self._over_targets((hits + 1) / (seen + 1), np.ones(self.student_vocab_size)).astype(np.float32)
 
