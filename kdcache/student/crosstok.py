@@ -647,8 +647,8 @@ class CrossTokenizer:
             mapped_mass += float((probabilities * (target_map[row.topk_ids] >= 0)).sum())
             actual = row.input_ids[row.target_positions + 1]
             casing = self.student_casing[actual]
-            true_mass += np.bincount(casing, weights=(probabilities * (target_map[row.topk_ids] == actual[:, None])).sum(1),
-                                     minlength=len(CASINGS))
+            on_true_token = (probabilities * (target_map[row.topk_ids] == actual[:, None])).sum(1)
+            true_mass += np.bincount(casing, weights=on_true_token, minlength=len(CASINGS))
             true_positions += np.bincount(casing, minlength=len(CASINGS))
         share = (lambda count: round(count / boundary_count, 4) if boundary_count else 0.0)
         half = len(self.vocabulary_map) // 2
