@@ -246,8 +246,10 @@ def _alignment_line(report: dict) -> str:
     return (f"alignment    {report['aligned_share']:.1%} of student positions aligned, {report['inside_share']:.1%} "
             f"inside a teacher token ({report['skipped_share']:.1%} skipped), {report['exact_mass_share']:.1%} of the "
             f"teacher's mass maps exactly ({report['mapped_mass_share']:.1%} in all), {report['exact_vocabulary_share']:.1%} "
-            f"of its vocabulary ({report['mapped_vocabulary_share']:.1%})  ({report['rows']} rows, "
-            f"{report['student_positions']} positions)")
+            f"of its vocabulary ({report['mapped_vocabulary_share']:.1%}); mass on the true next token by its casing: "
+            + ", ".join(f"{name} {mass:.1%} ({report['true_token_positions'][name]:.0%} of positions)"
+                        for name, mass in report["true_token_mass"].items())
+            + f"  ({report['rows']} rows, {report['student_positions']} positions)")
 
 
 @main.command("recode")

@@ -56,10 +56,11 @@ def listed_wordpiece(pieces: list[str]) -> PreTrainedTokenizerFast:
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 
-def bert_style(backend: Tokenizer, trainer: tuple | None = None) -> PreTrainedTokenizerFast:
-    """`backend` (a WordPiece model) with BERT's uncased normaliser, pre-tokenizer and [CLS] ... [SEP] template;
-    trained on (corpus, trainer) if given, after the normaliser and pre-tokenizer are set (training uses them)."""
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+def bert_style(backend: Tokenizer, trainer: tuple | None = None, normalizer=None) -> PreTrainedTokenizerFast:
+    """`backend` (a WordPiece model) with `normalizer` (default BERT's uncased one), BERT's pre-tokenizer and
+    [CLS] ... [SEP] template; trained on (corpus, trainer) if given, after the normaliser and pre-tokenizer are
+    set (training uses them)."""
+    backend.normalizer = normalizer or normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     if trainer:
         backend.train_from_iterator(*trainer)
@@ -287,8 +288,9 @@ def test_the_same_tokenizer_through_the_cross_path_gives_same_tokenizer_targets(
         "a tokenizer facing itself: every mapped id is the student's next token"
 
 
-def cross_tokenizer_over(tmp_path, play: list[str], teacher, student) -> tuple[CrossTokenizer, kdcache.Cache]:
-    """(`student` facing the cache, the cache) of a tiny random teacher with tokenizer `teacher`, top-4 over `play`."""
+def cross_tokenizer_over(tmp_path, play: list[str], teacher, student, top_k: int = 4
+                         ) -> tuple[CrossTokenizer, kdcache.Cache]:
+    """(`student` facing the cache, the cache) of a tiny random teacher with tokenizer `teacher`, top-k over `play`."""
     from transformers import AutoModelForCausalLM
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     AutoModelForCausalLM.from_config(tiny_llama_config(len(teacher), hidden=16, layers=1)).save_pretrained(teacher_dir)
@@ -296,7 +298,7 @@ def cross_tokenizer_over(tmp_path, play: list[str], teacher, student) -> tuple[C
     student.save_pretrained(student_dir)
     cache = tmp_path / "cache"
     dump_teacher(str(teacher_dir), str(write_jsonl(tmp_path / "play.jsonl", play)), cache,
-                 DumpSettings(targets="topk", top_k=4), progress=False)
+                 DumpSettings(targets="topk", top_k=top_k), progress=False)
     opened = kdcache.open_cache(cache)
     return CrossTokenizer.from_path(opened, str(student_dir)), opened
 
@@ -421,6 +423,161 @@ def test_inside_a_teacher_token_the_actual_token_is_followed_when_the_students_t
     assert not teacher_entries and student.convert_tokens_to_ids("##ic") in expected
     assert student_entries == pytest.approx(expected, rel=1e-3)
     assert tail == pytest.approx(0.2 + path * 0.05, rel=1e-3)  # the tail keeps its share, and the one after "edi"
+
+
+# ---- a normalising teacher facing a student that keeps the difference --------------------------
+
+KINGS = ["The king is dead. The queen is here, and the king weeps.",
+         "THE END. And the Queen said: the king is here.\nThe king weeps, the queen is dead."] * 6
+CAFES = ["Le café est naïve. The cafe is here, the café is there.",
+         "The naive cafe is here. Le café is there, the naïve café."] * 6
+
+
+def cased_wordpiece(normalizer, pieces: list[str]) -> PreTrainedTokenizerFast:
+    """A WordPiece of both cases' letters, some punctuation and `pieces` behind `normalizer`."""
+    letters = string.ascii_letters
+    vocabulary = [*SPECIAL, *letters, *"*.,!?;:'", *(f"##{letter}" for letter in letters), *pieces]
+    return bert_style(Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocabulary)}, unk_token="[UNK]")),
+                      normalizer=normalizer)
+
+
+NORMALISATIONS = {
+    # BERT's uncased WordPiece (lowercasing, accents stripped) facing a cased byte-level BPE
+    "uncased": (lambda: cased_wordpiece(normalizers.BertNormalizer(lowercase=True),
+                                        ["the", "king", "queen", "is", "dead", "here", "and", "weeps", "end"]),
+                KINGS, ["the", "king", "queen", "and"], ["The", "the", "Queen", "queen", "And", "king"]),
+    # a cased teacher that strips accents facing a BPE that keeps them
+    "accents": (lambda: cased_wordpiece(normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()]),
+                                        ["cafe", "naive", "the", "The", "is", "here", "there", "Le", "est"]),
+                CAFES, ["cafe", "naive", "is", "The"], ["café", "cafe", "naïve", "naive"]),
+    # one byte-level BPE on both sides: nothing to tell apart, the map is the identity
+    "identity": (lambda: byte_level_bpe(KINGS), KINGS, ["Ġthe", "Ġking", "Ġqueen", "Ġand"],
+                 ["the", "king", "queen"]),
+}
+
+
+def reference_context(left: str) -> int:
+    """The context class of the text read so far, as docs/cross_tokenizer.md states it: sentence start, line
+    start, after other whitespace, glued to a word."""
+    stripped = left.rstrip()
+    core = stripped.rstrip("\"'’”)]*_")
+    if not core or core[-1] in ".!?":
+        return 0
+    return 1 if "\n" in left[len(stripped):] else 2 if stripped != left else 3
+
+
+def reference_casing(text: str) -> int:
+    letters = [char for char in text if char.isalpha()]
+    return 0 if letters and all(char.islower() for char in letters) else 1 if letters and letters[0].isupper() else 2
+
+
+def reference_prior(student, texts: list[str]) -> np.ndarray:
+    """[context, student id]: count after the context class + (count of its casing class + 1) / (count + 3)."""
+    counts = np.zeros((4, len(student)))
+    for text in texts:
+        encoded = student(text, return_offsets_mapping=True, return_special_tokens_mask=True, add_special_tokens=False)
+        boundary = 0
+        for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            if end > start:
+                counts[reference_context(text[:boundary]), token] += 1
+                boundary = end
+    casings = np.array([reference_casing(student.decode([token])) for token in range(len(student))])
+    prior = counts.copy()
+    for context in range(4):
+        by_casing = np.bincount(casings, weights=counts[context], minlength=3)
+        prior[context] += (by_casing[casings] + 1) / (by_casing.sum() + 3)
+    return prior
+
+
+@pytest.mark.parametrize("case", list(NORMALISATIONS))
+def test_a_normalising_teachers_mass_goes_to_the_variant_the_student_writes(tmp_path, case):
+    """Dense reference, over the student's whole vocabulary: a listed teacher token's variants are the student
+    tokens that the teacher's own normaliser turns into its text; all of its mass goes to the student's true
+    next token when that is one of them, else it is split by the prior estimated from the cache's text."""
+    make_teacher, play, listed, words = NORMALISATIONS[case]
+    teacher, student = make_teacher(), byte_level_bpe(play)
+    cross, opened = cross_tokenizer_over(tmp_path, play, teacher, student)
+    if case == "identity":
+        identity = np.concatenate([np.tile(np.arange(len(teacher)), 2), np.arange(len(student))])
+        assert (cross.target_map == identity).all()
+    normalizer = teacher.backend_tokenizer.normalizer
+    teacher_texts = token_texts(teacher)
+    student_texts = [student.decode([token]) for token in range(len(student))]
+    prior = reference_prior(student, [sequence.text for sequence in opened.sequences()])
+    target_map = cross.target_map
+    probabilities = [0.4, 0.2, 0.1, 0.05]
+    checked = set()
+    for sequence in list(opened.sequences())[:2]:  # the play's two passages
+        teacher_spans = sequence.token_offsets
+        encoded = student(sequence.text, return_offsets_mapping=True)
+        for position, (start, end) in list(enumerate(encoded["offset_mapping"]))[1:]:
+            word = sequence.text[start:end].strip()
+            predicting = [index for index, (teacher_start, teacher_end) in enumerate(teacher_spans[1:].tolist())
+                          if teacher_end == end and sequence.text[teacher_start:end].strip() == word]
+            spelled = student.decode([encoded["input_ids"][position]]).strip()
+            if (word not in words or not len(predicting) or spelled != word
+                    or teacher_spans[predicting[0], 1] < encoded["offset_mapping"][position - 1][1]):
+                continue  # checked where a teacher token and the student's both end before the word, both spell it
+            row, _, _ = cross.student_row(with_targets(sequence, teacher, int(predicting[0]), listed, probabilities))
+            slot = row.target_positions.tolist().index(position - 1)
+            got: dict[int, float] = {}
+            for index, logprob in zip(row.topk_ids[slot].tolist(), row.topk_logprobs[slot].tolist()):
+                if logprob > -np.inf and target_map[index] >= 0:
+                    got[int(target_map[index])] = got.get(int(target_map[index]), 0.0) + float(np.exp(logprob))
+            actual = encoded["input_ids"][position]
+            context = reference_context(sequence.text[:encoded["offset_mapping"][position - 1][1]])
+            expected: dict[int, float] = {}
+            for token, p in zip(listed, probabilities):
+                text = teacher_texts[teacher.convert_tokens_to_ids(token)].decode()
+                variants = [index for index, student_text in enumerate(student_texts) if student_text.strip()
+                            and (normalizer.normalize_str(student_text) if normalizer else student_text) == text]
+                assert variants, (token, text)
+                weights = ({actual: 1.0} if actual in variants else
+                           {index: prior[context, index] / prior[context, variants].sum() for index in variants})
+                for index, weight in weights.items():
+                    expected[index] = expected.get(index, 0.0) + p * weight
+            assert got == pytest.approx(expected, rel=1e-4, abs=1e-7), (case, sequence.text[:end])
+            assert float(np.exp(row.tail_logprob[slot])) == pytest.approx(0.25, rel=1e-4)
+            checked.add(word)
+    assert checked == set(words)
+    if case != "identity":
+        assert cross.variants.shape[1] > 1 and len(target_map) > 2 * len(teacher) + len(student)
+    if case == "uncased":
+        # The map rates count a variant as right (" Queen" for "queen": 12 + 6 occurrences, 19 / 19, not 13 / 19),
+        # and find the student's token that takes the space the teacher's token leaves out (not 1 / 19).
+        rates, entries = cross.estimate_map_rates(opened.sequences()), 2 * len(teacher)
+        assert len(rates) == len(target_map)
+        assert rates[teacher.convert_tokens_to_ids("queen")] == 1.0
+        assert (rates[entries + len(student):].reshape(-1, entries) == rates[:entries]).all()
+
+
+def test_info_reports_the_mass_on_the_true_next_token_by_casing(tmp_path):
+    """Facing its own tokenizer, the mass on the true next token is the teacher's probability of it; facing a
+    cased student, an uncased teacher's capitals get their share (0 before the mapping knew about case)."""
+    teacher = byte_level_bpe(KINGS)
+    cross, opened = cross_tokenizer_over(tmp_path / "itself", KINGS, teacher, teacher)
+    sums, counts = np.zeros(3), np.zeros(3)
+    for sequence in opened.sequences():
+        for position, token in enumerate(sequence.input_ids[1:].tolist()):
+            listed = sequence.topk_ids[position].tolist()
+            casing = reference_casing(teacher.decode([token]))
+            sums[casing] += np.exp(sequence.topk_logprobs[position][listed.index(token)]) if token in listed else 0.0
+            counts[casing] += 1
+    report = cross.report(opened.sequences())
+    assert counts.all()
+    assert [report["true_token_mass"][name] for name in ("lowercase", "capitalised", "other")] == \
+        pytest.approx((sums / counts).tolist(), abs=1e-4)
+    assert sum(report["true_token_positions"].values()) == pytest.approx(1, abs=1e-3)
+
+    uncased = NORMALISATIONS["uncased"][0]()  # every token listed: the true next token's lowercase form is there
+    _, opened = cross_tokenizer_over(tmp_path / "uncased", KINGS, uncased, teacher, top_k=len(uncased))
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "uncased" / "cache"), "--student-tokenizer",
+                                       str(tmp_path / "uncased" / "student")])
+    assert result.exit_code == 0, result.output
+    report = CrossTokenizer.from_path(opened, str(tmp_path / "uncased" / "student")).report(opened.sequences())
+    assert report["true_token_mass"]["capitalised"] > 0 and report["true_token_positions"]["capitalised"] > 0.05
+    assert (f"capitalised {report['true_token_mass']['capitalised']:.1%} "
+            f"({report['true_token_positions']['capitalised']:.0%} of positions)") in result.output
 
 
 def test_training_across_tokenizers(cache_dir, student_tokenizer_dir, tmp_path):

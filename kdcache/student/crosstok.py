@@ -35,6 +35,9 @@ student side needs no teacher:
    first token of its text (`first_token_map`): when the teacher predicts "**" or " shalt", the
    student's next token is "*" or the first piece of "shalt". That is exact for whole words and
    punctuation runs and an approximation for a word's first piece; word continuations are left out.
+   A teacher whose normaliser removes what the student keeps (uncased, accents stripped, NFKC) maps to
+   the *variant* the student writes, or splits over the variants by a prior from the cache's text
+   (casing.py, `_case_aware`); nothing changes where both normalise alike.
 4. **Loss** (objective.py): `kd` is the chosen divergence on [mapped ids, rest], the rest holding the
    unmapped listed mass and the tail (`losses.map_targets`); `uld` (weight `uld_weight`) is the
    ULD-style sorted-probability distance on the mass that does not map, tail included
@@ -66,6 +69,8 @@ from ..losses import kd_loss, map_targets, uld_loss
 from ..models import load_tokenizer
 from ..tasks.spans import check_spans, token_spans
 from .batching import Batch, collate, draw_estimates, trained_targets
+from .casing import (CASINGS, casing_class, context_class, normalises_alike, split_over_variants, variant_scores,
+                     variant_table)
 
 SPAN_COLUMNS = ("token_offsets", "text")
 RATE_ROWS = 2000  # rows of the cache read to estimate how often each mapped id is right (`estimate_map_rates`)
@@ -319,7 +324,16 @@ class CrossTokenizer:
         self.vocabulary_map = (first_token_map(teacher_tokenizer, student_tokenizer, self.exact_map)
                                if token_map == "first-token" else self.exact_map)
         self.teacher_texts = token_texts(teacher_tokenizer)
-        self.student_glued = np.array([_starts_glued_word(text) for text in token_texts(student_tokenizer)], dtype=bool)
+        student_texts = token_texts(student_tokenizer)
+        self.student_glued = np.array([_starts_glued_word(text) for text in student_texts], dtype=bool)
+        self.student_casing = np.array([casing_class(text) if isinstance(text, bytes) else len(CASINGS) - 1
+                                        for text in student_texts], dtype=np.int64)
+        # Case- and normalisation-aware mapping (casing.py): each student token's variants and their prior.
+        self.variants = (np.arange(len(student_texts), dtype=np.int64)[:, None]
+                         if normalises_alike(teacher_tokenizer, student_tokenizer)
+                         else variant_table(teacher_tokenizer, student_texts))
+        self.variant_scores = (variant_scores(student_tokenizer, (sequence.text for sequence in itertools.islice(
+            cache.sequences(), RATE_ROWS)), self.student_casing) if self.variants.shape[1] > 1 else None)
         self._word_start_after: dict[str, bool] = {}
         self._next_piece: dict[tuple[str, int], int] = {}
 
@@ -334,10 +348,19 @@ class CrossTokenizer:
 
     @property
     def target_map(self) -> np.ndarray:
-        """int64 [2·V_teacher + V_student]: the id space of `student_row`'s targets. Ids below 2·V_teacher are
+        """int64 [2·V_teacher·G + V_student]: the id space of `student_row`'s targets. Ids below 2·V_teacher are
         teacher ids (the vocabulary map's two halves); id 2·V_teacher + j is student id j, given directly by
-        the targets inside a teacher token and along the text (`_inside_targets`, `_follow`)."""
-        return np.concatenate([self.vocabulary_map, np.arange(self.student_vocab_size)])
+        the targets inside a teacher token and along the text (`_inside_targets`, `_follow`); then, when the
+        teacher's normaliser removes a distinction the student keeps (G > 1 variants, casing.py), block g of
+        2·V_teacher ids: each teacher id's g-th other variant of its mapped student token (`_case_aware`)."""
+        variants = [np.where(self.vocabulary_map >= 0, self.variants[np.maximum(self.vocabulary_map, 0), g], -1)
+                    for g in range(1, self.variants.shape[1])]
+        return np.concatenate([self.vocabulary_map, np.arange(self.student_vocab_size), *variants])
+
+    def _over_targets(self, per_entry: np.ndarray, direct: np.ndarray) -> np.ndarray:
+        """A per-entry array of the vocabulary map spread over `target_map`'s space: `direct` for the student ids
+        given directly, the entry's own value for each of its variants."""
+        return np.concatenate([per_entry, direct, *[per_entry] * (self.variants.shape[1] - 1)])
 
     def student_row(self, sequence: CachedSequence) -> tuple[CachedSequence, int, int]:
         """The row as the student sees it, its targets moved to the student positions that get one; its number of
@@ -355,6 +378,7 @@ class CrossTokenizer:
         tails = sequence.tail_logprob[teacher_positions].astype(np.float32)
         ids, logprobs, tails = self._along_the_path(sequence, teacher_spans, spans, student_ids, student_positions,
                                                     teacher_positions, ids, logprobs, tails)
+        ids, logprobs = self._case_aware(sequence.text, spans, student_ids, student_positions, ids, logprobs)
         inside_positions, inside_ids, inside_logprobs, inside_tails = self._inside_targets(
             sequence, teacher_spans, spans, student_ids, student_positions)
         positions = np.concatenate([student_positions, inside_positions])
@@ -367,6 +391,27 @@ class CrossTokenizer:
                              tail_logprob=np.concatenate([tails, inside_tails])[order],
                              target_positions=positions[order].astype(np.int32))
         return row, boundary_count, len(inside_positions)
+
+    def _case_aware(self, text: str, spans: np.ndarray, student_ids: np.ndarray, positions: np.ndarray,
+                    ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The aligned targets with each teacher id's mass on the variant of its student token that the student
+        writes (casing.py `split_over_variants`), largest first; unchanged when no student token has variants."""
+        width, entries = self.variants.shape[1], len(self.vocabulary_map)
+        if width == 1 or not len(positions):
+            return ids, logprobs
+        teacher = ids < entries
+        mapped = np.where(teacher, self.vocabulary_map[np.where(teacher, ids, 0)], -1)
+        contexts = np.array([context_class(text, end) for end in spans[positions, 1].tolist()], dtype=np.int64)
+        slots, split = split_over_variants(ids, logprobs, mapped, self.variants, self.variant_scores,
+                                           student_ids[positions + 1], contexts)
+        base = np.repeat(ids, width, axis=1)
+        variant_ids = np.where(np.repeat(teacher, width, axis=1), entries + self.student_vocab_size
+                               + (slots - 1) * entries + base, 0)  # slots past 0 of student ids hold nothing
+        ids = np.where(slots == 0, base, variant_ids)
+        order = np.argsort(-split, axis=1, kind="stable")
+        split, ids = np.take_along_axis(split, order, 1), np.take_along_axis(ids, order, 1)
+        keep = max(int(np.isfinite(split).sum(1).max()), 1)
+        return ids[:, :keep], split[:, :keep]
 
     def _inside_targets(self, sequence: CachedSequence, teacher_spans: np.ndarray, spans: np.ndarray,
                         student_ids: np.ndarray, aligned: np.ndarray
@@ -520,13 +565,17 @@ class CrossTokenizer:
         a student token ("be") that the student only uses for that very word: mapping all of its mass
         there would teach the student a word it does not write. So at each occurrence of a teacher token
         (at a word start or glued, decided by the text before it, as `student_row` does), the student's
-        token at the first non-space character after the previous teacher token is looked up, and the
+        token at the first non-space character after the previous teacher token is looked up (or, when none
+        starts there, the student's token starting right after the previous teacher token, which takes the
+        whitespace the teacher's token left out), and the
         entry's rate is (hits + 1) / (occurrences + 1): 1 for entries never seen and for a tokenizer
-        facing itself (the identity: every occurrence is a hit), near 0 for prefixes. The loss keeps
-        rate · p on the mapped student id and moves the rest to the unmapped mass (`losses.map_targets`).
-        Student ids given directly (the map's last part) have rate 1.
+        facing itself (the identity: every occurrence is a hit), near 0 for prefixes. A variant of the mapped
+        token (casing.py: " The" for an uncased teacher's " the") is a hit too, and each variant's entry has its
+        teacher id's rate. The loss keeps rate · p on the mapped student id and moves the rest to the unmapped
+        mass (`losses.map_targets`). Student ids given directly have rate 1.
         """
         half = len(self.vocabulary_map) // 2
+        group = np.where(self.variants >= 0, self.variants, len(self.variants)).min(axis=1)  # one id per variants
         hits = np.zeros(2 * half, dtype=np.int64)
         seen = np.zeros(2 * half, dtype=np.int64)
         for sequence in sequences:
@@ -542,8 +591,11 @@ class CrossTokenizer:
                     continue
                 entry = token + half * self._word_start(sequence.text, context)
                 seen[entry] += 1
-                hits[entry] += student_at.get(visible, -1) == self.vocabulary_map[entry]
-        return np.concatenate([(hits + 1) / (seen + 1), np.ones(self.student_vocab_size)]).astype(np.float32)
+                # the student's token at the first visible character, or the one taking the whitespace before
+                # it (a BPE student's " queen" facing a WordPiece teacher's "queen", which leaves it out)
+                student, mapped = student_at.get(visible, student_at.get(context, -1)), self.vocabulary_map[entry]
+                hits[entry] += student == mapped or min(student, mapped) >= 0 and group[student] == group[mapped]
+        return self._over_targets((hits + 1) / (seen + 1), np.ones(self.student_vocab_size)).astype(np.float32)
 
     def _spans(self, sequence: CachedSequence, truncate: bool) -> tuple[np.ndarray, dict, np.ndarray]:
         """(checked teacher spans, the student's encoding of the row's text, its normalised spans)."""
@@ -578,10 +630,14 @@ class CrossTokenizer:
         """Alignment statistics: shares of student boundaries aligned to a teacher boundary, given a target
         inside a teacher token, and skipped; at the positions with a target, share of the teacher's
         probability mass (tail included, which never maps) that maps exactly (same text) and that maps at all
-        (with `token_map` first-token, also to a first token; inside a teacher token, to the student's piece)."""
+        (with `token_map` first-token, also to a first token; inside a teacher token, to the student's piece);
+        and, by casing class of the student's true next token (casing.py CASINGS), the mean mass its targets put
+        on that token (before the map rates) and the share of target positions in the class: where a
+        normalising teacher meets a cased student, the figures that show whether capitals are taught."""
         rows = boundary_count = targeted = inside = 0
         exact_mass = mapped_mass = 0.0
-        exact_map = np.concatenate([self.exact_map, np.full(self.student_vocab_size, -1)])
+        true_mass, true_positions = np.zeros(len(CASINGS)), np.zeros(len(CASINGS))
+        exact_map = self._over_targets(self.exact_map, np.full(self.student_vocab_size, -1))
         target_map = self.target_map
         for sequence in sequences:
             row, count, inside_count = self.student_row(sequence)
@@ -590,6 +646,11 @@ class CrossTokenizer:
             probabilities = np.exp(row.topk_logprobs.astype(np.float64))
             exact_mass += float((probabilities * (exact_map[row.topk_ids] >= 0)).sum())
             mapped_mass += float((probabilities * (target_map[row.topk_ids] >= 0)).sum())
+            actual = row.input_ids[row.target_positions + 1]
+            casing = self.student_casing[actual]
+            on_true_token = (probabilities * (target_map[row.topk_ids] == actual[:, None])).sum(1)
+            true_mass += np.bincount(casing, weights=on_true_token, minlength=len(CASINGS))
+            true_positions += np.bincount(casing, minlength=len(CASINGS))
         share = (lambda count: round(count / boundary_count, 4) if boundary_count else 0.0)
         half = len(self.vocabulary_map) // 2
         return {"rows": rows, "student_positions": boundary_count, "aligned_positions": targeted - inside,
@@ -598,7 +659,11 @@ class CrossTokenizer:
                 "exact_mass_share": round(exact_mass / max(targeted, 1), 4),
                 "mapped_mass_share": round(mapped_mass / max(targeted, 1), 4),
                 "exact_vocabulary_share": round(float((self.exact_map[:half] >= 0).mean()), 4),
-                "mapped_vocabulary_share": round(float((self.vocabulary_map[:half] >= 0).mean()), 4)}
+                "mapped_vocabulary_share": round(float((self.vocabulary_map[:half] >= 0).mean()), 4),
+                "true_token_mass": {name: round(float(mass / max(count, 1)), 4)
+                                    for name, mass, count in zip(CASINGS, true_mass, true_positions)},
+                "true_token_positions": {name: round(float(count / max(targeted, 1)), 4)
+                                         for name, count in zip(CASINGS, true_positions)}}
 
 
 class _Followed:
