@@ -10,14 +10,16 @@ that `kdcache.evaluate` reports on a cache the student never trained on, 3 seeds
 - demo-fresh-wide: a fresh student of the carved one's shape (2 layers, 128 wide), which tells the
   width apart from the carved student's pretrained start.
 
-The sweep is coordinate-wise, because a full grid does not fit a shared 2-core machine: the learning
-rate at batch 16, then the batch size at the best learning rate, the learning rate again at the best
-batch, then the KD temperature, the warm-up share and a CE term, each at the best point so far.
+The sweep is coordinate-wise, because a full grid does not fit a shared 2-core machine: by default the
+learning rate at batch 16, then the batch size at the best learning rate, the learning rate again at
+the best batch, then the KD temperature, the warm-up share and a CE term, each at the best point so
+far (`--stages lr` sweeps the learning rate alone).
 Every point sets all swept fields explicitly; the row "defaults" sets only the budget and the seed, so
 it measures what a user who gives nothing else gets from the `TrainSettings` defaults of this checkout.
-Each point's scores are appended to `--results` (JSON lines) and reused by a rerun.
+Each point's scores are appended to `--results` (JSON lines) and reused by a rerun (the defaults' are
+measured every time).
 
-    python tools/sweep_defaults.py [--workdir DIR] [--tasks demo-fresh,demo-carved] [--steps 200] [--seeds 0,1,2]
+    python tools/sweep_defaults.py [--workdir DIR] [--tasks demo-fresh,demo-fresh-wide,demo-carved] [--stages lr,...] [--steps 100] [--seeds 0,1,2]
 
 The demo's teacher and caches are built once in DIR by `kdcache.demo.run_demo` (as `kdcache demo --workdir DIR`).
 """
@@ -41,8 +43,10 @@ from kdcache import TrainSettings, evaluate, init_student, train_student  # noqa
 from kdcache.demo import STUDENT_SHAPE, llama_config, run_demo  # noqa: E402
 from kdcache.models import load_causal_lm, load_tokenizer  # noqa: E402
 
-SWEEPS = [("lr", (3e-4, 1e-3, 3e-3, 1e-2)), ("batch_size", (8, 16, 32)), ("lr", (3e-4, 1e-3, 3e-3, 1e-2)),
-          ("temperature", (1.0, 2.0)), ("warmup_ratio", (0.0, 0.05, 0.2)), ("ce_weight", (0.0, 0.5))]
+LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+VALUES = {"lr": LRS, "batch_size": (8, 16, 32), "temperature": (1.0, 2.0), "warmup_ratio": (0.0, 0.05, 0.2),
+          "ce_weight": (0.0, 0.5)}
+STAGES = "lr,batch_size,lr,temperature,warmup_ratio,ce_weight"
 START = {"lr": 3e-3, "batch_size": 16, "temperature": 1.0, "warmup_ratio": 0.05, "ce_weight": 0.0}
 SWEPT = tuple(START)
 WIDE = {"hidden_size": 128, "intermediate_size": 384}  # the teacher's width, as a carved student has
@@ -56,7 +60,8 @@ def demo_tasks(workdir: Path) -> dict[str, dict]:
     configs = {}
     for name, shape in (("fresh", STUDENT_SHAPE), ("fresh-wide", {**STUDENT_SHAPE, **WIDE})):
         configs[name] = workdir / f"{name}-student.json"
-        configs[name].write_text(llama_config(vocab_size, shape).to_json_string())
+        if not configs[name].exists():  # sweeps of other tasks may be reading it
+            configs[name].write_text(llama_config(vocab_size, shape).to_json_string())
     carved = workdir / "carved"
     if not carved.is_dir():
         init_student(str(workdir / "teacher"), carved, [0, 3])
@@ -80,19 +85,23 @@ def key(task_name: str, point: dict | None, steps: int, seed: int) -> str:
     return f"{task_name}|{steps}|{described}|{seed}"
 
 
+def remember(results: Path, known: dict[str, float], name: str, kl: float) -> None:
+    known[name] = kl
+    with results.open("a") as file:
+        file.write(json.dumps({"key": name, "kl": kl}) + "\n")
+
+
 def measure(task_name: str, task: dict, point: dict | None, steps: int, seeds: list[int], results: Path,
             known: dict[str, float]) -> list[float]:
     """The KL of `point` (None: the defaults) at each seed, from `known` or trained now (and appended)."""
     scores = []
     for seed in seeds:
         name = key(task_name, point, steps, seed)
-        if name not in known:
+        if name not in known or point is None:  # the defaults are those of this checkout: always measured
             started = time.perf_counter()
             fields = {} if point is None else point
-            known[name] = score(task, TrainSettings(max_steps=steps, seed=seed, verify=False, log_every=steps,
-                                                    **fields))
-            with results.open("a") as file:
-                file.write(json.dumps({"key": name, "kl": known[name]}) + "\n")
+            remember(results, known, name, score(task, TrainSettings(max_steps=steps, seed=seed, verify=False,
+                                                                     log_every=steps, **fields)))
             print(f"  {name}: KL {known[name]:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
         scores.append(known[name])
     return scores
@@ -105,12 +114,13 @@ def describe(point: dict | None) -> str:
             f"warmup {point['warmup_ratio']:g} ce {point['ce_weight']:g}")
 
 
-def sweep(task_name: str, task: dict, steps: int, seeds: list[int], results: Path, known: dict) -> str:
+def sweep(task_name: str, task: dict, stages: list[str], steps: int, seeds: list[int], results: Path,
+          known: dict) -> str:
     table: dict[str, list[float]] = {}
     best = dict(START)
-    for field, values in SWEEPS:
+    for field in stages:
         stage = {}
-        for value in values:
+        for value in VALUES[field]:
             point = {**best, field: value}
             stage[value] = statistics.mean(table.setdefault(describe(point), measure(
                 task_name, task, point, steps, seeds, results, known)))
@@ -118,6 +128,12 @@ def sweep(task_name: str, task: dict, steps: int, seeds: list[int], results: Pat
     defaults = describe(None)
     table[defaults] = measure(task_name, task, None, steps, seeds, results, known)
     lowest = min(statistics.mean(kls) for name, kls in table.items() if name != defaults)
+    if "student" in task:  # a carved student starts near the teacher: how near, before any step
+        name = f"{task_name}|untrained"
+        if name not in known:
+            remember(results, known, name, evaluate(load_causal_lm(task["student"], "student", "float32"),
+                                                   task["heldout"])["kl_to_teacher"])
+        table["untrained (as carved, not a swept point)"] = [known[name]]
     lines = [f"\n{task_name}: held-out KL(teacher ‖ student) after {steps} steps, seeds {','.join(map(str, seeds))}",
              f"{'point':<50} {'KL mean ± std':>16} {'/ best':>7}"]
     for name, kls in sorted(table.items(), key=lambda item: statistics.mean(item[1])):
@@ -132,8 +148,10 @@ def sweep(task_name: str, task: dict, steps: int, seeds: list[int], results: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kdcache-sweep-defaults")
-    parser.add_argument("--tasks", default="demo-fresh,demo-carved")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--tasks", default="demo-fresh,demo-fresh-wide,demo-carved")
+    parser.add_argument("--stages", default=STAGES, help="fields swept in turn, each at the best point so far")
+    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS), help="the learning rates swept")
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--results", type=Path, default=None, help="JSON lines of scores (default: WORKDIR/sweep.jsonl)")
     parser.add_argument("--threads", type=int, default=1)
@@ -144,10 +162,11 @@ def main() -> None:
     known = {}
     if results.exists():
         known = {row["key"]: row["kl"] for row in map(json.loads, results.read_text().splitlines())}
+    VALUES["lr"] = tuple(float(lr) for lr in args.lrs.split(","))
     tasks = demo_tasks(args.workdir)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     for name in args.tasks.split(","):
-        print(sweep(name, tasks[name], args.steps, seeds, results, known), flush=True)
+        print(sweep(name, tasks[name], args.stages.split(","), args.steps, seeds, results, known), flush=True)
 
 
 if __name__ == "__main__":
