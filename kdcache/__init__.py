@@ -53,6 +53,7 @@ _EXPORTS = {
     "CacheDataset": ".student.integration",
     "DistillationTrainer": ".student.integration",
     "collate_inputs": ".student.integration",
+    "training_arguments": ".student.integration",
     "DistillationLoss": ".student.objective",
     "TrainSettings": ".student",
     "CrossTokenizer": ".student.crosstok",
@@ -76,7 +77,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .student import TrainHooks, TrainSettings, evaluate, init_student, train_student
     from .student.batching import Batch, collate
     from .student.crosstok import CrossTokenizer
-    from .student.integration import CacheDataset, DistillationTrainer, collate_inputs
+    from .student.integration import CacheDataset, DistillationTrainer, collate_inputs, training_arguments
     from .student.objective import DistillationLoss
     from .teacher import DumpHooks, DumpSettings, RecodeSettings, dump_teacher, recode_cache
 

@@ -9,7 +9,8 @@ need only three pieces, all sharing `train-student`'s code so the numbers agree:
   `batch.sparse_targets()` for `kd_loss`, `batch.hidden` — and `collate_inputs` gives the same as
   the dict a `Trainer` moves to its device;
 - `DistillationTrainer`: a `transformers.Trainer` whose `compute_loss` is `DistillationLoss`,
-  the very function `train-student` calls on each batch.
+  the very function `train-student` calls on each batch; without `args` it trains with
+  `training_arguments`, `train-student`'s recipe (the same defaults, resolved for the student).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..cache.cache import Cache, as_cache
 from ..cache.writer import CachedSequence
 from ..errors import KDCacheError
 from .batching import Batch, collate
+from .defaults import resolve_defaults
 from .loading import check_student_matches_cache
 from .objective import DistillationLoss
 from .settings import TrainSettings
@@ -71,6 +73,22 @@ def collate_inputs(sequences: list[CachedSequence]) -> dict[str, Any]:
     return collate(sequences).as_dict()
 
 
+def training_arguments(model: torch.nn.Module, settings: TrainSettings = TrainSettings(),
+                       output_dir: str = "trainer_output", **overrides: Any) -> transformers.TrainingArguments:
+    """`TrainingArguments` that train `model` with `train-student`'s recipe for `settings`: the peak learning
+    rate (its default resolved for `model` by `resolve_defaults`), the warm-up share and cosine decay, AdamW's
+    weight decay, gradient clipping, batch size, accumulation, steps or epochs and seed. `overrides` (e.g.
+    `logging_steps`, `save_strategy`) are passed on; they win over the recipe."""
+    settings, _ = resolve_defaults(settings, model)
+    recipe = {"output_dir": output_dir, "learning_rate": settings.lr, "lr_scheduler_type": "cosine",
+              "warmup_steps": settings.warmup_ratio, "weight_decay": settings.weight_decay,
+              "max_grad_norm": settings.max_grad_norm, "per_device_train_batch_size": settings.batch_size,
+              "gradient_accumulation_steps": settings.grad_accum, "max_steps": settings.max_steps or -1,
+              "num_train_epochs": settings.epochs or 1, "seed": settings.seed,
+              "remove_unused_columns": False}  # the collator needs every cached column
+    return transformers.TrainingArguments(**(recipe | overrides))
+
+
 class DistillationTrainer(transformers.Trainer):
     """A `transformers.Trainer` that trains `model` on `cache` with `train-student`'s loss.
 
@@ -82,7 +100,8 @@ class DistillationTrainer(transformers.Trainer):
     same weights and batch give the same number. Of `settings`, the loss fields (weights, divergence,
     tail, temperature, targets, layer map, `fused_loss`: a causal LM's CE and KD from its final hidden
     states, never its full logits; kdcache/fused.py) and the data order (`seed`, `shuffle_buffer`) apply; the
-    optimizer, schedule, batch size and steps are the `TrainingArguments`'. Learned feature
+    optimizer, schedule, batch size and steps are the `TrainingArguments`', and without `args` they are
+    `training_arguments(model, settings)`: `train-student`'s, with the same defaults. Learned feature
     projections (a student narrower than the cached hidden states) are trained with the model but
     not saved by `save_model`: they live in `trainer.distillation_loss.projections`.
     `evaluate()` reports the same loss on an `eval_dataset` (e.g. `CacheDataset(cache.subset(...), shuffle=False)`);
@@ -92,8 +111,8 @@ class DistillationTrainer(transformers.Trainer):
     # The loss is a per-batch mean, as in train-student: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: torch.nn.Module, args: transformers.TrainingArguments, *, cache: Cache | str | Path,
-                 settings: TrainSettings = TrainSettings(), **kwargs):
+    def __init__(self, model: torch.nn.Module, args: transformers.TrainingArguments | None = None, *,
+                 cache: Cache | str | Path, settings: TrainSettings = TrainSettings(), **kwargs):
         cache = as_cache(cache)
         if settings.student_tokenizer:
             raise KDCacheError("`student_tokenizer` (training across tokenizers) is supported by train_student, "
@@ -103,7 +122,7 @@ class DistillationTrainer(transformers.Trainer):
         kwargs.setdefault("train_dataset", CacheDataset(cache, hidden_layers=self.distillation_loss.teacher_layers,
                                                         seed=settings.seed, shuffle_buffer=settings.shuffle_buffer))
         kwargs.setdefault("data_collator", collate_inputs)
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(model=model, args=args or training_arguments(model, settings), **kwargs)
         projections = self.distillation_loss.projections
         if self.args.world_size > 1 and any(True for _ in projections.parameters()):
             raise KDCacheError("learned feature projections are not synchronised across processes under "

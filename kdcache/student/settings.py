@@ -47,12 +47,15 @@ class TrainSettings:
                                         "(same loss as hidden_loss).", non_negative=True)
     layer_map: str | None = setting(None, "student:teacher hidden layer pairs, e.g. '2:6,4:12' "
                                           "(default: last student layer to last cached teacher layer).")
-    lr: float = setting(5e-4, "Peak learning rate (AdamW, linear warmup then cosine decay).", positive=True)
+    lr: float | None = setting(None, "Peak learning rate (AdamW, linear warmup then cosine decay); default: "
+                                     "1e-2 for a fresh student 64 wide, 2e-3 for a pretrained (carved) one, "
+                                     "scaled by 64 / the student's hidden size (docs/train.md, Defaults).",
+                                positive=True)
     weight_decay: float = setting(0.01, "AdamW weight decay.", non_negative=True)
     warmup_ratio: float = setting(0.05, "Share of the steps spent warming up the learning rate.", non_negative=True,
                                   below=1)
     max_grad_norm: float = setting(1.0, "Clip the gradient norm to this (0: no clipping).", non_negative=True)
-    batch_size: int = setting(8, "Sequences per micro-batch and process.", positive=True)
+    batch_size: int = setting(16, "Sequences per micro-batch and process.", positive=True)
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", positive=True)
     max_steps: int | None = setting(None, "Optimizer steps (default: one epoch, or `epochs` epochs).", positive=True)
     epochs: int | None = setting(None, "Passes over the cache (default: one, or until `max_steps`).", positive=True)

@@ -31,6 +31,7 @@ from ..settings import applies_threads, recorded
 from ..sources import check_student_sources
 from .batching import Batch
 from .checkpoint import CHECKPOINTS_DIR, TrainingProgress, load_checkpoint, register_safe_state, save_checkpoint
+from .defaults import resolve_defaults
 from .feed import CacheBatches, prefetched
 from .hooks import TrainHooks
 from .loading import load_cache_tokenizer, load_student
@@ -108,6 +109,10 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     set_seed(settings.seed)
     model = load_student(student, student_config, manifest, settings.student_tokenizer)
     model.config.use_cache = False
+    settings, defaults = resolve_defaults(settings, model)
+    if progress:
+        for line in defaults.values():
+            accelerator.print(line)
     loss_of = DistillationLoss(settings, cache, model)
     # The student ships the tokenizer it was trained with: the cache's, or its own across tokenizers.
     tokenizer = load_cache_tokenizer(cache) if loss_of.cross is None else loss_of.cross.student_tokenizer
@@ -197,6 +202,7 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
     accelerator.wait_for_everyone()
     summary = {"steps": step, "epochs_started": epoch + 1, "tokens": metrics.tokens,
                "seconds": round(metrics.elapsed(), 3), "final": metrics.last,
+               **({"defaults": defaults} if defaults else {}),
                **({"validation": validation.summary()} if validation else {}),
                **({"cross_tokenizer": alignment} if alignment else {}),
                **({"resumed_from": str(checkpoint), "resumed_from_step": resumed_step} if checkpoint else {})}
