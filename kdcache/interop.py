@@ -84,14 +84,54 @@ def _new_directory(out: Path) -> None:
         raise KDCacheError(f"`out` {out} exists and is not empty")
 
 
-def _export_batch(rows: list[CachedSequence], fmt: Format) -> pa.Table:
+# DistillKit's `symmetric_uniform` missing-mass term takes log1p(−Σp) over the float32 sum of the exported
+# probabilities (clamped to 1 − 1e-8, which is 1.0 in float32): a position whose head sums to 1 after rounding
+# trains NaN. The exported head therefore sums to 1 − tail with the tail floored at 2^-16, far above the
+# rounding of k float32 terms (k · 6e-8), and costs at most ~2^-16 nats of KL where the exact tail is smaller.
+TAIL_FLOOR = 2.0 ** -16
+
+
+def _ragged(cache: str | Path) -> KDCacheError:
+    return KDCacheError(f"{cache} lists fewer ids at some positions than at others (top-p or ragged top-k "
+                        f"targets); axolotl and DistillKit read a fixed k per position: export a cache dumped "
+                        f"with `top_k` and no `top_p`")
+
+
+def _sorted_head(row: CachedSequence, cache: str | Path, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row's top-k ids and float64 log-probs in descending probability whatever the codec, and its
+    float64 tail log-mass; empty slots (ragged rows) are refused: both tools read a fixed k."""
+    logprobs = row.topk_logprobs.astype(np.float64)
+    if logprobs.shape[1] != k or not np.isfinite(logprobs).all():
+        raise _ragged(cache)
+    order = np.argsort(-logprobs, axis=1, kind="stable")
+    return (np.take_along_axis(row.topk_ids, order, axis=1), np.take_along_axis(logprobs, order, axis=1),
+            row.tail_logprob.astype(np.float64))
+
+
+def exported_logprobs(logprobs: np.ndarray, tail_logprob: np.ndarray, fmt: Format, kd_temperature: float) -> np.ndarray:
+    """The float32 log-probs `fmt` gets for sorted head log-probs [P, k] with exact tail log-masses [P].
+
+    DistillKit: the head scaled to sum to 1 − tail (tail floored at TAIL_FLOOR), so its `symmetric_uniform`
+    handling recovers the tail and never sees a sum ≥ 1. axolotl: the head renormalised and tempered at
+    `kd_temperature` (p^(1/T) renormalised, as its chat-template strategy builds rows), since its trainer
+    divides only the student's logits by `kd_temperature` and takes the targets as they are.
+    """
+    head = logprobs - (logprobs[:, :1] + np.log(np.exp(logprobs - logprobs[:, :1]).sum(axis=1, keepdims=True)))
+    if fmt.renormalised:
+        tempered = head / kd_temperature
+        return (tempered - (tempered[:, :1] + np.log(np.exp(tempered - tempered[:, :1]).sum(axis=1, keepdims=True)))
+                ).astype(np.float32)
+    mass = np.minimum(-np.expm1(np.minimum(tail_logprob, 0.0)), 1 - TAIL_FLOOR)
+    return (head + np.log(mass)[:, None]).astype(np.float32)
+
+
+def _export_batch(rows: list[CachedSequence], fmt: Format, cache: str | Path, kd_temperature: float) -> pa.Table:
     lengths = np.array([len(row.input_ids) for row in rows])
     k = rows[0].topk_ids.shape[1]
-    ids = np.concatenate([row.topk_ids for row in rows]).astype(np.int32)
-    logprobs = np.concatenate([row.topk_logprobs for row in rows]).astype(np.float32)
-    if fmt.renormalised:
-        peak = logprobs[:, :1]
-        logprobs = logprobs - (peak + np.log(np.exp(logprobs - peak).sum(axis=1, keepdims=True)))
+    heads = [_sorted_head(row, cache, k) for row in rows]
+    ids = np.concatenate([head[0] for head in heads]).astype(np.int32)
+    logprobs = exported_logprobs(np.concatenate([head[1] for head in heads]),
+                                 np.concatenate([head[2] for head in heads]), fmt, kd_temperature)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
 
     def per_position(values: np.ndarray) -> pa.Array:
@@ -106,16 +146,28 @@ def _export_batch(rows: list[CachedSequence], fmt: Format) -> pa.Table:
     return pa.table(columns)
 
 
-def export_cache(cache: str | Path, out: Path | str, fmt: str) -> int:
-    """Write the cache's top-k targets as a `datasets.save_to_disk` directory in format `fmt`; return the rows."""
+def export_cache(cache: str | Path, out: Path | str, fmt: str, *, kd_temperature: float = 1.0) -> int:
+    """Write the cache's top-k targets as a `datasets.save_to_disk` directory in format `fmt`; return the rows.
+
+    Top-k caches export their top-k; head-tail caches (dump-teacher's default) their exact head and tail
+    mass, without the draws (neither tool reads a variable number of ids per position). `kd_temperature`
+    (axolotl only) must equal the `kd_temperature` of the axolotl config that trains on the rows.
+    """
     import datasets
 
     spec, out = _format(fmt), Path(out)
+    if not (np.isfinite(kd_temperature) and kd_temperature > 0):
+        raise KDCacheError(f"`kd_temperature` must be a positive number, got {kd_temperature}")
+    if kd_temperature != 1 and not spec.renormalised:
+        raise KDCacheError(f"`kd_temperature` applies to axolotl exports only: DistillKit tempers the targets "
+                           f"itself (its loss's `temperature`)")
     store = CacheStore(cache)
     manifest = store.load_manifest()
-    if manifest.task != "causal-lm" or "topk" not in manifest.target_types:
+    if manifest.task != "causal-lm" or "topk" not in manifest.trainable_targets:
         raise KDCacheError(f"{fmt} reads top-k targets of causal LMs; {cache} holds {manifest.task} "
-                           f"{'/'.join(manifest.target_types)} targets")
+                           f"{'/'.join(manifest.target_types)} targets (dump with `targets` topk or head-tail)")
+    if manifest.settings.get("top_p") is not None:  # how many ids a position lists depends on the teacher
+        raise _ragged(cache)
     _new_directory(out)
     with tempfile.TemporaryDirectory(prefix="kdcache-export-") as scratch:
         path = Path(scratch) / "rows.arrow"
@@ -123,10 +175,10 @@ def export_cache(cache: str | Path, out: Path | str, fmt: str) -> int:
         for sequence in Cache(store, manifest).sequences():
             rows.append(sequence)
             if len(rows) == ROWS_PER_BATCH:
-                writer, count = _write_rows(writer, path, _export_batch(rows, spec), count)
+                writer, count = _write_rows(writer, path, _export_batch(rows, spec, cache, kd_temperature), count)
                 rows = []
         if rows:
-            writer, count = _write_rows(writer, path, _export_batch(rows, spec), count)
+            writer, count = _write_rows(writer, path, _export_batch(rows, spec, cache, kd_temperature), count)
         writer.close()
         try:
             datasets.Dataset.from_file(str(path)).save_to_disk(str(out))
