@@ -410,7 +410,8 @@ def import_command(fmt, tokenizer, teacher, split, source, out):
     manifest = import_dataset(source, out, fmt, tokenizer=tokenizer, teacher=teacher, split=split)
     skipped = manifest.stats["skipped_sample_ids"]
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, top-{manifest.top_k}"
-               + (f"; skipped {len(skipped)} rows without a target at every position" if skipped else ""))
+               + (f"; skipped {len(skipped)} rows without usable targets (listed in `stats.skipped_sample_ids`)"
+                  if skipped else ""))
 
 
 @main.command("train-student")

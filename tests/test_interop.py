@@ -94,7 +94,8 @@ def test_axolotl_export_is_tempered_for_its_kd_temperature(cache_dir, tmp_path):
     """axolotl tempers only the student: exported at `--kd-temperature 2`, its loss at kd_temperature 2 is the
     KL between the top-k renormalised at T = 2 and the student at T = 2; a T = 1 export has twice the log-prob gaps."""
     for temperature in ("1", "2"):
-        result = invoke("export", "--format", "axolotl", "--kd-temperature", temperature, cache_dir, tmp_path / temperature)
+        result = invoke("export", "--format", "axolotl", "--kd-temperature", temperature, cache_dir,
+                        tmp_path / temperature)
         assert result.returncode == 0, result.stderr
         assert f"kd_temperature: {temperature}" in result.stdout
     torch.manual_seed(0)
@@ -128,3 +129,43 @@ def test_export_refusals_are_one_line(cache_dir, teacher_dir, corpus, tmp_path):
         assert result.returncode == 1 and message in error_line(result), result.stderr
         assert "Traceback" not in result.stderr + result.stdout
         assert not (tmp_path / f"out{index}").exists()
+
+
+def test_axolotl_masks_import_as_untrained_positions_and_export_back(cache_dir, student_config, tmp_path):
+    """Positions axolotl masks (target_mask 0 from labels -100, e.g. the prompt) become untrained positions of
+    the imported cache: no KD or CE term, not scored by `eval`, and masked again when exported back."""
+    result = invoke("export", "--format", "axolotl", cache_dir, tmp_path / "ax")
+    assert result.returncode == 0, result.stderr
+    rows = datasets.load_from_disk(str(tmp_path / "ax")).to_dict()
+    for row, (mask, labels) in enumerate(zip(rows["target_mask"], rows["labels"])):
+        prompt = 1 + row % 3  # the first tokens are a "prompt" axolotl does not train on
+        rows["target_mask"][row] = [[0] * len(slots) if t < prompt else slots for t, slots in enumerate(mask)]
+        rows["labels"][row] = [-100 if t < prompt else label for t, label in enumerate(labels)]
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "masked"))
+    result = invoke("import", "--format", "axolotl", "--tokenizer", cache_dir / "tokenizer", tmp_path / "masked",
+                    tmp_path / "back")
+    assert result.returncode == 0, result.stderr
+    back = open_cache(tmp_path / "back")
+    back.verify(progress=False)
+    trained = 0
+    for row, sequence in enumerate(back.sequences()):
+        prompt = 1 + row % 3
+        assert (sequence.target_positions == np.arange(prompt, len(sequence.input_ids))).all()
+        assert len(sequence.topk_ids) == len(sequence.target_positions)
+        trained += len(sequence.target_positions)
+
+    from kdcache import TrainSettings, evaluate, train_student
+    from transformers import AutoModelForCausalLM
+    train_student(tmp_path / "back", tmp_path / "student", student_config=str(student_config),
+                  settings=TrainSettings(max_steps=2, batch_size=4, ce_weight=1.0), progress=False)
+    scores = evaluate(AutoModelForCausalLM.from_pretrained(tmp_path / "student"), back)
+    assert scores["positions"] == trained and np.isfinite(scores["kl_to_teacher"])
+
+    result = invoke("export", "--format", "axolotl", tmp_path / "back", tmp_path / "again")
+    assert result.returncode == 0, result.stderr
+    again = datasets.load_from_disk(str(tmp_path / "again")).to_dict()
+    assert again["target_mask"] == rows["target_mask"] and again["labels"] == rows["labels"]
+    result = invoke("export", "--format", "distillkit", tmp_path / "back", tmp_path / "dk")
+    assert result.returncode == 0, result.stderr
+    dk = datasets.load_from_disk(str(tmp_path / "dk")).to_dict()
+    assert dk["labels"] == rows["labels"]  # DistillKit masks labels < 0
