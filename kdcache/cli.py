@@ -413,13 +413,18 @@ def merge_command(caches, out):
 @main.command("export")
 @click.option("--format", "fmt", required=True, type=click.Choice(["axolotl", "distillkit"]),
               help="Target tool (its offline-KD dataset format; what each loses: see kdcache/interop.py).")
+@click.option("--kd-temperature", type=float, default=1.0, show_default=True,
+              help="axolotl only: the `kd_temperature` of the axolotl config that will train on OUT (axolotl takes "
+                   "the targets as given and tempers only the student, so they are written at this temperature).")
 @click.argument("cache")
 @click.argument("out", type=click.Path(path_type=Path))
-def export_command(fmt, cache, out):
-    """Write CACHE's top-k targets to OUT as a `datasets.save_to_disk` dataset in FORMAT."""
+def export_command(fmt, kd_temperature, cache, out):
+    """Write CACHE's top-k targets (a head-tail cache's head and tail) to OUT as a `datasets.save_to_disk`
+    dataset in FORMAT."""
     from .interop import export_cache
-    rows = export_cache(cache, out, fmt)
-    click.echo(f"wrote {out}: {rows} rows in {fmt} format")
+    rows = export_cache(cache, out, fmt, kd_temperature=kd_temperature)
+    click.echo(f"wrote {out}: {rows} rows in {fmt} format"
+               + (f"; set `kd_temperature: {kd_temperature:g}` in the axolotl config" if fmt == "axolotl" else ""))
 
 
 @main.command("import")
@@ -436,7 +441,8 @@ def import_command(fmt, tokenizer, teacher, split, source, out):
     manifest = import_dataset(source, out, fmt, tokenizer=tokenizer, teacher=teacher, split=split)
     skipped = manifest.stats["skipped_sample_ids"]
     click.echo(f"wrote {out}: {manifest.total_rows} sequences, {manifest.total_tokens} tokens, top-{manifest.top_k}"
-               + (f"; skipped {len(skipped)} rows without a target at every position" if skipped else ""))
+               + (f"; skipped {len(skipped)} rows without usable targets (listed in `stats.skipped_sample_ids`)"
+                  if skipped else ""))
 
 
 @main.command("train-student")

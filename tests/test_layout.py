@@ -1,6 +1,6 @@
-"""The layout's import rules (DESIGN.md): the teacher and student phases never import each other, the
-cache format shared between teams needs neither torch, transformers nor the tasks, and nothing reaches
-into another package's `_private` names. Checked on the source (every import, even one inside a
+"""The layout's import rules (docs/python.md, "Layout"): the teacher and student phases never import each
+other, the cache format shared between teams needs neither torch, transformers nor the tasks, and nothing
+reaches into another package's `_private` names. Checked on the source (every import, even one inside a
 function) and, for `cache/`, by importing it in a fresh interpreter."""
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ def hidden_column(layer: int) -> str:
 
 
 # Columns only some tasks write (see kdcache/tasks/), in schema order, after the target columns.
-# `target_positions`: which token each target belongs to (absent = every position, the causal-LM case);
+# `target_positions`: which token each target belongs to (absent = every position, the causal-LM case; a causal-LM
+# import keeps the positions its source trains on);
 # `labels`: the gold class of each target; `token_type_ids`: segment ids of text pairs;
 # `token_offsets` + `text`: each token's [start, end) character span in the row's text, and that text
 # (causal LM from text with a fast tokenizer), so a student with another tokenizer can be aligned later.

@@ -49,7 +49,7 @@ def evaluate(model, cache: Cache | Path | str, *, batch_size: int = 16, device: 
         nonlocal kl_sum, agree, nll_sum, positions, labelled
         batch = collate(sequences).to(device)
         logits = model(**batch.model_inputs()).logits
-        logits = logits[batch.valid][:, :manifest.vocab_size].float()
+        logits = logits[batch.targets_at][:, :manifest.vocab_size].float()
         targets = batch.sparse_targets(kind)
         count = logits.shape[0]
         kl_sum += float(kd_loss(logits, targets, divergence="forward_kl", tail="rest-bucket")) * count

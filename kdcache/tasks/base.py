@@ -171,8 +171,9 @@ class Task:
         return output_vocab_size(model)
 
     def student_logits(self, logits: torch.Tensor, batch, num_classes: int) -> torch.Tensor:
-        """Student logits [N, C] in the order of `batch.sparse_targets()`."""
-        return logits[batch.valid][:, :num_classes]
+        """Student logits [N, C] in the order of `batch.sparse_targets()` (imported caches may leave
+        positions untrained: `target_positions`)."""
+        return logits[batch.targets_at][:, :num_classes]
 
     def gold_labels(self, batch) -> torch.Tensor:
         """Gold class per target [N] for the cross-entropy term (-100: none)."""
