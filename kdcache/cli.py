@@ -364,12 +364,23 @@ def copy_command(source, destination, shards, rows, sample_ids, workers):
 @main.command("merge")
 @click.argument("caches", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the merged cache.")
-def merge_command(caches, out):
+@click.option("--teachers", default=None, metavar="A,B,...",
+              help="Join caches of the same rows dumped by different teachers into one multi-teacher cache, "
+                   "naming each teacher (in the order of CACHES; the first is the cache's own).")
+def merge_command(caches, out, teachers):
     """Merge CACHES (directories or URLs) of the same teacher, tokenizer and target settings into one cache.
 
     Shards are hard-linked or copied, never re-encoded; when sample ids collide, each source's ids are
     shifted (its shards rewritten with the new ids) and the manifest's `sources` records the offsets.
+    With --teachers, CACHES hold the same rows dumped by different teachers, and the result holds every
+    teacher's targets for them (train-student --teachers mixes them).
     """
+    if teachers is not None:
+        from .cache.teachers import join_teachers
+        manifest = join_teachers(list(caches), [name.strip() for name in teachers.split(",")], out)
+        click.echo(f"wrote {out}: {len(manifest.teachers)} teachers ({', '.join(manifest.teacher_names)}) of "
+                   f"{manifest.total_rows} sequences, {manifest.total_tokens} tokens")
+        return
     from .cache.merge import merge_caches
     manifest = merge_caches(list(caches), out)
     shifted = [source for source in manifest.sources if source["id_offset"]]
