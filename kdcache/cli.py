@@ -242,7 +242,7 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
 
     The manifest comes from elsewhere: its text is printed with control characters escaped.
     """
-    from .cache.card import CARD_NAME
+    from .cache.card import CARD_NAME, describe_teacher
     from .cache.store import CacheStore
     store = CacheStore(cache)
     manifest = store.load_manifest()
@@ -275,6 +275,8 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
         f"teacher NLL  {manifest.stats.get('teacher_nll')} "
         + ("nats/target (on gold labels)" if manifest.labels else "nats/token"),
         *_fidelity_lines(manifest),
+        *[f"teacher {index + 1}    {describe_teacher(entry, manifest.total_tokens)}"
+          for index, entry in enumerate(manifest.teachers)],
         *_dropped_lines(manifest),
         *([f"sources      made from {len(manifest.sources)} other cache(s): "
            + ", ".join(str(source.get("location")) for source in manifest.sources)] if manifest.sources else []),
@@ -400,6 +402,11 @@ def export_command(fmt, cache, out):
     from .interop import export_cache
     rows = export_cache(cache, out, fmt)
     click.echo(f"wrote {out}: {rows} rows in {fmt} format")
+    from .cache.store import CacheStore
+    teachers = CacheStore(cache).load_manifest().teacher_names
+    if teachers:  # the formats hold one teacher's targets
+        click.echo(printable(f"the targets of teacher {teachers[0]}, the cache's own; export another teacher from "
+                             f"its cache, {cache}/teachers/<name> ({', '.join(teachers[1:])})"))
 
 
 @main.command("import")

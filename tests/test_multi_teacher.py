@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+from conftest import LANGUAGE, tiny_llama_config, write_jsonl
+from hostile import map_values, rehash, rewrite_shard
+from transformers import AutoModelForCausalLM
 
+from kdcache import DumpSettings, dump_teacher, open_cache
+from kdcache.cache.card import CARD_NAME
+from kdcache.cache.format import MANIFEST_NAME, Manifest, sha256_file
+from kdcache.cache.teachers import join_teachers
+from kdcache.cache.transfer import copy_cache
+from kdcache.cli import main
+from kdcache.demo.synthetic import build_word_tokenizer
+from kdcache.errors import KDCacheError
 from kdcache.losses import SparseTargets, dense_kd_loss, kd_loss, mix_targets
 
 V, N = 12, 6
@@ -135,3 +151,150 @@ def test_mixing_refuses_top_k_with_sampled():
     teachers, logits = _teachers(8), _student(9)
     with pytest.raises(ValueError, match="cannot mix top-k"):
         mix_targets([_topk(teachers[0], 3), _draws(teachers[1], 4, np.random.default_rng(0))], WEIGHTS, logits)
+
+
+# --------------------------------------------------------------------------- multi-teacher caches
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def _error(result) -> str:
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    return [line for line in result.output.splitlines() if line.startswith("Error:")][-1]
+
+
+def _teacher(directory: Path, tokenizer, seed: int, hidden: int) -> Path:
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer), hidden=hidden)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+SETTINGS = {"batch_size": 8, "shard_rows": 8}
+
+
+@pytest.fixture(scope="module")
+def two_teachers(tmp_path_factory, tokenizer):
+    """The same 20 rows dumped by two random teachers of different widths (top-4 and head-tail compact caches),
+    joined as a and b."""
+    root = tmp_path_factory.mktemp("teachers")
+    corpus = write_jsonl(root / "corpus.jsonl", LANGUAGE.sentences(20, min_words=4, max_words=12, seed=3))
+    a = dump_teacher(str(_teacher(root / "ta", tokenizer, 0, 32)), str(corpus), root / "a",
+                     DumpSettings(top_k=4, **SETTINGS), progress=False)
+    b = dump_teacher(str(_teacher(root / "tb", tokenizer, 1, 16)), str(corpus), root / "b",
+                     DumpSettings(top_k=6, **SETTINGS), progress=False)
+    joined = _run("merge", root / "a", root / "b", "--teachers", "a,b", "--out", root / "joined")
+    assert joined.exit_code == 0, joined.output
+    return root, a, b, corpus
+
+
+def test_joined_cache_holds_every_teacher_and_reads_them_along(two_teachers):
+    root, a, b, _ = two_teachers
+    manifest = Manifest.load(root / "joined")
+    assert manifest.teacher_names == ["a", "b"]
+    first, second = manifest.teachers
+    assert (first["path"], second["path"]) == ("", "teachers/b")
+    assert first["teacher"] == a.teacher and second["teacher"] == b.teacher
+    assert (first["dump_fingerprint"], second["dump_fingerprint"]) == (a.dump_fingerprint, b.dump_fingerprint)
+    assert second["fidelity"] == b.stats["fidelity"] and second["top_k"] == 6
+    assert second["manifest_sha256"] == sha256_file(root / "joined" / "teachers" / "b" / MANIFEST_NAME)
+    assert manifest.dump_fingerprint not in (a.dump_fingerprint, b.dump_fingerprint)
+    # the cache's own teacher's shards are a's, byte for byte; b's cache is b's, byte for byte
+    for shard in a.shards:
+        assert (root / "joined" / shard.file).read_bytes() == (root / "a" / shard.file).read_bytes()
+    assert (root / "joined/teachers/b" / MANIFEST_NAME).read_bytes() == (root / "b" / MANIFEST_NAME).read_bytes()
+    cache = open_cache(root / "joined")
+    cache.verify(progress=False)
+    rows = list(cache.sequences(shuffle=True, seed=3, shuffle_buffer=4, teachers=["b"]))
+    alone = {row.sample_id: row for row in open_cache(root / "b").sequences()}
+    assert len(rows) == a.total_rows
+    for row in rows:
+        assert np.array_equal(row.teachers["b"].topk_ids, alone[row.sample_id].topk_ids)
+        assert np.array_equal(row.teachers["b"].topk_logprobs, alone[row.sample_id].topk_logprobs)
+
+
+def test_info_and_card_show_every_teacher(two_teachers):
+    root, a, b, _ = two_teachers
+    output = _run("info", root / "joined").output
+    lines = [line for line in output.splitlines() if line.startswith(("teacher 1", "teacher 2"))]
+    assert len(lines) == 2 and lines[0].startswith("teacher 1    a: ") and "teachers/b/" in lines[1]
+    assert f"{b.teacher['num_parameters']:,} parameters" in lines[1]
+    card = (root / "joined" / CARD_NAME).read_text()
+    assert "## Teachers" in card and "- b: " in card and b.dump_fingerprint[:12] in card
+
+
+def test_join_refuses_other_rows_tokenizers_and_shard_layouts(two_teachers, tmp_path):
+    root, _, _, corpus = two_teachers
+    teacher = root / "tb"
+    dump_teacher(str(teacher), str(corpus), tmp_path / "fewer", DumpSettings(top_k=4, limit=10, **SETTINGS),
+                 progress=False)
+    assert "holds other rows (content_sha256 differs)" in _error(
+        _run("merge", root / "a", tmp_path / "fewer", "--teachers", "a,b", "--out", tmp_path / "x"))
+    dump_teacher(str(teacher), str(corpus), tmp_path / "layout", DumpSettings(top_k=4, batch_size=8, shard_rows=5),
+                 progress=False)
+    assert "splits the rows into other shards" in _error(
+        _run("merge", root / "a", tmp_path / "layout", "--teachers", "a,b", "--out", tmp_path / "x"))
+    other = build_word_tokenizer(LANGUAGE.words + ["zebra"])
+    dump_teacher(str(_teacher(tmp_path / "other", other, 2, 16)), str(corpus), tmp_path / "tokens",
+                 DumpSettings(top_k=4, **SETTINGS), progress=False)
+    assert "has another tokenizer: teachers with different tokenizers cannot share a cache" in _error(
+        _run("merge", root / "a", tmp_path / "tokens", "--teachers", "a,b", "--out", tmp_path / "x"))
+    assert "must be distinct" in _error(_run("merge", root / "a", root / "b", "--teachers", "a,a", "--out",
+                                             tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_verify_refuses_a_tampered_second_teacher(two_teachers, tmp_path):
+    """b's tail log-probs edited and b's manifest rehashed to match: the joined manifest's record of b refuses it; a
+    forger who rewrites that record too meets b's own value checks (tails must be ≤ 0)."""
+    root = two_teachers[0]
+    forged = tmp_path / "forged"
+    shutil.copytree(root / "joined", forged)
+    second = forged / "teachers" / "b"
+    rewrite_shard(second, 0, "tail_logprob", lambda column: map_values(column, lambda values: values + 50))
+    rehash(second)
+    assert "teachers/b/kdcache.json in cache" in _error(_run("verify", forged))
+    data = json.loads((forged / MANIFEST_NAME).read_text())
+    data["teachers"][1]["manifest_sha256"] = sha256_file(second / MANIFEST_NAME)
+    (forged / MANIFEST_NAME).write_text(json.dumps(data))
+    message = _error(_run("verify", forged))
+    assert "teachers/b" in message and "shard-00000-00000" in message
+    data["teachers"][1]["path"] = "../b"
+    (forged / MANIFEST_NAME).write_text(json.dumps(data))
+    assert "`teachers[1].path` must be teachers/b" in _error(_run("verify", forged))
+
+
+def test_copy_and_recode_keep_every_teacher(two_teachers, tmp_path):
+    from kdcache.teacher.recode import RecodeSettings, recode_cache
+    root = two_teachers[0]
+    report = copy_cache(root / "joined", tmp_path / "copy", progress=False)
+    assert (tmp_path / "copy" / MANIFEST_NAME).read_bytes() == (root / "joined" / MANIFEST_NAME).read_bytes()
+    open_cache(tmp_path / "copy").verify(progress=False)
+    assert report.manifest.teacher_names == ["a", "b"]
+    with pytest.raises(KDCacheError, match="has several teachers: copy it whole"):
+        copy_cache(root / "joined", tmp_path / "part", rows=3, progress=False)
+    recoded = recode_cache(root / "joined", tmp_path / "recoded", RecodeSettings(top_k=3), progress=False)
+    assert recoded.teacher_names == ["a", "b"] and [entry["top_k"] for entry in recoded.teachers] == [3, 3]
+    cache = open_cache(tmp_path / "recoded")
+    cache.verify(progress=False)
+    row = next(iter(cache.sequences(teachers=["b"])))
+    assert row.topk_ids.shape[1] == 3 and row.teachers["b"].topk_ids.shape[1] == 3
+
+
+def test_student_trains_from_the_ensemble(two_teachers, student_config, tmp_path):
+    root = two_teachers[0]
+    common = ["train-student", "--cache", root / "joined", "--student-config", student_config, "--max-steps", 2,
+              "--batch-size", 4]
+    result = _run(*common, "--teachers", "a:0.6,b:0.4", "--out", tmp_path / "student")
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(entry["kd"]) for entry in metrics if "kd" in entry)
+    assert "names c, but cache" in _error(_run(*common, "--teachers", "a:0.5,c:0.5", "--out", tmp_path / "x"))
+    assert "distinct names with positive weights" in _error(_run(*common, "--teachers", "a:-1", "--out",
+                                                                 tmp_path / "x"))
+    assert "has one teacher" in _error(_run(*common[:2], root / "a", *common[3:], "--teachers", "a:1,b:1",
+                                            "--out", tmp_path / "x"))

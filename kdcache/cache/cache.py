@@ -97,7 +97,10 @@ class Cache:
         if self.manifest.teachers:
             rows = content_sha256(self.store, self.manifest.shards)
             for name, teacher in self.teacher_caches().items():
-                teacher.verify(progress=progress)
+                try:
+                    teacher.verify(progress=progress)
+                except KDCacheError as error:  # its shards are named as in any cache: say which teacher's
+                    raise KDCacheError(f"teacher {name} of cache {self} ({teacher}): {error}") from None
                 if content_sha256(teacher.store, teacher.manifest.shards) != rows:
                     raise KDCacheError(f"teacher {name} of cache {self} holds other rows or tokens than the cache")
 

@@ -101,17 +101,30 @@ def join_teachers(locations: list[str | Path], names: list[str], out: Path | str
 
 
 def _join(locations: list[str], names: list[str], manifests: list[Manifest], out: Path, progress: bool) -> Manifest:
-    entries = [teacher_entry(names[0], "", manifests[0], locations[0])]
-    for name, location, manifest in zip(names[1:], locations[1:], manifests[1:]):
-        path = f"{TEACHERS_DIR}/{name}"
-        copy_cache(location, out / path, progress=progress)  # every shard checked on arrival
-        entries.append(teacher_entry(name, path, manifest, location)
-                       | {"manifest_sha256": sha256_file(out / path / MANIFEST_NAME)})
+    teachers = [{"name": name, "path": f"{TEACHERS_DIR}/{name}" if index else "", "location": location}
+                for index, (name, location) in enumerate(zip(names, locations))]
+    for teacher in teachers[1:]:
+        copy_cache(teacher["location"], out / teacher["path"], progress=progress)  # every shard checked on arrival
     _link_or_copy(CacheStore(locations[0]), manifests[0], out, progress)
-    joined = joined_manifest(manifests[0], entries, locations[0])
+    joined = joined_manifest(manifests[0], describe_teachers(out, manifests[0], teachers), locations[0])
     (out / CARD_NAME).write_text(render_card(joined, str(out)))
     joined.save(out)
     return joined
+
+
+def describe_teachers(out: Path, own: Manifest, teachers: list[dict]) -> list[dict]:
+    """The `teachers` entries of the multi-teacher cache being written at `out`, whose own teacher's manifest is
+    `own`: `teachers` gives each one's name, path and provenance (`location`), the caches under `out` the rest."""
+    entries = []
+    for teacher in teachers:
+        if not teacher["path"]:
+            entries.append(teacher_entry(teacher["name"], "", own, teacher.get("location")))
+            continue
+        directory = out / check_relative(teacher["path"])
+        entries.append(teacher_entry(teacher["name"], teacher["path"], Manifest.load(directory),
+                                     teacher.get("location"))
+                       | {"manifest_sha256": sha256_file(directory / MANIFEST_NAME)})
+    return entries
 
 
 def _link_or_copy(store: CacheStore, manifest: Manifest, out: Path, progress: bool) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from ..cache.cache import Cache
 from ..errors import KDCacheError
-from ..losses import SparseTargets, kd_loss, next_token_ce
+from ..losses import SparseTargets, kd_loss, mix_targets, next_token_ce
 from ..tasks import CAUSAL_LM, get_task, pooler
 from .batching import Batch, trained_targets
 from .crosstok import CrossTokenizer, CrossTokenizerLoss, check_cross_tokenizer_cache
@@ -34,6 +34,8 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
         raise KDCacheError("`pooled_weight` > 0 but the cache holds no pooled output (dump with `pooled`)")
     if settings.student_tokenizer:
         check_cross_tokenizer_settings(settings, cache)
+    if settings.teachers:
+        check_ensemble_settings(settings, cache, targets)
     if not settings.kd_weight:
         return targets
     probe = SparseTargets(ids=torch.zeros(0, 1, dtype=torch.long), logprobs=torch.zeros(0, 1),
@@ -45,6 +47,23 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
         raise KDCacheError(f"`loss` {settings.loss}, `tail` {settings.tail}, `temperature` {settings.temperature:g} "
                            f"with `targets` {targets}: {error}") from None
     return targets
+
+
+def check_ensemble_settings(settings: TrainSettings, cache: Cache, targets: str) -> None:
+    """`teachers` must name teachers of a multi-teacher cache, each holding the target type trained on."""
+    names = cache.manifest.teacher_names
+    unknown = [name for name in settings.teacher_weights() if name not in names]
+    if unknown:
+        raise KDCacheError(f"`teachers` names {', '.join(unknown)}, but cache {cache} has "
+                           + (f"the teachers {', '.join(names)}" if names else "one teacher (join caches of several "
+                              "with `merge --teachers`)"))
+    if settings.student_tokenizer:
+        raise KDCacheError("`teachers` and `student_tokenizer` cannot be combined (the teachers of one cache share "
+                           "its tokenizer; train across tokenizers from a single teacher)")
+    for name, teacher in cache.teacher_caches().items():
+        if name in settings.teacher_weights() and targets not in teacher.manifest.trainable_targets:
+            raise KDCacheError(f"`targets` {targets}: teacher {name} of cache {cache} holds only "
+                               f"{'/'.join(teacher.manifest.target_types)} targets")
 
 
 def check_cross_tokenizer_settings(settings: TrainSettings, cache: Cache) -> None:
@@ -78,6 +97,10 @@ class DistillationLoss:
         self.projections: torch.nn.Module = FeatureProjections(
             self.layer_map, model.config.hidden_size, manifest.hidden_sizes, settings.hidden_loss,
             manifest.pooled_size if settings.pooled_weight else None)
+        # Several teachers (`teachers`): the KD target is the mixture of theirs (`mix_targets`); the first teacher's
+        # targets are the batch's own, the others' are read along (`Batch.teachers`).
+        self.mixture = settings.teacher_weights()
+        self.own_teacher = manifest.teacher_names[0] if manifest.teacher_names else None
         self.weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight,
                         "pooled": settings.pooled_weight, "uld": settings.uld_weight}
         # Across tokenizers: batches come from `cross.collate`, the student's logits range over its own vocabulary.
@@ -90,6 +113,19 @@ class DistillationLoss:
         if self.cross is not None:
             self.num_classes = self.cross.student_vocab_size
             self.cross_terms = CrossTokenizerLoss(settings, self.cross, cache)
+
+    @property
+    def other_teachers(self) -> tuple[str, ...]:
+        """The teachers whose rows the batches must carry besides the cache's own (`Cache.sequences(teachers=...)`)."""
+        return tuple(name for name in self.mixture if name != self.own_teacher)
+
+    def kd_targets(self, batch: Batch, logits: torch.Tensor) -> SparseTargets:
+        """The KD target of a batch: the cache's own teacher's, or the mixture of the `teachers`."""
+        if not self.mixture:
+            return batch.sparse_targets(self.targets)
+        targets = [(batch if name == self.own_teacher else batch.teachers[name]).sparse_targets(self.targets)
+                   for name in self.mixture]
+        return mix_targets(targets, list(self.mixture.values()), logits)
 
     @property
     def teacher_layers(self) -> list[int]:
@@ -111,7 +147,7 @@ class DistillationLoss:
         if self.cross is not None:
             terms |= self.cross_terms(output.logits, batch)
         elif settings.kd_weight:
-            terms["kd"] = kd_loss(logits, batch.sparse_targets(self.targets), divergence=settings.loss,
+            terms["kd"] = kd_loss(logits, self.kd_targets(batch, logits), divergence=settings.loss,
                                   tail=settings.tail, temperature=settings.temperature)
         if self.matches_features:
             pooled = self.pooler(output.hidden_states[-1]) if self.pooler is not None else None
