@@ -88,8 +88,12 @@ class TrainSettings:
 
     def __post_init__(self):
         check_fields(self)
-        if self.teachers is not None:
-            self.teacher_weights()
+        self.teacher_weights()
+        if not self.val_fraction:
+            if self.eval_every is not None or self.early_stopping is not None:
+                raise KDCacheError("`eval_every` and `early_stopping` need a validation split: set `val_fraction`")
+        elif self.early_stopping is not None and self.eval_every is None:
+            raise KDCacheError("`early_stopping` needs `eval_every` (how often to score the held-out split)")
 
     def teacher_weights(self) -> dict[str, float]:
         """`teachers` as {name: weight}, weights normalised to sum to one; empty when unset."""
@@ -108,8 +112,3 @@ class TrainSettings:
             weights[name] = value
         total = sum(weights.values())
         return {name: value / total for name, value in weights.items()}
-        if not self.val_fraction:
-            if self.eval_every is not None or self.early_stopping is not None:
-                raise KDCacheError("`eval_every` and `early_stopping` need a validation split: set `val_fraction`")
-        elif self.early_stopping is not None and self.eval_every is None:
-            raise KDCacheError("`early_stopping` needs `eval_every` (how often to score the held-out split)")
