@@ -245,6 +245,8 @@ def test_join_refuses_other_rows_tokenizers_and_shard_layouts(two_teachers, tmp_
         _run("merge", root / "a", tmp_path / "tokens", "--teachers", "a,b", "--out", tmp_path / "x"))
     assert "must be distinct" in _error(_run("merge", root / "a", root / "b", "--teachers", "a,a", "--out",
                                              tmp_path / "x"))
+    assert "has several teachers: merge each teacher's caches" in _error(
+        _run("merge", root / "joined", root / "a", "--out", tmp_path / "x"))
     assert not (tmp_path / "x").exists()
 
 
