@@ -30,11 +30,13 @@ _EXPORTS = {
     "KDCacheWarning": ".errors",
     "copy_cache": ".cache.transfer",
     "merge_caches": ".cache.merge",
+    "join_teachers": ".cache.teachers",
     "export_cache": ".interop",
     "import_dataset": ".interop",
     "SparseTargets": ".losses",
     "dense_kd_loss": ".losses",
     "map_targets": ".losses",
+    "mix_targets": ".losses",
     "uld_loss": ".losses",
     "hidden_loss": ".losses",
     "kd_loss": ".losses",
@@ -67,13 +69,14 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 if TYPE_CHECKING:  # what static tools and IDEs see
     from .cache.cache import Cache, open_cache
     from .cache.merge import merge_caches
+    from .cache.teachers import join_teachers
     from .cache.transfer import copy_cache
     from .errors import KDCacheError, KDCacheWarning
     from .interop import export_cache, import_dataset
     from .fused import OutputHead, fused_kd_loss
     from .models import output_head
-    from .losses import (SparseTargets, dense_kd_loss, hidden_loss, kd_loss, map_targets, next_token_ce,
-                         uld_loss)
+    from .losses import (SparseTargets, dense_kd_loss, hidden_loss, kd_loss, map_targets, mix_targets,
+                         next_token_ce, uld_loss)
     from .student import TrainHooks, TrainSettings, evaluate, init_student, train_student
     from .student.batching import Batch, collate
     from .student.crosstok import CrossTokenizer

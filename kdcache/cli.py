@@ -282,7 +282,7 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
 
     The manifest comes from elsewhere: its text is printed with control characters escaped.
     """
-    from .cache.card import CARD_NAME
+    from .cache.card import CARD_NAME, describe_teacher
     from .cache.store import CacheStore
     store = CacheStore(cache)
     manifest = store.load_manifest()
@@ -320,6 +320,8 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
         + (" (of the source cache)" if manifest.stats.get("teacher_nll_measured_on") == "source" else ""),
         *_fidelity_lines(manifest),
         *_unknown_lines(manifest),
+        *[f"teacher {index + 1}    {describe_teacher(entry, manifest.total_tokens)}"
+          for index, entry in enumerate(manifest.teachers)],
         *_dropped_lines(manifest),
         *([f"sources      {provenance(manifest)}"] if manifest.sources else []),
         f"card         {CARD_NAME if store.size(CARD_NAME) is not None else 'none'}",
@@ -395,12 +397,23 @@ def copy_command(source, destination, shards, rows, sample_ids, workers):
 @main.command("merge")
 @click.argument("caches", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the merged cache.")
-def merge_command(caches, out):
+@click.option("--teachers", default=None, metavar="A,B,...",
+              help="Join caches of the same rows dumped by different teachers into one multi-teacher cache, "
+                   "naming each teacher (in the order of CACHES; the first is the cache's own).")
+def merge_command(caches, out, teachers):
     """Merge CACHES (directories or URLs) of the same teacher, tokenizer and target settings into one cache.
 
     Shards are hard-linked or copied, never re-encoded; when sample ids collide, each source's ids are
     shifted (its shards rewritten with the new ids) and the manifest's `sources` records the offsets.
+    With --teachers, CACHES hold the same rows dumped by different teachers, and the result holds every
+    teacher's targets for them (train-student --teachers mixes them).
     """
+    if teachers is not None:
+        from .cache.teachers import join_teachers
+        manifest = join_teachers(list(caches), [name.strip() for name in teachers.split(",")], out)
+        click.echo(f"wrote {out}: {len(manifest.teachers)} teachers ({', '.join(manifest.teacher_names)}) of "
+                   f"{manifest.total_rows} sequences, {manifest.total_tokens} tokens")
+        return
     from .cache.merge import merge_caches
     manifest = merge_caches(list(caches), out)
     shifted = [source for source in manifest.sources if source["id_offset"]]
@@ -425,6 +438,11 @@ def export_command(fmt, kd_temperature, cache, out):
     rows = export_cache(cache, out, fmt, kd_temperature=kd_temperature)
     click.echo(f"wrote {out}: {rows} rows in {fmt} format"
                + (f"; set `kd_temperature: {kd_temperature:g}` in the axolotl config" if fmt == "axolotl" else ""))
+    from .cache.store import CacheStore
+    teachers = CacheStore(cache).load_manifest().teacher_names
+    if teachers:  # the formats hold one teacher's targets
+        click.echo(printable(f"the targets of teacher {teachers[0]}, the cache's own; export another teacher from "
+                             f"its cache, {cache}/teachers/<name> ({', '.join(teachers[1:])})"))
 
 
 @main.command("import")

@@ -61,6 +61,7 @@ __all__ = [
     "hidden_loss",
     "kd_loss",
     "map_targets",
+    "mix_targets",
     "next_token_ce",
     "uld_loss",
 ]
@@ -230,6 +231,64 @@ def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, kind
     raise ValueError(f"unknown hidden loss kind {kind!r}; expected 'mse' or 'cosine'")
 
 
+# --------------------------------------------------------------------------- several teachers
+
+
+def mix_targets(targets: list[SparseTargets], weights: list[float], student_logits: torch.Tensor,
+                *, chunk_size: int = 1024) -> SparseTargets:
+    """The mixture ``Σ_t w_t p_t`` of several teachers' targets at the same N positions, as one SparseTargets
+    (ensemble distillation in probability space); ``weights`` are normalised to sum to one.
+
+    * Sampled and head-tail targets (``tail_logprob`` None, each an unbiased estimate p̂_t of its teacher):
+      the union of the ids, each with ``Σ_t w_t p̂_t``; ``E[Σ w_t p̂_t] = Σ w_t p_t``, so the mixture is an
+      unbiased estimate of the ensemble and forward KL on it has an unbiased gradient.
+    * Top-k targets with their exact tails: the union U of the listed ids plus a rest bucket. Teacher t knows
+      its probabilities on its own ids L_t and only the total r_t outside them; as in its own rest-bucket loss,
+      that mass is spread over the ids it does not list in proportion to the student's probabilities (detached):
+      ``p̃_t(j) = r_t · q_j / q(V∖L_t)``. The mixture of these is again ids + tail: ``Σ_t w_t p̃_t`` on U (a
+      teacher's own probability where it lists j, its spread tail where not) and ``Σ_t w_t r_t q(V∖U) /
+      q(V∖L_t)`` as the tail. With one teacher this is its targets as stored; where every teacher lists
+      every id it is the exact mixture; and forward KL on it has exactly the gradient of
+      ``Σ_t w_t KL_rest(p_t ‖ q)``, the teachers' own rest-bucket losses (KL is linear in the target).
+
+    ``student_logits`` [N, V] at T = 1 (only read for top-k targets, never differentiated through). Mixing
+    happens at T = 1; a temperature then applies to the mixture as to any cached target.
+    """
+    if len(targets) != len(weights) or not targets:
+        raise ValueError(f"mix_targets needs one weight per target set, got {len(targets)} and {len(weights)}")
+    if any(not weight > 0 for weight in weights):
+        raise ValueError(f"mixture weights must be positive, got {weights}")
+    tails = {target.tail_logprob is None for target in targets}
+    if len(tails) != 1:
+        raise ValueError("cannot mix top-k targets (with a tail) and sampled targets (without)")
+    for target in targets:
+        _check_targets(student_logits, target)
+    total = sum(weights)
+    dtype = torch.float64
+    ids = torch.cat([target.ids.long() for target in targets], -1)
+    logprobs = torch.cat([target.logprobs.to(dtype) + math.log(weight / total)
+                          for target, weight in zip(targets, weights)], -1)
+    union = _sum_duplicates(ids, logprobs > _NEG_INF, logprobs)
+    listed = union > _NEG_INF
+    ids = ids.masked_fill(~listed, 0)
+    if targets[0].tail_logprob is None:
+        return SparseTargets(ids=ids, logprobs=union, tail_logprob=None)
+    with torch.no_grad():
+        logits = student_logits.detach()
+        student = _StudentCategorical.apply(logits, ids, listed, 1.0, chunk_size).to(dtype)  # [N, K + 1]
+        spread, tail = [union], []
+        for target, weight in zip(targets, weights):
+            own = target.logprobs > _NEG_INF
+            rest = _StudentCategorical.apply(logits, target.ids.long(), own, 1.0, chunk_size)[:, -1].to(dtype)
+            mass = target.tail_logprob.to(dtype) + math.log(weight / total)
+            mass = torch.where(rest > _NEG_INF, mass - rest, _NEG_INF)[:, None]  # log w_t r_t / q(V∖L_t)
+            lists = ((ids[:, :, None] == target.ids[:, None, :]) & own[:, None, :]).any(-1)
+            spread.append(torch.where(listed & ~lists, mass + student[:, :-1], _NEG_INF))
+            tail.append(mass[:, 0] + student[:, -1])
+        mixed = torch.logsumexp(torch.stack(spread), 0)
+        return SparseTargets(ids=ids, logprobs=mixed, tail_logprob=torch.logsumexp(torch.stack(tail), 0))
+
+
 # --------------------------------------------------------------------------- across vocabularies
 
 
@@ -250,14 +309,20 @@ def map_targets(targets: SparseTargets, vocabulary_map: torch.Tensor, rates: tor
     if targets.tail_logprob is None:
         raise ValueError("mapping targets to another vocabulary needs top-k targets with their tail, not sampled ones")
     student_ids, mapped, kept, unmapped = _mapped_slots(targets, vocabulary_map, rates)
-    same = (student_ids[:, :, None] == student_ids[:, None, :]) & mapped[:, :, None] & mapped[:, None, :]
-    merged = torch.logsumexp(torch.where(same, kept[:, None, :], _NEG_INF), dim=-1)
-    earlier = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril(-1)
-    first = mapped & ~(same & earlier).any(-1)  # the first slot of each student id carries the sum
-    logprobs = torch.where(first, merged, _NEG_INF)
+    logprobs = _sum_duplicates(student_ids, mapped, kept)
     tail = torch.logsumexp(torch.cat([targets.tail_logprob[:, None].to(logprobs.dtype), unmapped], dim=1), dim=1)
     logprobs, order = logprobs.sort(dim=-1, descending=True, stable=True)
     return SparseTargets(ids=student_ids.gather(1, order), logprobs=logprobs, tail_logprob=tail)
+
+
+def _sum_duplicates(ids: torch.Tensor, present: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """``logprobs`` [N, K] with the slots of one id (among ``present`` ones) summed into its first slot, the others
+    -inf: the same distribution with every id listed once."""
+    same = (ids[:, :, None] == ids[:, None, :]) & present[:, :, None] & present[:, None, :]
+    merged = torch.logsumexp(torch.where(same, logprobs[:, None, :], _NEG_INF), dim=-1)
+    earlier = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril(-1)
+    first = present & ~(same & earlier).any(-1)  # the first slot of each id carries the sum
+    return torch.where(first, merged, _NEG_INF)
 
 
 def uld_loss(student_logits: torch.Tensor, targets: SparseTargets, vocabulary_map: torch.Tensor,

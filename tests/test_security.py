@@ -375,6 +375,14 @@ MANIFEST_EDITS = {
     "vocab-string": (lambda data: data["tokenizer"].update(vocab_size="64"), "`tokenizer.vocab_size` must be an"),
     "no-tokenizer-hash": (lambda data: data["tokenizer"].pop("hash") and None, "`tokenizer.hash` is not a valid value"),
     "vocab-10": (lambda data: data["tokenizer"].update(vocab_size=10), "outside [0, 10)"),
+    # a multi-teacher manifest (docs/format.md, "Several teachers") forged on a single-teacher cache
+    "one-teacher": (lambda data: data.update(teachers=[{"name": "a", "path": ""}]), "`teachers` must be a list of 2"),
+    "teacher-escapes": (lambda data: data.update(teachers=[{"name": "a", "path": ""}, {
+        "name": "b", "path": "../../b", "manifest_sha256": "0" * 64}]), "`teachers[1].path` must be teachers/b"),
+    "teacher-name": (lambda data: data.update(teachers=[{"name": "a", "path": ""}, {
+        "name": "../b", "path": "teachers/../b", "manifest_sha256": "0" * 64}]), "`teachers[1].name` is not a valid"),
+    "teacher-missing": (lambda data: data.update(teachers=[{"name": "a", "path": ""}, {
+        "name": "b", "path": "teachers/b", "manifest_sha256": "0" * 64}]), "teachers/b/kdcache.json is missing"),
 }
 
 

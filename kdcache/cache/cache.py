@@ -8,7 +8,7 @@ which is how a train/validation split is read without copying anything.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..errors import KDCacheError
 from .format import Manifest, ShardInfo
-from .reader import shard_sample_ids, stream_sequences, verify_shard
+from .reader import content_sha256, shard_sample_ids, stream_sequences, verify_shard
 from .safety import check_tokenizer_files
 from .split import CacheSplit, split_sample_ids
 from .store import TRANSFER_TIMEOUT, CacheStore
@@ -94,6 +94,26 @@ class Cache:
         for shard in tqdm(self.manifest.shards, desc="verify", unit="shard", disable=not progress):
             ids.append(verify_shard(self.store, self.manifest, shard))
         check_unique_sample_ids(ids, self.manifest)
+        if self.manifest.teachers:
+            rows = content_sha256(self.store, self.manifest.shards)
+            for name, teacher in self.teacher_caches().items():
+                try:
+                    teacher.verify(progress=progress)
+                except KDCacheError as error:  # its shards are named as in any cache: say which teacher's
+                    raise KDCacheError(f"teacher {name} of cache {self} ({teacher}): {error}") from None
+                if content_sha256(teacher.store, teacher.manifest.shards) != rows:
+                    raise KDCacheError(f"teacher {name} of cache {self} holds other rows or tokens than the cache")
+
+    def teacher_caches(self) -> dict[str, Cache]:
+        """The other teachers of a multi-teacher cache by name (kdcache/cache/teachers.py), each a Cache over the
+        same rows as this one (a subset keeps the same rows of each); empty for a cache of one teacher."""
+        from .teachers import check_same_rows
+        caches = {}
+        for entry in self.manifest.teachers[1:]:
+            store, manifest = self.store.teacher(entry["path"], entry["manifest_sha256"])
+            check_same_rows(self.manifest, manifest, f"teacher {entry['name']} of cache {self}")
+            caches[entry["name"]] = Cache(store, manifest, self.kept_rows)
+        return caches
 
     def open_shard(self, shard: ShardInfo, *, full: bool = False, hidden_layers: list[int] | None = None,
                    fields: list[int] | None = None) -> CheckedShard:
@@ -133,18 +153,32 @@ class Cache:
 
     def sequences(self, *, hidden_layers: list[int] | None = None, shuffle: bool = False, seed: int = 0,
                   epoch: int = 0, shuffle_buffer: int = 1024, process_index: int = 0, num_processes: int = 1,
-                  start: int = 0, sample_ids: Iterable[int] | None = None) -> Iterator[CachedSequence]:
+                  start: int = 0, sample_ids: Iterable[int] | None = None,
+                  teachers: Sequence[str] = ()) -> Iterator[CachedSequence]:
         """Stream this process's sequences of one epoch, optionally shuffled, from the `start`-th on.
 
         The order depends only on `seed`, `epoch` and `num_processes`; every process gets an equal,
         disjoint share, and `start` resumes a stream exactly (see `reader.stream_sequences`).
         `hidden_layers` selects which cached hidden states are decoded (default none);
-        `sample_ids` reads only those rows (a one-off `subset`).
+        `sample_ids` reads only those rows (a one-off `subset`). `teachers` (other teachers of a multi-teacher
+        cache) attaches each one's targets for the row to `CachedSequence.teachers`.
         """
         cache = self if sample_ids is None else self.subset(sample_ids)
-        return stream_sequences(self.store, self.manifest, cache.kept_rows, hidden_layers=hidden_layers or [],
-                                shuffle=shuffle, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
-                                process_index=process_index, num_processes=num_processes, start=start)
+        options = dict(hidden_layers=hidden_layers or [], shuffle=shuffle, seed=seed, epoch=epoch,
+                       shuffle_buffer=shuffle_buffer, process_index=process_index, num_processes=num_processes,
+                       start=start)
+        rows = stream_sequences(self.store, self.manifest, cache.kept_rows, **options)
+        if not teachers:
+            return rows
+        from .teachers import read_along
+        others = self.teacher_caches()
+        unknown = [name for name in teachers if name not in others]
+        if unknown:
+            raise KDCacheError(f"cache {self} has no other teacher named {', '.join(unknown)} (it has "
+                               f"{', '.join(self.manifest.teacher_names) or 'one teacher'})")
+        options["hidden_layers"] = []  # hidden states are this cache's teacher's only
+        return read_along(rows, {name: stream_sequences(others[name].store, others[name].manifest, cache.kept_rows,
+                                                        **options) for name in teachers})
 
     def tokenizer_dir(self) -> Path:
         """A local directory holding the teacher's tokenizer (downloaded once when the cache is remote), once

@@ -76,6 +76,24 @@ def _fidelity(manifest: Manifest) -> list[str]:
             f"\n{fidelity_scope(manifest)[0].upper()}{fidelity_scope(manifest)[1:]}."]
 
 
+def describe_teacher(entry: dict, tokens: int) -> str:
+    """One teacher of a multi-teacher cache in one line (for `info` and the card): what it is, what it stored,
+    how faithful (its own fidelity card) and what it costs. The entry is untrusted: every value is only shown."""
+    teacher = entry.get("teacher") if isinstance(entry.get("teacher"), dict) else {}
+    parameters = teacher.get("num_parameters")
+    fidelity = entry.get("fidelity") if isinstance(entry.get("fidelity"), dict) else {}
+    kl = next((figures.get(key) for figures in fidelity.values() if isinstance(figures, dict)
+               for key in ("kl_rest_bucket", "kl_on_support") if key in figures), None)
+    size = entry.get("bytes")
+    return (f"{entry.get('name')}: {teacher.get('name_or_path')} ({teacher.get('model_type')}"
+            + (f", {parameters:,} parameters" if isinstance(parameters, int) else "") + "), "
+            + f"{'/'.join(map(str, entry.get('targets') or []))} targets (top_k {entry.get('top_k')}), "
+            + (f"KL to the teacher {kl:.4f} nats, " if isinstance(kl, (int, float)) else "fidelity not recorded, ")
+            + (f"{size / max(tokens, 1):.1f} bytes/token" if isinstance(size, int) else "size not recorded")
+            + f"; fingerprint {str(entry.get('dump_fingerprint'))[:12]}"
+            + (f" in {entry['path']}/" if entry.get("path") else " (this cache's own shards)"))
+
+
 def render_card(manifest: Manifest, location: str) -> str:
     """The card of the cache described by `manifest`, to be published at `location`."""
     teacher, dataset, tokens = manifest.teacher, manifest.dataset, max(manifest.total_tokens, 1)
@@ -97,6 +115,10 @@ def render_card(manifest: Manifest, location: str) -> str:
         (f"- tokenizer: {manifest.tokenizer.get('class')}, {manifest.vocab_size} tokens, "
         f"hash `{manifest.tokenizer.get('hash')}` (files in `{TOKENIZER_DIR}/`)"),
         "",
+        *(["## Teachers",
+           f"{len(manifest.teachers)} teachers' targets for the same rows (`teachers` in the manifest; train from "
+           f"their mixture with `train-student --teachers`):",
+           *[f"- {describe_teacher(entry, tokens)}" for entry in manifest.teachers], ""] if manifest.teachers else []),
         "## Data",
         f"- source: `{dataset.get('source')}` [{dataset.get('split')}]",
         (f"- {manifest.total_rows} sequences, {manifest.total_tokens} tokens in {len(manifest.shards)} shards, "

@@ -28,6 +28,7 @@ MAX_SAMPLES = 2**16 - 1  # sampled counts are uint16
 MANIFEST_NAME = "kdcache.json"
 TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
+TEACHERS_DIR = "teachers"  # a multi-teacher cache's other teachers, each a complete cache: teachers/<name>/
 SHARD_SUFFIX = ".arrow"
 PARTIAL_SUFFIX = ".partial"
 
@@ -235,6 +236,9 @@ class Manifest:
     labels: list[str] = dataclasses.field(default_factory=list)  # class names by id (classification tasks)
     # caches this one was cut from or merged from (`kdcache copy --rows`, `kdcache merge`): where each row came from
     sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # a multi-teacher cache (`kdcache merge --teachers`, kdcache/cache/teachers.py): every teacher, this cache's
+    # own first; empty, and then absent from kdcache.json, for a cache of one teacher
+    teachers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def vocab_size(self) -> int:
@@ -315,8 +319,16 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(shard.bytes for shard in self.shards)
 
+    @property
+    def teacher_names(self) -> list[str]:
+        """The teachers' names, this cache's own first; empty for a cache of one teacher."""
+        return [entry["name"] for entry in self.teachers]
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.teachers:  # a cache of one teacher keeps the manifest it always had
+            del data["teachers"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

@@ -120,6 +120,10 @@ def merge_caches(locations: list[str | Path], out: Path | str, *, progress: bool
     for manifest in manifests:
         for shard in manifest.shards:
             check_relative(shard.file, "shard", under=DATA_DIR)
+    for location, manifest in zip(locations, manifests):
+        if manifest.teachers:
+            raise KDCacheError(f"cache {location} has several teachers: merge each teacher's caches (CACHE/teachers/"
+                               f"<name> is one) and join the merged caches with `merge --teachers`")
     check_mergeable(locations, manifests)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -16,12 +16,13 @@ from typing import Any
 
 from ..errors import KDCacheError
 from .codecs import LOGPROB_TYPES, Codec
-from .format import FORMAT_VERSION, OPTIONAL_COLUMNS, SHARD_SUFFIX, TARGET_TYPES, sha256_file
+from .format import FORMAT_VERSION, OPTIONAL_COLUMNS, SHARD_SUFFIX, TARGET_TYPES, TEACHERS_DIR, sha256_file
 
 # One path component: letters, digits and `._+-`, not starting with a dot (no `.`, `..`, hidden files),
 # so a name means the same on every filesystem and in every URL.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+TEACHER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # a teacher of a multi-teacher cache, as `teachers` names it
 MAX_VOCAB = 2**31 - 1  # ids are stored as int32 tokens / uint32 targets
 # Every row stores an int64 sample id and every token an int32 id, so an uncompressed shard of
 # `bytes` bytes holds at most this many of each: a manifest claiming more is lying about the file.
@@ -197,6 +198,8 @@ def check_manifest(data: Any, source: str) -> None:
         check.strings(check.mapping(entry, f"sources[{index}]").get("shard_fingerprints", []),
                       f"sources[{index}].shard_fingerprints")
 
+    _check_teachers(check, data.get("teachers", []))
+
     shards = data.get("shards")
     if not isinstance(shards, list):
         raise check.fail("shards", "must be a list")
@@ -219,3 +222,24 @@ def check_manifest(data: Any, source: str) -> None:
         unknown = set(shard) - {"file", "bytes", "rows", "tokens", "sha256", "batch_sha256"}
         if unknown:
             raise check.fail(field, f"has unknown fields {sorted(map(printable, unknown))}")
+
+
+def _check_teachers(check: _Checker, teachers: Any) -> None:
+    """A multi-teacher cache's `teachers`: distinct names, the first this cache's own (path ""), every other a
+    complete cache at `teachers/<name>` whose manifest's sha256 is recorded (so it cannot be swapped)."""
+    if not isinstance(teachers, list) or len(teachers) == 1 or len(teachers) > 64:
+        raise check.fail("teachers", "must be a list of 2 to 64 teachers (absent for a cache of one)")
+    names = set()
+    for index, entry in enumerate(teachers):
+        field = f"teachers[{index}]"
+        entry = check.mapping(entry, field)
+        name = check.string(entry.get("name"), f"{field}.name", TEACHER_NAME)
+        if name in names:
+            raise check.fail(f"{field}.name", f"repeats {name}")
+        names.add(name)
+        path = check.string(entry.get("path"), f"{field}.path")
+        if path != ("" if index == 0 else f"{TEACHERS_DIR}/{name}"):
+            raise check.fail(f"{field}.path", f"must be {'empty' if index == 0 else f'{TEACHERS_DIR}/{name}'}, "
+                                              f"got {_quoted(path)}")
+        if index:
+            check.string(entry.get("manifest_sha256"), f"{field}.manifest_sha256", _SHA256)

@@ -203,6 +203,18 @@ class CacheStore:
         except self.read_errors as error:
             raise self._failure(error, relative, hint) from None
 
+    def teacher(self, relative: str, manifest_sha256: str) -> tuple[CacheStore, Manifest]:
+        """Another teacher's cache inside this one (`teachers/<name>`, kdcache/cache/teachers.py) and its
+        manifest, refused unless its bytes have the sha256 this cache's manifest recorded for it."""
+        with self.open_file(f"{check_relative(relative)}/{MANIFEST_NAME}") as handle:
+            text = handle.read()
+        if hashlib.sha256(text).hexdigest() != manifest_sha256:
+            raise KDCacheError(f"{relative}/{MANIFEST_NAME} in cache {self.location} is not the manifest the cache "
+                               f"recorded for that teacher (sha256 differs): it was modified or replaced")
+        store = CacheStore(self._url(relative) if self.remote else Path(self.location) / relative, self.read_through,
+                           self.transfer_timeout)
+        return store, Manifest.from_json(text, f"{self.location}/{relative}/{MANIFEST_NAME}")
+
     def load_manifest(self) -> Manifest:
         if not self.remote:
             return Manifest.load(Path(self.location))

@@ -298,6 +298,9 @@ def copy_cache(source: str | Path, destination: str | Path, *, shards: Sequence[
         check_relative(shard.file, "shard", under=DATA_DIR)
     plan, selection = _plan(store, manifest, shards, rows, sample_ids)
     subset = selection is not None
+    if subset and manifest.teachers:
+        raise KDCacheError(f"cache {source} has several teachers: copy it whole, or copy a selection of each "
+                           f"teacher's cache (its teachers/<name>) and join them with `merge --teachers`")
     identity = {"dump_fingerprint": manifest.dump_fingerprint,
                 "content_sha256": manifest.stats.get("content_sha256"), "selection": selection}
     target = Destination(destination)
@@ -356,6 +359,10 @@ def copy_cache(source: str | Path, destination: str | Path, *, shards: Sequence[
         relative = check_relative(f"{TOKENIZER_DIR}/{path.name}", "tokenizer file", under=TOKENIZER_DIR)
         target.put(path, relative)
         notify(relative)
+    for entry in manifest.teachers[1:]:  # a multi-teacher cache: each other teacher's cache, before the manifest
+        store.teacher(entry["path"], entry["manifest_sha256"])  # refused if it is not the one the manifest records
+        copy_cache(f"{store.location}/{entry['path']}", f"{target.location}/{entry['path']}", workers=workers,
+                   progress=progress, on_file=lambda relative, path=entry["path"]: notify(f"{path}/{relative}"))
     if subset:
         published = _subset_manifest(manifest, new_shards, target, store, identity)
         manifest_text = json.dumps(published.to_dict(), indent=2) + "\n"

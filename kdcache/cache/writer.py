@@ -49,6 +49,8 @@ class CachedSequence:
     text: str | None = None                      # the text the tokens cover (see tasks/spans.py)
     position_ids: np.ndarray | None = None       # int32 [L], packed documents only
     pooled: np.ndarray | None = None             # float16 [1, d], an encoder's pooled output
+    # a multi-teacher cache read with `teachers` (Cache.sequences): the other teachers' targets for this row
+    teachers: dict[str, CachedSequence] = dataclasses.field(default_factory=dict)
 
     def column(self, name: str) -> np.ndarray:
         if name.startswith(HIDDEN_PREFIX):

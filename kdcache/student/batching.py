@@ -41,17 +41,25 @@ class Batch:
     pooled: torch.Tensor | None = None          # float32 [B, d], the teacher encoder's pooled output
     position_ids: torch.Tensor | None = None    # int64 [B, L], packed documents (padding: a document of its own)
     sample_ids: list[int] = dataclasses.field(default_factory=list)  # the cache rows, in batch order
+    # a multi-teacher cache's other teachers read along (`Cache.sequences(teachers=...)`): their batches of the same rows
+    teachers: dict[str, Batch] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.teachers = {name: Batch(**value) if isinstance(value, dict) else value
+                         for name, value in self.teachers.items()}
 
     def as_dict(self) -> dict[str, Any]:
         """The fields that are set, as a plain dict: what a Hugging Face Trainer moves to its device
         (it recurses into dicts and lists), and `Batch(**as_dict())` rebuilds the batch."""
         values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        values["teachers"] = {name: batch.as_dict() for name, batch in self.teachers.items()}
         return {name: value for name, value in values.items() if value is not None}
 
     def to(self, device) -> Batch:
         moved = {name: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
                  for name, value in self.as_dict().items()}
         moved["hidden"] = {layer: value.to(device, non_blocking=True) for layer, value in self.hidden.items()}
+        moved["teachers"] = {name: batch.to(device) for name, batch in self.teachers.items()}
         return Batch(**moved)
 
     @property
@@ -210,6 +218,7 @@ def collate(sequences: list[CachedSequence]) -> Batch:
         position_ids=(None if first.position_ids is None
                       else pad_positions([s.position_ids for s in sequences], length, "cpu")),
         sample_ids=[sequence.sample_id for sequence in sequences],
+        teachers={name: collate([sequence.teachers[name] for sequence in sequences]) for name in first.teachers},
     )
 
 

@@ -26,13 +26,15 @@ class CacheBatches(IterableDataset):
 
     def __init__(self, cache: Cache, *, batch_size: int, seed: int, shuffle_buffer: int,
                  process_index: int, num_processes: int, hidden_layers: list[int], start_epoch: int = 0,
-                 start_batch: int = 0, epochs: int | None = None, collate: Callable[[list], Batch] = collate):
+                 start_batch: int = 0, epochs: int | None = None, collate: Callable[[list], Batch] = collate,
+                 teachers: tuple[str, ...] = ()):
         self.cache = cache
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.process_index, self.num_processes = process_index, num_processes
         self.hidden_layers = hidden_layers
         self.start_epoch, self.start_batch, self.epochs = start_epoch, start_batch, epochs
         self.collate = collate  # `CrossTokenizer.collate` across tokenizers
+        self.teachers = teachers  # a multi-teacher cache's other teachers, read along
 
     def __iter__(self) -> Iterator[tuple[int, int, Batch]]:
         epoch, skip = self.start_epoch, self.start_batch
@@ -46,7 +48,7 @@ class CacheBatches(IterableDataset):
         for sequence in self.cache.sequences(hidden_layers=self.hidden_layers, shuffle=True, seed=self.seed,
                                              epoch=epoch, shuffle_buffer=self.shuffle_buffer,
                                              process_index=self.process_index, num_processes=self.num_processes,
-                                             start=skip * self.batch_size):
+                                             start=skip * self.batch_size, teachers=self.teachers):
             pending.append(sequence)
             if len(pending) == self.batch_size:
                 yield self.collate(pending)

@@ -14,8 +14,8 @@ import torch
 
 from ..cache.cache import Cache
 from ..errors import KDCacheError
-from ..fused import ChunkTerms, OutputHead, fused_head_loss, kd_terms
-from ..losses import SparseTargets, kd_loss
+from ..fused import ChunkTerms, OutputHead, fused_head_loss, kd_terms, rows_of, share
+from ..losses import SparseTargets, kd_loss, mix_targets
 from ..models import backbone_only, output_head
 from ..tasks import CAUSAL_LM, get_task, pooler
 from .batching import Batch, trained_targets
@@ -38,6 +38,8 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
         raise KDCacheError("`pooled_weight` > 0 but the cache holds no pooled output (dump with `pooled`)")
     if settings.student_tokenizer:
         check_cross_tokenizer_settings(settings, cache)
+    if settings.teachers:
+        check_ensemble_settings(settings, cache, targets)
     if not settings.kd_weight:
         return targets
     probe = SparseTargets(ids=torch.zeros(0, 1, dtype=torch.long), logprobs=torch.zeros(0, 1),
@@ -49,6 +51,23 @@ def check_loss_settings(settings: TrainSettings, cache: Cache) -> str:
         raise KDCacheError(f"`loss` {settings.loss}, `tail` {settings.tail}, `temperature` {settings.temperature:g} "
                            f"with `targets` {targets}: {error}") from None
     return targets
+
+
+def check_ensemble_settings(settings: TrainSettings, cache: Cache, targets: str) -> None:
+    """`teachers` must name teachers of a multi-teacher cache, each holding the target type trained on."""
+    names = cache.manifest.teacher_names
+    unknown = [name for name in settings.teacher_weights() if name not in names]
+    if unknown:
+        raise KDCacheError(f"`teachers` names {', '.join(unknown)}, but cache {cache} has "
+                           + (f"the teachers {', '.join(names)}" if names else "one teacher (join caches of several "
+                              "with `merge --teachers`)"))
+    if settings.student_tokenizer:
+        raise KDCacheError("`teachers` and `student_tokenizer` cannot be combined (the teachers of one cache share "
+                           "its tokenizer; train across tokenizers from a single teacher)")
+    for name, teacher in cache.teacher_caches().items():
+        if name in settings.teacher_weights() and targets not in teacher.manifest.trainable_targets:
+            raise KDCacheError(f"`targets` {targets}: teacher {name} of cache {cache} holds only "
+                               f"{'/'.join(teacher.manifest.target_types)} targets")
 
 
 def check_cross_tokenizer_settings(settings: TrainSettings, cache: Cache) -> None:
@@ -95,6 +114,10 @@ class DistillationLoss:
         self.projections: torch.nn.Module = FeatureProjections(
             self.layer_map, model.config.hidden_size, manifest.hidden_sizes, settings.hidden_loss,
             manifest.pooled_size if settings.pooled_weight else None)
+        # Several teachers (`teachers`): the KD target is the mixture of theirs (`mix_targets`); the first teacher's
+        # targets are the batch's own, the others' are read along (`Batch.teachers`).
+        self.mixture = settings.teacher_weights()
+        self.own_teacher = manifest.teacher_names[0] if manifest.teacher_names else None
         self.weights = {"ce": settings.ce_weight, "kd": settings.kd_weight, "hidden": settings.hidden_weight,
                         "pooled": settings.pooled_weight, "uld": settings.uld_weight}
         # Across tokenizers: batches come from `cross.collate`, the student's logits range over its own vocabulary.
@@ -135,6 +158,24 @@ class DistillationLoss:
         return torch.where(is_variant.to(labels.device)[rows.to(labels.device)], -100, labels)
 
     @property
+    def other_teachers(self) -> tuple[str, ...]:
+        """The teachers whose rows the batches must carry besides the cache's own (`Cache.sequences(teachers=...)`)."""
+        return tuple(name for name in self.mixture if name != self.own_teacher)
+
+    def mixture_terms(self, batch: Batch, labels: torch.Tensor | None, options: dict) -> ChunkTerms:
+        """CE and the KD to the mixture of the `teachers`, chunk by chunk: the mixture spreads each teacher's tail
+        by the student's own (detached) probabilities, so it is formed per chunk from that chunk's logits, the
+        same on the fused and the full-logits path."""
+        targets = [(batch if name == self.own_teacher else batch.teachers[name]).sparse_targets(self.targets)
+                   for name in self.mixture]
+        weights, n, ce = list(self.mixture.values()), targets[0].ids.shape[0], kd_terms(None, labels, **options)
+
+        def terms(logits: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+            mixed = mix_targets([rows_of(target, rows) for target in targets], weights, logits)
+            return ce(logits, rows) | {"kd": kd_loss(logits, mixed, **options) * share(logits.shape[0], n)}
+        return terms
+
+    @property
     def teacher_layers(self) -> list[int]:
         """The cached hidden layers the batches must carry (`Cache.sequences(hidden_layers=...)`)."""
         return sorted(set(self.layer_map.values()))
@@ -151,6 +192,8 @@ class DistillationLoss:
         settings = self.settings
         options = {"divergence": settings.loss, "tail": settings.tail, "temperature": settings.temperature}
         labels = self.gold_labels(batch) if settings.ce_weight else None
+        if self.cross is None and self.mixture and settings.kd_weight:
+            return [(None, self.mixture_terms(batch, labels, options))]
         if self.cross is None:
             targets = batch.sparse_targets(self.targets) if settings.kd_weight else None
             return [(None, kd_terms(targets, labels, **options))] if targets is not None or labels is not None else []

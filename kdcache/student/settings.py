@@ -69,6 +69,9 @@ class TrainSettings:
                                      "full logits, to compare). A model whose logits the head does not explain "
                                      "keeps the full logits, with a warning.")
     verify: bool = setting(True, "Re-hash every shard before training (off: check shard sizes only).")
+    teachers: str | None = setting(None, "A multi-teacher cache's teachers to distil from at once, with weights, e.g. "
+                                         "'a:0.6,b:0.4': the student learns the mixture of their distributions "
+                                         "(weights normalised; default: the cache's own teacher alone).")
     targets: str | None = setting(None, "Which cached target type feeds the KD loss (default: the cache's own; "
                                         "top-k when it holds top-k and sampled).", choices=TARGET_TYPES)
     val_fraction: float = setting(0.0, "Hold out this fraction of the cache (by sample id) for validation; never "
@@ -94,8 +97,27 @@ class TrainSettings:
 
     def __post_init__(self):
         check_fields(self)
+        self.teacher_weights()
         if not self.val_fraction:
             if self.eval_every is not None or self.early_stopping is not None:
                 raise KDCacheError("`eval_every` and `early_stopping` need a validation split: set `val_fraction`")
         elif self.early_stopping is not None and self.eval_every is None:
             raise KDCacheError("`early_stopping` needs `eval_every` (how often to score the held-out split)")
+
+    def teacher_weights(self) -> dict[str, float]:
+        """`teachers` as {name: weight}, weights normalised to sum to one; empty when unset."""
+        if self.teachers is None:
+            return {}
+        weights = {}
+        for part in self.teachers.split(","):
+            name, _, weight = part.strip().partition(":")
+            try:
+                value = float(weight) if weight else 1.0
+            except ValueError:
+                value = float("nan")
+            if not name or name in weights or not value > 0 or value == float("inf"):
+                raise KDCacheError(f"`teachers` must list distinct names with positive weights, e.g. 'a:0.6,b:0.4'; "
+                                   f"got {self.teachers!r}")
+            weights[name] = value
+        total = sum(weights.values())
+        return {name: value / total for name, value in weights.items()}

@@ -56,6 +56,7 @@ def _batches(cache: Cache, settings: TrainSettings, accelerator: Accelerator, lo
                            shuffle_buffer=settings.shuffle_buffer, process_index=accelerator.process_index,
                            num_processes=accelerator.num_processes, hidden_layers=loss_of.teacher_layers,
                            start_epoch=start_epoch, start_batch=start_batch, epochs=settings.epochs,
+                           teachers=loss_of.other_teachers,
                            **({} if loss_of.cross is None else {"collate": loss_of.cross.collate}))
     return prefetched(batches, _prefetch(settings, accelerator))
 

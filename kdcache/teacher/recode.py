@@ -35,6 +35,7 @@ from ..cache.codecs import MAX_RANKED_IDS, Codec
 from ..cache.format import TOKENIZER_DIR, Manifest, ShardInfo, column_groups, sha256_json, shard_schema
 from ..cache.reader import content_sha256
 from ..cache.store import CacheStore
+from ..cache.teachers import describe_teachers
 from ..cache.writer import CachedSequence, ShardWriter, to_record_batch
 from ..errors import KDCacheError
 from ..settings import applies_threads, recorded
@@ -56,7 +57,9 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
     target = _target_settings(source, settings)
     groups = column_groups(target.target_types)
     _check_derivable(source, target)
-    opened.verify(progress=progress)
+    opened.verify(progress=progress)  # every teacher of a multi-teacher cache too
+    for entry in source.teachers[1:]:  # each other teacher is a cache of its own: recoded alike, shards aligned
+        recode_cache(cache / entry["path"], out / entry["path"], settings, progress)
     fingerprint = sha256_json({"recoded_from": source.dump_fingerprint, "settings": recorded(settings)})
 
     def schema_for(codec: Codec, hidden_sizes: dict[int, int]) -> pa.Schema:
@@ -102,6 +105,8 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if "topk" not in groups:
         manifest.stats.pop("captured_mass", None)
+    if source.teachers:
+        manifest.teachers = describe_teachers(out, manifest, source.teachers)
     Cache(CacheStore(out), manifest).verify(progress=progress)
     manifest.save(out)
     return manifest
