@@ -463,7 +463,8 @@ def test_the_card_of_a_head_tail_cache_says_what_it_holds(head_tail_cache):
     assert "the exact top-4 head (uint8 log-probabilities)" in card
     assert "(16 per position, systematic draws at temperature 1, seed 0)" in card
     figures = Manifest.load(head_tail_cache).stats["fidelity"]["head-tail"]
-    assert f"| head 4 + 16 tail draws; KL on the stored ids) | {figures['captured_mass']:.4f} |" in card
+    assert (f"| head 4 + 16 tail draws ({figures['distinct_ids']:.1f} distinct ids) | {figures['captured_mass']:.4f} | "
+            f"{figures['kl_on_support']:.4f} (the estimate, on the stored ids) |") in card
 
 
 def test_info_card_report_and_copies_describe_a_head_tail_cache_alike(head_tail_cache, tmp_path):

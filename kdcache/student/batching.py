@@ -100,15 +100,15 @@ class Batch:
         return SparseTargets(ids=self.topk_ids[valid], logprobs=self.topk_logprobs[valid],
                              tail_logprob=self.tail_logprob[valid])
 
-    def next_token_labels(self) -> torch.Tensor:
-        """Flat labels for the target positions (every valid one unless the cache says otherwise): the
-        following token, -100 at each sequence's and each packed document's end."""
+    def next_token_labels(self, where: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat labels at `where` [B, L] (default: the target positions, every valid one unless the cache says
+        otherwise): the following token, -100 at each sequence's and each packed document's end."""
         has_next = self.valid[:, 1:]
         if self.position_ids is not None:
             has_next = has_next & (self.position_ids[:, 1:] != 0)
         labels = torch.full_like(self.input_ids, -100)
         labels[:, :-1] = torch.where(has_next, self.input_ids[:, 1:], -100)
-        return labels[self.targets_at]
+        return labels[self.targets_at if where is None else where]
 
 
 def trained_targets(cache: Cache, requested: str | None) -> str:

@@ -147,14 +147,16 @@ class DistillationLoss:
             warnings.warn(f"`fused_loss` off, the student's full logits are computed: {error}", stacklevel=3)
             return None
 
-    def gold_labels(self, batch: Batch) -> torch.Tensor:
-        """The task's gold labels; a causal LM's augmented variants have none (their words were changed, so
-        their next tokens are the teacher's business, not the text's: KD only)."""
-        labels = self.task.gold_labels(batch)
+    def gold_labels(self, batch: Batch, where: torch.Tensor | None = None) -> torch.Tensor:
+        """The task's gold labels, or a causal LM's next tokens at `where` [B, L] (across tokenizers CE takes every
+        valid token); a causal LM's augmented variants have none (their words were changed, so their next tokens
+        are the teacher's business, not the text's: KD only)."""
+        labels = self.task.gold_labels(batch) if where is None else batch.next_token_labels(where)
         if self.original_rows is None:
             return labels
+        where = batch.targets_at if where is None else where
         is_variant = torch.tensor([sample_id >= self.original_rows for sample_id in batch.sample_ids])
-        rows = torch.arange(len(batch.sample_ids))[:, None].expand_as(batch.valid)[batch.valid]
+        rows = torch.arange(len(batch.sample_ids))[:, None].expand_as(where)[where]
         return torch.where(is_variant.to(labels.device)[rows.to(labels.device)], -100, labels)
 
     @property
@@ -191,7 +193,7 @@ class DistillationLoss:
         tokenizers the next-token CE takes every token and KD only the aligned positions."""
         settings = self.settings
         options = {"divergence": settings.loss, "tail": settings.tail, "temperature": settings.temperature}
-        labels = self.gold_labels(batch) if settings.ce_weight else None
+        labels = self.gold_labels(batch, None if self.cross is None else batch.valid) if settings.ce_weight else None
         if self.cross is None and self.mixture and settings.kd_weight:
             return [(None, self.mixture_terms(batch, labels, options))]
         if self.cross is None:
@@ -211,7 +213,7 @@ class DistillationLoss:
         if fused:  # the head's weight is read now: it may have moved since __init__ (device placement)
             head = output_head(self.model, self.num_classes, check=False)
             for where, head_terms in self.head_terms(batch):
-                where = batch.valid if where is None else where  # a causal LM's targets: every token
+                where = batch.targets_at if where is None else where  # a causal LM's targets
                 part, part_terms = fused_head_loss(output.hidden_states[-1][where], head, head_terms, self.weights)
                 loss, terms = loss + part, terms | part_terms
         else:
