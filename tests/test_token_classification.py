@@ -21,19 +21,6 @@ from kdcache.teacher import DumpSettings, dump_teacher
 
 
 @pytest.fixture(scope="module")
-def ner_teacher(tmp_path_factory, wordpiece):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("ner-teacher")
-    config = tiny_bert(wordpiece, num_labels=5, id2label=dict(enumerate(NER_LABELS)),
-                       label2id={name: index for index, name in enumerate(NER_LABELS)})
-    model = AutoModelForTokenClassification.from_config(config)
-    torch.nn.init.normal_(model.classifier.weight, std=0.5)  # peaked enough that argmax is a learnable function
-    model.save_pretrained(directory)
-    wordpiece.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def ner_data(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ner-data")
     return {"train": write_rows(directory / "train.jsonl", ner_rows(64, seed=1)),
