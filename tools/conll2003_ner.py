@@ -211,8 +211,8 @@ def main() -> None:
     }
     seeds = [int(seed) for seed in args.seeds.split(",")]
     commands = {}
-    for name, (cache, flags) in runs.items():
-        for seed in seeds:
+    for seed in seeds:  # seed by seed: a run cut short still has whole seeds to compare
+        for name, (cache, flags) in runs.items():
             out = work / f"run-{slug(name)}-seed{seed}"
             if not (out / "kdcache_training.json").exists():
                 shutil.rmtree(out, ignore_errors=True)
