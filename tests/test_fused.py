@@ -7,8 +7,8 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 
 from conftest import tiny_llama_config
-from kdcache import (DistillationLoss, DumpSettings, KDCacheError, SparseTargets, TrainSettings, collate, dump_teacher,
-                     fused_kd_loss, kd_loss, next_token_ce, open_cache, output_head)
+from kdcache import (DistillationLoss, DumpSettings, KDCacheError, KDCacheWarning, SparseTargets, TrainSettings, collate,
+                     dump_teacher, fused_kd_loss, kd_loss, next_token_ce, open_cache, output_head)
 from kdcache.cache.format import Manifest
 from kdcache.fused import OutputHead
 from kdcache.models import model_from_config
@@ -208,7 +208,7 @@ def test_a_model_whose_logits_the_head_does_not_explain_keeps_the_full_logits(pa
     model = ScaledLlama(tiny_llama_config(len(tokenizer), hidden=16, layers=1))
     with pytest.raises(KDCacheError, match="transforms them in a way kdcache does not know"):
         output_head(model)
-    with pytest.warns(UserWarning, match="`fused_loss` off.*not its output layer applied"):
+    with pytest.warns(KDCacheWarning, match="`fused_loss` off.*not its output layer applied"):
         loss_of = DistillationLoss(TrainSettings(), cache, model)
     assert loss_of.fused is None
     assert torch.isfinite(loss_of(model, batch)[0])

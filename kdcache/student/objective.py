@@ -8,12 +8,11 @@ T² inside `kd_loss`. Keeping it in one place is what makes a Hugging Face `Trai
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 
 from ..cache.cache import Cache
-from ..errors import KDCacheError
+from ..errors import KDCacheError, warn
 from ..fused import ChunkTerms, OutputHead, fused_head_loss, kd_terms, rows_of, share
 from ..losses import SparseTargets, kd_loss, mix_targets
 from ..models import backbone_only, output_head
@@ -144,7 +143,7 @@ class DistillationLoss:
         try:
             return output_head(model, self.num_classes)
         except KDCacheError as error:
-            warnings.warn(f"`fused_loss` off, the student's full logits are computed: {error}", stacklevel=3)
+            warn(f"`fused_loss` off, the student's full logits are computed: {error}")
             return None
 
     def gold_labels(self, batch: Batch, where: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,6 @@ import datetime
 import functools
 import os
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -195,7 +194,7 @@ def _fused_head(model, task: Task, settings: DumpSettings) -> OutputHead | None:
     try:
         return output_head(model)
     except KDCacheError as error:
-        warnings.warn(f"`fused_logits` off, the teacher's full logits are computed: {error}", stacklevel=3)
+        warn(f"`fused_logits` off, the teacher's full logits are computed: {error}")
         return None
 
 
