@@ -17,6 +17,10 @@ for both), and the training steps after the first (warm-up). Ratios are fused / 
 
     nice -n 15 python tools/bench_memory.py [--vocab 32768,131072,262144] [--batch 4] [--dump-batch 2] [--length 512]
                                             [--steps 2] [--growth-batch 1] [--memory-gib 24] [--threads 1]
+                                            [--fused-only]
+
+`--fused-only` skips the full-logits path, for a size it could not fit (to check that a batch the unfused
+path cannot hold trains fused).
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--child", choices=("dump", "train"), default=None)
     parser.add_argument("--fused", type=int, default=1)
+    parser.add_argument("--fused-only", action="store_true",
+                        help="measure only the fused path: for sizes whose full logits would not fit in memory")
     args = parser.parse_args()
     if args.child:
         args.fused = bool(args.fused)
@@ -129,7 +135,7 @@ def main() -> None:
                 plan.append(("train", args.growth_batch))
             for phase, batch in plan:
                 runs = {}
-                for fused in (True, False):
+                for fused in (True,) if args.fused_only else (True, False):
                     runs[fused] = _measure(phase, workdir, fused, batch, args)
                     print(f"  {phase} vocab {vocab} batch {batch} fused={fused}: {runs[fused]}", flush=True)
                 rows.append((phase, vocab, batch, runs))
@@ -139,13 +145,15 @@ def main() -> None:
           "| tokens/s unfused | tokens/s fused | fused / unfused speed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for phase, vocab, batch, runs in rows:
-        fused, unfused = runs[True], runs[False]
+        fused, unfused = runs[True], runs.get(False)
+        compared = (f"{unfused['peak_mib']:,.0f} MiB | {fused['peak_mib']:,.0f} MiB | "
+                    f"{fused['peak_mib'] / unfused['peak_mib']:.2f} | {unfused['tokens_per_second']:,.0f} | "
+                    f"{fused['tokens_per_second']:,.0f} | {fused['tokens_per_second'] / unfused['tokens_per_second']:.2f}"
+                    if unfused else f"not run | {fused['peak_mib']:,.0f} MiB | | not run | "
+                                    f"{fused['tokens_per_second']:,.0f} |")
         print(f"| {'dump-teacher' if phase == 'dump' else 'train-student'} | {vocab:,} "
-              f"| {batch} x {args.length} | {unfused['peak_mib']:,.0f} MiB | {fused['peak_mib']:,.0f} MiB "
-              f"| {fused['peak_mib'] / unfused['peak_mib']:.2f} | {unfused['tokens_per_second']:,.0f} "
-              f"| {fused['tokens_per_second']:,.0f} "
-              f"| {fused['tokens_per_second'] / unfused['tokens_per_second']:.2f} |")
-    if len(growth) == 2:
+              f"| {batch} x {args.length} | {compared} |")
+    if len(growth) == 2 and not args.fused_only:
         small, large = sorted(growth)
         extra = (large - small) * args.length
         budget = args.memory_gib * 1024
