@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 from conftest import LANGUAGE, tiny_llama_config, write_jsonl
 from hostile import map_values, rehash, rewrite_shard
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments
 
-from kdcache import DumpSettings, dump_teacher, open_cache
+from kdcache import DumpSettings, TrainSettings, dump_teacher, open_cache
 from kdcache.cache.card import CARD_NAME
 from kdcache.cache.format import MANIFEST_NAME, Manifest, sha256_file
 from kdcache.cache.teachers import join_teachers
@@ -300,3 +300,62 @@ def test_student_trains_from_the_ensemble(two_teachers, student_config, tmp_path
                                                                  tmp_path / "x"))
     assert "has one teacher" in _error(_run(*common[:2], root / "a", *common[3:], "--teachers", "a:1,b:1",
                                             "--out", tmp_path / "x"))
+
+
+def test_trainer_trains_from_the_ensemble_as_train_student_does(two_teachers, tokenizer, tmp_path):
+    """`DistillationTrainer` with `TrainSettings(teachers=...)` and train-student's recipe (`training_arguments`)
+    follows the CLI's `--teachers` run step for step: same seed, same cache, same losses, same weights."""
+    import kdcache
+    root = two_teachers[0]
+    initial = tmp_path / "initial"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer), hidden=16, layers=1)).save_pretrained(initial)
+    tokenizer.save_pretrained(initial)
+    common = ["train-student", "--cache", root / "joined", "--student", initial, "--batch-size", 4, "--seed", 5,
+              "--shuffle-buffer", 8, "--log-every", 1, "--lr", "1e-2", "--no-verify"]
+
+    def cli_losses(teachers: str, steps: int, out: Path) -> list[float]:
+        result = _run(*common, "--max-steps", steps, "--teachers", teachers, "--out", out)
+        assert result.exit_code == 0, result.output
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [entry["loss"] for entry in lines if "loss" in entry]
+
+    mixed, alone = cli_losses("a:0.6,b:0.4", 3, tmp_path / "cli"), cli_losses("a:1", 1, tmp_path / "cli-a")
+    assert len(mixed) == 3 and mixed[0] != pytest.approx(alone[0], rel=1e-3), "the mixture is not teacher a alone"
+
+    settings = kdcache.TrainSettings(teachers="a:0.6,b:0.4", max_steps=3, batch_size=4, seed=5, shuffle_buffer=8,
+                                     lr=1e-2)
+    model = AutoModelForCausalLM.from_pretrained(initial)
+    args = kdcache.training_arguments(model, settings, str(tmp_path / "trainer"), logging_steps=1, report_to=[],
+                                      use_cpu=True, save_strategy="no")
+    trainer = kdcache.DistillationTrainer(model=model, args=args, cache=kdcache.open_cache(root / "joined"),
+                                          settings=settings)
+    trainer.train()
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    # the first step is the same computation; later ones differ only by the optimizers' rounding and the Trainer
+    # exempting biases and norms from weight decay (1e-4 of a norm weight per step here)
+    assert losses[0] == pytest.approx(mixed[0], rel=1e-6)
+    assert losses == pytest.approx(mixed, rel=1e-3)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_trainer_refuses_unknown_teachers_and_bad_weights_in_one_line(two_teachers, tokenizer, tmp_path):
+    """The CLI's refusals, through the public API: the same `KDCacheError` messages, before any training."""
+    import kdcache
+    root = two_teachers[0]
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer), hidden=16, layers=1))
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(KDCacheError, match=r"^`teachers` names c, but cache .* has the teachers a, b$"):
+        kdcache.DistillationTrainer(model, args, cache=root / "joined", settings=TrainSettings(teachers="a:0.5,c:0.5"))
+    with pytest.raises(KDCacheError, match="has one teacher"):
+        kdcache.DistillationTrainer(model, args, cache=root / "a", settings=TrainSettings(teachers="a:1,b:1"))
+    for bad in ("a:-1", "a:0", "a:x,b:1", "a:1,a:2", "a:inf", ":1"):
+        with pytest.raises(KDCacheError, match="^`teachers` must list distinct names with positive weights"):
+            TrainSettings(teachers=bad)
+    # a dataset of one's own that does not read the other teacher along: one line naming the fix
+    trainer = kdcache.DistillationTrainer(model, args, cache=root / "joined", settings=TrainSettings(teachers="a,b"),
+                                          train_dataset=kdcache.CacheDataset(root / "joined"))
+    with pytest.raises(KDCacheError, match=r"no targets of teacher b .*CacheDataset\(cache, teachers=\['b'\]\)"):
+        trainer.train()

@@ -40,13 +40,17 @@ class CacheDataset(IterableDataset):
     so with the same seed and batch size the batches are `train-student`'s. Under a `Trainer`, keep
     one process's view (the default): Accelerate dispatches an iterable dataset's batches to the
     processes itself. In a loop of your own with several processes, pass `process_index` and
-    `num_processes` for equal, disjoint shares. `hidden_layers` picks the cached hidden states to decode.
+    `num_processes` for equal, disjoint shares. `hidden_layers` picks the cached hidden states to decode;
+    `teachers` names other teachers of a multi-teacher cache whose targets each row carries along (the
+    batches of a `teachers` mixture need them: `DistillationLoss.other_teachers`).
     """
 
     def __init__(self, cache: Cache | str | Path, *, hidden_layers: Sequence[int] = (), shuffle: bool = True,
-                 seed: int = 0, shuffle_buffer: int = 1024, process_index: int = 0, num_processes: int = 1):
+                 seed: int = 0, shuffle_buffer: int = 1024, process_index: int = 0, num_processes: int = 1,
+                 teachers: Sequence[str] = ()):
         self.cache = as_cache(cache)
         self.hidden_layers = list(hidden_layers)
+        self.teachers = tuple(teachers)
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
         self.process_index, self.num_processes = process_index, num_processes
         self.epoch = 0
@@ -65,7 +69,8 @@ class CacheDataset(IterableDataset):
                                "each extra worker would repeat the same rows")
         return self.cache.sequences(hidden_layers=self.hidden_layers, shuffle=self.shuffle, seed=self.seed,
                                     epoch=self.epoch, shuffle_buffer=self.shuffle_buffer,
-                                    process_index=self.process_index, num_processes=self.num_processes)
+                                    process_index=self.process_index, num_processes=self.num_processes,
+                                    teachers=self.teachers)
 
 
 def collate_inputs(sequences: list[CachedSequence]) -> dict[str, Any]:
@@ -80,8 +85,11 @@ def training_arguments(model: torch.nn.Module, settings: TrainSettings = TrainSe
     weight decay, gradient clipping, batch size, accumulation, steps or epochs and seed. `overrides` (e.g.
     `logging_steps`, `save_strategy`) are passed on; they win over the recipe."""
     settings, _ = resolve_defaults(settings, model)
+    # train-student warms up for int(warmup_ratio · steps) steps; a ratio given to the Trainer rounds up instead,
+    # so with known steps the count is passed (an epoch-long run's steps are only known to the Trainer)
+    warmup = int(settings.warmup_ratio * settings.max_steps) if settings.max_steps else settings.warmup_ratio
     recipe = {"output_dir": output_dir, "learning_rate": settings.lr, "lr_scheduler_type": "cosine",
-              "warmup_steps": settings.warmup_ratio, "weight_decay": settings.weight_decay,
+              "warmup_steps": warmup, "weight_decay": settings.weight_decay,
               "max_grad_norm": settings.max_grad_norm, "per_device_train_batch_size": settings.batch_size,
               "gradient_accumulation_steps": settings.grad_accum, "max_steps": settings.max_steps or -1,
               "num_train_epochs": settings.epochs or 1, "seed": settings.seed,
@@ -98,8 +106,9 @@ class DistillationTrainer(transformers.Trainer):
 
     The loss is `DistillationLoss(settings, cache, model)`, the function `train-student` calls, so the
     same weights and batch give the same number. Of `settings`, the loss fields (weights, divergence,
-    tail, temperature, targets, layer map, `fused_loss`: a causal LM's CE and KD from its final hidden
-    states, never its full logits; kdcache/fused.py) and the data order (`seed`, `shuffle_buffer`) apply; the
+    tail, temperature, targets, layer map, `teachers`: a multi-teacher cache's mixture, its rows read along,
+    `fused_loss`: a causal LM's CE and KD from its final hidden states, never its full logits; kdcache/fused.py)
+    and the data order (`seed`, `shuffle_buffer`) apply; the
     optimizer, schedule, batch size and steps are the `TrainingArguments`', and without `args` they are
     `training_arguments(model, settings)`: `train-student`'s, with the same defaults. Learned feature
     projections (a student narrower than the cached hidden states) are trained with the model but
@@ -119,8 +128,10 @@ class DistillationTrainer(transformers.Trainer):
                                "not yet by DistillationTrainer")
         check_student_matches_cache(model, None, cache.manifest)
         self.distillation_loss = DistillationLoss(settings, cache, model)
-        kwargs.setdefault("train_dataset", CacheDataset(cache, hidden_layers=self.distillation_loss.teacher_layers,
-                                                        seed=settings.seed, shuffle_buffer=settings.shuffle_buffer))
+        loss = self.distillation_loss
+        kwargs.setdefault("train_dataset", CacheDataset(cache, hidden_layers=loss.teacher_layers, seed=settings.seed,
+                                                        shuffle_buffer=settings.shuffle_buffer,
+                                                        teachers=loss.other_teachers))
         kwargs.setdefault("data_collator", collate_inputs)
         super().__init__(model=model, args=args or training_arguments(model, settings), **kwargs)
         projections = self.distillation_loss.projections

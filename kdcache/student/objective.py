@@ -167,6 +167,10 @@ class DistillationLoss:
         """CE and the KD to the mixture of the `teachers`, chunk by chunk: the mixture spreads each teacher's tail
         by the student's own (detached) probabilities, so it is formed per chunk from that chunk's logits, the
         same on the fused and the full-logits path."""
+        missing = [name for name in self.other_teachers if name not in batch.teachers]
+        if missing:  # a dataset of one's own, read without them
+            raise KDCacheError(f"the batch carries no targets of teacher {', '.join(missing)} of `teachers`: read the "
+                               f"rows with CacheDataset(cache, teachers={list(self.other_teachers)!r})")
         targets = [(batch if name == self.own_teacher else batch.teachers[name]).sparse_targets(self.targets)
                    for name in self.mixture]
         weights, n, ce = list(self.mixture.values()), targets[0].ids.shape[0], kd_terms(None, labels, **options)
