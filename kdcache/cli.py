@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from .cache.format import MANIFEST_NAME, Manifest
-from .cache.safety import printable
+from .cache.safety import printable, redact
 from .errors import KDCacheError
 from .runtime import configure_threads, quiet_libraries, thread_settings
 from .student.settings import TrainSettings
@@ -64,7 +64,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KDCacheError as error:
-            raise click.ClickException(_with_flags(str(error), self)) from None
+            raise click.ClickException(_with_flags(redact(str(error)), self)) from None  # no credential printed
 
 
 def _progress() -> bool:
@@ -236,19 +236,22 @@ def recode_command(cache, out, **values):
               help="Also report how a student with this tokenizer aligns to the cache (cross-tokenizer training).")
 @click.option("--rows", default=1000, show_default=True, type=click.IntRange(min=1),
               help="With --student-tokenizer: measure on the first ROWS rows.")
-def info_command(cache, as_json, plot, student_tokenizer, rows):
+@click.option("--transfer-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="For a remote cache: give up on one transfer (the manifest, a shard) after this many seconds.")
+def info_command(cache, as_json, plot, student_tokenizer, rows, transfer_timeout):
     """Summarise the cache at CACHE (a directory or URL): reads its manifest and card only, no shard
     (unless a plot or a student tokenizer's alignment is asked for).
 
     The manifest comes from elsewhere: its text is printed with control characters escaped.
     """
+    from .cache.cache import Cache
     from .cache.card import CARD_NAME
     from .cache.store import CacheStore
-    store = CacheStore(cache)
+    store = CacheStore(cache, transfer_timeout=transfer_timeout)
     manifest = store.load_manifest()
     if plot is not None:
         from .plots import write_cache_report
-        write_cache_report(cache, plot)
+        write_cache_report(Cache(store, manifest), plot)
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
@@ -256,7 +259,7 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
     teacher, dataset = manifest.teacher, manifest.dataset
     parameters = teacher.get("num_parameters")
     lines = [
-        f"cache        {cache}  (format {manifest.format_version}, kdcache {manifest.kdcache_version}, {manifest.created_at})",
+        f"cache        {store}  (format {manifest.format_version}, kdcache {manifest.kdcache_version}, {manifest.created_at})",
         f"task         {manifest.task}",
         f"teacher      {teacher.get('name_or_path')}  ({teacher.get('model_type')}, "
         + (f"{parameters:,} parameters)" if isinstance(parameters, int) else
@@ -285,12 +288,11 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
     if student_tokenizer:
         import itertools
 
-        from .cache.cache import open_cache
         from .student.crosstok import CrossTokenizer
-        opened = open_cache(cache)
+        opened = Cache(store, manifest)
         report = CrossTokenizer.from_path(opened, student_tokenizer).report(itertools.islice(opened.sequences(), rows))
         lines.append(_alignment_line(report) + f" for {student_tokenizer}")
-    click.echo("\n".join(printable(line) for line in lines))
+    click.echo("\n".join(printable(redact(line)) for line in lines))
     if plot is not None:
         click.echo(f"report       {printable(plot)}")
 

@@ -60,10 +60,11 @@ class Cache:
         return self.store.location
 
     def __str__(self) -> str:
-        return self.location
+        """The location, any credential in it redacted (`safety.redact_url`): what records and messages show."""
+        return str(self.store)
 
     def __repr__(self) -> str:
-        return f"Cache({self.location!r}, task={self.manifest.task!r}, rows={len(self)})"
+        return f"Cache({str(self)!r}, task={self.manifest.task!r}, rows={len(self)})"
 
     def __len__(self) -> int:
         """Sequences in this cache (or subset)."""
@@ -152,7 +153,7 @@ class Cache:
         with and ships these files."""
         files = self.manifest.tokenizer.get("files", {})
         directory = self.store.tokenizer_dir(files)
-        check_tokenizer_files(directory, files)
+        check_tokenizer_files(directory, files, self.manifest.vocab_size)
         return directory
 
     def to_dataset(self, **load_dataset_options):

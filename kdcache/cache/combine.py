@@ -64,6 +64,6 @@ def derived_stats(cache_dir: Path | str, manifest: Manifest, shards: list[ShardI
             **({"captured_mass": captured.summary()} if "topk" in manifest.target_types else {}),
             "teacher_nll": round(nll_sum / nll_count, 6) if nll_count else None,
             "teacher_nll_targets": nll_count,
-            "content_sha256": content_sha256(store, shards),
+            "content_sha256": content_sha256(store, manifest, shards),
             "skipped_sample_ids": sorted(skipped_sample_ids),
             "shard_stats": kept}
