@@ -146,15 +146,19 @@ def _imported_rows(table: pa.Table, first_id: int, spec: Format, vocab_size: int
     """(sample id, CachedSequence or None when the row cannot be represented) for each row of `table`."""
     for index, row in enumerate(table.to_pylist()):
         sample_id = first_id + index
-        ids = np.asarray(row[spec.ids], dtype=np.int64)
-        logprobs = np.asarray(row[spec.logprobs], dtype=np.float32)
-        if ids.ndim != 2 or ids.shape != logprobs.shape or not len(ids):
-            raise KDCacheError(f"row {sample_id}: `{spec.ids}` and `{spec.logprobs}` must be [positions][k] lists "
-                               f"of the same shape")
+        shape_error = KDCacheError(f"row {sample_id}: `{spec.ids}` and `{spec.logprobs}` must be [positions][k] "
+                                   f"lists of the same shape, and `input_ids` a list of token ids")
+        try:  # a ragged or mistyped row of someone else's dataset: one line, not numpy's traceback
+            ids = np.asarray(row[spec.ids], dtype=np.int64)
+            logprobs = np.asarray(row[spec.logprobs], dtype=np.float32)
+            tokens = np.asarray(row["input_ids"], dtype=np.int32)
+        except (ValueError, TypeError, OverflowError):
+            raise shape_error from None
+        if ids.ndim != 2 or ids.shape != logprobs.shape or not len(ids) or tokens.ndim != 1:
+            raise shape_error
         if ids.min() < 0 or ids.max() >= vocab_size:
             raise KDCacheError(f"row {sample_id}: token id {int(ids.max())} is outside the tokenizer's "
                                f"{vocab_size} tokens")
-        tokens = np.asarray(row["input_ids"], dtype=np.int32)
         if len(ids) > len(tokens):
             raise KDCacheError(f"row {sample_id}: {len(ids)} target positions for {len(tokens)} tokens")
         if not np.isfinite(logprobs).all() or (fmt == "axolotl" and len(ids) != len(tokens)):
@@ -184,8 +188,10 @@ def import_dataset(source: str, out: Path | str, fmt: str, *, tokenizer: str, te
         raise KDCacheError(_missing_columns_message(fmt, source, missing, rows.column_names))
     loaded_tokenizer = load_tokenizer(tokenizer, "`tokenizer`")
     vocab_size = len(loaded_tokenizer)
-    first = rows[0]
-    k = len(first[spec.ids][0]) if first[spec.ids] else 0
+    first = rows[0][spec.ids] if len(rows) else None
+    k = len(first[0]) if isinstance(first, list) and first and isinstance(first[0], list) else 0
+    if not k:
+        raise KDCacheError(f"`{spec.ids}` of the first row of {source} is not a [positions][k] list of ids")
     tokenizer_info = tokenizer_fingerprint(loaded_tokenizer)
     fingerprint = sha256_json({"import": fmt, "dataset": dataset["fingerprint"], "tokenizer": tokenizer_info["hash"]})
     _new_directory(out)

@@ -138,10 +138,12 @@ def copy_capped(source, sink, limit: int, what: str, progress: Callable[[int], N
 def read_capped(handle, limit: int, what: str) -> bytes:
     """All of `handle` (a file object), refused as soon as it holds more than `limit` bytes: a manifest or card
     from elsewhere is read whole only when it is small."""
-    data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise KDCacheError(f"{printable(what)} is larger than {limit:,} bytes: refused")
-    return data
+    data = bytearray()
+    while chunk := handle.read(min(COPY_CHUNK, limit + 1 - len(data))):  # a stream returns what has arrived
+        data += chunk
+        if len(data) > limit:
+            raise KDCacheError(f"{printable(what)} is larger than {limit:,} bytes: refused")
+    return bytes(data)
 
 
 def check_tokenizer_files(directory: Path, expected: dict[str, str], vocab_size: int) -> None:

@@ -261,7 +261,9 @@ class CacheStore:
                 raise FileNotFoundError(relative)
             opened = open(path, "rb")
         else:
-            opened = self.fs.open(self._url(relative), "rb", **({"block_size": 0} if self.http else {}))
+            # over HTTP one streamed GET, `size` given so that no HEAD comes first (whose refused redirect
+            # fsspec would report as a missing file)
+            opened = self.fs.open(self._url(relative), "rb", **({"block_size": 0, "size": limit} if self.http else {}))
         with opened as handle:
             return read_capped(handle, limit, f"{relative} of cache {self}")
 
@@ -297,7 +299,9 @@ class CacheStore:
             if path is None:
                 raise KDCacheError(f"{relative} is missing from cache {self}")
             return self._guard(lambda: open(path, "rb"), relative)
-        handle = self._guard(lambda: self.fs.open(self._url(relative), "rb", block_size=REMOTE_BLOCK_SIZE), relative)
+        # over HTTP one streamed GET (no Range needed); its reader stops at the size the manifest declares
+        options = {"block_size": 0} if self.http else {"block_size": REMOTE_BLOCK_SIZE}
+        handle = self._guard(lambda: self.fs.open(self._url(relative), "rb", **options), relative)
         return _GuardedFile(handle, lambda action: self._guard(action, relative))
 
     def source(self, shard: ShardInfo) -> tuple[pa.NativeFile, bool]:
