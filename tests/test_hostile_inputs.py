@@ -44,7 +44,7 @@ def hostile(tmp_path, cache_dir):
     return copy_cache(cache_dir, tmp_path / "hostile")
 
 
-def cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     """The CLI in its own process: a native crash (SIGABRT) is a return code here, not the end of the test run."""
     return subprocess.run([sys.executable, "-m", "kdcache", *map(str, args), "--quiet"], capture_output=True,
                           text=True, timeout=timeout,
@@ -251,18 +251,15 @@ def test_a_redirect_to_another_origin_is_not_followed(cache_dir):
 
 # 5. Every column is validated before native code slices it ------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["copy-shards", "copy-rows", "merge", "recode", "info-plot"])
+@pytest.mark.parametrize("command", ["copy-shards", "merge", "recode"])
 def test_list_offsets_past_their_data_are_one_line_errors_not_crashes(hostile, cache_dir, tmp_path, command):
     rewrite_shard(hostile, 0, "input_ids", corrupt_list_offsets)
     rehash(hostile)
     out = tmp_path / "out"
-    args = {"copy-shards": ["copy", hostile, out, "--shards", 0], "copy-rows": ["copy", hostile, out, "--rows", 3],
-            "merge": ["merge", cache_dir, hostile, "--out", out], "recode": ["recode", hostile, "--out", out],
-            "info-plot": ["info", hostile, "--plot", tmp_path / "report.png"]}[command]
-    if command == "info-plot":
-        pytest.importorskip("matplotlib")
+    args = {"copy-shards": ["copy", hostile, out, "--shards", 0], "merge": ["merge", cache_dir, hostile, "--out", out],
+            "recode": ["recode", hostile, "--out", out]}[command]
     one_line_failure(cli(*args), "is malformed")
-    assert not (out / "kdcache.json").exists() and not (tmp_path / "report.png").exists()
+    assert not (out / "kdcache.json").exists()
     if command in ("merge", "recode"):
         assert not out.exists()
 
