@@ -420,7 +420,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
                **({"captured_mass": captured.summary()} if "topk" in column_groups(settings.target_types) else {}),
                "teacher_nll": round(nll_sum / nll_count, 6) if nll_count else None,
                **({"unknown_tokens": unknown} if unknown is not None else {}),
-               "content_sha256": content_sha256(out, shards),
+               "content_sha256": None,  # below: read through the manifest
                "nonfinite_positions": nonfinite_positions, "skipped_sample_ids": nonfinite_ids,
                "dropped_rows": {reason: {"count": len(ids), "sample_ids": sorted(ids)[:LISTED_DROPPED]}
                                 for reason, ids in sorted(dropped.items())},
@@ -433,6 +433,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
         labels=classes,
         format_version=settings.stored_codec.format_version,
     )
+    manifest.stats["content_sha256"] = content_sha256(out, manifest, shards)
     write_card(out, manifest)
     manifest.save(out)
     return manifest
