@@ -77,11 +77,13 @@ def _captured_by_position(cache: Cache) -> dict | None:
     manifest = cache.manifest
     if manifest.labels or "topk" not in manifest.trainable_targets:  # a head-tail cache keeps its exact tail too
         return None
-    sums = np.zeros(int(manifest.settings["max_length"]))
-    counts = np.zeros_like(sums)
+    # sized by the rows read, not by `settings.max_length`: caches from elsewhere (imports) may not record it
+    sums, counts = np.zeros(0), np.zeros(0)
     read = 0
     for read, sequence in enumerate(cache.sequences(), start=1):
         mass = -np.expm1(sequence.tail_logprob.astype(np.float64))
+        if len(mass) > len(sums):
+            sums, counts = (np.pad(array, (0, len(mass) - len(array))) for array in (sums, counts))
         sums[:len(mass)] += mass
         counts[:len(mass)] += 1
         if read == PROFILE_SEQUENCES:
