@@ -153,6 +153,19 @@ def test_a_checkpoint_that_would_run_code_is_refused(checkpointed, tmp_path, cac
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("file", ["kdcache_state.json", "kdcache_state.safetensors", "model.safetensors",
+                                  "optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+def test_an_emptied_checkpoint_file_is_one_line(checkpointed, tmp_path, cache_dir, student_config, file):
+    """A checkpoint cut short (a full disk, a partial copy): resuming names the checkpoint, no traceback."""
+    checkpoint = tmp_path / "checkpoints" / "step-00000002"
+    shutil.copytree(checkpointed / "checkpoints" / "step-00000002", checkpoint)
+    (checkpoint / file).write_bytes(b"")
+    result = run("train-student", "--cache", cache_dir, "--student-config", student_config, "--out", tmp_path / "out",
+                 "--max-steps", 3, "--batch-size", 4, "--save-every", 2, "--resume-from", checkpoint)
+    one_line_error(result, f"checkpoint {checkpoint}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_tokenizer_asking_for_remote_code_is_refused_without_running_it(hostile, tmp_path, student_config):
     marker = tmp_path / "pwned"
     (hostile / "tokenizer" / "evil.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
