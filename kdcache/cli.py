@@ -285,7 +285,7 @@ def info_command(cache, as_json, plot, student_tokenizer, rows, transfer_timeout
     The manifest comes from elsewhere: its text is printed with control characters escaped.
     """
     from .cache.cache import Cache
-    from .cache.card import CARD_NAME, describe_teacher
+    from .cache.card import describe_teacher
     from .cache.store import CacheStore
     store = CacheStore(cache, transfer_timeout=transfer_timeout)
     manifest = store.load_manifest()
@@ -327,7 +327,7 @@ def info_command(cache, as_json, plot, student_tokenizer, rows, transfer_timeout
           for index, entry in enumerate(manifest.teachers)],
         *_dropped_lines(manifest),
         *([f"sources      {provenance(manifest)}"] if manifest.sources else []),
-        f"card         {CARD_NAME if store.size(CARD_NAME) is not None else 'none'}",
+        f"card         {_card(store)}",
     ]
     if manifest.labels:
         lines[1] += f"  (labels: {', '.join(manifest.labels)})"
@@ -341,6 +341,17 @@ def info_command(cache, as_json, plot, student_tokenizer, rows, transfer_timeout
     click.echo("\n".join(printable(redact(line)) for line in lines))
     if plot is not None:
         click.echo(f"report       {printable(plot)}")
+
+
+def _card(store) -> str:
+    """Whether the cache has a card, and whether `copy` could carry it (capped, UTF-8): a damaged card is noted,
+    not fatal, since the manifest, not the card, is what `info` describes."""
+    from .cache.card import CARD_NAME
+    from .cache.safety import MAX_CARD_BYTES
+    try:
+        return CARD_NAME if store.read_text(CARD_NAME, MAX_CARD_BYTES) is not None else "none"
+    except KDCacheError as error:
+        return f"{CARD_NAME}, unreadable: {error}"
 
 
 def _count(value) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache.format import MANIFEST_NAME, TOKENIZER_DIR, sha256_file, tokenizer_file_hashes
+from kdcache.cache.format import MANIFEST_NAME, TOKENIZER_DIR, sha256_file, tokenizer_files
 from kdcache.cache.validate import batch_digests
 
 
@@ -45,7 +45,7 @@ def rehash(cache: Path) -> None:
             if path.is_file() and not path.is_symlink():
                 shard.update(bytes=path.stat().st_size, sha256=sha256_file(path), batch_sha256=batch_digests(path))
         if (cache / TOKENIZER_DIR).is_dir():
-            data["tokenizer"]["files"] = tokenizer_file_hashes(cache / TOKENIZER_DIR)
+            data["tokenizer"].update(tokenizer_files(cache / TOKENIZER_DIR))
     edit_manifest(cache, update)
 
 

@@ -107,6 +107,9 @@ def test_a_row_longer_than_max_length_is_refused_on_read(hostile, tmp_path, stud
     (lambda data: data["settings"].update(top_p=7), "settings.top_p must be in (0, 1]"),
     (lambda data: data["teacher"].update(num_parameters="many"), "teacher.num_parameters must be an integer"),
     (lambda data: data["dataset"].update(num_rows=-5), "dataset.num_rows must be between"),
+    (lambda data: data["tokenizer"]["file_bytes"].update({"tokenizer.json": 1 << 40}),
+     "tokenizer.file_bytes.tokenizer.json must be between 0 and 268435456"),
+    (lambda data: data["tokenizer"]["file_bytes"].update({"other.json": 5}), "which tokenizer.files does not"),
 ])
 def test_manifest_numbers_are_range_checked(hostile, edit, fragment):
     edit_manifest(hostile, edit)
@@ -124,16 +127,33 @@ def test_a_huge_manifest_or_card_is_not_read_whole(hostile, tmp_path):
     assert not (tmp_path / "copy" / "kdcache.json").exists()
 
 
-@pytest.mark.parametrize("name", ["shard", "tokenizer.json"])
+@pytest.mark.parametrize("card, fragment", [(b"\xff\xfe a card \x80", "is not UTF-8 text"),
+                                             (b"x" * (2 << 20), "is larger than 1,048,576 bytes")])
+def test_info_notes_a_card_copy_would_refuse(hostile, tmp_path, card, fragment):
+    """`info` describes the manifest: a card that is not UTF-8 or too big is named on its line, not a traceback;
+    `copy` refuses it in one line."""
+    (hostile / "README.md").write_bytes(card)
+    result = run("info", hostile)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("card ")]
+    assert f"README.md, unreadable: README.md of cache {hostile} {fragment}" in line
+    one_line_error(run("copy", hostile, tmp_path / "copy"), fragment)
+
+
+@pytest.mark.parametrize("name", ["shard", "tokenizer.json", "undeclared tokenizer.json"])
 def test_a_download_stops_at_the_first_byte_beyond_its_size(hostile, tmp_path, name):
     """A server that never ends a file: a read-through shard stops past the manifest's size, a tokenizer file past
-    its cap; no file is renamed into place, and it ends long before the transfer deadline."""
+    its declared size (`tokenizer.file_bytes`) or, in a cache from before sizes were recorded, past the fixed cap;
+    no file is renamed into place, and it ends long before the transfer deadline."""
     shard = Manifest.load(hostile).shards[0]
-    served = Path(shard.file).name if name == "shard" else name
+    declared = Manifest.load(hostile).tokenizer["file_bytes"]["tokenizer.json"]
+    if name == "undeclared tokenizer.json":
+        edit_manifest(hostile, lambda data: data["tokenizer"].pop("file_bytes") and None)
+    served = Path(shard.file).name if name == "shard" else "tokenizer.json"
     downloads = tmp_path / "downloads"
     started = time.monotonic()
-    with serve(hostile, endless(served, extra_mib=300 if name == "tokenizer.json" else 1)) as url:
-        result = run("verify", url) if name == "tokenizer.json" else None
+    with serve(hostile, endless(served, extra_mib=300 if name.startswith("undeclared") else 1)) as url:
+        result = run("verify", url) if name != "shard" else None
         if name == "shard":
             result = run("copy", url, tmp_path / "copy", "--shards", 0)
             one_line_error(result, f"{shard.file} from {url} is larger than {shard.bytes:,} bytes")
@@ -143,7 +163,7 @@ def test_a_download_stops_at_the_first_byte_beyond_its_size(hostile, tmp_path, n
             assert not list(downloads.glob("*.arrow"))
         else:
             one_line_error(result, "tokenizer/tokenizer.json from cache")
-            assert "is larger than 268,435,456 bytes" in result.output
+            assert f"is larger than {declared if name == 'tokenizer.json' else 256 << 20:,} bytes" in result.output
     assert time.monotonic() - started < 60
 
 

@@ -185,9 +185,8 @@ class Cache:
         """A local directory holding the teacher's tokenizer (downloaded once when the cache is remote), once
         its files match the manifest's sha256 of each (`safety.check_tokenizer_files`): a student is built
         with and ships these files."""
-        files = self.manifest.tokenizer.get("files", {})
-        directory = self.store.tokenizer_dir(files)
-        check_tokenizer_files(directory, files, self.manifest.vocab_size)
+        directory = self.store.tokenizer_dir(self.manifest.tokenizer)
+        check_tokenizer_files(directory, self.manifest.tokenizer.get("files", {}), self.manifest.vocab_size)
         return directory
 
     def to_dataset(self, **load_dataset_options):

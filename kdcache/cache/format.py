@@ -202,7 +202,15 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
 
 def tokenizer_file_hashes(directory: Path) -> dict[str, str]:
     """sha256 of every file of a saved tokenizer, by name: the bytes a student will load and ship."""
-    return {path.name: sha256_file(path) for path in sorted(Path(directory).iterdir()) if path.is_file()}
+    return tokenizer_files(directory)["files"]
+
+
+def tokenizer_files(directory: Path) -> dict[str, dict]:
+    """The manifest's record of a saved tokenizer's files: `files` (sha256 by name) and `file_bytes` (size by
+    name, so a download of one stops at its declared size, as a shard's does)."""
+    paths = [path for path in sorted(Path(directory).iterdir()) if path.is_file()]
+    return {"files": {path.name: sha256_file(path) for path in paths},
+            "file_bytes": {path.name: path.stat().st_size for path in paths}}
 
 
 @dataclasses.dataclass

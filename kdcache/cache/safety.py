@@ -45,7 +45,9 @@ MAX_STRING = 1 << 16  # characters of one manifest string (keys included)
 MAX_LENGTH = 1 << 20  # tokens of one row (settings.max_length)
 MAX_TOP_K = 1 << 16  # ids listed per position
 COPY_CHUNK = 1 << 22
-MAX_TOKENIZER_FILE_BYTES = 256 << 20  # one tokenizer file (the largest real ones, 250k-token vocabularies: ~35 MB)
+# One tokenizer file (the largest real ones, 250k-token vocabularies: ~35 MB): the bound of a download or copy
+# when the manifest declares no size (`tokenizer.file_bytes`; caches from before it), and of a declared size.
+MAX_TOKENIZER_FILE_BYTES = 256 << 20
 
 
 def check_relative(relative: Any, what: str = "path", *, under: str | None = None) -> str:
@@ -109,6 +111,12 @@ def open_contained(root: Path, relative: str) -> BinaryIO:
         os.close(inner)
         raise KDCacheError(f"{relative} in {root} is not a regular file")
     return os.fdopen(inner, "rb")
+
+
+def tokenizer_file_limit(tokenizer: dict, name: str) -> int:
+    """The most bytes tokenizer file `name` may have: its declared size (`tokenizer.file_bytes`), else, for
+    caches from before sizes were recorded, `MAX_TOKENIZER_FILE_BYTES` (its sha256 still decides)."""
+    return tokenizer.get("file_bytes", {}).get(name, MAX_TOKENIZER_FILE_BYTES)
 
 
 def copy_contained(root: Path, relative: str, target: Path, sha256: str | None, limit: int) -> None:
@@ -330,9 +338,14 @@ def check_manifest(data: Any, source: str) -> None:
     tokenizer = check.mapping(data.get("tokenizer"), "tokenizer")
     check.integer(tokenizer.get("vocab_size"), "tokenizer.vocab_size", 1, MAX_VOCAB)
     check.string(tokenizer.get("hash"), "tokenizer.hash", _SHA256)
-    for name, digest in check.mapping(tokenizer.get("files"), "tokenizer.files", optional=True).items():
+    files = check.mapping(tokenizer.get("files"), "tokenizer.files", optional=True)
+    for name, digest in files.items():
         check_relative(name, "tokenizer file")
         check.string(digest, f"tokenizer.files.{name}", _SHA256)
+    for name, size in check.mapping(tokenizer.get("file_bytes"), "tokenizer.file_bytes", optional=True).items():
+        if name not in files:
+            raise check.fail("tokenizer.file_bytes", f"names {_quoted(name)}, which tokenizer.files does not")
+        check.integer(size, f"tokenizer.file_bytes.{name}", 0, MAX_TOKENIZER_FILE_BYTES)
     labels = check.strings(data.get("labels", []), "labels")
     classes = len(labels) or tokenizer["vocab_size"]
 

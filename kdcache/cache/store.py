@@ -45,13 +45,13 @@ from ..errors import KDCacheError, first_line
 from .format import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_SUFFIX, TOKENIZER_DIR, Manifest, ShardInfo, sha256_file
 from .safety import (
     MAX_MANIFEST_BYTES,
-    MAX_TOKENIZER_FILE_BYTES,
     check_relative,
     contained_file,
     copy_capped,
     read_capped,
     redact,
     redact_url,
+    tokenizer_file_limit,
 )
 
 REMOTE_BLOCK_SIZE = 1 << 22
@@ -265,6 +265,15 @@ class CacheStore:
         except self.read_errors as error:
             raise self._failure(error, relative) from None
 
+    def read_text(self, relative: str, limit: int) -> str | None:
+        """A small UTF-8 text file (the manifest, the card) whole, None when it does not exist; refused in one
+        line past `limit` bytes or when it is not UTF-8 text."""
+        data = self.read_small(relative, limit)
+        try:
+            return None if data is None else data.decode()
+        except UnicodeDecodeError:
+            raise KDCacheError(f"{relative} of cache {self} is not UTF-8 text: refused") from None
+
     def _read_capped(self, relative: str, limit: int) -> bytes:
         """Over HTTP the body is streamed, so a server without Range support serves it too."""
         if not self.remote:
@@ -333,12 +342,14 @@ class CacheStore:
         return pa.PythonFile(_GuardedFile(handle, lambda action: self._guard(action, shard.file, STREAM_HINT)),
                              mode="r"), True
 
-    def tokenizer_dir(self, files: dict[str, str]) -> Path:
+    def tokenizer_dir(self, tokenizer: dict) -> Path:
         """A local directory holding the cache's tokenizer (downloaded once when the cache is remote).
 
-        `files` (the manifest's tokenizer fingerprints) names what to download; only caches from
-        before tokenizer fingerprints, which list no files, fall back to listing the remote directory.
+        `tokenizer` (the manifest's) names what to download (`files`, their fingerprints) and how big each
+        may be (`safety.tokenizer_file_limit`); only caches from before tokenizer fingerprints, which list
+        no files, fall back to listing the remote directory.
         """
+        files = tokenizer.get("files", {})
         if not self.remote:
             return Path(self.location) / TOKENIZER_DIR
         if self._tokenizer_copy is None:
@@ -347,7 +358,7 @@ class CacheStore:
                 lambda: self.fs.ls(self._url(TOKENIZER_DIR), detail=False), TOKENIZER_DIR)]
             for name in names:
                 relative = check_relative(f"{TOKENIZER_DIR}/{name}", "tokenizer file")
-                self._download(relative, Path(copy.name) / name, MAX_TOKENIZER_FILE_BYTES)
+                self._download(relative, Path(copy.name) / name, tokenizer_file_limit(tokenizer, name))
             self._tokenizer_copy = copy
         return Path(self._tokenizer_copy.name)
 

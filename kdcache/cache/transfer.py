@@ -60,12 +60,12 @@ from .reader import shard_sample_ids
 from .safety import (
     MAX_CARD_BYTES,
     MAX_MANIFEST_BYTES,
-    MAX_TOKENIZER_FILE_BYTES,
     check_relative,
     copy_capped,
     copy_contained,
     printable,
     redact_url,
+    tokenizer_file_limit,
 )
 from .store import CacheStore, is_url
 from .validate import CheckedShard, batch_digests
@@ -385,20 +385,17 @@ def copy_tokenizer(store: CacheStore, manifest: Manifest, target: Destination,
         if expected and name not in expected:
             raise KDCacheError(f"tokenizer file {printable(name)} appeared after the tokenizer was checked: refused")
         with target.staging(relative) as staged:
-            copy_contained(directory, name, staged, expected.get(name), MAX_TOKENIZER_FILE_BYTES)
+            copy_contained(directory, name, staged, expected.get(name), tokenizer_file_limit(manifest.tokenizer, name))
             target.publish(staged, relative)
         notify(relative)
 
 
 def _read_text(store: CacheStore, relative: str, limit: int) -> str:
     """A small text file of the source (its manifest, its card), at most `limit` bytes of UTF-8."""
-    data = store.read_small(relative, limit)
-    if data is None:
+    text = store.read_text(relative, limit)
+    if text is None:
         raise KDCacheError(f"{relative} is missing from cache {store}")
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        raise KDCacheError(f"{relative} of cache {store} is not UTF-8 text: refused") from None
+    return text
 
 
 def _subset_manifest(manifest: Manifest, shards: list[ShardInfo], target: Destination, store: CacheStore,

@@ -41,7 +41,7 @@ from ..cache.format import (
     sha256_json,
     shard_schema,
     token_id_type,
-    tokenizer_file_hashes,
+    tokenizer_files,
     tokenizer_fingerprint,
 )
 from ..cache.reader import content_sha256
@@ -331,7 +331,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
             manifest = _commit_manifest(
                 out, plan, settings, finished_before, elapsed, teacher=teacher_info,
                 tokenizer={**tokenizer_info, "model_vocab_size": model_vocab_size,
-                           "files": tokenizer_file_hashes(out / TOKENIZER_DIR)},
+                           **tokenizer_files(out / TOKENIZER_DIR)},
                 dataset=dataset_info, layers=layers, hidden_sizes=hidden_sizes, fingerprint=fingerprint,
                 num_processes=accelerator.num_processes, fidelity=new_card(), classes=classes,
                 num_classes=num_classes, optional=optional, pooled_size=pooled_size, unknown=unknown)
