@@ -19,7 +19,7 @@ import click
 
 from .cache.describe import describe_augmentation, describe_targets, fidelity_rows, fidelity_scope, provenance
 from .cache.format import MANIFEST_NAME, Manifest
-from .cache.safety import printable
+from .cache.safety import printable, redact
 from .errors import KDCacheError, KDCacheWarning
 from .runtime import configure_threads, quiet_libraries, thread_settings
 from .settings import THREADS_HELP
@@ -83,7 +83,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KDCacheError as error:
-            raise click.ClickException(_with_flags(str(error), self)) from None
+            raise click.ClickException(_with_flags(redact(str(error)), self)) from None  # no credential printed
         except KeyboardInterrupt:  # Ctrl-C: say what survives and how to go on, not click's bare "Aborted!"
             hint = _RESUME_HINTS.get(ctx.invoked_subcommand)
             click.echo("\ninterrupted" + (f": {hint}" if hint else ""), err=True)
@@ -276,19 +276,22 @@ def recode_command(cache, out, **values):
               help="Also report how a student with this tokenizer aligns to the cache (cross-tokenizer training).")
 @click.option("--rows", default=1000, show_default=True, type=click.IntRange(min=1),
               help="With --student-tokenizer: measure on the first ROWS rows.")
-def info_command(cache, as_json, plot, student_tokenizer, rows):
+@click.option("--transfer-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="For a remote cache: give up on one transfer (the manifest, a shard) after this many seconds.")
+def info_command(cache, as_json, plot, student_tokenizer, rows, transfer_timeout):
     """Summarise the cache at CACHE (a directory or URL): reads its manifest and card only, no shard
     (unless a plot or a student tokenizer's alignment is asked for).
 
     The manifest comes from elsewhere: its text is printed with control characters escaped.
     """
-    from .cache.card import CARD_NAME, describe_teacher
+    from .cache.cache import Cache
+    from .cache.card import describe_teacher
     from .cache.store import CacheStore
-    store = CacheStore(cache)
+    store = CacheStore(cache, transfer_timeout=transfer_timeout)
     manifest = store.load_manifest()
     if plot is not None:
         from .plots import write_cache_report
-        write_cache_report(cache, plot)
+        write_cache_report(Cache(store, manifest), plot)
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
@@ -297,7 +300,7 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
     parameters = teacher.get("num_parameters")
     augmented = describe_augmentation(manifest)
     lines = [
-        f"cache        {cache}  (format {manifest.format_version}, kdcache {manifest.kdcache_version}, {manifest.created_at})",
+        f"cache        {store}  (format {manifest.format_version}, kdcache {manifest.kdcache_version}, {manifest.created_at})",
         f"task         {manifest.task}",
         f"teacher      {teacher.get('name_or_path')}  ({teacher.get('model_type')}, "
         + (f"{parameters:,} parameters)" if isinstance(parameters, int) else
@@ -324,21 +327,31 @@ def info_command(cache, as_json, plot, student_tokenizer, rows):
           for index, entry in enumerate(manifest.teachers)],
         *_dropped_lines(manifest),
         *([f"sources      {provenance(manifest)}"] if manifest.sources else []),
-        f"card         {CARD_NAME if store.size(CARD_NAME) is not None else 'none'}",
+        f"card         {_card(store)}",
     ]
     if manifest.labels:
         lines[1] += f"  (labels: {', '.join(manifest.labels)})"
     if student_tokenizer:
         import itertools
 
-        from .cache.cache import open_cache
         from .student.crosstok import CrossTokenizer
-        opened = open_cache(cache)
+        opened = Cache(store, manifest)
         report = CrossTokenizer.from_path(opened, student_tokenizer).report(itertools.islice(opened.sequences(), rows))
         lines.append(_alignment_line(report) + f" for {student_tokenizer}")
-    click.echo("\n".join(printable(line) for line in lines))
+    click.echo("\n".join(printable(redact(line)) for line in lines))
     if plot is not None:
         click.echo(f"report       {printable(plot)}")
+
+
+def _card(store) -> str:
+    """Whether the cache has a card, and whether `copy` could carry it (capped, UTF-8): a damaged card is noted,
+    not fatal, since the manifest, not the card, is what `info` describes."""
+    from .cache.card import CARD_NAME
+    from .cache.safety import MAX_CARD_BYTES
+    try:
+        return CARD_NAME if store.read_text(CARD_NAME, MAX_CARD_BYTES) is not None else "none"
+    except KDCacheError as error:
+        return f"{CARD_NAME}, unreadable: {error}"
 
 
 def _count(value) -> str:

@@ -231,15 +231,26 @@ def _trained(row: dict, positions: int, k: int) -> tuple[np.ndarray, np.ndarray]
     labels[t]), and axolotl reads only the slots its target_mask marks."""
     slots = np.ones((positions, k), dtype=bool)
     if row.get("target_mask") is not None:
-        mask = np.asarray(row["target_mask"])
-        if mask.shape[0] < positions or mask.shape[1:] != (k,):
+        mask = _array(row["target_mask"], "target_mask")
+        if mask.ndim != 2 or mask.shape[0] < positions or mask.shape[1:] != (k,):
             raise KDCacheError(f"`target_mask` must be a [positions][{k}] list like the targets, got {mask.shape}")
         slots = mask[:positions] != 0
     trained = slots.any(axis=1)
     if row.get("labels") is not None:
-        labels = np.asarray(row["labels"])
+        labels = _array(row["labels"], "labels")
+        if labels.ndim != 1:
+            raise KDCacheError(f"`labels` must be a list of token ids, got shape {labels.shape}")
         trained &= np.concatenate([labels[:positions], np.zeros(max(0, positions - len(labels)))]) >= 0
     return trained, slots
+
+
+def _array(values, column: str) -> np.ndarray:
+    """A mask column of someone else's dataset as integers: one line, not numpy's traceback, when it is ragged
+    or holds something else."""
+    try:
+        return np.asarray(values, dtype=np.int64)
+    except (ValueError, TypeError, OverflowError):
+        raise KDCacheError(f"`{column}` must be a list of integers (one per position)") from None
 
 
 def _imported_rows(table: pa.Table, first_id: int, spec: Format, vocab_size: int, fmt: str, masked: bool):
@@ -247,12 +258,16 @@ def _imported_rows(table: pa.Table, first_id: int, spec: Format, vocab_size: int
     `masked`: the source says which positions it trains on, kept as the rows' `target_positions`."""
     for index, row in enumerate(table.to_pylist()):
         sample_id = first_id + index
-        ids = np.asarray(row[spec.ids], dtype=np.int64)
-        logprobs = np.asarray(row[spec.logprobs], dtype=np.float32)
-        if ids.ndim != 2 or ids.shape != logprobs.shape or not len(ids):
-            raise KDCacheError(f"row {sample_id}: `{spec.ids}` and `{spec.logprobs}` must be [positions][k] lists "
-                               f"of the same shape")
-        tokens = np.asarray(row["input_ids"], dtype=np.int32)
+        shape_error = KDCacheError(f"row {sample_id}: `{spec.ids}` and `{spec.logprobs}` must be [positions][k] "
+                                   f"lists of the same shape, and `input_ids` a list of token ids")
+        try:  # a ragged or mistyped row of someone else's dataset: one line, not numpy's traceback
+            ids = np.asarray(row[spec.ids], dtype=np.int64)
+            logprobs = np.asarray(row[spec.logprobs], dtype=np.float32)
+            tokens = np.asarray(row["input_ids"], dtype=np.int32)
+        except (ValueError, TypeError, OverflowError):
+            raise shape_error from None
+        if ids.ndim != 2 or ids.shape != logprobs.shape or not len(ids) or tokens.ndim != 1:
+            raise shape_error
         if len(ids) > len(tokens):
             raise KDCacheError(f"row {sample_id}: {len(ids)} target positions for {len(tokens)} tokens")
         trained, slots = _trained(row, len(ids), ids.shape[1])
@@ -290,8 +305,10 @@ def import_dataset(source: str, out: Path | str, fmt: str, *, tokenizer: str, te
         raise KDCacheError(_missing_columns_message(fmt, source, missing, rows.column_names))
     loaded_tokenizer = load_tokenizer(tokenizer, "`tokenizer`")
     vocab_size = len(loaded_tokenizer)
-    first = rows[0]
-    k = len(first[spec.ids][0]) if first[spec.ids] else 0
+    first = rows[0][spec.ids] if len(rows) else None
+    k = len(first[0]) if isinstance(first, list) and first and isinstance(first[0], list) else 0
+    if not k:
+        raise KDCacheError(f"`{spec.ids}` of the first row of {source} is not a [positions][k] list of ids")
     tokenizer_info = tokenizer_fingerprint(loaded_tokenizer)
     fingerprint = sha256_json({"import": fmt, "dataset": dataset["fingerprint"], "tokenizer": tokenizer_info["hash"]})
     masks = [name for name in MASK_COLUMNS if name in rows.column_names]

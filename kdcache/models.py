@@ -16,8 +16,10 @@ anything else that loads a teacher or its tokenizer accept one the same way.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -55,6 +57,19 @@ def _source(name_or_path: str, what: str, local: bool = False) -> tuple[str, dic
     return str(path.parent), {"gguf_file": path.name}
 
 
+@contextlib.contextmanager
+def _loading(what: str, name_or_path: str, errors: tuple[type[BaseException], ...]):
+    """Turn what a loader raises for a damaged source into one line naming it. transformers' GGUF reader
+    unpacks the header with `struct`, so a GGUF file cut short (a partial download) raises struct.error."""
+    try:
+        yield
+    except struct.error as error:
+        raise KDCacheError(f"cannot load {what} from {name_or_path}: not a complete GGUF file, truncated or "
+                           f"damaged ({first_line(error)})") from None
+    except errors as error:
+        raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
+
+
 def gguf_record(name_or_path: str) -> dict | None:
     """What the manifest records about a GGUF teacher (file name, bytes, sha256), None for anything else.
 
@@ -70,18 +85,14 @@ def gguf_record(name_or_path: str) -> dict | None:
 def load_tokenizer(name_or_path: str, what: str = "tokenizer", local: bool = False):
     """`local`: `name_or_path` is a directory kdcache found (a cache's tokenizer), never a hub id."""
     source, extra = _source(name_or_path, what, local)
-    try:
+    with _loading(what, name_or_path, (OSError, ValueError, KeyError, TypeError)):
         return AutoTokenizer.from_pretrained(source, local_files_only=local, **extra, **NO_CODE)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
 
 def load_config(name_or_path: str, what: str) -> PretrainedConfig:
     source, extra = _source(name_or_path, what)
-    try:
+    with _loading(what, name_or_path, (OSError, ValueError, KeyError)):
         return AutoConfig.from_pretrained(source, **extra, **NO_CODE)
-    except (OSError, ValueError, KeyError) as error:
-        raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
 
 def load_model(name_or_path: str, what: str, dtype: str = "auto", auto_class=AutoModelForCausalLM,
@@ -93,10 +104,8 @@ def load_model(name_or_path: str, what: str, dtype: str = "auto", auto_class=Aut
     source, extra = _source(name_or_path, what)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     placement = {} if device_map is None else {"device_map": device_map}
-    try:
+    with _loading(what, name_or_path, (OSError, ValueError, KeyError, RuntimeError, SafetensorError)):
         return auto_class.from_pretrained(source, dtype=torch_dtype, **placement, **extra, **NO_CODE)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
-        raise KDCacheError(f"cannot load {what} from {name_or_path}: {first_line(error)}") from None
 
 
 def load_causal_lm(name_or_path: str, what: str, dtype: str = "auto") -> PreTrainedModel:

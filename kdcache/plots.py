@@ -66,7 +66,7 @@ def cache_report_data(cache: Cache | str | Path) -> dict:
         table = cache.open_shard(shard).read_all()
         for name, column in zip(table.column_names, table.columns):
             column_bytes[name] = column_bytes.get(name, 0) + column.nbytes
-    return {"cache": cache.location, "task": manifest.task, "teacher": manifest.teacher.get("name_or_path"),
+    return {"cache": str(cache), "task": manifest.task, "teacher": manifest.teacher.get("name_or_path"),
             "tokens": manifest.total_tokens, "sequences": manifest.total_rows, "file_bytes": manifest.total_bytes,
             "captured_mass": manifest.stats.get("captured_mass"), "fidelity": manifest.stats.get("fidelity"),
             "captured_mass_by_position": _captured_by_position(cache), "column_bytes": column_bytes}
@@ -77,11 +77,13 @@ def _captured_by_position(cache: Cache) -> dict | None:
     manifest = cache.manifest
     if manifest.labels or "topk" not in manifest.trainable_targets:  # a head-tail cache keeps its exact tail too
         return None
-    sums = np.zeros(int(manifest.settings["max_length"]))
-    counts = np.zeros_like(sums)
+    # sized by the rows read, not by `settings.max_length`: caches from elsewhere (imports) may not record it
+    sums, counts = np.zeros(0), np.zeros(0)
     read = 0
     for read, sequence in enumerate(cache.sequences(), start=1):
         mass = -np.expm1(sequence.tail_logprob.astype(np.float64))
+        if len(mass) > len(sums):
+            sums, counts = (np.pad(array, (0, len(mass) - len(array))) for array in (sums, counts))
         sums[:len(mass)] += mass
         counts[:len(mass)] += 1
         if read == PROFILE_SEQUENCES:
@@ -126,8 +128,9 @@ def _draw_cache(data: dict):
     bytes_axes.set(title=f"bytes/token by column, decoded\n({data['file_bytes'] / max(data['tokens'], 1):.1f} on disk)",
                    xlabel="bytes per token")
     bytes_axes.margins(x=0.2)
+    # the manifest's strings are data, not markup: no math-text (`$...$` would be parsed, and may not parse)
     figure.suptitle(f"{data['cache']}: {data['task']}, teacher {data['teacher']}, {data['sequences']} sequences, "
-                    f"{data['tokens']} tokens")
+                    f"{data['tokens']} tokens", parse_math=False)
     return figure
 
 
@@ -138,10 +141,15 @@ def _fidelity_table(manifest: Manifest) -> str:
         return "<p>Fidelity card: unreadable (malformed statistics in the manifest).</p>"
     if rows is None:
         return "<p>Fidelity card: not recorded.</p>"
-    cells = "".join(f"<tr><td>{html.escape(row.targets)}</td><td>{row.captured_mass:.4f}</td><td>{row.kl:.4f} "
-                    f"({html.escape(row.kl_of)})</td><td>{row.tv:.4f}</td></tr>" for row in rows)
-    return (f"<h2>Fidelity card</h2><p>{html.escape(fidelity_scope(manifest))}</p><table><tr><th>targets</th>"
+    cells = "".join(f"<tr><td>{_escaped(row.targets)}</td><td>{row.captured_mass:.4f}</td><td>{row.kl:.4f} "
+                    f"({_escaped(row.kl_of)})</td><td>{row.tv:.4f}</td></tr>" for row in rows)
+    return (f"<h2>Fidelity card</h2><p>{_escaped(fidelity_scope(manifest))}</p><table><tr><th>targets</th>"
             f"<th>captured mass</th><th>KL(teacher ‖ ·), nats</th><th>TV</th></tr>{cells}</table>")
+
+
+def _escaped(value) -> str:
+    """Any value from a manifest as HTML text: the page must not run what a cache wrote into it."""
+    return html.escape(str(value))
 
 
 def write_cache_report(cache: Cache | str | Path, out: Path | str) -> dict:
@@ -157,14 +165,15 @@ def write_cache_report(cache: Cache | str | Path, out: Path | str) -> dict:
     if out.suffix == ".png":
         write_bytes_atomic(out, image)
         return data
-    embedded = json.dumps(data).replace("</", "<\\/")  # no "</script>" can end the block early
+    # no "</script>" can end the block early, no "<!--" can open a comment
+    embedded = json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e")
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>kdcache report: {html.escape(data['cache'])}</title>
+<html><head><meta charset="utf-8"><title>kdcache report: {_escaped(data['cache'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}} img{{max-width:100%}}</style></head>
 <body><h1>kdcache cache report</h1>
-<p>{html.escape(data['cache'])}: {html.escape(data['task'])}, teacher {html.escape(str(data['teacher']))},
-{data['sequences']} sequences, {data['tokens']} tokens, {data['file_bytes']:,} bytes.</p>
+<p>{_escaped(data['cache'])}: {_escaped(data['task'])}, teacher {_escaped(data['teacher'])},
+{_escaped(data['sequences'])} sequences, {_escaped(data['tokens'])} tokens, {data['file_bytes']:,} bytes.</p>
 <img alt="captured mass, captured mass by position, bytes per column" src="data:image/png;base64,{base64.b64encode(image).decode()}">
 {_fidelity_table(cache.manifest)}
 <script type="application/json" id="kdcache-report">{embedded}</script>

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache.format import MANIFEST_NAME, TOKENIZER_DIR, sha256_file, tokenizer_file_hashes
+from kdcache.cache.format import MANIFEST_NAME, TOKENIZER_DIR, sha256_file, tokenizer_files
 from kdcache.cache.validate import batch_digests
 
 
@@ -45,7 +45,7 @@ def rehash(cache: Path) -> None:
             if path.is_file() and not path.is_symlink():
                 shard.update(bytes=path.stat().st_size, sha256=sha256_file(path), batch_sha256=batch_digests(path))
         if (cache / TOKENIZER_DIR).is_dir():
-            data["tokenizer"]["files"] = tokenizer_file_hashes(cache / TOKENIZER_DIR)
+            data["tokenizer"].update(tokenizer_files(cache / TOKENIZER_DIR))
     edit_manifest(cache, update)
 
 
@@ -139,3 +139,67 @@ class Truncate(ShardMisbehaviour):
     def send_shard(self, data: bytes) -> None:
         self.wfile.write(data[:len(data) // 2])
         self.close_connection = True
+
+
+class Endless(http.server.SimpleHTTPRequestHandler):
+    """Serves a cache normally, except that the files named in `endless` never end: zeros after their real
+    bytes, with no Content-Length (`extra_mib` MiB more, so a failing test still ends)."""
+
+    endless: tuple[str, ...] = ()
+    extra_mib = 1
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = Path(self.translate_path(self.path))
+        if path.name not in self.endless or not path.is_file():
+            return super().do_GET()
+        self.send_response(200)
+        self.end_headers()
+        try:
+            self.wfile.write(path.read_bytes())
+            for _ in range(self.extra_mib):
+                self.wfile.write(bytes(1 << 20))
+        except OSError:
+            pass
+        self.close_connection = True
+
+
+def endless(*names: str, extra_mib: int) -> type[Endless]:
+    return type("EndlessHere", (Endless,), {"endless": names, "extra_mib": extra_mib})
+
+
+def redirecting(target: str) -> type[http.server.BaseHTTPRequestHandler]:
+    """A server that answers every request with a redirect to the same path on `target` (another origin)."""
+    class Redirect(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", target + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+    return Redirect
+
+
+def with_userinfo(url: str, secret: str) -> str:
+    """`url` carrying credentials an attacker (or a log reader) must never see written down."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://reader:{secret}@{rest}"
+
+
+def written_files(*roots: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for root in roots for path in Path(root).rglob("*") if path.is_file()}
+
+
+def corrupt_list_offsets(column: pa.Array) -> pa.Array:
+    """`column` (a list column) whose second offset points far past its values (the first and last, which Arrow's
+    cheap validation looks at, are intact): Arrow slicing it unchecked reads or aborts outside the buffer."""
+    offsets = column.offsets.to_numpy().astype(np.int32).copy()
+    offsets[1] = 10_000_000
+    return pa.Array.from_buffers(column.type, len(column), [None, pa.py_buffer(offsets.tobytes())],
+                                 children=[column.values])

@@ -8,17 +8,23 @@ for the damaged files, so the value checks, not the hashes, must catch them.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import random
-import signal
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from conftest import skewed_topk_cache
 from hostile import rehash
 
+from kdcache import DumpSettings, dump_teacher, import_dataset
 from kdcache.cache.cache import open_cache
 from kdcache.cache.format import MANIFEST_NAME
 from kdcache.errors import KDCacheError
@@ -80,6 +86,26 @@ def exercise(cache: Path) -> None:
             assert not np.isnan(values).any(), f"NaN read silently (verify {'passed' if verified else 'failed'})"
 
 
+def attempt(action, outcomes: dict[str, int], case: int) -> bool:
+    """Run one case: it succeeds (True) or raises a one-line `KDCacheError` (False), never anything else."""
+    try:
+        action()
+    except KDCacheError as error:
+        assert "\n" not in str(error), str(error)
+        outcomes["refused"] += 1
+        return False
+    except Exception as error:  # noqa: BLE001 - any other exception is the bug this test looks for
+        pytest.fail(f"case {case}: {type(error).__name__}: {error}")
+    outcomes["ok"] += 1
+    return True
+
+
+def read_remote(url: str, downloads: Path) -> None:
+    opened = open_cache(url, downloads, transfer_timeout=1.0)
+    opened.verify(progress=False)
+    sum(1 for _ in opened.sequences())
+
+
 def _snapshot(root: Path, cache: Path) -> dict[str, tuple[int, int]]:
     return {str(path): (path.stat().st_size, path.stat().st_mtime_ns) for path in root.rglob("*")
             if path.is_file() and cache not in path.parents}
@@ -98,8 +124,18 @@ def ranked_cache(tmp_path_factory) -> Path:
     return root / "ranked"
 
 
-@pytest.mark.parametrize("fixture", ["cache_dir", "ranked_cache"])
-def test_fuzzed_caches_fail_cleanly(fixture, request, tmp_path):
+@pytest.fixture(scope="module")
+def head_tail_cache(tmp_path_factory, teacher_dir, corpus) -> Path:
+    """A compact, zstd, 8-bit head-tail cache: the head, the tail mass and draws from the tail."""
+    out = tmp_path_factory.mktemp("head-tail") / "cache"
+    dump_teacher(str(teacher_dir), str(corpus), out,
+                 DumpSettings(targets="head-tail", top_k=4, samples=16, codec="compact", logprob_dtype="uint8",
+                              compression="zstd", limit=12, batch_size=6, shard_rows=6), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("fixture, cases", [("cache_dir", CASES), ("ranked_cache", CASES), ("head_tail_cache", 150)])
+def test_fuzzed_caches_fail_cleanly(fixture, cases, request, tmp_path):
     cache_dir = request.getfixturevalue(fixture)
     outside = tmp_path / "outside.arrow"
     outside.write_bytes(b"not part of the cache")
@@ -107,7 +143,7 @@ def test_fuzzed_caches_fail_cleanly(fixture, request, tmp_path):
     previous = signal.signal(signal.SIGALRM, _alarm)
     outcomes = {"ok": 0, "refused": 0}
     try:
-        for case in range(CASES):
+        for case in range(cases):
             rng = random.Random(case)
             cache = tmp_path / "cache"
             shutil.rmtree(cache, ignore_errors=True)
@@ -130,16 +166,95 @@ def test_fuzzed_caches_fail_cleanly(fixture, request, tmp_path):
                             raise
             signal.alarm(10)
             try:
-                exercise(cache)
-                outcomes["ok"] += 1
-            except KDCacheError as error:
-                assert "\n" not in str(error), str(error)
-                outcomes["refused"] += 1
-            except Exception as error:
-                pytest.fail(f"case {case}: {type(error).__name__}: {error}")
+                attempt(lambda: exercise(cache), outcomes, case)
             finally:
                 signal.alarm(0)
             assert _snapshot(tmp_path, cache) == before, f"case {case} touched a file outside the cache"
     finally:
         signal.signal(signal.SIGALRM, previous)
-    assert outcomes["refused"] > CASES // 2, outcomes
+    assert outcomes["refused"] > cases // 2, outcomes
+
+
+class Liar(http.server.SimpleHTTPRequestHandler):
+    """Each GET of a cache file misbehaves as the request's seed says: the real bytes, a Content-Length that
+    lies (longer or shorter), a trickle, a body that never ends, or flipped bytes."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            return super().do_GET()
+        data, rng = path.read_bytes(), random.Random(f"{self.server.seed}-{self.path}")
+        mode = rng.choice(["real", "long", "short", "trickle", "endless", "flip"])
+        if mode == "flip" and data:
+            data = bytearray(data)
+            data[rng.randrange(len(data))] ^= 0xFF
+        self.send_response(200)
+        if mode != "endless":
+            self.send_header("Content-Length", str(len(data) + {"long": 100, "short": -1}.get(mode, 0)))
+        self.end_headers()
+        try:
+            if mode == "trickle":
+                for byte in data[:50]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            else:
+                self.wfile.write(bytes(data[:-1]) if mode == "short" else bytes(data))
+                if mode == "endless":
+                    for _ in range(8):
+                        self.wfile.write(bytes(1 << 20))
+        except OSError:
+            pass
+        self.close_connection = True
+
+
+def test_lying_servers_fail_cleanly_within_the_deadline(cache_dir, tmp_path):
+    """A remote cache whose server lies about sizes, trickles, never ends or flips bytes, seeded per case: every
+    read ends in success or one line, within the transfer deadline (1 s per transfer here), and nothing lands in
+    the read-through directory but verified shards."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Liar, directory=str(cache_dir)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    outcomes = {"ok": 0, "refused": 0}
+    try:
+        for case in range(12):
+            server.seed = case
+            downloads = tmp_path / f"downloads-{case}"
+            started = time.monotonic()
+            attempt(lambda: read_remote(url, downloads), outcomes, case)
+            assert time.monotonic() - started < 30, f"case {case} outlived its deadlines"
+            names = {path.name for path in downloads.glob("*")} if downloads.exists() else set()
+            shas = {f"{shard.sha256}.arrow" for shard in open_cache(cache_dir).manifest.shards}
+            assert names <= shas, f"case {case} left {names - shas}"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert outcomes["refused"] >= 6, outcomes
+
+
+def test_damaged_imports_fail_cleanly(tmp_path):
+    """DistillKit datasets with ragged, mistyped, out-of-range or non-finite rows, seeded: success or one line."""
+    import datasets
+    from conftest import MINILM_DIR
+    odd = [None, [], [[]], "x", [1.5], [[1, 2], [3]], [[-1, 5]], [[10**9, 1]], [[float("nan"), 0.0]], [[1, 2]]]
+    outcomes = {"ok": 0, "refused": 0}
+    for case in range(30):
+        rng = random.Random(case)
+        rows = {"input_ids": [[1000, 1001, 1002]] * 3, "token_ids": [[[1000, 1001]] * 3] * 3,
+                "top_values": [[[-1.0, -2.0]] * 3] * 3}
+        column = rng.choice(sorted(rows))
+        rows[column] = list(rows[column])
+        rows[column][rng.randrange(3)] = rng.choice(odd)
+        source = tmp_path / f"source-{case}"
+        try:
+            datasets.Dataset.from_dict(rows).save_to_disk(str(source))
+        except (ValueError, TypeError, pa.ArrowException):
+            continue  # `datasets` itself cannot hold this damage
+        out = tmp_path / f"cache-{case}"
+        if not attempt(lambda: import_dataset(str(source), out, "distillkit", tokenizer=MINILM_DIR), outcomes, case):
+            assert not out.exists(), f"case {case}: a failed import left its output"
+    assert outcomes["refused"] >= 5, outcomes

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pyarrow as pa
 from click.testing import CliRunner
 
 from kdcache import open_cache
-from kdcache.cache.format import Manifest
+from kdcache.cache.format import MANIFEST_NAME, Manifest
 from kdcache.cli import main
 
 
@@ -55,6 +56,21 @@ def test_html_report_embeds_the_figure_and_its_numbers(tmp_path, cache_dir):
             decoded[name] = decoded.get(name, 0) + table.column(name).nbytes
     assert data["column_bytes"] == decoded and data["file_bytes"] == manifest.total_bytes
     assert "Fidelity card" in page and "kl_rest_bucket" in page
+
+
+def test_a_cache_without_max_length_is_profiled_by_the_rows_read(tmp_path, cache_dir):
+    """`settings.max_length` is optional in the manifest (caches from elsewhere): the profile is sized by the rows."""
+    cache = shutil.copytree(cache_dir, tmp_path / "cache")
+    data = json.loads((cache / MANIFEST_NAME).read_text())
+    del data["settings"]["max_length"]
+    (cache / MANIFEST_NAME).write_text(json.dumps(data))
+    pages = [tmp_path / "with.html", tmp_path / "without.html"]
+    for source, page in zip((cache_dir, cache), pages):
+        result = run("info", source, "--plot", page)
+        assert result.exit_code == 0, result.output
+    with_length, without = (json.loads(re.search(r'id="kdcache-report">(.*?)</script>', page.read_text(), re.S)[1])
+                            for page in pages)
+    assert without["captured_mass_by_position"] == with_length["captured_mass_by_position"]
 
 
 def test_png_report_and_a_refused_file_name(tmp_path, cache_dir):

@@ -154,6 +154,21 @@ def test_gguf_user_errors_are_one_line(tmp_path, gguf_teacher, texts, teacher, s
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kept", [0.01, 0.6])  # cut inside the header (struct.error) and inside the tensors
+def test_a_truncated_gguf_teacher_is_one_line(tmp_path, gguf_teacher, texts, kept):
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+    path, _ = gguf_teacher
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:int(path.stat().st_size * kept)])
+    result = CliRunner().invoke(main, ["dump-teacher", "--teacher", str(cut), "--data", str(texts),
+                                       "--out", str(tmp_path / "cache"), "--top-k", "4"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # not a traceback
+    assert result.output.count("\n") == 1 and f"cannot load teacher tokenizer from {cut}" in result.output
+    assert not (tmp_path / "cache").exists()
+
+
 def test_conll_files_with_blank_runs_docstart_and_no_final_newline(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\n   \n"

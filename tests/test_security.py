@@ -153,6 +153,19 @@ def test_a_checkpoint_that_would_run_code_is_refused(checkpointed, tmp_path, cac
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("file", ["kdcache_state.json", "kdcache_state.safetensors", "model.safetensors",
+                                  "optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+def test_an_emptied_checkpoint_file_is_one_line(checkpointed, tmp_path, cache_dir, student_config, file):
+    """A checkpoint cut short (a full disk, a partial copy): resuming names the checkpoint, no traceback."""
+    checkpoint = tmp_path / "checkpoints" / "step-00000002"
+    shutil.copytree(checkpointed / "checkpoints" / "step-00000002", checkpoint)
+    (checkpoint / file).write_bytes(b"")
+    result = run("train-student", "--cache", cache_dir, "--student-config", student_config, "--out", tmp_path / "out",
+                 "--max-steps", 3, "--batch-size", 4, "--save-every", 2, "--resume-from", checkpoint)
+    one_line_error(result, f"checkpoint {checkpoint}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_tokenizer_asking_for_remote_code_is_refused_without_running_it(hostile, tmp_path, student_config):
     marker = tmp_path / "pwned"
     (hostile / "tokenizer" / "evil.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
@@ -345,7 +358,7 @@ def test_a_failed_final_save_keeps_the_checkpoint_and_resumes(checkpointed, cach
     command = [sys.executable, "-m", "kdcache", "train-student", "--cache", str(cache_dir), "--student-config",
                str(student_config), "--out", str(out), "--max-steps", "3", "--batch-size", "4", "--save-every", "2",
                "--resume"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, preexec_fn=cap_writes,
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, preexec_fn=cap_writes,
                             env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"})
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "cannot save the student" in result.stderr and "step-00000002 is kept" in result.stderr

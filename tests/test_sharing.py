@@ -204,7 +204,7 @@ def test_pulled_subsets_are_valid_caches_with_exact_statistics(cache_dir, tmp_pa
     assert subset.total_rows == rows == subset.dataset["rows_dumped"]
     ids = open_cache(cache_dir).sample_ids()[:rows]
     assert open_cache(tmp_path / "rows").sample_ids().tolist() == ids.tolist()
-    assert subset.stats["content_sha256"] == content_sha256(tmp_path / "rows", subset.shards)
+    assert subset.stats["content_sha256"] == content_sha256(tmp_path / "rows", subset, subset.shards)
     assert subset.sources[0]["selection"] == {"rows": rows}
     assert subset.dump_fingerprint != source.dump_fingerprint
     assert subset.stats["fidelity"]["positions"] < source.stats["fidelity"]["positions"]  # whole shards only

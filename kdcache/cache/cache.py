@@ -60,10 +60,11 @@ class Cache:
         return self.store.location
 
     def __str__(self) -> str:
-        return self.location
+        """The location, any credential in it redacted (`safety.redact_url`): what records and messages show."""
+        return str(self.store)
 
     def __repr__(self) -> str:
-        return f"Cache({self.location!r}, task={self.manifest.task!r}, rows={len(self)})"
+        return f"Cache({str(self)!r}, task={self.manifest.task!r}, rows={len(self)})"
 
     def __len__(self) -> int:
         """Sequences in this cache (or subset)."""
@@ -95,13 +96,13 @@ class Cache:
             ids.append(verify_shard(self.store, self.manifest, shard))
         check_unique_sample_ids(ids, self.manifest)
         if self.manifest.teachers:
-            rows = content_sha256(self.store, self.manifest.shards)
+            rows = content_sha256(self.store, self.manifest, self.manifest.shards)
             for name, teacher in self.teacher_caches().items():
                 try:
                     teacher.verify(progress=progress)
                 except KDCacheError as error:  # its shards are named as in any cache: say which teacher's
                     raise KDCacheError(f"teacher {name} of cache {self} ({teacher}): {error}") from None
-                if content_sha256(teacher.store, teacher.manifest.shards) != rows:
+                if content_sha256(teacher.store, teacher.manifest, teacher.manifest.shards) != rows:
                     raise KDCacheError(f"teacher {name} of cache {self} holds other rows or tokens than the cache")
 
     def teacher_caches(self) -> dict[str, Cache]:
@@ -184,9 +185,8 @@ class Cache:
         """A local directory holding the teacher's tokenizer (downloaded once when the cache is remote), once
         its files match the manifest's sha256 of each (`safety.check_tokenizer_files`): a student is built
         with and ships these files."""
-        files = self.manifest.tokenizer.get("files", {})
-        directory = self.store.tokenizer_dir(files)
-        check_tokenizer_files(directory, files)
+        directory = self.store.tokenizer_dir(self.manifest.tokenizer)
+        check_tokenizer_files(directory, self.manifest.tokenizer.get("files", {}), self.manifest.vocab_size)
         return directory
 
     def to_dataset(self, **load_dataset_options):

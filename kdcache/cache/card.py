@@ -14,11 +14,27 @@ from pathlib import Path
 
 from .describe import describe_augmentation, draws_phrase, fidelity_rows, fidelity_scope
 from .format import DATA_DIR, MANIFEST_NAME, SHARD_SUFFIX, TOKENIZER_DIR, Manifest, write_bytes_atomic
+from .safety import printable
 
 CARD_NAME = "README.md"
 # the Hub's task_categories for what each kdcache task's targets teach
 _TASK_CATEGORIES = {"causal-lm": "text-generation", "token-classification": "token-classification",
                     "sequence-classification": "text-classification"}
+
+
+# Characters that start Markdown or HTML markup inside a line (links, images, code, tags, entities, table cells);
+# line-level markup (a heading, a list item, a YAML key) needs a line break, which `printable` escapes.
+_MARKUP = str.maketrans({char: f"\\{char}" for char in "\\`[]|"} | {"<": "&lt;", ">": "&gt;", "&": "&amp;"})
+
+
+def _text(value) -> str:
+    """A manifest value as one line of Markdown text: a teacher name cannot add a section, a link or a tag."""
+    return printable(value).translate(_MARKUP)
+
+
+def _code(value) -> str:
+    """A manifest value inside a code span (`...`): one line, and no backtick to close the span early."""
+    return printable(value).replace("`", "'")
 
 
 def _yaml_front_matter(manifest: Manifest) -> str:
@@ -37,7 +53,7 @@ def _yaml_front_matter(manifest: Manifest) -> str:
              "  data_files:", "  - split: train", f"    path: {DATA_DIR}/*{SHARD_SUFFIX}"]
     language = manifest.dataset.get("language")
     if language:
-        lines[3:3] = ["language:", f"- {json.dumps(language)}"]
+        lines[3:3] = ["language:", f"- {json.dumps(printable(language))}"]  # a JSON string: YAML reads it as is
     return "\n".join(lines + ["---", ""])
 
 
@@ -46,7 +62,7 @@ def _targets(manifest: Manifest) -> list[str]:
     lines = []
     if "topk" in manifest.target_types:
         lines.append(f"- top-{manifest.top_k} log-probabilities ({settings['logprob_dtype']}, token ids "
-                     f"{manifest.columns.get('topk_ids', '')}) normalised over the whole vocabulary at temperature 1, "
+                     f"{_text(manifest.columns.get('topk_ids', ''))}) normalised over the whole vocabulary at temperature 1, "
                      f"sorted descending, plus the exact tail mass `tail_logprob` (nothing is renormalised)")
     if "sampled" in manifest.target_types:
         lines.append(f"- ids sampled from the teacher with counts ({settings.get('samples')} per position, "
@@ -70,10 +86,11 @@ def _fidelity(manifest: Manifest) -> list[str]:
         return ["Unreadable (malformed statistics in the manifest)."]
     if rows is None:
         return ["Not recorded for this cache."]
+    scope = fidelity_scope(manifest)
     return ["| targets | captured mass | KL(teacher ‖ ·) (nats) | TV |", "|---|---|---|---|",
-            *(f"| {row.targets} | {row.captured_mass:.4f} | {row.kl:.4f} ({row.kl_of}) | {row.tv:.4f} |"
+            *(f"| {_text(row.targets)} | {row.captured_mass:.4f} | {row.kl:.4f} ({row.kl_of}) | {row.tv:.4f} |"
               for row in rows),
-            f"\n{fidelity_scope(manifest)[0].upper()}{fidelity_scope(manifest)[1:]}."]
+            f"\n{_text(scope[:1].upper() + scope[1:])}."]
 
 
 def describe_teacher(entry: dict, tokens: int) -> str:
@@ -101,35 +118,36 @@ def render_card(manifest: Manifest, location: str) -> str:
     mass = manifest.stats.get("captured_mass")
     nll = manifest.stats.get("teacher_nll")
     body = [
-        f"# kdcache: soft targets of {teacher.get('name_or_path')}",
+        f"# kdcache: soft targets of {_text(teacher.get('name_or_path'))}",
         "",
         ("A kdcache cache: a teacher's soft targets, dumped once, to train students "
         "by knowledge distillation without running the teacher again. This card is generated from "
         f"`{MANIFEST_NAME}`, which is authoritative."),
         "",
         "## Teacher",
-        f"- model: `{teacher.get('name_or_path')}` ({teacher.get('model_type')}"
+        f"- model: `{_code(teacher.get('name_or_path'))}` ({_text(teacher.get('model_type'))}"
         + (f", {parameters:,} parameters)" if parameters else ")"),
-        f"- dump fingerprint: `{manifest.dump_fingerprint}`",
-        f"- weights sha256: `{teacher.get('weights_sha256')}`",
-        (f"- tokenizer: {manifest.tokenizer.get('class')}, {manifest.vocab_size} tokens, "
+        f"- dump fingerprint: `{_code(manifest.dump_fingerprint)}`",
+        f"- weights sha256: `{_code(teacher.get('weights_sha256'))}`",
+        (f"- tokenizer: {_text(manifest.tokenizer.get('class'))}, {manifest.vocab_size} tokens, "
         f"hash `{manifest.tokenizer.get('hash')}` (files in `{TOKENIZER_DIR}/`)"),
         "",
         *(["## Teachers",
            f"{len(manifest.teachers)} teachers' targets for the same rows (`teachers` in the manifest; train from "
            f"their mixture with `train-student --teachers`):",
-           *[f"- {describe_teacher(entry, tokens)}" for entry in manifest.teachers], ""] if manifest.teachers else []),
+           *[f"- {_text(describe_teacher(entry, tokens))}" for entry in manifest.teachers], ""] if manifest.teachers else []),
         "## Data",
-        f"- source: `{dataset.get('source')}` [{dataset.get('split')}]",
+        f"- source: `{_code(dataset.get('source'))}` [{_text(dataset.get('split'))}]",
         (f"- {manifest.total_rows} sequences, {manifest.total_tokens} tokens in {len(manifest.shards)} shards, "
         f"{manifest.total_bytes:,} bytes ({manifest.total_bytes / tokens:.1f} bytes/token)"),
         *([f"- made from {len(manifest.sources)} other caches (`sources` in the manifest)"] if manifest.sources else []),
-        *([f"- {augmented}"] if (augmented := describe_augmentation(manifest)) else []),
+        *([f"- {_text(augmented)}"] if (augmented := describe_augmentation(manifest)) else []),
         "",
         "## Targets",
-        f"- task: {manifest.task}" + (f" (labels: {', '.join(manifest.labels)})" if manifest.labels else ""),
+        f"- task: {manifest.task}" + (f" (labels: {', '.join(map(_text, manifest.labels))})" if manifest.labels else ""),
         *_targets(manifest),
-        *([f"- captured top-k mass: mean {mass['mean']}, p5 {mass['p5']}, p50 {mass['p50']}, p95 {mass['p95']}"]
+        *([f"- captured top-k mass: mean {mass.get('mean')}, p5 {mass.get('p5')}, p50 {mass.get('p50')}, "
+           f"p95 {mass.get('p95')}"]
           if mass else []),
         *([f"- teacher NLL: {nll} nats per target"] if nll is not None else []),
         "",
@@ -138,8 +156,8 @@ def render_card(manifest: Manifest, location: str) -> str:
         "",
         "## Use",
         "```",
-        f"kdcache info {location}",
-        f"kdcache train-student --cache {location} --student-config student.json --out student",
+        f"kdcache info {printable(location)}",
+        f"kdcache train-student --cache {printable(location)} --student-config student.json --out student",
         "```",
         ("The shards are Arrow IPC files: `datasets.load_dataset(<this directory or repository>)` reads them "
         "through the `configs` above, `pyarrow.ipc.open_file` reads one directly."),

@@ -53,6 +53,10 @@ LOGPROB_STEP = 1.0 / 16
 MAX_CODE = 255
 MAX_RANKED_IDS = 4096  # ids a ranking lists; past ~4k, ranking the rest saved < 3% more (docs/frontier.md)
 _NEG_INF = float("-inf")
+# The decoded view pads every position of a record batch to its widest: at most this many slots per stored
+# entry (a mass-adaptive head of k 64 listing 1 id at most positions pads 64x), plus a floor of slots.
+MAX_PADDING = 64
+PADDING_FLOOR = 1 << 16
 
 
 @dataclasses.dataclass
@@ -325,9 +329,18 @@ def _ids(gaps: np.ndarray, lengths: np.ndarray, vocab_size: int, name: str, file
     return ids[order], order
 
 
-def _padded(values: np.ndarray, lengths: np.ndarray, fill, dtype) -> np.ndarray:
-    """Flat entries → [P, max length] rows, `fill` in the empty slots."""
+def _padded(values: np.ndarray, lengths: np.ndarray, fill, dtype, file: str) -> np.ndarray:
+    """Flat entries → [P, max length] rows, `fill` in the empty slots.
+
+    The padding is bounded by what was read: at most `MAX_PADDING` slots per stored entry (plus a small
+    floor), so one position listing 20,000 ids in a small shard is refused instead of padding every other
+    position of its batch to 20,000 slots.
+    """
     width = int(lengths.max(initial=0))
+    if width * len(lengths) > MAX_PADDING * len(values) + PADDING_FLOOR:
+        raise KDCacheError(f"{file}: a position lists {width} entries while the batch's {len(lengths)} positions list "
+                           f"{len(values)} in all: padding them to {width} would take {MAX_PADDING}x more than "
+                           f"the stored entries; refused")
     if len(values) == width * len(lengths):
         return values.astype(dtype, copy=False).reshape(len(lengths), width)
     out = np.full((len(lengths), width), fill, dtype=dtype)
@@ -378,8 +391,8 @@ def decode_targets(batch: pa.RecordBatch, codec: Codec, limits: Limits, file: st
         if not np.array_equal(tail_offsets, rows) or np.isnan(tail).any() or (tail > 0).any():
             raise KDCacheError(f"{file}: tail_logprob is not one log-mass ≤ 0 per target position")
         ids, logprobs = most_probable_first(
-            _padded(ids, lengths, 0, np.int64), _padded(logprobs, lengths, _NEG_INF, np.float32),
-            _padded(stored, lengths, MAX_CODE, np.uint8) if codec.logprobs == "uint8" else None)
+            _padded(ids, lengths, 0, np.int64, file), _padded(logprobs, lengths, _NEG_INF, np.float32, file),
+            _padded(stored, lengths, MAX_CODE, np.uint8, file) if codec.logprobs == "uint8" else None)
         columns |= {"topk_ids": (rows, ids), "topk_logprobs": (rows, logprobs),
                     "tail_logprob": (rows, tail)}
     if "sampled_lengths" in names:

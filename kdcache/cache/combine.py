@@ -70,6 +70,6 @@ def derived_stats(cache_dir: Path | str, manifest: Manifest, shards: list[ShardI
             "teacher_nll": (round(nll_sum / nll_count, 6) if nll_count else source.get("teacher_nll")),
             "teacher_nll_targets": nll_count if nll_count else source.get("teacher_nll_targets"),
             **({} if nll_count or source.get("teacher_nll") is None else {"teacher_nll_measured_on": "source"}),
-            "content_sha256": content_sha256(store, shards),
+            "content_sha256": content_sha256(store, manifest, shards),
             "skipped_sample_ids": sorted(skipped_sample_ids),
             "shard_stats": kept}

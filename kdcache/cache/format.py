@@ -202,7 +202,15 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
 
 def tokenizer_file_hashes(directory: Path) -> dict[str, str]:
     """sha256 of every file of a saved tokenizer, by name: the bytes a student will load and ship."""
-    return {path.name: sha256_file(path) for path in sorted(Path(directory).iterdir()) if path.is_file()}
+    return tokenizer_files(directory)["files"]
+
+
+def tokenizer_files(directory: Path) -> dict[str, dict]:
+    """The manifest's record of a saved tokenizer's files: `files` (sha256 by name) and `file_bytes` (size by
+    name, so a download of one stops at its declared size, as a shard's does)."""
+    paths = [path for path in sorted(Path(directory).iterdir()) if path.is_file()]
+    return {"files": {path.name: sha256_file(path) for path in paths},
+            "file_bytes": {path.name: path.stat().st_size for path in paths}}
 
 
 @dataclasses.dataclass
@@ -343,13 +351,17 @@ class Manifest:
 
     @classmethod
     def load(cls, cache_dir: Path) -> Manifest:
-        path = Path(cache_dir) / MANIFEST_NAME
+        """The manifest of a local cache: a regular file inside it (a symlink is refused like a shard's), read
+        up to `MAX_MANIFEST_BYTES`."""
+        from .safety import MAX_MANIFEST_BYTES, contained_file, read_capped
         if not Path(cache_dir).is_dir():
             raise KDCacheError(f"cache directory not found: {cache_dir}")
-        if not path.is_file():
+        path = contained_file(Path(cache_dir), MANIFEST_NAME)
+        if path is None:
             raise KDCacheError(f"not a kdcache cache (no {MANIFEST_NAME}): {cache_dir}")
         try:
-            text = path.read_bytes()
+            with open(path, "rb") as handle:
+                text = read_capped(handle, MAX_MANIFEST_BYTES, str(path))
         except OSError as error:
             raise KDCacheError(f"cannot read manifest {path}: {error.strerror or error}") from None
         return cls.from_json(text, str(path))
@@ -361,8 +373,9 @@ class Manifest:
         from .safety import check_manifest, printable
         try:
             data = json.loads(text)
-        except ValueError as error:
-            raise KDCacheError(f"unreadable manifest {printable(source)}: {error}") from None
+        except (ValueError, RecursionError) as error:  # RecursionError: arrays nested thousands deep
+            reason = "nested too deeply" if isinstance(error, RecursionError) else error
+            raise KDCacheError(f"unreadable manifest {printable(source)}: {reason}") from None
         check_manifest(data, printable(source))
         return cls.from_dict(data)
 

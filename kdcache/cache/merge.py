@@ -37,11 +37,11 @@ from .. import __version__
 from ..errors import KDCacheError
 from .card import CARD_NAME, render_card
 from .combine import derived_stats
-from .format import DATA_DIR, TOKENIZER_DIR, Manifest, ShardInfo, sha256_file, sha256_json
+from .format import DATA_DIR, Manifest, ShardInfo, sha256_file, sha256_json
 from .reader import shard_sample_ids
 from .safety import check_relative, contained_file
 from .store import CacheStore
-from .transfer import Destination, fetch_shard, rewrite_shard, tokenizer_files
+from .transfer import Destination, copy_tokenizer, fetch_shard, rewrite_shard
 
 
 def _compatibility(manifest: Manifest) -> dict[str, object]:
@@ -112,10 +112,10 @@ def _shift_ids(offset: int):
 
 def merge_caches(locations: list[str | Path], out: Path | str, *, progress: bool = True) -> Manifest:
     """Merge the caches at `locations` (directories or URLs) into the new local cache directory `out`."""
-    locations = [str(location).rstrip("/") for location in locations]
     if len(locations) < 2:
         raise KDCacheError("`caches`: merging needs at least two caches")
-    stores = [CacheStore(location) for location in locations]
+    stores = [CacheStore(str(location).rstrip("/")) for location in locations]
+    locations = [str(store) for store in stores]  # as recorded and shown: credentials redacted
     manifests = [store.load_manifest() for store in stores]
     for manifest in manifests:
         for shard in manifest.shards:
@@ -170,8 +170,7 @@ def _merge_into(target: Destination, out: Path, locations: list[str], stores: li
                             "sample_ids": [int(ids[index].min()), int(ids[index].max())] if len(ids[index]) else [],
                             "shards": names, "shard_fingerprints": sorted(manifest.shard_fingerprints),
                             "sources": manifest.sources})
-    for path in tokenizer_files(stores[0], manifests[0]):
-        target.put(path, check_relative(f"{TOKENIZER_DIR}/{path.name}", "tokenizer file", under=TOKENIZER_DIR))
+    copy_tokenizer(stores[0], manifests[0], target)
     base = manifests[0]
     datasets = [manifest.dataset for manifest in manifests]
     merged = Manifest(

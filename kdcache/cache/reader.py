@@ -47,17 +47,18 @@ def verify_shard(store: CacheStore, manifest: Manifest, shard: ShardInfo) -> np.
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
-def content_sha256(cache: CacheStore | str | Path, shards: list[ShardInfo]) -> str:
+def content_sha256(cache: CacheStore | str | Path, manifest: Manifest, shards: list[ShardInfo]) -> str:
     """sha256 over every row's sample id (int64) and tokens (int32), in shard order.
 
     Identifies what text a cache covers independently of the targets, so two caches of the same
-    data compare equal whatever teacher, settings or number of processes made them.
+    data compare equal whatever teacher, settings or number of processes made them. The shards (of the
+    cache `manifest` describes) are read checked, only their first two columns decoded: a subset's whole
+    shards were checked for their sha256 only, and a forged list offset must not reach Arrow's slicing.
     """
     store = as_store(cache)
     digest = hashlib.sha256()
     for shard in shards:
-        # the dump's own, just-written shards, or a subset's or merge's, which were read checked to build them
-        reader = pa.ipc.open_file(store.source(shard)[0])
+        reader = open_checked(store, manifest, shard, fields=[0, 1])
         for index in range(reader.num_record_batches):
             batch = reader.get_batch(index)
             tokens = batch.column("input_ids")

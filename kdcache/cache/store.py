@@ -39,12 +39,20 @@ from pathlib import Path
 from typing import BinaryIO
 
 import fsspec
-import fsspec.asyn
 import pyarrow as pa
 
 from ..errors import KDCacheError, first_line
 from .format import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_SUFFIX, TOKENIZER_DIR, Manifest, ShardInfo, sha256_file
-from .safety import check_relative, contained_file
+from .safety import (
+    MAX_MANIFEST_BYTES,
+    check_relative,
+    contained_file,
+    copy_capped,
+    read_capped,
+    redact,
+    redact_url,
+    tokenizer_file_limit,
+)
 
 REMOTE_BLOCK_SIZE = 1 << 22
 TRANSFER_TIMEOUT = 600.0  # seconds one HTTP transfer may take (TrainSettings.transfer_timeout's default)
@@ -71,8 +79,25 @@ def _filesystem(url: str, transfer_timeout: float) -> tuple[fsspec.AbstractFileS
         except (ImportError, ValueError) as error:
             raise KDCacheError(f"cannot open {url}: {error}") from None
     import aiohttp  # fsspec's http needs it, so it is there; imported here to keep local reads light
-    fs = fsspec.filesystem(protocol, client_kwargs={"timeout": _timeout(transfer_timeout)})
+    fs = fsspec.filesystem(protocol, client_kwargs={"timeout": _timeout(transfer_timeout),
+                                                    "trace_configs": [_same_origin_redirects()]})
     return fs, (OSError, ValueError, aiohttp.ClientError, asyncio.TimeoutError)
+
+
+def _same_origin_redirects():
+    """An aiohttp trace that stops a redirect to another origin (scheme, host, port) before it is followed: a
+    cache's server must not send a reader, and whatever credentials its URL carries, to another server."""
+    import aiohttp
+    from yarl import URL
+
+    async def check(session, context, params) -> None:
+        target = params.url.join(URL(params.response.headers.get("Location", "")))
+        if target.origin() != params.url.origin():
+            raise aiohttp.ClientError(f"the server redirected to another origin ({redact_url(target.origin())}): "
+                                      f"refused, a cache is read from the server named only")
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(check)
+    return trace
 
 
 def _timeout(seconds: float):
@@ -129,7 +154,8 @@ class CacheStore:
         self._tokenizer_copy: tempfile.TemporaryDirectory | None = None
 
     def __str__(self) -> str:
-        return self.location
+        """The location with any credential in it redacted: what messages, manifests and records show."""
+        return redact_url(self.location)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -137,14 +163,14 @@ class CacheStore:
         return state
 
     def _url(self, relative: str) -> str:
-        return f"{self.location}/{check_relative(relative)}"
+        return f"{self}/{check_relative(relative)}"
 
     def _local_path(self, shard: ShardInfo) -> Path | None:
         """The local file to memory-map, fetching it into the read-through directory if needed."""
         if not self.remote:
             path = contained_file(Path(self.location), shard.file)
             if path is None:
-                raise KDCacheError(f"shard {shard.file} is missing from cache {self.location}")
+                raise KDCacheError(f"shard {shard.file} is missing from cache {self}")
             return path
         if self.read_through is None:
             return None
@@ -153,8 +179,8 @@ class CacheStore:
             self._guard(lambda: self.read_through.mkdir(parents=True, exist_ok=True), shard.file)
             partial = path.with_name(path.name + f"{PARTIAL_SUFFIX}-{os.getpid()}")
             try:
-                self._download(shard.file, partial)
-                if partial.stat().st_size != shard.bytes or sha256_file(partial) != shard.sha256:
+                digest = self._download(shard.file, partial, shard.bytes)
+                if partial.stat().st_size != shard.bytes or digest != shard.sha256:
                     raise KDCacheError(f"shard {shard.file} fails its sha256 check: the downloaded file differs "
                                        f"from the manifest's size or hash")
                 os.replace(partial, path)
@@ -162,21 +188,21 @@ class CacheStore:
                 partial.unlink(missing_ok=True)
         return path
 
-    def _download(self, relative: str, local: Path) -> None:
-        """Download one whole file with plain GETs (so a read-through copy works where ranges are
-        unsupported); over HTTP, transient failures are retried, all within one `transfer_timeout`
-        (object stores: their client's own timeouts and retries)."""
+    def _download(self, relative: str, local: Path, limit: int) -> str:
+        """Download one whole file with a plain, streamed GET (so a read-through copy works where ranges are
+        unsupported), stopping at the first byte beyond `limit` (its declared size); return its sha256.
+        Over HTTP, transient failures are retried, all within one `transfer_timeout` (object stores: their
+        client's own timeouts and retries)."""
         url, give_up = self._url(relative), time.monotonic() + self.transfer_timeout
         for attempt in range(1, ATTEMPTS + 1):
-            timeout = _timeout(max(0.01, give_up - time.monotonic())) if self.http else None
-
-            async def get(timeout=timeout) -> None:  # fsspec's sync wrapper would take `timeout=` as its own
-                await self.fs._get_file(url, str(local), timeout=timeout)
+            # block_size 0: one streamed GET; `size` given: no HEAD request first
+            options = ({"block_size": 0, "size": limit, "timeout": _timeout(max(0.01, give_up - time.monotonic()))}
+                       if self.http else {})
             try:
-                fsspec.asyn.sync(self.fs.loop, get) if self.http else self.fs.get_file(url, str(local))
-                return
+                with self.fs.open(url, "rb", **options) as source, open(local, "wb") as sink:
+                    return copy_capped(source, sink, limit, f"{relative} from cache {self}")
             except FileNotFoundError:
-                raise KDCacheError(f"{relative} is missing from cache {self.location}") from None
+                raise KDCacheError(f"{relative} is missing from cache {self}") from None
             except self.read_errors as error:
                 if not (self.http and _retryable(error)) or attempt == ATTEMPTS or time.monotonic() >= give_up:
                     raise self._failure(error, relative) from None
@@ -188,18 +214,18 @@ class CacheStore:
             if isinstance(error, asyncio.TimeoutError):
                 return f"gave up after the {self.transfer_timeout:g}s `transfer_timeout`"
             if isinstance(error, aiohttp.ClientPayloadError):
-                return f"the server's response broke off after fewer bytes than it announced ({first_line(error)})"
-        return first_line(error)
+                return f"the server's response broke off after fewer bytes than it announced ({redact(first_line(error))})"
+        return redact(first_line(error))  # a library's message may quote the URL, credentials and all
 
     def _failure(self, error: BaseException, relative: str, hint: str = "") -> KDCacheError:
         message = self._describe(error) if self.remote else (getattr(error, "strerror", None) or error)
-        return KDCacheError(f"cannot read {relative} from cache {self.location}: {message}{hint}")
+        return KDCacheError(f"cannot read {relative} from cache {self}: {message}{hint}")
 
     def _guard(self, action, relative: str, hint: str = ""):
         try:
             return action()
         except FileNotFoundError:
-            raise KDCacheError(f"{relative} is missing from cache {self.location}") from None
+            raise KDCacheError(f"{relative} is missing from cache {self}") from None
         except self.read_errors as error:
             raise self._failure(error, relative, hint) from None
 
@@ -219,13 +245,48 @@ class CacheStore:
         if not self.remote:
             return Manifest.load(Path(self.location))
         try:
-            text = self.fs.cat_file(self._url(MANIFEST_NAME))
+            text = self._read_capped(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        except KDCacheError:
+            raise
         except FileNotFoundError:
-            raise KDCacheError(f"not a kdcache cache (no {MANIFEST_NAME}): {self.location}") from None
+            raise KDCacheError(f"not a kdcache cache (no {MANIFEST_NAME}): {self}") from None
         except Exception as error:  # noqa: BLE001 - first contact: credentials, endpoint, network (any library's type)
-            reason = self._describe(error) if isinstance(error, self.read_errors) else first_line(error)
-            raise KDCacheError(f"cannot read cache {self.location}: {reason}") from None
-        return Manifest.from_json(text, self._url(MANIFEST_NAME))
+            reason = self._describe(error) if isinstance(error, self.read_errors) else redact(first_line(error))
+            raise KDCacheError(f"cannot read cache {self}: {reason}") from None
+        return Manifest.from_json(text, redact_url(self._url(MANIFEST_NAME)))
+
+    def read_small(self, relative: str, limit: int) -> bytes | None:
+        """The whole of a small file (the manifest, the card), or None when it does not exist; refused past
+        `limit` bytes without reading further: a server cannot make a reader hold a 3 GB manifest."""
+        try:
+            return self._read_capped(relative, limit)
+        except FileNotFoundError:
+            return None
+        except self.read_errors as error:
+            raise self._failure(error, relative) from None
+
+    def read_text(self, relative: str, limit: int) -> str | None:
+        """A small UTF-8 text file (the manifest, the card) whole, None when it does not exist; refused in one
+        line past `limit` bytes or when it is not UTF-8 text."""
+        data = self.read_small(relative, limit)
+        try:
+            return None if data is None else data.decode()
+        except UnicodeDecodeError:
+            raise KDCacheError(f"{relative} of cache {self} is not UTF-8 text: refused") from None
+
+    def _read_capped(self, relative: str, limit: int) -> bytes:
+        """Over HTTP the body is streamed, so a server without Range support serves it too."""
+        if not self.remote:
+            path = contained_file(Path(self.location), relative)
+            if path is None:
+                raise FileNotFoundError(relative)
+            opened = open(path, "rb")
+        else:
+            # over HTTP one streamed GET, `size` given so that no HEAD comes first (whose refused redirect
+            # fsspec would report as a missing file)
+            opened = self.fs.open(self._url(relative), "rb", **({"block_size": 0, "size": limit} if self.http else {}))
+        with opened as handle:
+            return read_capped(handle, limit, f"{relative} of cache {self}")
 
     def size(self, relative: str) -> int | None:
         """The file's size in bytes, or None when it does not exist."""
@@ -257,9 +318,11 @@ class CacheStore:
         if not self.remote:
             path = contained_file(Path(self.location), relative)
             if path is None:
-                raise KDCacheError(f"{relative} is missing from cache {self.location}")
+                raise KDCacheError(f"{relative} is missing from cache {self}")
             return self._guard(lambda: open(path, "rb"), relative)
-        handle = self._guard(lambda: self.fs.open(self._url(relative), "rb", block_size=REMOTE_BLOCK_SIZE), relative)
+        # over HTTP one streamed GET (no Range needed); its reader stops at the size the manifest declares
+        options = {"block_size": 0} if self.http else {"block_size": REMOTE_BLOCK_SIZE}
+        handle = self._guard(lambda: self.fs.open(self._url(relative), "rb", **options), relative)
         return _GuardedFile(handle, lambda action: self._guard(action, relative))
 
     def source(self, shard: ShardInfo) -> tuple[pa.NativeFile, bool]:
@@ -273,18 +336,20 @@ class CacheStore:
             try:
                 return pa.memory_map(str(local), "r"), False
             except OSError as error:
-                raise KDCacheError(f"cannot read shard {shard.file} in {self.location}: {first_line(error)}") from None
+                raise KDCacheError(f"cannot read shard {shard.file} in {self}: {first_line(error)}") from None
         handle = self._guard(lambda: self.fs.open(self._url(shard.file), "rb", block_size=REMOTE_BLOCK_SIZE),
                              shard.file, STREAM_HINT)
         return pa.PythonFile(_GuardedFile(handle, lambda action: self._guard(action, shard.file, STREAM_HINT)),
                              mode="r"), True
 
-    def tokenizer_dir(self, files: dict[str, str]) -> Path:
+    def tokenizer_dir(self, tokenizer: dict) -> Path:
         """A local directory holding the cache's tokenizer (downloaded once when the cache is remote).
 
-        `files` (the manifest's tokenizer fingerprints) names what to download; only caches from
-        before tokenizer fingerprints, which list no files, fall back to listing the remote directory.
+        `tokenizer` (the manifest's) names what to download (`files`, their fingerprints) and how big each
+        may be (`safety.tokenizer_file_limit`); only caches from before tokenizer fingerprints, which list
+        no files, fall back to listing the remote directory.
         """
+        files = tokenizer.get("files", {})
         if not self.remote:
             return Path(self.location) / TOKENIZER_DIR
         if self._tokenizer_copy is None:
@@ -293,7 +358,7 @@ class CacheStore:
                 lambda: self.fs.ls(self._url(TOKENIZER_DIR), detail=False), TOKENIZER_DIR)]
             for name in names:
                 relative = check_relative(f"{TOKENIZER_DIR}/{name}", "tokenizer file")
-                self._download(relative, Path(copy.name) / name)
+                self._download(relative, Path(copy.name) / name, tokenizer_file_limit(tokenizer, name))
             self._tokenizer_copy = copy
         return Path(self._tokenizer_copy.name)
 

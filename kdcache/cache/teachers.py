@@ -30,10 +30,10 @@ import numpy as np
 from .. import __version__
 from ..errors import KDCacheError
 from .card import CARD_NAME, render_card
-from .format import DATA_DIR, MANIFEST_NAME, TEACHERS_DIR, TOKENIZER_DIR, Manifest, sha256_file, sha256_json
+from .format import DATA_DIR, MANIFEST_NAME, TEACHERS_DIR, Manifest, sha256_file, sha256_json
 from .safety import TEACHER_NAME, check_relative
 from .store import CacheStore
-from .transfer import copy_cache, tokenizer_files
+from .transfer import Destination, copy_cache, copy_tokenizer
 from .writer import CachedSequence
 
 
@@ -143,9 +143,7 @@ def _link_or_copy(store: CacheStore, manifest: Manifest, out: Path, progress: bo
             os.link(path, out / shard.file)
         except OSError:
             shutil.copyfile(path, out / shard.file)
-    (out / TOKENIZER_DIR).mkdir()
-    for path in tokenizer_files(store, manifest):  # checked against the manifest's sha256 of each
-        shutil.copyfile(path, out / TOKENIZER_DIR / path.name)
+    copy_tokenizer(store, manifest, Destination(out))  # checked against the manifest's sha256 of each
 
 
 def read_along(rows: Iterator[CachedSequence], others: dict[str, Iterator[CachedSequence]]) -> Iterator[CachedSequence]:

@@ -27,11 +27,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import posixpath
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -59,12 +57,20 @@ from .format import (
     sha256_json,
 )
 from .reader import shard_sample_ids
-from .safety import check_relative
+from .safety import (
+    MAX_CARD_BYTES,
+    MAX_MANIFEST_BYTES,
+    check_relative,
+    copy_capped,
+    copy_contained,
+    printable,
+    redact_url,
+    tokenizer_file_limit,
+)
 from .store import CacheStore, is_url
 from .validate import CheckedShard, batch_digests
 
 COPY_MARKER = "kdcache.copy.json"
-CHUNK_SIZE = 1 << 22
 
 
 class Destination:
@@ -78,33 +84,33 @@ class Destination:
             self.fs.invalidate_cache()  # another process may have changed it since this process last looked
 
     def __str__(self) -> str:
-        return self.location
+        return redact_url(self.location)
 
     def _local(self, relative: str) -> Path:
         return Path(self.location) / relative
 
     def _url(self, relative: str) -> str:
-        return f"{self.location}/{relative}"
+        return f"{self}/{relative}"
 
     def _guard(self, action, relative: str):
         try:
             return action()
         except OSError as error:
-            raise KDCacheError(f"cannot write {relative} to {self.location}: {error.strerror or error}") from None
+            raise KDCacheError(f"cannot write {relative} to {self}: {error.strerror or error}") from None
 
     def names(self) -> list[str]:
         """The names at the top of the destination (none when it does not exist yet)."""
         if not self.remote:
             path = Path(self.location)
             if path.exists() and not path.is_dir():
-                raise KDCacheError(f"destination {self.location} exists and is not a directory")
+                raise KDCacheError(f"destination {self} exists and is not a directory")
             return sorted(os.listdir(path)) if path.is_dir() else []
         try:
             return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.location, detail=False))
         except FileNotFoundError:
             return []
         except OSError as error:
-            raise KDCacheError(f"cannot read destination {self.location}: {error}") from None
+            raise KDCacheError(f"cannot read destination {self}: {error}") from None
 
     @contextlib.contextmanager
     def staging(self, relative: str) -> Iterator[Path]:
@@ -126,12 +132,6 @@ class Destination:
             self._guard(lambda: self.fs.put_file(str(staged), self._url(relative)), relative)
         else:
             self._guard(lambda: os.replace(staged, self._local(relative)), relative)
-
-    def put(self, local: Path, relative: str) -> None:
-        """Copy a local file (left in place) to `relative`, atomically."""
-        with self.staging(relative) as staged:
-            self._guard(lambda: shutil.copyfile(local, staged), relative)
-            self.publish(staged, relative)
 
     def write_text(self, relative: str, text: str) -> None:
         with self.staging(relative) as staged:
@@ -201,22 +201,19 @@ def _plan(store: CacheStore, manifest: Manifest, shards: Sequence[int] | None, r
 
 
 def fetch_shard(store: CacheStore, shard: ShardInfo, target: Path, bar: tqdm) -> None:
-    """Stream a source shard into `target` while hashing it; raise unless size and sha256 match."""
-    digest, size = hashlib.sha256(), 0
+    """Stream a source shard into `target` while hashing it, stopping at the first byte beyond its declared
+    size; raise unless size and sha256 match."""
     try:
         with store.open_file(shard.file) as source, open(target, "wb") as sink:
-            while chunk := source.read(CHUNK_SIZE):
-                digest.update(chunk)
-                sink.write(chunk)
-                size += len(chunk)
-                bar.update(len(chunk))
+            digest = copy_capped(source, sink, shard.bytes, f"{shard.file} from {store}", bar.update)
+        size = target.stat().st_size
     except FileNotFoundError:
         raise KDCacheError(f"{shard.file} disappeared from {store} during the copy") from None
     except OSError as error:
         raise KDCacheError(f"cannot copy {shard.file} from {store}: {error}") from None
-    if size != shard.bytes or digest.hexdigest() != shard.sha256:
+    if size != shard.bytes or digest != shard.sha256:
         raise KDCacheError(f"{shard.file} from {store} fails its check ({size} bytes, the manifest says "
-                           f"{shard.bytes}; sha256 {'matches' if digest.hexdigest() == shard.sha256 else 'differs'}): "
+                           f"{shard.bytes}; sha256 {'matches' if digest == shard.sha256 else 'differs'}): "
                            f"the source is corrupt or was modified; nothing was kept")
 
 
@@ -355,10 +352,7 @@ def copy_cache(source: str | Path, destination: str | Path, *, shards: Sequence[
     finally:
         bar.close()
 
-    for path in tokenizer_files(store, manifest):
-        relative = check_relative(f"{TOKENIZER_DIR}/{path.name}", "tokenizer file", under=TOKENIZER_DIR)
-        target.put(path, relative)
-        notify(relative)
+    copy_tokenizer(store, manifest, target, notify)
     for entry in manifest.teachers[1:]:  # a multi-teacher cache: each other teacher's cache, before the manifest
         store.teacher(entry["path"], entry["manifest_sha256"])  # refused if it is not the one the manifest records
         copy_cache(f"{store.location}/{entry['path']}", f"{target.location}/{entry['path']}", workers=workers,
@@ -367,8 +361,8 @@ def copy_cache(source: str | Path, destination: str | Path, *, shards: Sequence[
         published = _subset_manifest(manifest, new_shards, target, store, identity)
         manifest_text = json.dumps(published.to_dict(), indent=2) + "\n"
     else:  # byte for byte: fields a newer kdcache added survive the copy
-        published, manifest_text = manifest, _read_text(store, MANIFEST_NAME)
-    card = (_read_text(store, CARD_NAME) if not subset and store.size(CARD_NAME) is not None
+        published, manifest_text = manifest, _read_text(store, MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    card = (_read_text(store, CARD_NAME, MAX_CARD_BYTES) if not subset and store.size(CARD_NAME) is not None
             else render_card(published, str(target)))
     target.write_text(CARD_NAME, card)
     notify(CARD_NAME)
@@ -379,15 +373,29 @@ def copy_cache(source: str | Path, destination: str | Path, *, shards: Sequence[
                       bytes_copied=sum(shard.bytes for shard in new_shards if shard.file in copied))
 
 
-def tokenizer_files(store: CacheStore, manifest: Manifest) -> list[Path]:
-    """The cache's tokenizer files (local copies), checked against the manifest's sha256 of each."""
+def copy_tokenizer(store: CacheStore, manifest: Manifest, target: Destination,
+                   notify: Callable[[str], None] = lambda relative: None) -> None:
+    """Publish the cache's tokenizer files (checked against the manifest's sha256 of each) at `target`, one by
+    one through `safety.copy_contained`: each file is opened without following symlinks and hashed again as it
+    is copied, so a file swapped after the check is refused, not copied."""
     directory = Cache(store, manifest).tokenizer_dir()
-    return sorted(path for path in directory.iterdir() if path.is_file())
+    expected = manifest.tokenizer.get("files", {})
+    for name in sorted(entry.name for entry in directory.iterdir()):
+        relative = check_relative(f"{TOKENIZER_DIR}/{name}", "tokenizer file", under=TOKENIZER_DIR)
+        if expected and name not in expected:
+            raise KDCacheError(f"tokenizer file {printable(name)} appeared after the tokenizer was checked: refused")
+        with target.staging(relative) as staged:
+            copy_contained(directory, name, staged, expected.get(name), tokenizer_file_limit(manifest.tokenizer, name))
+            target.publish(staged, relative)
+        notify(relative)
 
 
-def _read_text(store: CacheStore, relative: str) -> str:
-    with store.open_file(relative) as handle:
-        return handle.read().decode()
+def _read_text(store: CacheStore, relative: str, limit: int) -> str:
+    """A small text file of the source (its manifest, its card), at most `limit` bytes of UTF-8."""
+    text = store.read_text(relative, limit)
+    if text is None:
+        raise KDCacheError(f"{relative} is missing from cache {store}")
+    return text
 
 
 def _subset_manifest(manifest: Manifest, shards: list[ShardInfo], target: Destination, store: CacheStore,

@@ -317,6 +317,9 @@ def check_batch(batch: pa.RecordBatch, manifest: Manifest, error, floats: set[in
             bad |= values > LOGPROB_TOLERANCE
         raise error(f"`{name}` holds {values[bad][0]}" + (", not a log-probability" if log_prob else ""))
 
+    max_length = manifest.settings.get("max_length")
+    if max_length is not None and tokens.size and tokens.max() > max_length:  # attention costs length²
+        raise error(f"a row holds {int(tokens.max())} tokens, more than the manifest's `settings.max_length` {max_length}")
     in_range("input_ids", 1, 0, manifest.vocab_size)
     lengths("token_type_ids", tokens, "token")
     in_range("token_type_ids", 1, 0, 2)

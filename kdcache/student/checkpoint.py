@@ -119,13 +119,21 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
     if pickles:
         raise KDCacheError(f"checkpoint {path} holds pickled objects ({', '.join(pickles)}): refused, loading them "
                            f"could run code (kdcache checkpoints keep their state in {STATE_FILE})")
+    # no state file is ever empty, and Accelerate skips RNG states it cannot read (the resume would then not be
+    # exact): an emptied file (a full disk, a partial copy) is refused here, naming it
+    emptied = sorted(entry.name for entry in path.iterdir()
+                     if entry.name != METRICS_COPY and entry.is_file() and entry.stat().st_size == 0)
+    if emptied:
+        raise KDCacheError(f"checkpoint {path} has empty files ({', '.join(emptied)}): it was cut short; "
+                           f"resume from an earlier checkpoint")
     try:
         accelerator.load_state(str(path))
     except pickle.UnpicklingError as error:
         raise KDCacheError(f"checkpoint {path} holds pickled objects that would need weights_only=False "
                            f"({first_line(error)}): refused, loading them could run code") from None
-    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as error:
-        raise KDCacheError(f"cannot load checkpoint {path}: {first_line(error)}") from None
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError) as error:  # EOF: cut short
+        raise KDCacheError(f"cannot load checkpoint {path}: {type(error).__name__} "
+                           f"{first_line(error)}") from None
 
 
 def _step_of(path: Path) -> int | None:

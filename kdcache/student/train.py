@@ -108,6 +108,8 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
                               gradient_accumulation_steps=settings.grad_accum, log_with=report_to or None,
                               project_dir=str(staging_dir(out) / LOG_DIR))
     set_seed(settings.seed)
+    # The cache's tokenizer is checked (its real size against the manifest's) before a model is sized by the manifest.
+    cache_tokenizer = None if settings.student_tokenizer else load_cache_tokenizer(cache)
     model = load_student(student, student_config, manifest, settings.student_tokenizer)
     model.config.use_cache = False
     settings, defaults = resolve_defaults(settings, model)
@@ -116,7 +118,7 @@ def train_student(cache: Cache | Path | str, out: Path | str, *, student: str | 
             accelerator.print(line)
     loss_of = DistillationLoss(settings, cache, model)
     # The student ships the tokenizer it was trained with: the cache's, or its own across tokenizers.
-    tokenizer = load_cache_tokenizer(cache) if loss_of.cross is None else loss_of.cross.student_tokenizer
+    tokenizer = cache_tokenizer if loss_of.cross is None else loss_of.cross.student_tokenizer
     # Across tokenizers: the share of student positions that get a target, and of the mass that maps exactly.
     alignment = (None if loss_of.cross is None
                  else loss_of.cross.report(itertools.islice(training.sequences(), ALIGNMENT_REPORT_ROWS)))

@@ -40,7 +40,7 @@ from ..cache.format import (
     sha256_json,
     shard_schema,
     token_id_type,
-    tokenizer_file_hashes,
+    tokenizer_files,
     tokenizer_fingerprint,
 )
 from ..cache.reader import content_sha256
@@ -330,7 +330,7 @@ def dump_teacher(teacher: str, data: str, out: Path | str, settings: DumpSetting
             manifest = _commit_manifest(
                 out, plan, settings, finished_before, elapsed, teacher=teacher_info,
                 tokenizer={**tokenizer_info, "model_vocab_size": model_vocab_size,
-                           "files": tokenizer_file_hashes(out / TOKENIZER_DIR)},
+                           **tokenizer_files(out / TOKENIZER_DIR)},
                 dataset=dataset_info, layers=layers, hidden_sizes=hidden_sizes, fingerprint=fingerprint,
                 num_processes=accelerator.num_processes, fidelity=new_card(), classes=classes,
                 num_classes=num_classes, optional=optional, pooled_size=pooled_size, unknown=unknown)
@@ -419,7 +419,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
                **({"captured_mass": captured.summary()} if "topk" in column_groups(settings.target_types) else {}),
                "teacher_nll": round(nll_sum / nll_count, 6) if nll_count else None,
                **({"unknown_tokens": unknown} if unknown is not None else {}),
-               "content_sha256": content_sha256(out, shards),
+               "content_sha256": None,  # below: read through the manifest
                "nonfinite_positions": nonfinite_positions, "skipped_sample_ids": nonfinite_ids,
                "dropped_rows": {reason: {"count": len(ids), "sample_ids": sorted(ids)[:LISTED_DROPPED]}
                                 for reason, ids in sorted(dropped.items())},
@@ -432,6 +432,7 @@ def _commit_manifest(out: Path, plan: list[range], settings: DumpSettings, finis
         labels=classes,
         format_version=settings.stored_codec.format_version,
     )
+    manifest.stats["content_sha256"] = content_sha256(out, manifest, shards)
     write_card(out, manifest)
     manifest.save(out)
     return manifest

@@ -32,10 +32,11 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..cache.cache import Cache, open_cache
 from ..cache.codecs import MAX_RANKED_IDS, Codec
-from ..cache.format import TOKENIZER_DIR, Manifest, ShardInfo, column_groups, sha256_json, shard_schema
+from ..cache.format import Manifest, ShardInfo, column_groups, sha256_json, shard_schema
 from ..cache.reader import content_sha256
 from ..cache.store import CacheStore
 from ..cache.teachers import describe_teachers
+from ..cache.transfer import Destination, copy_tokenizer
 from ..cache.writer import CachedSequence, ShardWriter, to_record_batch
 from ..errors import KDCacheError
 from ..settings import applies_threads, recorded
@@ -48,12 +49,22 @@ RANKING_SAMPLE_ROWS = 256  # rows of the first shard encoded both ways to decide
 @applies_threads
 def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = RecodeSettings(),
                  progress: bool = True) -> Manifest:
-    """Write the targets of the cache at `cache` in the codec `settings` asks for to `out`; return its manifest."""
+    """Write the targets of the cache at `cache` in the codec `settings` asks for to `out`; return its manifest.
+
+    A failed recode (a refused source, a full disk) removes `out`, which it created: nothing half-written stays."""
     cache, out = Path(cache), Path(out)
-    opened = open_cache(cache)
-    source = opened.manifest
     if out.exists():
         raise KDCacheError(f"`out` {out} already exists: recode writes a new cache")
+    try:
+        return _recode(cache, out, settings, progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _recode(cache: Path, out: Path, settings: RecodeSettings, progress: bool) -> Manifest:
+    opened = open_cache(cache)
+    source = opened.manifest
     target = _target_settings(source, settings)
     groups = column_groups(target.target_types)
     _check_derivable(source, target)
@@ -83,15 +94,13 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
                        < _encoded_size(sample, schema_for(codec, {}), codec)):
             codec = ranked
     schema = schema_for(codec, source.hidden_sizes)
-    shutil.copytree(cache / TOKENIZER_DIR, out / TOKENIZER_DIR)
+    copy_tokenizer(opened.store, source, Destination(out))  # file by file, as checked (no symlink followed)
     shards = []
     for index, shard in enumerate(source.shards):
         writer = ShardWriter(out, schema, shard_rows=shard.rows, prefix="recoded", start_index=index, codec=codec)
         with writer:
             writer.write(list(rows_of(shard, source.hidden_layers)))
             shards += writer.close()
-    if content_sha256(out, shards) != source.stats.get("content_sha256", content_sha256(cache, source.shards)):
-        raise KDCacheError(f"recoding {cache} changed its rows: nothing was committed")
     manifest = dataclasses.replace(
         source, settings=recorded(target) | {"hidden_layers": source.hidden_layers},
         columns={key: value for key, value in source.columns.items() if key != "codec"}
@@ -107,6 +116,9 @@ def recode_cache(cache: Path | str, out: Path | str, settings: RecodeSettings = 
         manifest.stats.pop("captured_mass", None)
     if source.teachers:
         manifest.teachers = describe_teachers(out, manifest, source.teachers)
+    if content_sha256(out, manifest, shards) != source.stats.get("content_sha256",
+                                                                 content_sha256(cache, source, source.shards)):
+        raise KDCacheError(f"recoding {cache} changed its rows: nothing was committed")
     Cache(CacheStore(out), manifest).verify(progress=progress)
     manifest.save(out)
     return manifest
