@@ -130,7 +130,8 @@ def student_bpc(directory: Path, texts: list[str], max_length: int) -> float:
     return bits_per_character(AutoModelForCausalLM.from_pretrained(directory), tokenizer, texts, max_length)
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--markdown", type=Path, default=None,
@@ -148,7 +149,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0],
                         help="Comma-separated training seeds: the four headline students train at each (the share "
                              "of the gain is noisy, mostly through the BPE student's gain), the variants at the first.")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
 

@@ -52,13 +52,18 @@ def mixture_nll(teachers: list[Path], heldout: Path) -> float:
     return total / count
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--student-steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=3)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-multi-") as temporary:
         root = args.workdir or Path(temporary)

@@ -260,7 +260,8 @@ def fidelity_kl(manifest: Manifest) -> float:
     return card[kind]["kl_rest_bucket"] if kind == "topk" else card[kind]["kl_on_support"]
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", choices=list(TEACHERS), default="trained")
     parser.add_argument("--steps", type=int, default=300)
@@ -273,7 +274,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0],
                         help="Comma-separated student seeds (init and batch order): every student trains at each, and "
                              "the gap closed is taken on the mean KLs. One seed's figure moves by a few points.")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     modes = {name: MODES[name] for name in args.modes.split(",")} if args.modes else MODES
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as temporary:

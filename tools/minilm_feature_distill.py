@@ -86,12 +86,17 @@ def compare(student, teacher_embeddings: torch.Tensor, tokenizer, texts: list[st
             "same_nearest_neighbour": float(same)}
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--layers", default="0,5", help="teacher layers the 2-layer student is carved from")
     parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="minilm-distill-"))
     work.mkdir(parents=True, exist_ok=True)
     teacher_dir = minilm_dir()

@@ -103,13 +103,18 @@ def fine_tune_teacher(out: Path, rows: list[dict], steps: int) -> None:
     tokenizer.save_pretrained(out)
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-steps", type=int, default=60)
     parser.add_argument("--student-steps", type=int, default=60)
     parser.add_argument("--unseen-names", action="store_true", help="held-out sentences use names never trained on")
     parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ner-distill-"))
     work.mkdir(parents=True, exist_ok=True)
     train_names, test_names = (SEEN_NAMES, UNSEEN_NAMES) if args.unseen_names else (ALL_NAMES, ALL_NAMES)

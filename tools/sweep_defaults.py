@@ -145,7 +145,8 @@ def sweep(task_name: str, task: dict, stages: list[str], steps: int, seeds: list
     return "\n".join(lines)
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kdcache-sweep-defaults")
     parser.add_argument("--tasks", default="demo-fresh,demo-fresh-wide,demo-carved")
@@ -155,7 +156,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--results", type=Path, default=None, help="JSON lines of scores (default: WORKDIR/sweep.jsonl)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = args.results or args.workdir / "sweep.jsonl"
