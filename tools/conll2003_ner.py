@@ -296,7 +296,8 @@ def print_table(results: dict, args, steps: int) -> None:
               f"({result['sentences_per_second'] / teacher['sentences_per_second']:.1f}×) | "
               f"{statistics.fmean(score['entity_precision'] for score in gold):.4f} | "
               f"{statistics.fmean(score['entity_recall'] for score in gold):.4f} | **{mean_std(f1)}** | "
-              f"{statistics.fmean(f1) / teacher_f1:.1%} | {' / '.join(f'{value:.4f}' for value in f1)} |")
+              f"{f'{statistics.fmean(f1) / teacher_f1:.1%}' if teacher_f1 else '-'} | "
+              f"{' / '.join(f'{value:.4f}' for value in f1)} |")
 
 
 if __name__ == "__main__":
