@@ -397,7 +397,7 @@ def copy_command(source, destination, shards, rows, sample_ids, workers):
     """
     from .cache.transfer import copy_cache
     report = copy_cache(source, destination, shards=shards or None, rows=rows, sample_ids=sample_ids,
-                        workers=workers)
+                        workers=workers, progress=_progress())
     manifest = report.manifest
     click.echo(f"copied {len(report.copied)} shards ({report.bytes_copied:,} bytes), "
                f"{len(report.skipped)} already there and intact")
@@ -423,12 +423,13 @@ def merge_command(caches, out, teachers):
     """
     if teachers is not None:
         from .cache.teachers import join_teachers
-        manifest = join_teachers(list(caches), [name.strip() for name in teachers.split(",")], out)
+        manifest = join_teachers(list(caches), [name.strip() for name in teachers.split(",")], out,
+                                 progress=_progress())
         click.echo(f"wrote {out}: {len(manifest.teachers)} teachers ({', '.join(manifest.teacher_names)}) of "
                    f"{manifest.total_rows} sequences, {manifest.total_tokens} tokens")
         return
     from .cache.merge import merge_caches
-    manifest = merge_caches(list(caches), out)
+    manifest = merge_caches(list(caches), out, progress=_progress())
     shifted = [source for source in manifest.sources if source["id_offset"]]
     click.echo(f"wrote {out}: {len(manifest.shards)} shards, {manifest.total_rows} sequences, "
                f"{manifest.total_tokens} tokens from {len(caches)} caches"

@@ -207,3 +207,19 @@ def test_every_option_of_every_command_has_help():
     missing = [f"{name} {param.opts[0]}" for name, command in main.commands.items() for param in command.params
                if isinstance(param, click.Option) and not (param.help or "").strip()]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("command", [("copy", "{cache}", "{out}"), ("merge", "{cache}", "{cache}", "--out", "{out}"),
+                                     ("merge", "{cache}", "{cache}", "--teachers", "a,b", "--out", "{out}")],
+                         ids=["copy", "merge", "merge --teachers"])
+def test_quiet_hides_the_progress_bars_of_copy_and_merge(tmp_path, cache_dir, command):
+    """Without --quiet the bar is drawn on stderr; with it stderr is empty and stdout says the same."""
+    outputs = {}
+    for flags in ([], ["--quiet"]):
+        out = tmp_path / f"out{len(flags)}"
+        result = run(*[word.format(cache=cache_dir, out=out) for word in command], *flags)
+        assert result.exit_code == 0, result.output
+        outputs[bool(flags)] = result
+    assert "%|" in outputs[False].stderr  # tqdm's bar: the check below could not fail without it
+    assert outputs[True].stderr == ""
+    assert outputs[True].stdout.replace("out1", "out0") == outputs[False].stdout

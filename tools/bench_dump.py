@@ -110,12 +110,13 @@ def naive_loop(model, data, out: Path, settings: DumpSettings, vocab: int) -> tu
     return tokens, time.perf_counter() - started
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default=None, help="a local causal LM (directory or .gguf file) instead of "
                                                          "the random one (--vocab/--hidden/--layers then unused)")
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=512, help="a multiple of 64 (heads of 64 dimensions)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--min-length", type=int, default=64)
@@ -123,7 +124,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
 
     settings = DumpSettings(top_k=args.top_k, batch_size=args.batch_size, max_length=args.max_length,
                             shard_rows=max(1, args.rows // 4))

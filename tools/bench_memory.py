@@ -99,7 +99,8 @@ def _measure(phase: str, workdir: Path, fused: bool, batch: int, args) -> dict:
     return {"peak_mib": usage.ru_maxrss / 1024, **json.loads(output.strip().splitlines()[-1])}
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", default="32768,131072,262144")
     parser.add_argument("--batch", type=int, default=4)
@@ -114,7 +115,11 @@ def main() -> None:
     parser.add_argument("--fused", type=int, default=1)
     parser.add_argument("--fused-only", action="store_true",
                         help="measure only the fused path: for sizes whose full logits would not fit in memory")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     if args.child:
         args.fused = bool(args.fused)
         return _child(args)

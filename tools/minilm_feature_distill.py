@@ -18,7 +18,7 @@ all-MiniLM-L6-v2 is a bare `BertModel` (no head). kdcache caches hold a task's t
 encoder is dumped as a sequence classifier: transformers gives it an untrained 2-label head whose
 targets are ignored (`--kd-weight 0`); only the hidden states are used.
 
-    python tools/minilm_feature_distill.py [--steps 150] [--workdir DIR]
+    python tools/minilm_feature_distill.py [--steps 150] [--workdir DIR] [--train-sentences 200] [--heldout-sentences 60]
 """
 
 from __future__ import annotations
@@ -86,17 +86,24 @@ def compare(student, teacher_embeddings: torch.Tensor, tokenizer, texts: list[st
             "same_nearest_neighbour": float(same)}
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--layers", default="0,5", help="teacher layers the 2-layer student is carved from")
     parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--train-sentences", type=int, default=200, help="dumped and trained on")
+    parser.add_argument("--heldout-sentences", type=int, default=60, help="compared on")
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="minilm-distill-"))
     work.mkdir(parents=True, exist_ok=True)
     teacher_dir = minilm_dir()
-    texts = sentences(260, seed=0)
-    train_texts, heldout = texts[:200], texts[200:]
+    texts = sentences(args.train_sentences + args.heldout_sentences, seed=0)
+    train_texts, heldout = texts[:args.train_sentences], texts[args.train_sentences:]
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps({"text": text}) + "\n" for text in train_texts))
 

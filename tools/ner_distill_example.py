@@ -16,6 +16,7 @@ The baseline, trained in the same run with the same steps from the same carved s
 the gold labels only (`--kd-weight 0 --ce-weight 1`).
 
     python tools/ner_distill_example.py [--teacher-steps 60] [--student-steps 60] [--unseen-names] [--workdir DIR]
+                                        [--train-sentences 400] [--test-sentences 100]
 """
 
 from __future__ import annotations
@@ -103,22 +104,29 @@ def fine_tune_teacher(out: Path, rows: list[dict], steps: int) -> None:
     tokenizer.save_pretrained(out)
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-steps", type=int, default=60)
     parser.add_argument("--student-steps", type=int, default=60)
     parser.add_argument("--unseen-names", action="store_true", help="held-out sentences use names never trained on")
     parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--train-sentences", type=int, default=400, help="the teacher's fine-tune and the cache")
+    parser.add_argument("--test-sentences", type=int, default=100, help="the test cache every model is scored on")
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ner-distill-"))
     work.mkdir(parents=True, exist_ok=True)
     train_names, test_names = (SEEN_NAMES, UNSEEN_NAMES) if args.unseen_names else (ALL_NAMES, ALL_NAMES)
-    train_rows = tagged_sentences(400, seed=1, names=train_names)
+    train_rows = tagged_sentences(args.train_sentences, seed=1, names=train_names)
     fine_tune_teacher(work / "teacher", train_rows, args.teacher_steps)
     teacher = str(work / "teacher")
     dump_teacher(teacher, str(write_rows(work / "train.jsonl", train_rows)), work / "cache",
                  DumpSettings(hidden_layers=(6,), batch_size=32), progress=False)
-    dump_teacher(teacher, str(write_rows(work / "test.jsonl", tagged_sentences(100, seed=2, names=test_names))), work / "test-cache",
+    dump_teacher(teacher, str(write_rows(work / "test.jsonl", tagged_sentences(args.test_sentences, seed=2, names=test_names))), work / "test-cache",
                  DumpSettings(batch_size=32), progress=False)
     init_student(teacher, work / "carved", [0, 5])
     common = {"max_steps": args.student_steps, "batch_size": 16, "lr": 2e-4}

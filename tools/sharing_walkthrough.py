@@ -77,10 +77,15 @@ def run(workdir: Path, environment: dict[str, str], *args: str) -> None:
         raise SystemExit(f"the command failed ({result.returncode}):\n{result.stderr}")
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
-    arguments = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    arguments = command_line().parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         workdir = (arguments.workdir or Path(scratch)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)

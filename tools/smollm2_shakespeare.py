@@ -94,7 +94,8 @@ def write_rows(path: Path, rows: list) -> Path:
     return path
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--length", type=int, default=256, help="tokens per row")
@@ -109,7 +110,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="student runs at a time (1 thread each)")
     parser.add_argument("--shard-rows", type=int, default=200, help="dump shards: the unit a killed dump resumes from")
     parser.add_argument("--long", action="store_true", help="pack the plays into windows (use with --length 2048)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
 

@@ -21,7 +21,8 @@ measured every time).
 
     python tools/sweep_defaults.py [--workdir DIR] [--tasks demo-fresh,demo-fresh-wide,demo-carved] [--stages lr,...] [--steps 100] [--seeds 0,1,2]
 
-The demo's teacher and caches are built once in DIR by `kdcache.demo.run_demo` (as `kdcache demo --workdir DIR`).
+The demo's teacher and caches are built once in DIR by `kdcache.demo.run_demo` (as `kdcache demo --workdir DIR`),
+at the demo's sizes unless `--demo-teacher-steps`, `--demo-student-steps` or `--demo-sentences` say otherwise.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ SWEPT = tuple(START)
 WIDE = {"hidden_size": 128, "intermediate_size": 384}  # the teacher's width, as a carved student has
 
 
-def demo_tasks(workdir: Path) -> dict[str, dict]:
-    """The demo's cache and held-out cache with a fresh and a carved student (built on first use)."""
+def demo_tasks(workdir: Path, demo_sizes: dict[str, int]) -> dict[str, dict]:
+    """The demo's cache and held-out cache with a fresh and a carved student (built on first use, with
+    `demo_sizes` as `run_demo`'s keyword arguments)."""
     if not (workdir / "teacher").is_dir():
-        run_demo(workdir, progress=False)
+        run_demo(workdir, progress=False, **demo_sizes)
     vocab_size = len(load_tokenizer(str(workdir / "teacher")))
     configs = {}
     for name, shape in (("fresh", STUDENT_SHAPE), ("fresh-wide", {**STUDENT_SHAPE, **WIDE})):
@@ -145,7 +147,8 @@ def sweep(task_name: str, task: dict, stages: list[str], steps: int, seeds: list
     return "\n".join(lines)
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The tool's arguments, apart from `main` so the tests parse the docs' command lines without running them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kdcache-sweep-defaults")
     parser.add_argument("--tasks", default="demo-fresh,demo-fresh-wide,demo-carved")
@@ -155,7 +158,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--results", type=Path, default=None, help="JSON lines of scores (default: WORKDIR/sweep.jsonl)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--demo-teacher-steps", type=int, default=400, help="the demo teacher's training steps")
+    parser.add_argument("--demo-student-steps", type=int, default=300, help="the demo's own students' steps")
+    parser.add_argument("--demo-sentences", type=int, default=600, help="the demo's transfer set (the swept cache)")
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = args.results or args.workdir / "sweep.jsonl"
@@ -163,7 +173,8 @@ def main() -> None:
     if results.exists():
         known = {row["key"]: row["kl"] for row in map(json.loads, results.read_text().splitlines())}
     VALUES["lr"] = tuple(float(lr) for lr in args.lrs.split(","))
-    tasks = demo_tasks(args.workdir)
+    tasks = demo_tasks(args.workdir, {"teacher_steps": args.demo_teacher_steps, "student_steps": args.demo_student_steps,
+                                      "transfer_sentences": args.demo_sentences})
     seeds = [int(seed) for seed in args.seeds.split(",")]
     for name in args.tasks.split(","):
         print(sweep(name, tasks[name], args.stages.split(","), args.steps, seeds, results, known), flush=True)
