@@ -43,12 +43,13 @@ dump-teacher's default, of the same student passages; the students are BPE CE-on
 same-tokenizer KD (the ceiling), at each seed; the share is (BPE CE-only − BPE KD) / (WordPiece CE-only −
 WordPiece KD) on the mean gains, and the report adds `info`'s casing figures. Everything lives in
 `--workdir`/reverse and is reused (the teacher while its settings match). The defaults (the forward run's
-students; a teacher of 4 layers, hidden 256, 1,000 steps of 16 passages) are sized from CPU time measured per
-step on one thread (teacher 1.8 s, BPE student 0.61 s; setup of a cross-tokenizer student ~6 s) to take about 45
-minutes on two idle cores, the teacher about half of it:
+students; a teacher of 4 layers, hidden 256, 800 steps of 16 passages) are sized from CPU time per step
+measured on one thread of a busy machine (teacher 1.8 s; BPE student 0.61 s CE-only, 1.72 s cross-tokenizer KD
+from a micro teacher's diffuse cache, ~5 s setup each) to take about 45 minutes on two idle cores, the teacher
+about a third of it:
 
     python tools/bench_cross_tokenizer.py --direction reverse --workdir /tmp/kdcache-crosstok \
-        --markdown docs/cross_tokenizer.md --teacher-hidden 256 --teacher-layers 4 --teacher-steps 1000 \
+        --markdown docs/cross_tokenizer.md --teacher-hidden 256 --teacher-layers 4 --teacher-steps 800 \
         --teacher-batch-size 16 --seeds 0,1,2,3,4
 """
 
@@ -264,7 +265,7 @@ def main() -> None:
                              "of the gain is noisy, mostly through the BPE student's gain), the variants at the first.")
     parser.add_argument("--teacher-hidden", type=int, default=256, help="reverse: the WordPiece teacher's width.")
     parser.add_argument("--teacher-layers", type=int, default=4)
-    parser.add_argument("--teacher-steps", type=int, default=1000)
+    parser.add_argument("--teacher-steps", type=int, default=800)
     parser.add_argument("--teacher-batch-size", type=int, default=16)
     parser.add_argument("--teacher-lr", type=float, default=2e-3)
     args = parser.parse_args()
