@@ -44,9 +44,9 @@ same-tokenizer KD (the ceiling), at each seed; the share is (BPE CE-only − BPE
 WordPiece KD) on the mean gains, and the report adds `info`'s casing figures. Everything lives in
 `--workdir`/reverse and is reused (the teacher while its settings match). The defaults (the forward run's
 students; a teacher of 4 layers, hidden 256, 800 steps of 16 passages) are sized from CPU time per step
-measured on one thread of a busy machine (teacher 1.8 s; BPE student 0.61 s CE-only, 1.72 s cross-tokenizer KD
-from a micro teacher's diffuse cache, ~5 s setup each) to take about 45 minutes on two idle cores, the teacher
-about a third of it:
+measured on one thread of a busy machine (teacher 1.8 s; students 0.61 s BPE CE-only, 1.72 s BPE cross-tokenizer
+KD, 0.37 s WordPiece CE-only, 0.77 s WordPiece KD, the KD ones from a micro teacher's diffuse cache; ~5 s setup
+per BPE student): about 70 minutes of one core, 45 to 50 on two idle cores, the teacher about a third of it:
 
     python tools/bench_cross_tokenizer.py --direction reverse --workdir /tmp/kdcache-crosstok \
         --markdown docs/cross_tokenizer.md --teacher-hidden 256 --teacher-layers 4 --teacher-steps 800 \
