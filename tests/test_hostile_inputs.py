@@ -236,6 +236,17 @@ def test_cards_escape_markdown_so_a_teacher_name_cannot_add_sections(hostile, ca
     assert "\\`code\\`" not in card.split("- model: ")[1].split("\n")[0]  # a code span: no backtick to close it
 
 
+def test_a_location_with_backticks_cannot_close_the_cards_code_block(cache_dir, tmp_path):
+    out = tmp_path / "x````\n## Injected"  # a legal directory name: backticks, a newline and a heading
+    result = run("copy", cache_dir, out, "--rows", 8)
+    assert result.exit_code == 0, result.output
+    use = (out / "README.md").read_text().split("\n## Use\n", 1)[1]
+    fence = use.split("\n", 1)[0]
+    assert set(fence) == {"`"} and len(fence) > 4  # longer than the location's run of four
+    block, after = use.split("\n" + fence + "\n", 1)[0], use.split("\n" + fence + "\n", 1)[1]
+    assert "kdcache info" in block and "\n## Injected" not in use and after.startswith("The shards are Arrow")
+
+
 # 4. No credential is ever written or printed ----------------------------------------------------------------------
 
 def test_redaction_strips_user_info_and_credential_parameters():

@@ -10,6 +10,7 @@ the manifest, so it never disagrees with the cache; the manifest stays the autho
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .describe import describe_augmentation, draws_phrase, fidelity_rows, fidelity_scope
@@ -35,6 +36,14 @@ def _text(value) -> str:
 def _code(value) -> str:
     """A manifest value inside a code span (`...`): one line, and no backtick to close the span early."""
     return printable(value).replace("`", "'")
+
+
+def _fenced(lines: list[str]) -> list[str]:
+    """`lines` as a fenced code block whose fence is longer than any backtick run in them: a location cannot close
+    the block early and turn the rest of its text into Markdown."""
+    longest = max((len(run) for line in lines for run in re.findall("`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence, *lines, fence]
 
 
 def _yaml_front_matter(manifest: Manifest) -> str:
@@ -155,10 +164,8 @@ def render_card(manifest: Manifest, location: str) -> str:
         *_fidelity(manifest),
         "",
         "## Use",
-        "```",
-        f"kdcache info {printable(location)}",
-        f"kdcache train-student --cache {printable(location)} --student-config student.json --out student",
-        "```",
+        *_fenced([f"kdcache info {printable(location)}",
+                  f"kdcache train-student --cache {printable(location)} --student-config student.json --out student"]),
         ("The shards are Arrow IPC files: `datasets.load_dataset(<this directory or repository>)` reads them "
         "through the `configs` above, `pyarrow.ipc.open_file` reads one directly."),
         "",
