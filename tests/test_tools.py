@@ -220,7 +220,7 @@ def test_smollm2_shakespeare(tmp_path):
                       "--shard-rows", 1)
     rows = [line for line in lines_after(output, "| model | held-out NLL (nats/token) |")[1:] if line.startswith("|")]
     assert [row.split("|")[1].strip() for row in rows] == [
-        "teacher", "student, KD (default cache)", "student, CE only"], output
+        "teacher", "student, KD (default cache)", "student, KD + CE (default cache)", "student, CE only"], output
 
 
 @pytest.mark.slow

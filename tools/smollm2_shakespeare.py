@@ -8,6 +8,7 @@ Every kdcache step runs as its CLI command in a child process (printed):
     kdcache dump-teacher --teacher SmolLM2.gguf --data train.jsonl --out cache     (the default codec)
     kdcache init-student --teacher SmolLM2.gguf --layers 0,3,...,24,29 --out carved   (10 of 30 layers)
     kdcache train-student --cache cache --student carved --seed S --out ...        (KD, the default loss)
+    kdcache train-student ... --kd-weight 1 --ce-weight 1 --seed S --out ...       (KD + CE on the text)
     kdcache train-student ... --kd-weight 0 --ce-weight 1 --seed S --out ...       (CE only on the text)
     kdcache eval --cache heldout --student ...
 
@@ -153,7 +154,8 @@ def main() -> None:
     common = ["--cache", str(work / "cache"), "--student", str(work / "carved"), "--max-steps", str(args.steps),
               "--batch-size", "1" if args.long else str(args.batch_size), "--log-every", "20", "--threads", "1",
               *(["--lr", str(args.lr)] if args.lr is not None else [])]
-    runs = {"KD (default cache)": ["--kd-weight", "1"], "CE only": ["--kd-weight", "0", "--ce-weight", "1"]}
+    runs = {"KD (default cache)": ["--kd-weight", "1"], "KD + CE (default cache)": ["--kd-weight", "1", "--ce-weight", "1"],
+            "CE only": ["--kd-weight", "0", "--ce-weight", "1"]}
     seeds = [int(seed) for seed in args.seeds.split(",")]
     outs = {(name, seed): work / ("student-" + "".join(c if c.isalnum() else "-" for c in name) + f"-seed{seed}")
             for name in runs for seed in seeds}
